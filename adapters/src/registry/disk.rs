@@ -1,0 +1,271 @@
+//! On-disk layout and durable writes: atomic JSON files, version directories, the audit log.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::model::{
+    validate_adapter_name, validate_alias_name, AdapterEntry, AliasState, AuditRecord, Manifest,
+    Snapshot,
+};
+use crate::error::{AdapterError, Result};
+
+pub(crate) const ADAPTERS_DIR: &str = "adapters";
+pub(crate) const VERSIONS_DIR: &str = "versions";
+pub(crate) const MANIFEST_FILE: &str = "manifest.json";
+pub(crate) const ALIASES_FILE: &str = "aliases.json";
+pub(crate) const META_FILE: &str = "meta.json";
+pub(crate) const AUDIT_FILE: &str = "audit.jsonl";
+pub(crate) const TRASH_DIR: &str = ".trash";
+/// Half-written directories start with this and are invisible to loading.
+pub(crate) const TMP_PREFIX: &str = ".tmp";
+
+/// `adapters/{name}/meta.json`: counters that must survive deleting every version.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub(crate) struct Meta {
+    pub next_version: u64,
+}
+
+pub(crate) fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A name no other writer in this or another process will pick.
+pub(crate) fn unique_suffix() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{}-{}-{nanos}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Makes a rename or create inside `dir` durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| AdapterError::io(dir, e))
+}
+
+/// Creates `path` with `bytes` and flushes it to disk.
+pub(crate) fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| AdapterError::io(path, e))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| AdapterError::io(path, e))
+}
+
+/// Replaces `path` so that a crash leaves either the old or the new content: write
+/// `path.tmp`, fsync, rename over `path`, fsync the directory.
+pub(crate) fn write_json_atomic(path: &Path, value: &impl Serialize) -> Result<()> {
+    let mut bytes =
+        serde_json::to_vec_pretty(value).map_err(|e| AdapterError::corrupt(path, e.to_string()))?;
+    bytes.push(b'\n');
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    write_file_synced(&tmp, &bytes)?;
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(AdapterError::io(path, e));
+    }
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Reads a JSON state file; a missing file is `None`, an unparsable one is corruption.
+pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| AdapterError::corrupt(path, e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(AdapterError::io(path, e)),
+    }
+}
+
+/// Moves `dir` out of sight with one rename, then deletes it. Once the rename is durable
+/// the directory is gone as far as loading is concerned, even if the delete fails.
+pub(crate) fn remove_dir_via_trash(root: &Path, dir: &Path, label: &str) -> Result<()> {
+    let trash = root.join(TRASH_DIR);
+    fs::create_dir_all(&trash).map_err(|e| AdapterError::io(&trash, e))?;
+    let target = trash.join(format!("{label}-{}", unique_suffix()));
+    fs::rename(dir, &target).map_err(|e| AdapterError::io(dir, e))?;
+    sync_dir(dir.parent().unwrap_or(root))?;
+    if let Err(e) = fs::remove_dir_all(&target) {
+        tracing::warn!(path = %target.display(), error = %e, "could not empty registry trash");
+    }
+    Ok(())
+}
+
+/// Best-effort removal of trash left by a crash between rename and delete.
+pub(crate) fn empty_trash(root: &Path) {
+    let trash = root.join(TRASH_DIR);
+    if trash.exists() {
+        if let Err(e) = fs::remove_dir_all(&trash) {
+            tracing::warn!(path = %trash.display(), error = %e, "could not empty registry trash");
+        }
+    }
+}
+
+/// Reads the whole registry under `root` into a fresh snapshot.
+pub(crate) fn load_snapshot(root: &Path) -> Result<Snapshot> {
+    let adapters_dir = root.join(ADAPTERS_DIR);
+    let mut snapshot = Snapshot::default();
+    for (name, path) in list_dir(&adapters_dir)? {
+        if name.starts_with(TMP_PREFIX) {
+            continue;
+        }
+        if validate_adapter_name(&name).is_err() || !path.is_dir() {
+            tracing::warn!(path = %path.display(), "ignoring unexpected entry in registry");
+            continue;
+        }
+        if let Some(entry) = load_entry(&name, &path)? {
+            snapshot.adapters.insert(name, Arc::new(entry));
+        }
+    }
+    Ok(snapshot)
+}
+
+fn load_entry(name: &str, dir: &Path) -> Result<Option<AdapterEntry>> {
+    let meta: Option<Meta> = read_json(&dir.join(META_FILE))?;
+    let aliases_path = dir.join(ALIASES_FILE);
+    let aliases: BTreeMap<String, AliasState> = read_json(&aliases_path)?.unwrap_or_default();
+    let mut versions = BTreeMap::new();
+    for (file_name, path) in list_dir(&dir.join(VERSIONS_DIR))? {
+        if file_name.starts_with(TMP_PREFIX) {
+            continue;
+        }
+        let version = match file_name.parse::<u64>() {
+            Ok(v) if file_name.bytes().all(|b| b.is_ascii_digit()) => v,
+            _ => {
+                tracing::warn!(path = %path.display(), "ignoring unexpected entry in registry");
+                continue;
+            }
+        };
+        let manifest_path = path.join(MANIFEST_FILE);
+        let manifest: Manifest = read_json(&manifest_path)?.ok_or_else(|| {
+            AdapterError::corrupt(&path, format!("version directory has no {MANIFEST_FILE}"))
+        })?;
+        if manifest.name != name || manifest.version != version {
+            return Err(AdapterError::corrupt(
+                &manifest_path,
+                format!("manifest says {}@{}", manifest.name, manifest.version),
+            ));
+        }
+        versions.insert(version, manifest);
+    }
+    for (alias, state) in &aliases {
+        if validate_alias_name(alias).is_err() || !versions.contains_key(&state.version) {
+            return Err(AdapterError::corrupt(
+                &aliases_path,
+                format!(
+                    "alias {alias:?} points to version {}, which does not exist",
+                    state.version
+                ),
+            ));
+        }
+    }
+    if meta.is_none() && versions.is_empty() && aliases.is_empty() {
+        return Ok(None);
+    }
+    // A crash between publishing a version and writing meta.json leaves meta behind.
+    let after_max = versions.keys().next_back().map_or(1, |v| v + 1);
+    let next_version = meta.map_or(1, |m| m.next_version).max(after_max);
+    Ok(Some(AdapterEntry {
+        versions,
+        aliases,
+        next_version,
+    }))
+}
+
+fn list_dir(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(AdapterError::io(dir, e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| AdapterError::io(dir, e))?;
+        match entry.file_name().into_string() {
+            Ok(name) => out.push((name, entry.path())),
+            Err(raw) => {
+                tracing::warn!(name = ?raw, dir = %dir.display(), "ignoring non-UTF-8 name in registry")
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Appends one record as a single write so concurrent readers never see half a line
+/// (except after a crash, which [`read_audit`] tolerates).
+pub(crate) fn append_audit(root: &Path, record: &AuditRecord) -> Result<()> {
+    let path = root.join(AUDIT_FILE);
+    let json =
+        serde_json::to_vec(record).map_err(|e| AdapterError::corrupt(&path, e.to_string()))?;
+    let mut f = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| AdapterError::io(&path, e))?;
+    // After a torn write the file lacks its final newline; start a fresh line so this
+    // record is not glued onto the broken one.
+    let mut line = Vec::with_capacity(json.len() + 2);
+    if !ends_with_newline(&mut f).map_err(|e| AdapterError::io(&path, e))? {
+        line.push(b'\n');
+    }
+    line.extend_from_slice(&json);
+    line.push(b'\n');
+    f.write_all(&line)
+        .and_then(|()| f.sync_data())
+        .map_err(|e| AdapterError::io(&path, e))
+}
+
+/// True for an empty file or one whose last byte is a newline.
+fn ends_with_newline(f: &mut File) -> std::io::Result<bool> {
+    let len = f.metadata()?.len();
+    if len == 0 {
+        return Ok(true);
+    }
+    let mut last = [0u8; 1];
+    f.seek(SeekFrom::Start(len - 1))?;
+    f.read_exact(&mut last)?;
+    Ok(last[0] == b'\n')
+}
+
+/// All audit records, oldest first, skipping a torn last line.
+pub(crate) fn read_audit(root: &Path) -> Result<Vec<AuditRecord>> {
+    let path = root.join(AUDIT_FILE);
+    // Lossy, because a torn final line may end inside a multi-byte character.
+    let text = match fs::read(&path) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(AdapterError::io(&path, e)),
+    };
+    Ok(text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter_map(|l| match serde_json::from_str(l) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(error = %e, "skipping unreadable audit line");
+                None
+            }
+        })
+        .collect())
+}

@@ -1,0 +1,525 @@
+//! The versioned adapter registry on local disk: register, resolve, promote, rollback, delete.
+
+mod disk;
+mod model;
+#[cfg(test)]
+mod tests;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use serde_json::Value;
+
+use crate::error::{AdapterError, Result};
+use crate::peft::{
+    content_hash, validate_adapter_bytes, AdapterFiles, BaseModelShape, Limits, CONFIG_FILE,
+    WEIGHTS_FILE,
+};
+use disk::{Meta, ADAPTERS_DIR, ALIASES_FILE, MANIFEST_FILE, META_FILE, TMP_PREFIX, VERSIONS_DIR};
+
+pub use model::{
+    parse_model_ref, validate_adapter_name, validate_alias_name, AdapterEntry, AdapterListing,
+    AliasChange, AliasState, AuditAction, AuditRecord, Manifest, Selector, Snapshot, Source,
+    DEFAULT_ALIAS,
+};
+
+/// How many earlier versions an alias remembers for rollback.
+const MAX_ALIAS_HISTORY: usize = 100;
+
+/// Adapter versions and aliases, persisted under one directory and served from an
+/// atomically swapped in-memory [`Snapshot`].
+///
+/// Layout under the root: `adapters/{name}/versions/{N}/` (the two PEFT files plus
+/// `manifest.json`), `adapters/{name}/aliases.json`, `adapters/{name}/meta.json`, and an
+/// append-only `audit.jsonl`. Every state file is replaced atomically and every version
+/// directory appears by a single rename, so a crash never exposes half a version.
+///
+/// Writers in one process serialise on a mutex. Several processes sharing one root must
+/// have a single writer; the others only call [`Registry::reload`].
+pub struct Registry {
+    root: PathBuf,
+    shape: BaseModelShape,
+    limits: Limits,
+    current: ArcSwap<Snapshot>,
+    /// Held for every change so that read-modify-publish sequences never interleave.
+    writer: Mutex<()>,
+}
+
+impl Registry {
+    /// Opens (creating if needed) the registry at `root` and loads it from disk. Fails on
+    /// state files that contradict each other rather than serving a guess.
+    pub fn open(root: impl Into<PathBuf>, shape: BaseModelShape, limits: Limits) -> Result<Self> {
+        let root = root.into();
+        let adapters = root.join(ADAPTERS_DIR);
+        fs::create_dir_all(&adapters).map_err(|e| AdapterError::io(&adapters, e))?;
+        disk::empty_trash(&root);
+        let snapshot = disk::load_snapshot(&root)?;
+        Ok(Self {
+            root,
+            shape,
+            limits,
+            current: ArcSwap::from_pointee(snapshot),
+            writer: Mutex::new(()),
+        })
+    }
+
+    /// The registry's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The base model every registered adapter was validated against.
+    pub fn base_model(&self) -> &BaseModelShape {
+        &self.shape
+    }
+
+    /// The limits applied to new versions.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The current state; cheap, and never changes under the caller.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Resolves a name and selector to one immutable version.
+    pub fn resolve(&self, name: &str, selector: &Selector) -> Result<Manifest> {
+        self.current.load().resolve(name, selector).cloned()
+    }
+
+    /// Resolves a user-facing model string such as `"bot"`, `"bot@7"` or `"bot@canary"`.
+    pub fn resolve_model(&self, model: &str) -> Result<Manifest> {
+        let (name, selector) = parse_model_ref(model);
+        self.resolve(name, &selector)
+    }
+
+    /// Where a version's files live; `name` must already be a valid adapter name.
+    pub fn version_dir(&self, name: &str, version: u64) -> PathBuf {
+        self.adapter_dir(name)
+            .join(VERSIONS_DIR)
+            .join(version.to_string())
+    }
+
+    /// Every adapter with its versions and aliases.
+    pub fn list(&self) -> Vec<AdapterListing> {
+        self.current.load().listing()
+    }
+
+    /// Validates the adapter in `staged_dir` and publishes it as the next version of `name`.
+    /// The files are read once, so the bytes validated are the bytes stored.
+    pub fn register(
+        &self,
+        name: &str,
+        staged_dir: &Path,
+        source: Source,
+        actor: &str,
+    ) -> Result<Manifest> {
+        validate_adapter_name(name)?;
+        let files = AdapterFiles::read(staged_dir, &self.limits)?;
+        self.register_bytes(name, &files.config, &files.weights, source, actor)
+    }
+
+    /// Like [`Registry::register`] for files received in memory (multipart uploads). The
+    /// bytes are validated and written straight into the registry's temp directory.
+    pub fn register_from_bytes(
+        &self,
+        name: &str,
+        config_json: &[u8],
+        safetensors: &[u8],
+        source: Source,
+        actor: &str,
+    ) -> Result<Manifest> {
+        validate_adapter_name(name)?;
+        self.register_bytes(name, config_json, safetensors, source, actor)
+    }
+
+    /// Points `alias` at `version`. With `expected_version`, succeeds only if the alias
+    /// currently points there (compare-and-set). The previous target is kept for rollback.
+    pub fn set_alias(
+        &self,
+        name: &str,
+        alias: &str,
+        version: u64,
+        expected_version: Option<u64>,
+        actor: &str,
+    ) -> Result<AliasChange> {
+        validate_adapter_name(name)?;
+        validate_alias_name(alias)?;
+        let _guard = self.writer.lock();
+        let snap = self.current.load_full();
+        let mut entry = entry_of(&snap, name)?.clone();
+        if !entry.versions.contains_key(&version) {
+            return Err(AdapterError::VersionNotFound {
+                name: name.to_owned(),
+                version,
+            });
+        }
+        let current = entry.aliases.get(alias).map(|s| s.version);
+        if let Some(expected) = expected_version {
+            if current != Some(expected) {
+                return Err(AdapterError::AliasConflict {
+                    name: name.to_owned(),
+                    alias: alias.to_owned(),
+                    expected,
+                    current,
+                });
+            }
+        }
+        let change = AliasChange {
+            adapter: name.to_owned(),
+            alias: alias.to_owned(),
+            from: current,
+            to: version,
+        };
+        if current == Some(version) {
+            // Nothing moves, so nothing is written, audited or pushed onto the history.
+            return Ok(change);
+        }
+        let state = entry.aliases.entry(alias.to_owned()).or_insert(AliasState {
+            version,
+            history: Vec::new(),
+        });
+        if let Some(previous) = current {
+            state.history.push(previous);
+            let excess = state.history.len().saturating_sub(MAX_ALIAS_HISTORY);
+            state.history.drain(..excess);
+            state.version = version;
+        }
+        disk::write_json_atomic(&self.adapter_dir(name).join(ALIASES_FILE), &entry.aliases)?;
+        self.audit_append(AuditRecord {
+            alias: Some(alias.to_owned()),
+            from: current,
+            to: Some(version),
+            ..record(actor, AuditAction::Promote, name)
+        });
+        self.publish(&snap, name, entry);
+        tracing::info!(adapter = name, alias, from = ?current, to = version, actor, "alias moved");
+        Ok(change)
+    }
+
+    /// Moves `alias` back to the most recent earlier target that still exists. Rollback
+    /// consumes history: rolling back twice goes two steps back, not back and forth.
+    pub fn rollback(&self, name: &str, alias: &str, actor: &str) -> Result<AliasChange> {
+        validate_adapter_name(name)?;
+        validate_alias_name(alias)?;
+        let _guard = self.writer.lock();
+        let snap = self.current.load_full();
+        let mut entry = entry_of(&snap, name)?.clone();
+        let not_found = || AdapterError::AliasNotFound {
+            name: name.to_owned(),
+            alias: alias.to_owned(),
+        };
+        let state = entry.aliases.get_mut(alias).ok_or_else(not_found)?;
+        let from = state.version;
+        let to = loop {
+            match state.history.pop() {
+                Some(v) if v != from && entry.versions.contains_key(&v) => break v,
+                Some(_) => continue,
+                None => {
+                    return Err(AdapterError::NoRollbackTarget {
+                        name: name.to_owned(),
+                        alias: alias.to_owned(),
+                    })
+                }
+            }
+        };
+        state.version = to;
+        disk::write_json_atomic(&self.adapter_dir(name).join(ALIASES_FILE), &entry.aliases)?;
+        self.audit_append(AuditRecord {
+            alias: Some(alias.to_owned()),
+            from: Some(from),
+            to: Some(to),
+            ..record(actor, AuditAction::Rollback, name)
+        });
+        self.publish(&snap, name, entry);
+        tracing::info!(adapter = name, alias, from, to, actor, "alias rolled back");
+        Ok(AliasChange {
+            adapter: name.to_owned(),
+            alias: alias.to_owned(),
+            from: Some(from),
+            to,
+        })
+    }
+
+    /// Deletes a version that no alias points at. Requests that already resolved it keep
+    /// whatever they loaded; its number is never handed out again.
+    pub fn delete_version(&self, name: &str, version: u64, actor: &str) -> Result<Manifest> {
+        validate_adapter_name(name)?;
+        let _guard = self.writer.lock();
+        let snap = self.current.load_full();
+        let mut entry = entry_of(&snap, name)?.clone();
+        let manifest =
+            entry
+                .versions
+                .remove(&version)
+                .ok_or_else(|| AdapterError::VersionNotFound {
+                    name: name.to_owned(),
+                    version,
+                })?;
+        let aliases = entry.aliases_of(version);
+        if !aliases.is_empty() {
+            return Err(AdapterError::VersionInUse {
+                name: name.to_owned(),
+                version,
+                aliases,
+            });
+        }
+        // meta.json may be missing after a crash; without it a reload would derive the next
+        // number from the remaining versions and could reuse this one.
+        disk::write_json_atomic(
+            &self.adapter_dir(name).join(META_FILE),
+            &Meta {
+                next_version: entry.next_version,
+            },
+        )?;
+        disk::remove_dir_via_trash(
+            &self.root,
+            &self.version_dir(name, version),
+            &format!("{name}-{version}"),
+        )?;
+        self.audit_append(AuditRecord {
+            version: Some(version),
+            ..record(actor, AuditAction::Delete, name)
+        });
+        self.publish(&snap, name, entry);
+        tracing::info!(adapter = name, version, actor, "version deleted");
+        Ok(manifest)
+    }
+
+    /// Replaces a version's `lineage` and/or `metrics`, the only manifest fields that may
+    /// change after publication; files and hash stay as they are.
+    pub fn update_manifest_metrics(
+        &self,
+        name: &str,
+        version: u64,
+        lineage: Option<Value>,
+        metrics: Option<Value>,
+    ) -> Result<Manifest> {
+        validate_adapter_name(name)?;
+        let _guard = self.writer.lock();
+        let snap = self.current.load_full();
+        let mut entry = entry_of(&snap, name)?.clone();
+        let manifest =
+            entry
+                .versions
+                .get_mut(&version)
+                .ok_or_else(|| AdapterError::VersionNotFound {
+                    name: name.to_owned(),
+                    version,
+                })?;
+        if let Some(lineage) = lineage {
+            manifest.lineage = lineage;
+        }
+        if let Some(metrics) = metrics {
+            manifest.metrics = metrics;
+        }
+        let manifest = manifest.clone();
+        disk::write_json_atomic(
+            &self.version_dir(name, version).join(MANIFEST_FILE),
+            &manifest,
+        )?;
+        self.publish(&snap, name, entry);
+        Ok(manifest)
+    }
+
+    /// Audit records, newest first, skipping `offset` and returning at most `limit`.
+    pub fn audit(&self, offset: usize, limit: usize) -> Result<Vec<AuditRecord>> {
+        let records = disk::read_audit(&self.root)?;
+        Ok(records.into_iter().rev().skip(offset).take(limit).collect())
+    }
+
+    /// Re-reads everything from disk; replicas call this when another one changed state.
+    pub fn reload(&self) -> Result<()> {
+        let _guard = self.writer.lock();
+        let snapshot = disk::load_snapshot(&self.root)?;
+        self.current.store(Arc::new(snapshot));
+        Ok(())
+    }
+
+    /// Recomputes a version's content hash and compares it with its manifest.
+    pub fn verify_version(&self, name: &str, version: u64) -> Result<()> {
+        let manifest = self.resolve(name, &Selector::Version(version))?;
+        let dir = self.version_dir(name, version);
+        let actual = content_hash(&dir)?;
+        if actual != manifest.sha256 {
+            return Err(AdapterError::corrupt(
+                dir,
+                format!(
+                    "content hash is {actual}, manifest says {}",
+                    manifest.sha256
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn adapter_dir(&self, name: &str) -> PathBuf {
+        self.root.join(ADAPTERS_DIR).join(name)
+    }
+
+    fn register_bytes(
+        &self,
+        name: &str,
+        config: &[u8],
+        weights: &[u8],
+        source: Source,
+        actor: &str,
+    ) -> Result<Manifest> {
+        // Validation is the slow part and touches nothing, so it runs before taking the lock.
+        let validated = validate_adapter_bytes(config, weights, &self.shape, &self.limits)?;
+        let _guard = self.writer.lock();
+        let snap = self.current.load_full();
+        let mut entry = snap
+            .adapter(name)
+            .cloned()
+            .unwrap_or_else(AdapterEntry::new);
+        let version = entry.next_version;
+        let manifest = Manifest {
+            name: name.to_owned(),
+            version,
+            sha256: validated.sha256,
+            base_model: self.shape.name.clone(),
+            created: disk::now_secs(),
+            source,
+            rank: validated.config.r,
+            alpha: validated.config.lora_alpha,
+            use_rslora: validated.config.use_rslora,
+            target_modules: validated
+                .modules
+                .iter()
+                .map(|m| m.name().to_owned())
+                .collect(),
+            size_bytes: validated.size_bytes,
+            lineage: Value::Null,
+            metrics: Value::Null,
+        };
+        self.write_version(&manifest, config, weights)?;
+        self.audit_append(AuditRecord {
+            version: Some(version),
+            ..record(actor, AuditAction::Register, name)
+        });
+        entry.versions.insert(version, manifest.clone());
+        entry.next_version = version + 1;
+        self.publish(&snap, name, entry);
+        tracing::info!(adapter = name, version, sha256 = %manifest.sha256, actor, "version registered");
+        Ok(manifest)
+    }
+
+    /// Stages the version in a temp directory, renames it into place and records the next
+    /// version number. On error, removes whatever it created so disk matches the snapshot.
+    fn write_version(&self, manifest: &Manifest, config: &[u8], weights: &[u8]) -> Result<()> {
+        let adapter_dir = self.adapter_dir(&manifest.name);
+        let paths = VersionPaths {
+            new_adapter: fs::symlink_metadata(&adapter_dir).is_err(),
+            versions_dir: adapter_dir.join(VERSIONS_DIR),
+            final_dir: self.version_dir(&manifest.name, manifest.version),
+            tmp_dir: adapter_dir.join(VERSIONS_DIR).join(format!(
+                "{TMP_PREFIX}-{}-{}",
+                manifest.version,
+                disk::unique_suffix()
+            )),
+            adapter_dir,
+        };
+        let mut renamed = false;
+        let result = self.try_write_version(&paths, manifest, config, weights, &mut renamed);
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&paths.tmp_dir);
+            if renamed {
+                let _ = fs::remove_dir_all(&paths.final_dir);
+            }
+            if paths.new_adapter {
+                let _ = fs::remove_dir_all(&paths.adapter_dir);
+            }
+        }
+        result
+    }
+
+    fn try_write_version(
+        &self,
+        paths: &VersionPaths,
+        manifest: &Manifest,
+        config: &[u8],
+        weights: &[u8],
+        renamed: &mut bool,
+    ) -> Result<()> {
+        let tmp = &paths.tmp_dir;
+        let manifest_json = serde_json::to_vec_pretty(manifest)
+            .map_err(|e| AdapterError::corrupt(tmp, e.to_string()))?;
+        fs::create_dir_all(tmp).map_err(|e| AdapterError::io(tmp, e))?;
+        disk::write_file_synced(&tmp.join(CONFIG_FILE), config)?;
+        disk::write_file_synced(&tmp.join(WEIGHTS_FILE), weights)?;
+        disk::write_file_synced(&tmp.join(MANIFEST_FILE), &manifest_json)?;
+        disk::sync_dir(tmp)?;
+        // rename(2) would silently replace an empty directory; never overwrite anything.
+        if fs::symlink_metadata(&paths.final_dir).is_ok() {
+            return Err(AdapterError::corrupt(
+                &paths.final_dir,
+                "already exists but is not a registered version",
+            ));
+        }
+        fs::rename(tmp, &paths.final_dir).map_err(|e| AdapterError::io(&paths.final_dir, e))?;
+        *renamed = true;
+        disk::sync_dir(&paths.versions_dir)?;
+        if paths.new_adapter {
+            disk::sync_dir(&paths.adapter_dir)?;
+            disk::sync_dir(&self.root.join(ADAPTERS_DIR))?;
+        }
+        let meta = Meta {
+            next_version: manifest.version + 1,
+        };
+        disk::write_json_atomic(&paths.adapter_dir.join(META_FILE), &meta)
+    }
+
+    /// The change is already durable when this runs, so a failed audit write is logged
+    /// loudly rather than reported as a failed change.
+    fn audit_append(&self, record: AuditRecord) {
+        if let Err(e) = disk::append_audit(&self.root, &record) {
+            tracing::error!(error = %e, ?record, "could not append to the registry audit log");
+        }
+    }
+
+    fn publish(&self, base: &Snapshot, name: &str, entry: AdapterEntry) {
+        let mut next = base.clone();
+        next.adapters.insert(name.to_owned(), Arc::new(entry));
+        self.current.store(Arc::new(next));
+    }
+}
+
+/// Where one registration writes, and whether it created the adapter's directory.
+struct VersionPaths {
+    adapter_dir: PathBuf,
+    versions_dir: PathBuf,
+    tmp_dir: PathBuf,
+    final_dir: PathBuf,
+    new_adapter: bool,
+}
+
+/// The gateway shares one registry across worker threads.
+fn _assert_registry_is_send_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Registry>();
+}
+
+fn entry_of<'a>(snap: &'a Snapshot, name: &str) -> Result<&'a AdapterEntry> {
+    snap.adapter(name)
+        .ok_or_else(|| AdapterError::AdapterNotFound {
+            name: name.to_owned(),
+        })
+}
+
+fn record(actor: &str, action: AuditAction, adapter: &str) -> AuditRecord {
+    AuditRecord {
+        ts: disk::now_secs(),
+        actor: actor.to_owned(),
+        action,
+        adapter: adapter.to_owned(),
+        alias: None,
+        from: None,
+        to: None,
+        version: None,
+    }
+}

@@ -1,0 +1,360 @@
+//! Registry data types: manifests, aliases, snapshots, audit records and name rules.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{AdapterError, Result};
+
+/// The alias a bare model name (`"support-bot"`) resolves to.
+pub const DEFAULT_ALIAS: &str = "prod";
+
+/// Longest adapter or alias name accepted.
+const MAX_NAME_LEN: usize = 64;
+
+/// Everything recorded about one published version; stored as `manifest.json` beside its
+/// files. Only `lineage` and `metrics` may change after publication.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub name: String,
+    pub version: u64,
+    /// [`crate::content_hash`] of the version's two files.
+    pub sha256: String,
+    /// The base model this version was validated against.
+    pub base_model: String,
+    /// Unix seconds.
+    pub created: u64,
+    pub source: Source,
+    pub rank: usize,
+    pub alpha: f64,
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// Modules that carry weights, e.g. `["q_proj", "v_proj"]`.
+    pub target_modules: Vec<String>,
+    /// Both files together.
+    pub size_bytes: u64,
+    /// Where this version came from (parent version, dataset ids); set by training.
+    #[serde(default)]
+    pub lineage: Value,
+    /// Evaluation results; may be filled in after publication.
+    #[serde(default)]
+    pub metrics: Value,
+}
+
+/// How a version entered the registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Source {
+    /// Uploaded through the API.
+    Upload,
+    /// Copied from a directory on the server.
+    Import { path: String },
+    /// Produced by a fine-tuning job.
+    Training { job_id: String },
+}
+
+/// Where an alias points now, and where it pointed before (oldest first) for rollback.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AliasState {
+    pub version: u64,
+    #[serde(default)]
+    pub history: Vec<u64>,
+}
+
+/// One adapter's versions and aliases.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AdapterEntry {
+    pub versions: BTreeMap<u64, Manifest>,
+    pub aliases: BTreeMap<String, AliasState>,
+    /// The number the next registered version gets; never decreases, so deleted numbers
+    /// are never reused.
+    pub next_version: u64,
+}
+
+/// An immutable view of the whole registry. Readers hold one for as long as they need a
+/// consistent picture; writers publish a new one instead of mutating.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub(crate) adapters: BTreeMap<String, Arc<AdapterEntry>>,
+}
+
+/// Which version of an adapter a model string asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    /// Bare name: the [`DEFAULT_ALIAS`] alias.
+    Default,
+    /// `name@7`.
+    Version(u64),
+    /// `name@canary`.
+    Alias(String),
+}
+
+/// The result of moving an alias.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AliasChange {
+    pub adapter: String,
+    pub alias: String,
+    /// `None` when the alias did not exist before.
+    pub from: Option<u64>,
+    pub to: u64,
+}
+
+/// One adapter as the listing endpoint shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterListing {
+    pub name: String,
+    pub versions: Vec<Manifest>,
+    pub aliases: BTreeMap<String, AliasState>,
+}
+
+/// What an audit line records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditAction {
+    Register,
+    Promote,
+    Rollback,
+    Delete,
+}
+
+/// One line of `audit.jsonl`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Unix seconds.
+    pub ts: u64,
+    pub actor: String,
+    pub action: AuditAction,
+    pub adapter: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+}
+
+/// Splits a user-facing model string: `"bot"`, `"bot@7"` or `"bot@canary"`. Names are not
+/// checked here; [`Snapshot::resolve`] does that.
+pub fn parse_model_ref(s: &str) -> (&str, Selector) {
+    match s.split_once('@') {
+        None => (s, Selector::Default),
+        Some((name, sel)) => match sel.parse::<u64>() {
+            Ok(v) if sel.bytes().all(|b| b.is_ascii_digit()) => (name, Selector::Version(v)),
+            _ => (name, Selector::Alias(sel.to_owned())),
+        },
+    }
+}
+
+/// Adapter names are `[a-z0-9][a-z0-9._-]{0,63}` without `..`: safe as a directory name and
+/// unambiguous inside `name@selector`.
+pub fn validate_adapter_name(name: &str) -> Result<()> {
+    check_name("adapter", name)
+}
+
+/// Alias names follow adapter names, and may not be all digits (that would read as a
+/// version in `name@7`).
+pub fn validate_alias_name(alias: &str) -> Result<()> {
+    check_name("alias", alias)?;
+    if alias.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(AdapterError::InvalidName {
+            kind: "alias",
+            name: alias.to_owned(),
+            reason: "an all-digit alias would be read as a version number",
+        });
+    }
+    Ok(())
+}
+
+fn check_name(kind: &'static str, name: &str) -> Result<()> {
+    let fail = |reason| {
+        Err(AdapterError::InvalidName {
+            kind,
+            name: name.to_owned(),
+            reason,
+        })
+    };
+    let bytes = name.as_bytes();
+    let Some(&first) = bytes.first() else {
+        return fail("must not be empty");
+    };
+    if bytes.len() > MAX_NAME_LEN {
+        return fail("must be at most 64 characters");
+    }
+    if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
+        return fail("must start with a lowercase letter or digit");
+    }
+    let allowed =
+        |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-');
+    if !bytes.iter().all(|&b| allowed(b)) {
+        return fail("may contain only lowercase letters, digits, '.', '_' and '-'");
+    }
+    if name.contains("..") {
+        return fail("must not contain '..'");
+    }
+    Ok(())
+}
+
+impl AdapterEntry {
+    pub(crate) fn new() -> Self {
+        Self {
+            next_version: 1,
+            ..Self::default()
+        }
+    }
+
+    /// Aliases currently pointing at `version`.
+    pub fn aliases_of(&self, version: u64) -> Vec<String> {
+        self.aliases
+            .iter()
+            .filter(|(_, s)| s.version == version)
+            .map(|(a, _)| a.clone())
+            .collect()
+    }
+}
+
+impl Snapshot {
+    /// One adapter's entry.
+    pub fn adapter(&self, name: &str) -> Option<&AdapterEntry> {
+        self.adapters.get(name).map(Arc::as_ref)
+    }
+
+    /// Registered adapter names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.adapters.keys().map(String::as_str)
+    }
+
+    /// Resolves a name and selector against this snapshot. A request should call this
+    /// once and keep the manifest, so a concurrent promote cannot change it mid-stream.
+    pub fn resolve(&self, name: &str, selector: &Selector) -> Result<&Manifest> {
+        validate_adapter_name(name)?;
+        let entry = self
+            .adapter(name)
+            .ok_or_else(|| AdapterError::AdapterNotFound {
+                name: name.to_owned(),
+            })?;
+        let version = match selector {
+            Selector::Version(v) => *v,
+            Selector::Default => alias_version(entry, name, DEFAULT_ALIAS)?,
+            Selector::Alias(alias) => {
+                validate_alias_name(alias)?;
+                alias_version(entry, name, alias)?
+            }
+        };
+        entry
+            .versions
+            .get(&version)
+            .ok_or_else(|| AdapterError::VersionNotFound {
+                name: name.to_owned(),
+                version,
+            })
+    }
+
+    /// Every adapter with its versions (ascending) and aliases.
+    pub fn listing(&self) -> Vec<AdapterListing> {
+        self.adapters
+            .iter()
+            .map(|(name, e)| AdapterListing {
+                name: name.clone(),
+                versions: e.versions.values().cloned().collect(),
+                aliases: e.aliases.clone(),
+            })
+            .collect()
+    }
+}
+
+fn alias_version(entry: &AdapterEntry, name: &str, alias: &str) -> Result<u64> {
+    entry
+        .aliases
+        .get(alias)
+        .map(|s| s.version)
+        .ok_or_else(|| AdapterError::AliasNotFound {
+            name: name.to_owned(),
+            alias: alias.to_owned(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_refs_parse() {
+        assert_eq!(
+            parse_model_ref("support-bot"),
+            ("support-bot", Selector::Default)
+        );
+        assert_eq!(
+            parse_model_ref("support-bot@7"),
+            ("support-bot", Selector::Version(7))
+        );
+        assert_eq!(
+            parse_model_ref("support-bot@canary"),
+            ("support-bot", Selector::Alias("canary".into()))
+        );
+        assert_eq!(parse_model_ref("a@+7"), ("a", Selector::Alias("+7".into())));
+    }
+
+    #[test]
+    fn invalid_names_are_rejected() {
+        for bad in [
+            "../x",
+            "a/b",
+            "A@1",
+            "",
+            "Bot",
+            "-x",
+            ".x",
+            "a..b",
+            "a b",
+            &"x".repeat(65),
+        ] {
+            let err = validate_adapter_name(bad).unwrap_err();
+            assert_eq!(err.code(), "invalid_name", "{bad}");
+        }
+        for good in ["support-bot", "a", "0", "v1.2_x-y", &"x".repeat(64)] {
+            validate_adapter_name(good).unwrap();
+        }
+        assert_eq!(
+            validate_alias_name("12").unwrap_err().code(),
+            "invalid_name"
+        );
+        validate_alias_name("canary").unwrap();
+        validate_alias_name("v2").unwrap();
+    }
+
+    #[test]
+    fn audit_records_omit_absent_fields() {
+        let rec = AuditRecord {
+            ts: 1,
+            actor: "ops".into(),
+            action: AuditAction::Delete,
+            adapter: "bot".into(),
+            alias: None,
+            from: None,
+            to: None,
+            version: Some(3),
+        };
+        let json = serde_json::to_string(&rec).unwrap();
+        assert_eq!(
+            json,
+            r#"{"ts":1,"actor":"ops","action":"delete","adapter":"bot","version":3}"#
+        );
+    }
+
+    #[test]
+    fn source_serialises_with_kind_tag() {
+        let s = serde_json::to_value(Source::Training {
+            job_id: "j1".into(),
+        })
+        .unwrap();
+        assert_eq!(s, serde_json::json!({"kind": "training", "job_id": "j1"}));
+        assert_eq!(
+            serde_json::to_value(Source::Upload).unwrap(),
+            serde_json::json!({"kind": "upload"})
+        );
+    }
+}

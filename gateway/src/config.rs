@@ -1,0 +1,204 @@
+//! Configuration: CLI flags, then `SWITCHYARD_*` env vars, then an optional TOML file, then
+//! defaults; validated once into [`Settings`]. A bad setting stops start-up naming the setting.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+pub const DEFAULT_MODEL_PATH: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Debug, Parser)]
+#[command(name = "switchyard", version, about = "OpenAI-compatible gateway for local models and LoRA adapters")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load the model and serve the HTTP API.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    Mistralrs,
+}
+
+/// Every setting is optional here so that the file and defaults can fill the gaps.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (keys as the long flags, with underscores).
+    #[arg(long, env = "SWITCHYARD_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1].
+    #[arg(long, env = "SWITCHYARD_HOST")]
+    pub host: Option<String>,
+    /// Port to listen on; 0 picks a free one [default: 8080].
+    #[arg(long, env = "SWITCHYARD_PORT")]
+    pub port: Option<u16>,
+    /// A GGUF file or an HF directory (config.json, *.safetensors, tokenizer.json).
+    #[arg(long, env = "SWITCHYARD_MODEL")]
+    pub model: Option<PathBuf>,
+    /// The name clients use in `model` [default: derived from the file name].
+    #[arg(long, env = "SWITCHYARD_MODEL_ID")]
+    pub model_id: Option<String>,
+    /// Which engine serves the model [default: mistralrs].
+    #[arg(long, env = "SWITCHYARD_ENGINE")]
+    pub engine: Option<EngineKind>,
+    /// Generations running at once; more get 429 [default: 32].
+    #[arg(long, env = "SWITCHYARD_MAX_CONCURRENT")]
+    pub max_concurrent: Option<usize>,
+    /// Largest accepted request body in bytes [default: 4194304].
+    #[arg(long, env = "SWITCHYARD_BODY_LIMIT")]
+    pub body_limit: Option<usize>,
+    /// Largest `max_tokens` a request may ask for [default: 4096].
+    #[arg(long, env = "SWITCHYARD_MAX_TOKENS")]
+    pub max_tokens: Option<usize>,
+    /// Most messages in one chat request [default: 512].
+    #[arg(long, env = "SWITCHYARD_MAX_MESSAGES")]
+    pub max_messages: Option<usize>,
+    /// Cap on the model's context length in tokens [default: the model's own].
+    #[arg(long, env = "SWITCHYARD_CONTEXT_LEN")]
+    pub context_len: Option<usize>,
+    /// Log format [default: text].
+    #[arg(long, env = "SWITCHYARD_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// HTTP worker threads [default: 2].
+    #[arg(long, env = "SWITCHYARD_HTTP_WORKERS")]
+    pub http_workers: Option<usize>,
+}
+
+/// Validated settings; everything downstream reads only these.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub host: String,
+    pub port: u16,
+    pub model_path: PathBuf,
+    pub model_id: String,
+    pub engine: EngineKind,
+    pub max_concurrent: usize,
+    pub body_limit: usize,
+    pub max_tokens: usize,
+    pub max_messages: usize,
+    pub context_len: Option<usize>,
+    pub log_format: LogFormat,
+    pub http_workers: usize,
+}
+
+impl ServeArgs {
+    /// Fills unset values from the config file, then turns everything into settings.
+    pub fn into_settings(self) -> Result<Settings, String> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None => ServeArgs::default(),
+        };
+        let model_path = self.model.or(file.model).unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL_PATH));
+        let model_id = match self.model_id.or(file.model_id) {
+            Some(id) => id,
+            None => derive_model_id(&model_path),
+        };
+        let settings = Settings {
+            host: self.host.or(file.host).unwrap_or_else(|| "127.0.0.1".to_owned()),
+            port: self.port.or(file.port).unwrap_or(8080),
+            model_path,
+            model_id,
+            engine: self.engine.or(file.engine).unwrap_or(EngineKind::Mistralrs),
+            max_concurrent: self.max_concurrent.or(file.max_concurrent).unwrap_or(32),
+            body_limit: self.body_limit.or(file.body_limit).unwrap_or(4 << 20),
+            max_tokens: self.max_tokens.or(file.max_tokens).unwrap_or(4096),
+            max_messages: self.max_messages.or(file.max_messages).unwrap_or(512),
+            context_len: self.context_len.or(file.context_len),
+            log_format: self.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+            http_workers: self.http_workers.or(file.http_workers).unwrap_or(2),
+        };
+        settings.check()?;
+        Ok(settings)
+    }
+}
+
+impl Settings {
+    fn check(&self) -> Result<(), String> {
+        let positive = [
+            ("max_concurrent (SWITCHYARD_MAX_CONCURRENT)", self.max_concurrent),
+            ("max_tokens (SWITCHYARD_MAX_TOKENS)", self.max_tokens),
+            ("max_messages (SWITCHYARD_MAX_MESSAGES)", self.max_messages),
+            ("http_workers (SWITCHYARD_HTTP_WORKERS)", self.http_workers),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(format!("setting {name} must be at least 1"));
+            }
+        }
+        if self.body_limit < 1024 {
+            return Err(format!("setting body_limit (SWITCHYARD_BODY_LIMIT) must be at least 1024, got {}", self.body_limit));
+        }
+        if self.context_len == Some(0) {
+            return Err("setting context_len (SWITCHYARD_CONTEXT_LEN) must be at least 1".to_owned());
+        }
+        if self.model_id.trim().is_empty() {
+            return Err("setting model_id (SWITCHYARD_MODEL_ID) must not be empty".to_owned());
+        }
+        Ok(())
+    }
+}
+
+fn read_file(path: &Path) -> Result<ServeArgs, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("config file {} cannot be read: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+}
+
+/// `models/SmolLM2-135M-Instruct.Q4_1.gguf` → `smollm2-135m-instruct`.
+fn derive_model_id(path: &Path) -> String {
+    let stem = path.file_name().and_then(|s| s.to_str()).unwrap_or("model");
+    let stem = stem.strip_suffix(".gguf").unwrap_or(stem);
+    let stem = match stem.rsplit_once('.') {
+        Some((head, quant)) if quant.starts_with('Q') || quant.starts_with('F') => head,
+        _ => stem,
+    };
+    stem.to_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_id_comes_from_the_file_name() {
+        assert_eq!(derive_model_id(Path::new(DEFAULT_MODEL_PATH)), "smollm2-135m-instruct");
+        assert_eq!(derive_model_id(Path::new("/m/tiny-llama")), "tiny-llama");
+    }
+
+    #[test]
+    fn file_fills_gaps_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(&path, "port = 9000\nmax_concurrent = 3\n").unwrap();
+        let args = ServeArgs { config: Some(path), port: Some(9100), ..Default::default() };
+        let s = args.into_settings().unwrap();
+        assert_eq!((s.port, s.max_concurrent), (9100, 3));
+    }
+
+    #[test]
+    fn unknown_file_key_and_zero_values_stop_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(&path, "prot = 9000\n").unwrap();
+        let err = ServeArgs { config: Some(path), ..Default::default() }.into_settings().unwrap_err();
+        assert!(err.contains("prot"), "{err}");
+        let err = ServeArgs { max_concurrent: Some(0), ..Default::default() }.into_settings().unwrap_err();
+        assert!(err.contains("SWITCHYARD_MAX_CONCURRENT"), "{err}");
+    }
+}

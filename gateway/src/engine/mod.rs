@@ -1,0 +1,184 @@
+//! The `Engine` trait: validated generation requests in, a stream of text events out.
+//!
+//! Handlers never talk to a backend directly; they hold `Arc<dyn Engine>`. Dropping a
+//! [`Generation`] is the cancel: the backend notices the closed channel and frees the slot.
+
+pub mod mistral;
+pub mod stop;
+
+use std::fmt;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+/// What the model is asked to continue.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// Chat messages, rendered with the model's own chat template and a generation prompt.
+    Chat(Vec<Message>),
+    /// Raw text, tokenized as it is.
+    Text(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+/// Sampling settings after validation; every value is in range.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    /// `None` or `Some(0.0)` means greedy.
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    pub frequency_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub ignore_eos: bool,
+}
+
+impl Sampling {
+    pub fn is_greedy(&self) -> bool {
+        self.temperature.is_none_or(|t| t == 0.0)
+    }
+}
+
+/// A request that passed validation; engines accept nothing else.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub prompt: Prompt,
+    /// `None`: generate until end of sequence or the context is full.
+    pub max_tokens: Option<usize>,
+    pub sampling: Sampling,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// One step of a running generation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// New text (may be empty when a token completes no character).
+    Delta(String),
+    /// The last event of a successful generation.
+    Finished { reason: FinishReason, completion_tokens: usize },
+    /// The generation failed after it started; no event follows.
+    Failed(String),
+}
+
+/// A started generation. Dropping it cancels the work.
+pub struct Generation {
+    pub prompt_tokens: usize,
+    pub events: mpsc::Receiver<Event>,
+}
+
+impl fmt::Debug for Generation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Generation").field("prompt_tokens", &self.prompt_tokens).finish()
+    }
+}
+
+/// Static facts about the model an engine serves.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub id: String,
+    pub context_len: usize,
+    pub created: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("prompt has {prompt_tokens} tokens, more than the model's context of {context_len}")]
+    PromptTooLong { prompt_tokens: usize, context_len: usize },
+    #[error(
+        "max_tokens {max_tokens} plus the prompt's {prompt_tokens} tokens exceeds the model's context of {context_len}"
+    )]
+    MaxTokensTooLarge { max_tokens: usize, prompt_tokens: usize, context_len: usize },
+    #[error("the prompt could not be rendered: {0}")]
+    BadPrompt(String),
+    #[error("the engine failed: {0}")]
+    Backend(String),
+    #[error("the engine is shutting down")]
+    Closed,
+}
+
+#[async_trait]
+pub trait Engine: Send + Sync + 'static {
+    fn info(&self) -> &ModelInfo;
+
+    /// Token ids of a prompt exactly as `generate` would feed them to the model.
+    async fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError>;
+
+    /// Admit a request: check it against the context, then start generating.
+    async fn generate(&self, request: GenerationRequest) -> Result<Generation, EngineError>;
+}
+
+/// Checks a prompt and completion budget against the context; returns the budget to use.
+pub fn fit_to_context(
+    prompt_tokens: usize,
+    max_tokens: Option<usize>,
+    context_len: usize,
+) -> Result<usize, EngineError> {
+    if prompt_tokens >= context_len {
+        return Err(EngineError::PromptTooLong { prompt_tokens, context_len });
+    }
+    let room = context_len - prompt_tokens;
+    match max_tokens {
+        None => Ok(room),
+        Some(m) if m <= room => Ok(m),
+        Some(max_tokens) => {
+            Err(EngineError::MaxTokensTooLarge { max_tokens, prompt_tokens, context_len })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_defaults_to_the_room_left() {
+        assert_eq!(fit_to_context(10, None, 100).unwrap(), 90);
+        assert_eq!(fit_to_context(10, Some(90), 100).unwrap(), 90);
+    }
+
+    #[test]
+    fn budget_past_the_context_is_refused() {
+        assert!(matches!(
+            fit_to_context(10, Some(91), 100),
+            Err(EngineError::MaxTokensTooLarge { max_tokens: 91, .. })
+        ));
+        assert!(matches!(fit_to_context(100, None, 100), Err(EngineError::PromptTooLong { .. })));
+    }
+}

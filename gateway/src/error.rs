@@ -1,0 +1,123 @@
+//! The gateway's one error type and the one place errors become HTTP answers.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+
+use crate::engine::EngineError;
+use crate::openai::{ErrorDetail, ErrorResponse};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The client sent something we will not serve; `param` names the field when there is one.
+    #[error("{message}")]
+    InvalidRequest { message: String, param: Option<String>, code: &'static str },
+    #[error("The model `{model}` does not exist or you do not have access to it.")]
+    ModelNotFound { model: String },
+    #[error("{message}")]
+    NotFound { message: String },
+    #[error("request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{message}")]
+    RateLimited { message: String, code: &'static str },
+    #[error("the model is not loaded yet")]
+    NotReady,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>, param: impl Into<Option<String>>) -> Self {
+        ApiError::InvalidRequest { message: message.into(), param: param.into(), code: "invalid_value" }
+    }
+
+    pub fn unsupported(param: &str, message: impl Into<String>) -> Self {
+        ApiError::InvalidRequest {
+            message: message.into(),
+            param: Some(param.to_owned()),
+            code: "unsupported_parameter",
+        }
+    }
+
+    /// Stable machine-readable code, the `code` field of the body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidRequest { code, .. } => code,
+            ApiError::ModelNotFound { .. } => "model_not_found",
+            ApiError::NotFound { .. } => "not_found",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::RateLimited { code, .. } => code,
+            ApiError::NotReady => "model_not_ready",
+            ApiError::Internal(_) => "internal_error",
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            ApiError::InvalidRequest { .. }
+            | ApiError::ModelNotFound { .. }
+            | ApiError::NotFound { .. }
+            | ApiError::PayloadTooLarge { .. } => "invalid_request_error",
+            ApiError::RateLimited { .. } => "rate_limit_error",
+            ApiError::NotReady | ApiError::Internal(_) => "server_error",
+        }
+    }
+
+    fn param(&self) -> Option<String> {
+        match self {
+            ApiError::InvalidRequest { param, .. } => param.clone(),
+            ApiError::ModelNotFound { .. } => Some("model".to_owned()),
+            _ => None,
+        }
+    }
+
+    pub fn body(&self) -> ErrorResponse {
+        ErrorResponse {
+            error: ErrorDetail {
+                message: self.to_string(),
+                kind: self.kind().to_owned(),
+                param: self.param(),
+                code: Some(self.code().to_owned()),
+            },
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::PromptTooLong { .. } => ApiError::InvalidRequest {
+                message: e.to_string(),
+                param: Some("messages".to_owned()),
+                code: "context_length_exceeded",
+            },
+            EngineError::MaxTokensTooLarge { .. } => ApiError::InvalidRequest {
+                message: e.to_string(),
+                param: Some("max_tokens".to_owned()),
+                code: "context_length_exceeded",
+            },
+            EngineError::BadPrompt(_) => ApiError::invalid(e.to_string(), Some("messages".to_owned())),
+            EngineError::Closed => ApiError::NotReady,
+            EngineError::Backend(msg) => ApiError::Internal(msg),
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::ModelNotFound { .. } | ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        if matches!(self, ApiError::Internal(_)) {
+            tracing::error!(error = %self, "request failed");
+        }
+        HttpResponse::build(self.status_code()).json(self.body())
+    }
+}

@@ -1,0 +1,32 @@
+//! Switchyard's gateway: the only crate that speaks HTTP and the OpenAI wire format.
+//!
+//! A request flows `server` (route, body limit) → `validate` (wire type into a typed
+//! [`engine::GenerationRequest`]) → [`engine::Engine`] (a backend behind a trait: mistralrs today)
+//! → `respond` (one JSON body or SSE events). Errors of every stage become [`error::ApiError`],
+//! which alone turns them into HTTP answers in the OpenAI error shape.
+//!
+//! Main types: [`server::AppState`] (built once, shared by every worker), [`config::Settings`],
+//! [`engine::Engine`]. This crate must never panic on client input, never answer a client
+//! mistake with a 5xx, and never let a request wait without bound: past the concurrency limit
+//! it answers 429.
+
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod metrics;
+pub mod openai;
+pub mod respond;
+pub mod server;
+pub mod validate;
+
+/// Starts logging to stderr in the configured format; `RUST_LOG` overrides the level.
+pub fn init_logging(format: config::LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,mistralrs_core=warn,mistralrs=warn,mistralrs_quant=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        config::LogFormat::Json => builder.json().try_init(),
+        config::LogFormat::Text => builder.try_init(),
+    };
+}

@@ -1,0 +1,101 @@
+//! Every metric the gateway exports, defined once with its help text; names share `switchyard_`.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub active_generations: IntGauge,
+    pub prompt_tokens: IntCounterVec,
+    pub completion_tokens: IntCounterVec,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+    pub rejected_concurrency: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("switchyard_requests_total", "HTTP requests answered, by route, status and model"),
+            &["route", "status", "model"],
+        )
+        .expect("metric definition is valid");
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new("switchyard_request_duration_seconds", "Time from request to the end of the response")
+                .buckets(vec![0.001, 0.005, 0.02, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]),
+            &["route"],
+        )
+        .expect("metric definition is valid");
+        let active_generations =
+            IntGauge::new("switchyard_active_generations", "Generations admitted and not yet finished or cancelled")
+                .expect("metric definition is valid");
+        let prompt_tokens = IntCounterVec::new(
+            Opts::new("switchyard_prompt_tokens_total", "Prompt tokens processed, by model"),
+            &["model"],
+        )
+        .expect("metric definition is valid");
+        let completion_tokens = IntCounterVec::new(
+            Opts::new("switchyard_completion_tokens_total", "Completion tokens generated, by model"),
+            &["model"],
+        )
+        .expect("metric definition is valid");
+        let time_to_first_token = Histogram::with_opts(
+            HistogramOpts::new("switchyard_time_to_first_token_seconds", "Time from admission to the first generated text")
+                .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+        )
+        .expect("metric definition is valid");
+        let inter_token_latency = Histogram::with_opts(
+            HistogramOpts::new("switchyard_inter_token_latency_seconds", "Time between consecutive streamed deltas")
+                .buckets(vec![0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0]),
+        )
+        .expect("metric definition is valid");
+        let rejected_concurrency = IntCounterVec::new(
+            Opts::new("switchyard_rejected_total", "Requests refused before generation, by reason"),
+            &["reason"],
+        )
+        .expect("metric definition is valid");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(request_duration.clone()),
+            Box::new(active_generations.clone()),
+            Box::new(prompt_tokens.clone()),
+            Box::new(completion_tokens.clone()),
+            Box::new(time_to_first_token.clone()),
+            Box::new(inter_token_latency.clone()),
+            Box::new(rejected_concurrency.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Self {
+            registry,
+            requests,
+            request_duration,
+            active_generations,
+            prompt_tokens,
+            completion_tokens,
+            time_to_first_token,
+            inter_token_latency,
+            rejected_concurrency,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = encoder.encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,257 @@
+//! Turns a running generation into an OpenAI answer: one JSON body, or SSE `data:` events.
+//!
+//! Both paths read the same event stream, so a streamed answer concatenates to exactly the
+//! text of the non-streamed one.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::HttpResponse;
+use bytes::Bytes;
+use futures::stream;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::engine::{Event, Generation};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::openai::{
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
+    ChunkDelta, CompletionChoice, CompletionResponse, Usage,
+};
+
+const FINGERPRINT: &str = "switchyard";
+
+/// Which OpenAI object family the answer belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Chat,
+    Text,
+}
+
+/// A generation admitted under a concurrency permit; both are released when this drops.
+pub struct Running {
+    pub generation: Generation,
+    pub _permit: OwnedSemaphorePermit,
+    pub metrics: Arc<Metrics>,
+    pub model: String,
+    pub started: Instant,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.metrics.active_generations.dec();
+    }
+}
+
+/// The identity shared by every chunk of one answer.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    pub kind: Kind,
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+}
+
+impl Envelope {
+    pub fn new(kind: Kind, model: String) -> Self {
+        let prefix = match kind {
+            Kind::Chat => "chatcmpl",
+            Kind::Text => "cmpl",
+        };
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Self { kind, id: format!("{prefix}-{}", uuid::Uuid::new_v4().simple()), created, model }
+    }
+
+    fn chunk(&self, delta: Option<String>, first: bool, finish: Option<&str>, usage: Option<Usage>) -> String {
+        let finish_reason = finish.map(str::to_owned);
+        let value = match self.kind {
+            Kind::Chat => serde_json::to_string(&ChatCompletionChunk {
+                id: self.id.clone(),
+                object: "chat.completion.chunk".into(),
+                created: self.created,
+                model: self.model.clone(),
+                choices: if usage.is_some() && finish.is_none() && delta.is_none() {
+                    Vec::new()
+                } else {
+                    vec![ChatChunkChoice {
+                        index: 0,
+                        delta: ChunkDelta { role: first.then(|| "assistant".into()), content: delta },
+                        finish_reason,
+                        logprobs: None,
+                    }]
+                },
+                usage,
+                system_fingerprint: FINGERPRINT.into(),
+            }),
+            Kind::Text => serde_json::to_string(&CompletionResponse {
+                id: self.id.clone(),
+                object: "text_completion".into(),
+                created: self.created,
+                model: self.model.clone(),
+                choices: if usage.is_some() && finish.is_none() && delta.is_none() {
+                    Vec::new()
+                } else {
+                    vec![CompletionChoice { index: 0, text: delta.unwrap_or_default(), finish_reason, logprobs: None }]
+                },
+                usage,
+                system_fingerprint: FINGERPRINT.into(),
+            }),
+        };
+        value.unwrap_or_default()
+    }
+}
+
+/// Reads the whole generation and answers with one JSON body.
+pub async fn whole(envelope: Envelope, mut run: Running) -> Result<HttpResponse, ApiError> {
+    let mut text = String::new();
+    let mut first = true;
+    while let Some(event) = run.generation.events.recv().await {
+        match event {
+            Event::Delta(d) => {
+                if first {
+                    run.metrics.time_to_first_token.observe(run.started.elapsed().as_secs_f64());
+                    first = false;
+                }
+                text.push_str(&d)
+            }
+            Event::Finished { reason, completion_tokens } => {
+                let usage = Usage::new(run.generation.prompt_tokens, completion_tokens);
+                count_tokens(&run, &usage);
+                let body = match envelope.kind {
+                    Kind::Chat => serde_json::to_value(ChatCompletionResponse {
+                        id: envelope.id,
+                        object: "chat.completion".into(),
+                        created: envelope.created,
+                        model: envelope.model,
+                        choices: vec![ChatChoice {
+                            index: 0,
+                            message: AssistantMessage { role: "assistant".into(), content: text },
+                            finish_reason: reason.as_str().into(),
+                            logprobs: None,
+                        }],
+                        usage,
+                        system_fingerprint: FINGERPRINT.into(),
+                    }),
+                    Kind::Text => serde_json::to_value(CompletionResponse {
+                        id: envelope.id,
+                        object: "text_completion".into(),
+                        created: envelope.created,
+                        model: envelope.model,
+                        choices: vec![CompletionChoice {
+                            index: 0,
+                            text,
+                            finish_reason: Some(reason.as_str().into()),
+                            logprobs: None,
+                        }],
+                        usage: Some(usage),
+                        system_fingerprint: FINGERPRINT.into(),
+                    }),
+                };
+                let body = body.map_err(|e| ApiError::Internal(e.to_string()))?;
+                return Ok(HttpResponse::Ok().json(body));
+            }
+            Event::Failed(msg) => return Err(ApiError::Internal(msg)),
+        }
+    }
+    Err(ApiError::Internal("the engine ended the generation without finishing it".into()))
+}
+
+fn count_tokens(run: &Running, usage: &Usage) {
+    run.metrics.prompt_tokens.with_label_values(&[&run.model]).inc_by(usage.prompt_tokens as u64);
+    run.metrics.completion_tokens.with_label_values(&[&run.model]).inc_by(usage.completion_tokens as u64);
+}
+
+/// Where an SSE answer is in its life.
+enum Phase {
+    Start,
+    Body,
+    Done,
+}
+
+struct SseState {
+    envelope: Envelope,
+    run: Running,
+    include_usage: bool,
+    phase: Phase,
+    last: Option<Instant>,
+    pending: Vec<String>,
+}
+
+/// Streams the generation as server-sent events ending with `data: [DONE]`. When the client
+/// goes away actix drops this stream, which drops the generation and cancels it.
+pub fn streamed(envelope: Envelope, run: Running, include_usage: bool) -> HttpResponse {
+    let state = SseState { envelope, run, include_usage, phase: Phase::Start, last: None, pending: Vec::new() };
+    let body = stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(frame) = s.pending.pop() {
+                return Some((Ok::<_, actix_web::Error>(Bytes::from(frame)), s));
+            }
+            match s.phase {
+                Phase::Done => return None,
+                Phase::Start => {
+                    s.phase = Phase::Body;
+                    let first = match s.envelope.kind {
+                        Kind::Chat => s.envelope.chunk(Some(String::new()), true, None, None),
+                        Kind::Text => continue,
+                    };
+                    return Some((Ok(sse(&first)), s));
+                }
+                Phase::Body => {}
+            }
+            let Some(event) = s.run.generation.events.recv().await else {
+                s.phase = Phase::Done;
+                let err = ApiError::Internal("the engine ended the generation without finishing it".into());
+                return Some((Ok(sse(&serde_json::to_string(&err.body()).unwrap_or_default())), s));
+            };
+            match event {
+                Event::Delta(d) if d.is_empty() => continue,
+                Event::Delta(d) => {
+                    let now = Instant::now();
+                    match s.last {
+                        None => s.run.metrics.time_to_first_token.observe((now - s.run.started).as_secs_f64()),
+                        Some(prev) => s.run.metrics.inter_token_latency.observe((now - prev).as_secs_f64()),
+                    }
+                    s.last = Some(now);
+                    let frame = s.envelope.chunk(Some(d), false, None, None);
+                    return Some((Ok(sse(&frame)), s));
+                }
+                Event::Finished { reason, completion_tokens } => {
+                    let usage = Usage::new(s.run.generation.prompt_tokens, completion_tokens);
+                    count_tokens(&s.run, &usage);
+                    s.phase = Phase::Done;
+                    // `pending` is a stack: push in reverse order of sending.
+                    s.pending.push("data: [DONE]\n\n".to_owned());
+                    if s.include_usage {
+                        s.pending.push(sse_text(&s.envelope.chunk(None, false, None, Some(usage))));
+                    }
+                    let last = match s.envelope.kind {
+                        Kind::Chat => s.envelope.chunk(None, false, Some(reason.as_str()), None),
+                        Kind::Text => s.envelope.chunk(Some(String::new()), false, Some(reason.as_str()), None),
+                    };
+                    return Some((Ok(sse(&last)), s));
+                }
+                Event::Failed(msg) => {
+                    tracing::error!(error = %msg, "generation failed mid-stream");
+                    s.phase = Phase::Done;
+                    let err = ApiError::Internal(msg);
+                    return Some((Ok(sse(&serde_json::to_string(&err.body()).unwrap_or_default())), s));
+                }
+            }
+        }
+    });
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(body)
+}
+
+fn sse_text(json: &str) -> String {
+    format!("data: {json}\n\n")
+}
+
+fn sse(json: &str) -> Bytes {
+    Bytes::from(sse_text(json))
+}

@@ -1,0 +1,290 @@
+//! The HTTP server: shared state built once, thin handlers, and start-up.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use actix_web::dev::Service;
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use futures::StreamExt;
+use serde::de::DeserializeOwned;
+use tokio::sync::Semaphore;
+
+use crate::config::{EngineKind, Settings};
+use crate::engine::mistral::{MistralEngine, ModelSource};
+use crate::engine::{Engine, GenerationRequest, Prompt};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::openai::{
+    ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
+};
+use crate::respond::{self, Envelope, Kind, Running};
+use crate::validate::{self, RequestLimits, Validated};
+
+/// Everything handlers share; built once before the server starts.
+pub struct AppState {
+    engine: OnceLock<Arc<dyn Engine>>,
+    admission: Arc<Semaphore>,
+    draining: AtomicBool,
+    pub limits: RequestLimits,
+    pub body_limit: usize,
+    pub model_id: String,
+    pub metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    pub fn new(settings: &Settings) -> Self {
+        Self {
+            engine: OnceLock::new(),
+            admission: Arc::new(Semaphore::new(settings.max_concurrent)),
+            draining: AtomicBool::new(false),
+            limits: RequestLimits { max_tokens: settings.max_tokens, max_messages: settings.max_messages },
+            body_limit: settings.body_limit,
+            model_id: settings.model_id.clone(),
+            metrics: Arc::new(Metrics::new()),
+        }
+    }
+
+    /// Installs the loaded engine; from now on `/ready` answers 200.
+    pub fn set_engine(&self, engine: Arc<dyn Engine>) {
+        let _ = self.engine.set(engine);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.engine.get().is_some() && !self.draining.load(Ordering::Relaxed)
+    }
+
+    fn engine_for(&self, model: &str) -> Result<Arc<dyn Engine>, ApiError> {
+        if model != self.model_id {
+            return Err(ApiError::ModelNotFound { model: model.to_owned() });
+        }
+        self.engine.get().cloned().ok_or(ApiError::NotReady)
+    }
+
+    /// Takes a concurrency slot (or answers 429) and starts the generation.
+    async fn admit(&self, model: &str, request: GenerationRequest) -> Result<Running, ApiError> {
+        let engine = self.engine_for(model)?;
+        let permit = self.admission.clone().try_acquire_owned().map_err(|_| {
+            self.metrics.rejected_concurrency.with_label_values(&["concurrency"]).inc();
+            ApiError::RateLimited {
+                message: "too many requests are running; retry shortly".into(),
+                code: "concurrency_limit_exceeded",
+            }
+        })?;
+        let started = Instant::now();
+        let generation = engine.generate(request).await?;
+        self.metrics.active_generations.inc();
+        Ok(Running { generation, _permit: permit, metrics: self.metrics.clone(), model: model.to_owned(), started })
+    }
+}
+
+/// Reads a JSON body up to the configured limit and parses it into a wire type.
+async fn read_json<T: DeserializeOwned>(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<T, ApiError> {
+    let declared = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::invalid(format!("could not read the request body: {e}"), None))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let de = &mut serde_json::Deserializer::from_slice(&body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let param = (path != "." && !path.is_empty()).then_some(path);
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::InvalidRequest {
+                message: format!("We could not parse the JSON body of your request: {inner}"),
+                param: None,
+                code: "invalid_json",
+            }
+        } else {
+            ApiError::InvalidRequest { message: format!("invalid request body: {inner}"), param, code: "invalid_type" }
+        }
+    })
+}
+
+async fn chat_completions(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let wire: ChatCompletionRequest = read_json(&req, payload, state.body_limit).await?;
+    answer(&state, Kind::Chat, validate::chat(wire, state.limits)?).await
+}
+
+async fn completions(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let wire: CompletionRequest = read_json(&req, payload, state.body_limit).await?;
+    answer(&state, Kind::Text, validate::completion(wire, state.limits)?).await
+}
+
+async fn answer(state: &AppState, kind: Kind, v: Validated) -> Result<HttpResponse, ApiError> {
+    let running = state.admit(&v.model, v.generation).await?;
+    let envelope = Envelope::new(kind, v.model);
+    if v.stream {
+        Ok(respond::streamed(envelope, running, v.include_usage))
+    } else {
+        respond::whole(envelope, running).await
+    }
+}
+
+async fn list_models(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let data = state
+        .engine
+        .get()
+        .map(|e| {
+            let info = e.info();
+            vec![ModelCard {
+                id: info.id.clone(),
+                object: "model".into(),
+                created: info.created,
+                owned_by: "switchyard".into(),
+                max_model_len: info.context_len,
+            }]
+        })
+        .unwrap_or_default();
+    Ok(HttpResponse::Ok().json(ModelList { object: "list".into(), data }))
+}
+
+async fn tokenize(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let wire: TokenizeRequest = read_json(&req, payload, state.body_limit).await?;
+    let engine = state.engine_for(&wire.model)?;
+    let prompt = match (wire.prompt, wire.messages) {
+        (Some(p), None) => Prompt::Text(p),
+        (None, Some(messages)) => {
+            let chat = ChatCompletionRequest {
+                model: wire.model,
+                messages,
+                max_completion_tokens: None,
+                sampling: Default::default(),
+                extra: Default::default(),
+            };
+            validate::chat(chat, state.limits)?.generation.prompt
+        }
+        _ => return Err(ApiError::invalid("give exactly one of prompt or messages", Some("prompt".into()))),
+    };
+    let tokens = engine.tokenize(&prompt).await?;
+    Ok(HttpResponse::Ok().json(TokenizeResponse {
+        count: tokens.len(),
+        max_model_len: engine.info().context_len,
+        tokens,
+    }))
+}
+
+async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    if state.is_ready() {
+        Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready"})))
+    } else {
+        Err(ApiError::NotReady)
+    }
+}
+
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
+}
+
+async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound { message: format!("no route for {} {}", req.method(), req.path()) })
+}
+
+/// Registers every route on an app; shared by the server and tests.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/chat/completions", web::post().to(chat_completions))
+        .route("/v1/completions", web::post().to(completions))
+        .route("/v1/models", web::get().to(list_models))
+        .route("/tokenize", web::post().to(tokenize))
+        .route("/health", web::get().to(health))
+        .route("/ready", web::get().to(ready))
+        .route("/metrics", web::get().to(metrics));
+}
+
+/// Binds, prints the address, loads the model, prints `ready`, and serves until stopped.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    // Check the model path before binding, so a typo fails fast with the path in the message.
+    ModelSource::detect(&settings.model_path).map_err(anyhow::Error::msg)?;
+    let state = web::Data::new(AppState::new(&settings));
+    let app_state = state.clone();
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(app_state.clone())
+            .wrap_fn(|req, srv| {
+                let route = req.match_pattern().unwrap_or_else(|| "unmatched".to_owned());
+                let started = Instant::now();
+                let metrics = req.app_data::<web::Data<AppState>>().map(|s| s.metrics.clone());
+                let fut = srv.call(req);
+                async move {
+                    let res = fut.await?;
+                    if let Some(m) = metrics {
+                        let status = res.status().as_u16().to_string();
+                        m.requests.with_label_values(&[&route, &status, ""]).inc();
+                        m.request_duration.with_label_values(&[&route]).observe(started.elapsed().as_secs_f64());
+                    }
+                    Ok(res)
+                }
+            })
+            .configure(routes)
+            .default_service(web::to(not_found))
+    })
+    .workers(settings.http_workers)
+    .bind((settings.host.as_str(), settings.port))
+    .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", settings.host, settings.port))?;
+    for addr in server.addrs() {
+        println!("switchyard listening on http://{addr}");
+    }
+    let server = server.run();
+    let handle = server.handle();
+
+    let loader_state = state.clone();
+    tokio::spawn(async move {
+        let loaded: anyhow::Result<Arc<dyn Engine>> = match settings.engine {
+            EngineKind::Mistralrs => MistralEngine::load(
+                &settings.model_path,
+                settings.model_id.clone(),
+                settings.max_concurrent,
+                settings.context_len,
+            )
+            .await
+            .map(|e| Arc::new(e) as Arc<dyn Engine>),
+        };
+        match loaded {
+            Ok(engine) => {
+                tracing::info!(model = %settings.model_id, context = engine.info().context_len, "model loaded");
+                loader_state.set_engine(engine);
+                println!("switchyard ready");
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "model failed to load; stopping");
+                eprintln!("error: {e:#}");
+                handle.stop(false).await;
+                std::process::exit(1);
+            }
+        }
+    });
+    server.await?;
+    Ok(())
+}

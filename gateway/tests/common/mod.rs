@@ -1,0 +1,111 @@
+//! Test support: starts the real `switchyard` binary on 127.0.0.1:0 and talks HTTP to it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The default model, fetched by `scripts/fetch-models.sh`.
+pub fn default_model() -> PathBuf {
+    let path = std::env::var_os("SWITCHYARD_TEST_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    assert!(path.is_file(), "{} is missing: run scripts/fetch-models.sh first", path.display());
+    path
+}
+
+pub const MODEL_ID: &str = "smollm2-135m-instruct";
+
+pub struct Server {
+    child: Child,
+    pub base: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts the gateway with the default model plus `args`, and waits for it to say `ready`.
+    pub fn start(args: &[&str]) -> Server {
+        let model = default_model();
+        let mut all = vec!["--model".to_owned(), model.display().to_string()];
+        all.extend(args.iter().map(|s| s.to_string()));
+        Self::start_raw(&all)
+    }
+
+    pub fn start_raw(args: &[String]) -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("serve")
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .args(args)
+            .env_remove("SWITCHYARD_MODEL")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn switchyard");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut base = None;
+        loop {
+            let line = match rx.recv_timeout(Duration::from_secs(180)) {
+                Ok(l) => l,
+                Err(_) => {
+                    let _ = child.kill();
+                    let log = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default();
+                    panic!("switchyard did not become ready; stderr:\n{log}");
+                }
+            };
+            if let Some(addr) = line.strip_prefix("switchyard listening on ") {
+                base = Some(addr.to_owned());
+            }
+            if line == "switchyard ready" {
+                break;
+            }
+        }
+        Server { child, base: base.expect("listening line before ready"), dir }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(600)).build().expect("client")
+}
+
+/// Parses an SSE body into its `data:` payloads.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|frame| frame.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Reads one metric's value from a Prometheus text page.
+pub fn metric(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs the whole test suite in release (the model tests are too slow in a debug build).
+# Models are fetched once into a cache outside the clone; so is cargo's target dir.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cache="${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
+models="$cache/models"
+
+./scripts/fetch-models.sh "$models" >/dev/null
+export SWITCHYARD_TEST_MODEL="$models/SmolLM2-135M-Instruct.Q4_1.gguf"
+export SWITCHYARD_TEST_EMBED_MODEL="$models/all-MiniLM-L6-v2"
+
+# Tests that need Redis use 127.0.0.1:6379 unless told otherwise.
+export SWITCHYARD_TEST_REDIS="${SWITCHYARD_TEST_REDIS:-redis://127.0.0.1:6379}"
+
+cargo test --release --workspace "$@"
