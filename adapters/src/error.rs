@@ -80,6 +80,14 @@ pub enum AdapterError {
     #[error("registry state at {path:?} is corrupt: {reason}")]
     CorruptState { path: PathBuf, reason: String },
 
+    /// A base model file could not be loaded or does not describe a llama model.
+    #[error("model {}: {reason}", path.display())]
+    Model { path: PathBuf, reason: String },
+
+    /// A tensor computation failed (shapes, devices); a bug or a corrupt model, never client input.
+    #[error("tensor computation failed: {0}")]
+    Tensor(#[from] candle_core::Error),
+
     /// An operating-system error while touching `path`.
     #[error("i/o error on {path:?}: {source}")]
     Io {
@@ -123,6 +131,8 @@ impl AdapterError {
             Self::VersionInUse { .. } => "version_in_use",
             Self::PathEscape { .. } => "path_escape",
             Self::CorruptState { .. } => "registry_corrupt",
+            Self::Model { .. } => "model_error",
+            Self::Tensor(_) => "tensor_error",
             Self::Io { .. } => "io_error",
         }
     }
@@ -141,7 +151,9 @@ impl AdapterError {
             Self::AliasConflict { .. }
             | Self::NoRollbackTarget { .. }
             | Self::VersionInUse { .. } => ErrorClass::Conflict,
-            Self::CorruptState { .. } | Self::Io { .. } => ErrorClass::Internal,
+            Self::CorruptState { .. } | Self::Io { .. } | Self::Model { .. } | Self::Tensor(_) => {
+                ErrorClass::Internal
+            }
         }
     }
 
@@ -171,6 +183,10 @@ impl AdapterError {
             path: path.into(),
             source,
         }
+    }
+
+    pub(crate) fn model(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Self::Model { path: path.into(), reason: reason.into() }
     }
 
     pub(crate) fn corrupt(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {

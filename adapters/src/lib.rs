@@ -9,7 +9,9 @@
 //!   [`Manifest`] each, aliases with promote / compare-and-set / rollback, deletion guarded
 //!   by aliases, and an append-only audit log, all behind [`Registry`] whose readers get an
 //!   atomically swapped [`Snapshot`];
-//! - later, the LoRA math shared by serving and training.
+//! - the LoRA math shared by serving and training ([`lora`]: [`lora::LoraLinear`] wraps a
+//!   frozen base linear and applies per-row adapters) and the llama decoder built from it
+//!   ([`llama::Llama`], loaded from GGUF or HF safetensors).
 //!
 //! Errors are one enum, [`AdapterError`], whose [`AdapterError::code`] strings are stable
 //! and whose [`AdapterError::class`] tells the HTTP layer which status family applies.
@@ -21,6 +23,8 @@
 //! - a failed registration leaves disk and snapshot exactly as they were.
 
 mod error;
+pub mod llama;
+pub mod lora;
 pub mod peft;
 pub mod registry;
 #[cfg(test)]

@@ -31,6 +31,9 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EngineKind {
+    /// Our own candle engine: per-request LoRA adapters on a shared base, continuous batching.
+    Candle,
+    /// mistralrs: the reference backend; serves the base model only.
     Mistralrs,
 }
 
@@ -54,7 +57,7 @@ pub struct ServeArgs {
     /// The name clients use in `model` [default: derived from the file name].
     #[arg(long, env = "SWITCHYARD_MODEL_ID")]
     pub model_id: Option<String>,
-    /// Which engine serves the model [default: mistralrs].
+    /// Which engine serves the model [default: candle].
     #[arg(long, env = "SWITCHYARD_ENGINE")]
     pub engine: Option<EngineKind>,
     /// Generations running at once; more get 429 [default: 32].
@@ -114,7 +117,7 @@ impl ServeArgs {
             port: self.port.or(file.port).unwrap_or(8080),
             model_path,
             model_id,
-            engine: self.engine.or(file.engine).unwrap_or(EngineKind::Mistralrs),
+            engine: self.engine.or(file.engine).unwrap_or(EngineKind::Candle),
             max_concurrent: self.max_concurrent.or(file.max_concurrent).unwrap_or(32),
             body_limit: self.body_limit.or(file.body_limit).unwrap_or(4 << 20),
             max_tokens: self.max_tokens.or(file.max_tokens).unwrap_or(4096),

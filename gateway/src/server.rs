@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
 
 use crate::config::{EngineKind, Settings};
+use crate::engine::candle::CandleEngine;
 use crate::engine::mistral::{MistralEngine, ModelSource};
 use crate::engine::{Engine, GenerationRequest, Prompt};
 use crate::error::ApiError;
@@ -262,6 +263,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let loader_state = state.clone();
     tokio::spawn(async move {
         let loaded: anyhow::Result<Arc<dyn Engine>> = match settings.engine {
+            EngineKind::Candle => {
+                let (path, id, cap) = (settings.model_path.clone(), settings.model_id.clone(), settings.context_len);
+                tokio::task::spawn_blocking(move || CandleEngine::load(&path, id, cap))
+                    .await
+                    .map_err(anyhow::Error::from)
+                    .and_then(|r| r)
+                    .map(|e| Arc::new(e) as Arc<dyn Engine>)
+            }
             EngineKind::Mistralrs => MistralEngine::load(
                 &settings.model_path,
                 settings.model_id.clone(),

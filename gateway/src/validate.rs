@@ -173,6 +173,7 @@ fn finish(
         model,
         generation: GenerationRequest {
             prompt,
+            adapter: None,
             max_tokens,
             sampling: Sampling {
                 temperature,

@@ -6,6 +6,31 @@ use common::{client, metric, sse_data, Server, MODEL_ID};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
+/// Runs a scenario once per engine, each against its own server.
+macro_rules! on_every_engine {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn candle() {
+                super::$name("candle").await
+            }
+            #[tokio::test]
+            async fn mistralrs() {
+                super::$name("mistralrs").await
+            }
+        }
+    )*};
+}
+
+on_every_engine!(greedy_answer_names_paris_with_openai_shape,
+    streamed_chunks_concatenate_to_the_whole_answer,
+    usage_matches_the_tokenizer_count,
+    stop_sequences_and_seeds_behave_like_openai,
+    bad_input_gets_the_openai_error_shape,
+    eight_concurrent_requests_all_complete,
+    a_dropped_stream_frees_its_slot,
+    models_health_and_ready);
+
 fn chat_body(question: &str, extra: Value) -> Value {
     let mut body = json!({
         "model": MODEL_ID,
@@ -58,9 +83,8 @@ async fn stream(server: &Server, path: &str, body: &Value) -> (String, String, O
     (text, finish, usage, chunks)
 }
 
-#[tokio::test]
-async fn greedy_answer_names_paris_with_openai_shape() {
-    let server = Server::start(&[]);
+async fn greedy_answer_names_paris_with_openai_shape(engine: &str) {
+    let server = Server::start(&["--engine", engine]);
     let (status, body) = post(&server, "/v1/chat/completions", &chat_body("What is the capital of France?", json!({}))).await;
     assert_eq!(status, 200, "{body}");
     let answer = body["choices"][0]["message"]["content"].as_str().expect("content");
@@ -76,9 +100,8 @@ async fn greedy_answer_names_paris_with_openai_shape() {
     assert_eq!(again["choices"][0]["message"]["content"], body["choices"][0]["message"]["content"]);
 }
 
-#[tokio::test]
-async fn streamed_chunks_concatenate_to_the_whole_answer() {
-    let server = Server::start(&[]);
+async fn streamed_chunks_concatenate_to_the_whole_answer(engine: &str) {
+    let server = Server::start(&["--engine", engine]);
     let req = chat_body("Name three colors of the rainbow.", json!({"max_tokens": 40}));
     let (_, whole) = post(&server, "/v1/chat/completions", &req).await;
     let mut streamed_req = req.clone();
@@ -104,9 +127,8 @@ async fn streamed_chunks_concatenate_to_the_whole_answer() {
     assert_eq!(whole["usage"]["completion_tokens"], 24);
 }
 
-#[tokio::test]
-async fn usage_matches_the_tokenizer_count() {
-    let server = Server::start(&[]);
+async fn usage_matches_the_tokenizer_count(engine: &str) {
+    let server = Server::start(&["--engine", engine]);
     let messages = json!([{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]);
     let (status, body) = post(&server, "/v1/chat/completions",
         &json!({"model": MODEL_ID, "messages": messages, "temperature": 0, "max_tokens": 30})).await;
@@ -123,9 +145,8 @@ async fn usage_matches_the_tokenizer_count() {
     assert_eq!(body["usage"]["total_tokens"].as_u64().unwrap(), reported + prompt["count"].as_u64().unwrap());
 }
 
-#[tokio::test]
-async fn stop_sequences_and_seeds_behave_like_openai() {
-    let server = Server::start(&[]);
+async fn stop_sequences_and_seeds_behave_like_openai(engine: &str) {
+    let server = Server::start(&["--engine", engine]);
     let base = json!({"model": MODEL_ID, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 30, "temperature": 0});
     let (_, free) = post(&server, "/v1/completions", &base).await;
     let free_text = free["choices"][0]["text"].as_str().unwrap().to_owned();
@@ -147,9 +168,8 @@ async fn stop_sequences_and_seeds_behave_like_openai() {
     assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"], "same seed, same text");
 }
 
-#[tokio::test]
-async fn bad_input_gets_the_openai_error_shape() {
-    let server = Server::start(&["--context-len", "256", "--body-limit", "4096"]);
+async fn bad_input_gets_the_openai_error_shape(engine: &str) {
+    let server = Server::start(&["--engine", engine, "--context-len", "256", "--body-limit", "4096"]);
     let user = json!([{"role": "user", "content": "hi"}]);
     let long_prompt = "word ".repeat(1000);
     let cases: Vec<(&str, String, u16, &str)> = vec![
@@ -189,9 +209,8 @@ async fn bad_input_gets_the_openai_error_shape() {
     assert_eq!(ok.status(), 200);
 }
 
-#[tokio::test]
-async fn eight_concurrent_requests_all_complete() {
-    let server = Server::start(&[]);
+async fn eight_concurrent_requests_all_complete(engine: &str) {
+    let server = Server::start(&["--engine", engine]);
     let questions = ["capital of France", "capital of Spain", "capital of Italy", "capital of Japan",
         "capital of Peru", "capital of Egypt", "capital of Canada", "capital of Kenya"];
     let requests = questions.iter().enumerate().map(|(i, q)| {
@@ -209,9 +228,8 @@ async fn eight_concurrent_requests_all_complete() {
     }
 }
 
-#[tokio::test]
-async fn a_dropped_stream_frees_its_slot() {
-    let server = Server::start(&["--max-concurrent", "1"]);
+async fn a_dropped_stream_frees_its_slot(engine: &str) {
+    let server = Server::start(&["--engine", engine, "--max-concurrent", "1"]);
     let long = json!({"model": MODEL_ID, "prompt": "Write a very long story.", "max_tokens": 3000,
         "ignore_eos": true, "stream": true});
     let res = client().post(server.url("/v1/completions")).json(&long).send().await.unwrap();
@@ -241,9 +259,8 @@ async fn a_dropped_stream_frees_its_slot() {
     assert_eq!(status, 200, "{body}");
 }
 
-#[tokio::test]
-async fn models_health_and_ready() {
-    let server = Server::start(&[]);
+async fn models_health_and_ready(engine: &str) {
+    let server = Server::start(&["--engine", engine]);
     let models: Value = client().get(server.url("/v1/models")).send().await.unwrap().json().await.unwrap();
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], MODEL_ID);

@@ -17,9 +17,10 @@ use mistralrs::{
     TokenSource,
 };
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use tokio::sync::mpsc;
 
+use super::sampling::sample_top_p;
 use super::stop::StopFilter;
 use super::{
     fit_to_context, Engine, EngineError, Event, FinishReason, Generation, GenerationRequest,
@@ -158,42 +159,6 @@ impl CustomLogitsProcessor for StepProcessor {
     }
 }
 
-/// Samples an index from `softmax(logits / temperature)` restricted to the top-p nucleus.
-fn sample_top_p(logits: &[f32], temperature: f64, top_p: f64, rng: &mut StdRng) -> usize {
-    let t = temperature as f32;
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(usize, f32)> = logits
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.is_finite())
-        .map(|(i, &l)| (i, ((l - max) / t).exp()))
-        .collect();
-    if probs.is_empty() {
-        return 0;
-    }
-    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let total: f32 = probs.iter().map(|p| p.1).sum();
-    let mut kept = 0.0;
-    let mut cut = probs.len();
-    for (n, p) in probs.iter().enumerate() {
-        kept += p.1 / total;
-        if kept as f64 >= top_p {
-            cut = n + 1;
-            break;
-        }
-    }
-    probs.truncate(cut);
-    let mass: f32 = probs.iter().map(|p| p.1).sum();
-    let mut draw = rng.random::<f32>() * mass;
-    for (i, p) in &probs {
-        draw -= p;
-        if draw <= 0.0 {
-            return *i;
-        }
-    }
-    probs[probs.len() - 1].0
-}
-
 /// mistralrs does not expose its EOS ids, so find the usual end markers that the vocabulary
 /// holds as single tokens.
 async fn end_of_sequence_ids(model: &Model) -> Vec<u32> {
@@ -242,6 +207,9 @@ impl Engine for MistralEngine {
     }
 
     async fn generate(&self, request: GenerationRequest) -> Result<Generation, EngineError> {
+        if request.adapter.is_some() {
+            return Err(EngineError::AdaptersUnsupported);
+        }
         let tokens = self.tokenize(&request.prompt).await?;
         let prompt_tokens = tokens.len();
         let budget = fit_to_context(prompt_tokens, request.max_tokens, self.info.context_len)?;
@@ -276,7 +244,7 @@ impl Engine for MistralEngine {
         let sender = self.model.inner().get_sender(None).map_err(|e| EngineError::Backend(e.to_string()))?;
         sender.send(Request::Normal(Box::new(normal))).await.map_err(|_| EngineError::Closed)?;
 
-        let (out_tx, out_rx) = mpsc::channel(64);
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
         let mut filter = StopFilter::new(sampling.stop.clone());
         tokio::spawn(async move {
             // Ends when the generation finishes or when the consumer drops its receiver; dropping
@@ -326,7 +294,7 @@ impl Engine for MistralEngine {
                 };
                 for event in events {
                     let last = !matches!(event, Event::Delta(_));
-                    if out_tx.send(event).await.is_err() || last {
+                    if out_tx.send(event).is_err() || last {
                         return;
                     }
                 }

@@ -3,10 +3,17 @@
 //! Handlers never talk to a backend directly; they hold `Arc<dyn Engine>`. Dropping a
 //! [`Generation`] is the cancel: the backend notices the closed channel and frees the slot.
 
+pub mod candle;
 pub mod mistral;
+pub mod sampling;
 pub mod stop;
+pub mod template;
 
 use std::fmt;
+use std::sync::Arc;
+
+use adapters::lora::AdapterWeights;
+use adapters::BaseModelShape;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
@@ -62,10 +69,26 @@ impl Sampling {
     }
 }
 
+/// An adapter version resolved at admission; the request keeps it to its last token.
+#[derive(Clone)]
+pub struct AdapterHandle {
+    pub name: String,
+    pub version: u64,
+    pub weights: Arc<AdapterWeights>,
+}
+
+impl fmt::Debug for AdapterHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.name, self.version)
+    }
+}
+
 /// A request that passed validation; engines accept nothing else.
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
     pub prompt: Prompt,
+    /// `None`: the base model alone.
+    pub adapter: Option<AdapterHandle>,
     /// `None`: generate until end of sequence or the context is full.
     pub max_tokens: Option<usize>,
     pub sampling: Sampling,
@@ -100,7 +123,7 @@ pub enum Event {
 /// A started generation. Dropping it cancels the work.
 pub struct Generation {
     pub prompt_tokens: usize,
-    pub events: mpsc::Receiver<Event>,
+    pub events: mpsc::UnboundedReceiver<Event>,
 }
 
 impl fmt::Debug for Generation {
@@ -129,6 +152,8 @@ pub enum EngineError {
     BadPrompt(String),
     #[error("the engine failed: {0}")]
     Backend(String),
+    #[error("this engine cannot apply LoRA adapters; serve the base with --engine candle")]
+    AdaptersUnsupported,
     #[error("the engine is shutting down")]
     Closed,
 }
@@ -136,6 +161,11 @@ pub enum EngineError {
 #[async_trait]
 pub trait Engine: Send + Sync + 'static {
     fn info(&self) -> &ModelInfo;
+
+    /// The shape LoRA adapters must have to run on this engine; `None` when it serves none.
+    fn adapter_shape(&self) -> Option<&BaseModelShape> {
+        None
+    }
 
     /// Token ids of a prompt exactly as `generate` would feed them to the model.
     async fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError>;

@@ -1,0 +1,220 @@
+//! LoRA math shared by serving and training: a frozen base linear plus per-row low-rank deltas.
+//!
+//! `y = x Wᵀ + scale · (x Aᵀ) Bᵀ`, with A `[r, in]` and B `[out, r]` exactly as PEFT stores
+//! them. Serving applies a different adapter to different rows of one batch; training uses the
+//! same code with A and B backed by `Var`s.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::error::{AdapterError, Result};
+use crate::peft::{AdapterConfig, BaseModelShape, LoraModule, LoraPart, LoraTensorKey, CONFIG_FILE, WEIGHTS_FILE};
+
+/// The frozen weight of a linear layer, `[out, in]`.
+#[derive(Debug, Clone)]
+pub enum BaseWeight {
+    /// Quantized (GGUF) weights; inference only.
+    Quantized(Arc<QMatMul>),
+    /// Dense weights; gradients flow through them to the input.
+    Dense(Tensor),
+}
+
+impl BaseWeight {
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            BaseWeight::Quantized(q) => q.forward(x),
+            BaseWeight::Dense(w) => x.broadcast_matmul(&w.t()?),
+        }
+    }
+
+    /// The weight as a dense f32 tensor (dequantized when needed).
+    pub fn to_dense(&self) -> candle_core::Result<Tensor> {
+        match self {
+            BaseWeight::Quantized(q) => match q.as_ref() {
+                QMatMul::QTensor(t) => t.dequantize(&Device::Cpu),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32),
+            },
+            BaseWeight::Dense(w) => Ok(w.clone()),
+        }
+    }
+}
+
+/// One LoRA pair for one module: A `[r, in]`, B `[out, r]` and the scale `alpha / r`
+/// (or `alpha / sqrt(r)` with rsLoRA).
+#[derive(Debug, Clone)]
+pub struct LoraPair {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+impl LoraPair {
+    /// `scale · (x Aᵀ) Bᵀ` for `x` of shape `[.., in]`.
+    pub fn delta(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.broadcast_matmul(&self.a.t()?)?.broadcast_matmul(&self.b.t()?)? * self.scale
+    }
+
+    /// `scale · B A`, the dense `[out, in]` change this pair makes to the base weight.
+    pub fn merged_delta(&self) -> candle_core::Result<Tensor> {
+        self.b.matmul(&self.a)? * self.scale
+    }
+}
+
+/// A contiguous run of rows that share one adapter (or none).
+#[derive(Debug, Clone, Copy)]
+pub struct RowGroup<'a> {
+    pub start: usize,
+    pub len: usize,
+    pub pair: Option<&'a LoraPair>,
+}
+
+/// A linear layer of the base model that LoRA can wrap; named after the PEFT module so that
+/// adapter files map onto it as they are.
+#[derive(Debug, Clone)]
+pub struct LoraLinear {
+    pub module: LoraModule,
+    pub base: BaseWeight,
+}
+
+impl LoraLinear {
+    pub fn new(module: LoraModule, base: BaseWeight) -> Self {
+        Self { module, base }
+    }
+
+    /// One adapter (or none) for every row of `x`.
+    pub fn forward(&self, x: &Tensor, pair: Option<&LoraPair>) -> candle_core::Result<Tensor> {
+        let y = self.base.forward(x)?;
+        match pair {
+            Some(p) => y + p.delta(x)?,
+            None => Ok(y),
+        }
+    }
+
+    /// `x` is `[rows, in]`; each group's rows get that group's adapter. One base matmul serves
+    /// every row; the deltas are computed per group and added in place of zeros elsewhere.
+    pub fn forward_rows(&self, x: &Tensor, groups: &[RowGroup<'_>]) -> candle_core::Result<Tensor> {
+        let y = self.base.forward(x)?;
+        if groups.iter().all(|g| g.pair.is_none()) {
+            return Ok(y);
+        }
+        if let [only] = groups {
+            return match only.pair {
+                Some(p) => y + p.delta(x)?,
+                None => Ok(y),
+            };
+        }
+        let out_dim = y.dim(1)?;
+        let mut parts = Vec::with_capacity(groups.len());
+        for g in groups {
+            let rows = x.narrow(0, g.start, g.len)?;
+            parts.push(match g.pair {
+                Some(p) => p.delta(&rows)?,
+                None => Tensor::zeros((g.len, out_dim), y.dtype(), y.device())?,
+            });
+        }
+        y + Tensor::cat(&parts, 0)?
+    }
+}
+
+/// Every LoRA pair of one adapter version, indexed by layer and module.
+#[derive(Debug, Clone)]
+pub struct AdapterWeights {
+    layers: Vec<HashMap<LoraModule, LoraPair>>,
+    /// Bytes of tensor data held, for the loaded-adapter memory budget.
+    pub bytes: usize,
+}
+
+impl AdapterWeights {
+    /// An adapter that touches nothing (the base model).
+    pub fn empty(num_layers: usize) -> Self {
+        Self { layers: vec![HashMap::new(); num_layers], bytes: 0 }
+    }
+
+    pub fn from_pairs(num_layers: usize, pairs: Vec<(usize, LoraModule, LoraPair)>) -> Self {
+        let mut w = Self::empty(num_layers);
+        for (layer, module, pair) in pairs {
+            w.bytes += (pair.a.elem_count() + pair.b.elem_count()) * 4;
+            w.layers[layer].insert(module, pair);
+        }
+        w
+    }
+
+    pub fn pair(&self, layer: usize, module: LoraModule) -> Option<&LoraPair> {
+        self.layers.get(layer).and_then(|l| l.get(&module))
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Loads a PEFT directory that already passed validation against `shape`.
+    pub fn load_peft_dir(dir: &Path, shape: &BaseModelShape, device: &Device) -> Result<Self> {
+        let config_bytes = std::fs::read(dir.join(CONFIG_FILE)).map_err(|e| AdapterError::io(dir.join(CONFIG_FILE), e))?;
+        let config = AdapterConfig::from_json(&config_bytes)?;
+        let scale = config.scale();
+        let path = dir.join(WEIGHTS_FILE);
+        let tensors = candle_core::safetensors::load(&path, device)
+            .map_err(|e| AdapterError::invalid(format!("{}: {e}", path.display())))?;
+        let mut a_parts: HashMap<(usize, LoraModule), Tensor> = HashMap::new();
+        let mut b_parts: HashMap<(usize, LoraModule), Tensor> = HashMap::new();
+        for (name, t) in tensors {
+            let key = LoraTensorKey::parse(&name)
+                .ok_or_else(|| AdapterError::invalid(format!("tensor {name} is not a LoRA weight")))?;
+            let t = t.to_dtype(DType::F32).map_err(|e| AdapterError::invalid(format!("tensor {name}: {e}")))?;
+            match key.part {
+                LoraPart::A => a_parts.insert((key.layer, key.module), t),
+                LoraPart::B => b_parts.insert((key.layer, key.module), t),
+            };
+        }
+        let mut pairs = Vec::with_capacity(a_parts.len());
+        for ((layer, module), a) in a_parts {
+            let b = b_parts
+                .remove(&(layer, module))
+                .ok_or_else(|| AdapterError::invalid(format!("layer {layer} {} has lora_A without lora_B", module.name())))?;
+            pairs.push((layer, module, LoraPair { a, b, scale }));
+        }
+        Ok(Self::from_pairs(shape.num_layers, pairs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(v: &[f32], shape: (usize, usize)) -> Tensor {
+        Tensor::from_slice(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn delta_equals_merged_weight() {
+        let w = t(&[1., 2., 3., 4., 5., 6.], (2, 3));
+        let pair = LoraPair { a: t(&[0.5, -1., 2.], (1, 3)), b: t(&[1., -2.], (2, 1)), scale: 2.0 };
+        let layer = LoraLinear::new(LoraModule::QProj, BaseWeight::Dense(w.clone()));
+        let x = t(&[1., 0., -1., 2., 1., 0.], (2, 3));
+        let via_lora = layer.forward(&x, Some(&pair)).unwrap();
+        let merged = (w + pair.merged_delta().unwrap()).unwrap();
+        let via_merge = x.matmul(&merged.t().unwrap()).unwrap();
+        let diff = (via_lora - via_merge).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "diff {diff}");
+    }
+
+    #[test]
+    fn rows_get_their_own_adapter() {
+        let w = t(&[1., 0., 0., 1.], (2, 2));
+        let p1 = LoraPair { a: t(&[1., 0.], (1, 2)), b: t(&[1., 0.], (2, 1)), scale: 1.0 };
+        let p2 = LoraPair { a: t(&[0., 1.], (1, 2)), b: t(&[0., 3.], (2, 1)), scale: 1.0 };
+        let layer = LoraLinear::new(LoraModule::VProj, BaseWeight::Dense(w));
+        let x = t(&[1., 1., 1., 1., 1., 1.], (3, 2));
+        let groups = [
+            RowGroup { start: 0, len: 1, pair: Some(&p1) },
+            RowGroup { start: 1, len: 1, pair: None },
+            RowGroup { start: 2, len: 1, pair: Some(&p2) },
+        ];
+        let y = layer.forward_rows(&x, &groups).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(y, vec![vec![2., 1.], vec![1., 1.], vec![1., 4.]]);
+    }
+}
