@@ -15,4 +15,10 @@ export SWITCHYARD_TEST_EMBED_MODEL="$models/all-MiniLM-L6-v2"
 # Tests that need Redis use 127.0.0.1:6379 unless told otherwise.
 export SWITCHYARD_TEST_REDIS="${SWITCHYARD_TEST_REDIS:-redis://127.0.0.1:6379}"
 
-cargo test --release --workspace "$@"
+# Unit and integration tests of every crate (there are no doc tests), then one summary line.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set -o pipefail
+cargo test --release --workspace --lib --bins --tests "$@" 2>&1 | tee "$log"
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"

@@ -27,6 +27,7 @@ pub mod llama;
 pub mod lora;
 pub mod peft;
 pub mod registry;
+pub mod testing;
 #[cfg(test)]
 mod test_support;
 
