@@ -128,7 +128,7 @@ pub fn write_random_adapter(dir: &Path, shape: &BaseModelShape, r: usize, seed: 
                 let dims = shape.expected_shape(&key, r);
                 s += 1;
                 let n = dims[0] * dims[1];
-                let data = if zero_b && part == LoraPart::B { vec![0.0; n] } else { values(n, s, 0.2) };
+                let data = if zero_b && part == LoraPart::B { vec![0.0; n] } else { values(n, s, 0.8) };
                 tensors.push((key, data, dims.to_vec()));
             }
         }

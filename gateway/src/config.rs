@@ -78,6 +78,19 @@ pub struct ServeArgs {
     /// Log format [default: text].
     #[arg(long, env = "SWITCHYARD_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Directory for all of the gateway's state (the adapter registry lives in `registry/`)
+    /// [default: ./data].
+    #[arg(long, env = "SWITCHYARD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Bearer token for the admin API; the admin API is off without it.
+    #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Directory under which `POST /admin/adapters/{name}/versions {"path": ..}` may import.
+    #[arg(long, env = "SWITCHYARD_IMPORT_ROOT")]
+    pub import_root: Option<PathBuf>,
+    /// Memory budget for loaded adapter versions, in MiB [default: 512].
+    #[arg(long, env = "SWITCHYARD_ADAPTER_CACHE_MB")]
+    pub adapter_cache_mb: Option<usize>,
     /// HTTP worker threads [default: 2].
     #[arg(long, env = "SWITCHYARD_HTTP_WORKERS")]
     pub http_workers: Option<usize>,
@@ -98,6 +111,10 @@ pub struct Settings {
     pub context_len: Option<usize>,
     pub log_format: LogFormat,
     pub http_workers: usize,
+    pub data_dir: PathBuf,
+    pub admin_token: Option<String>,
+    pub import_root: Option<PathBuf>,
+    pub adapter_cache_bytes: usize,
 }
 
 impl ServeArgs {
@@ -125,6 +142,10 @@ impl ServeArgs {
             context_len: self.context_len.or(file.context_len),
             log_format: self.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
             http_workers: self.http_workers.or(file.http_workers).unwrap_or(2),
+            data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("data")),
+            admin_token: self.admin_token.or(file.admin_token).filter(|t| !t.is_empty()),
+            import_root: self.import_root.or(file.import_root),
+            adapter_cache_bytes: self.adapter_cache_mb.or(file.adapter_cache_mb).unwrap_or(512) << 20,
         };
         settings.check()?;
         Ok(settings)

@@ -21,6 +21,13 @@ pub enum ApiError {
     RateLimited { message: String, code: &'static str },
     #[error("the model is not loaded yet")]
     NotReady,
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    #[error("{message}")]
+    Forbidden { message: String },
+    /// An adapter-registry error; its class picks the status.
+    #[error("{0}")]
+    Registry(#[from] adapters::AdapterError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -47,6 +54,9 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::RateLimited { code, .. } => code,
             ApiError::NotReady => "model_not_ready",
+            ApiError::Unauthorized => "invalid_api_key",
+            ApiError::Forbidden { .. } => "forbidden",
+            ApiError::Registry(e) => e.code(),
             ApiError::Internal(_) => "internal_error",
         }
     }
@@ -58,6 +68,13 @@ impl ApiError {
             | ApiError::NotFound { .. }
             | ApiError::PayloadTooLarge { .. } => "invalid_request_error",
             ApiError::RateLimited { .. } => "rate_limit_error",
+            ApiError::Unauthorized => "authentication_error",
+            ApiError::Forbidden { .. } => "permission_error",
+            ApiError::Registry(e) => match e.class() {
+                adapters::ErrorClass::Internal => "server_error",
+                adapters::ErrorClass::Conflict => "conflict_error",
+                _ => "invalid_request_error",
+            },
             ApiError::NotReady | ApiError::Internal(_) => "server_error",
         }
     }
@@ -111,12 +128,21 @@ impl ResponseError for ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ApiError::Registry(e) => match e.class() {
+                adapters::ErrorClass::BadRequest => StatusCode::BAD_REQUEST,
+                adapters::ErrorClass::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+                adapters::ErrorClass::NotFound => StatusCode::NOT_FOUND,
+                adapters::ErrorClass::Conflict => StatusCode::CONFLICT,
+                adapters::ErrorClass::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            },
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     fn error_response(&self) -> HttpResponse {
-        if matches!(self, ApiError::Internal(_)) {
+        if self.status_code().is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
         HttpResponse::build(self.status_code()).json(self.body())

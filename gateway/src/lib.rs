@@ -10,6 +10,8 @@
 //! mistake with a 5xx, and never let a request wait without bound: past the concurrency limit
 //! it answers 429.
 
+pub mod adapter_cache;
+pub mod admin;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -13,7 +13,8 @@ use tokio::sync::Semaphore;
 use crate::config::{EngineKind, Settings};
 use crate::engine::candle::CandleEngine;
 use crate::engine::mistral::{MistralEngine, ModelSource};
-use crate::engine::{Engine, GenerationRequest, Prompt};
+use crate::adapter_cache::AdapterCache;
+use crate::engine::{AdapterHandle, Engine, GenerationRequest, Prompt};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::openai::{
@@ -25,6 +26,12 @@ use crate::validate::{self, RequestLimits, Validated};
 /// Everything handlers share; built once before the server starts.
 pub struct AppState {
     engine: OnceLock<Arc<dyn Engine>>,
+    /// Opened once the engine is loaded, when it can serve adapters.
+    registry: OnceLock<(Arc<adapters::Registry>, AdapterCache)>,
+    pub admin_token: Option<String>,
+    pub import_root: Option<std::path::PathBuf>,
+    data_dir: std::path::PathBuf,
+    adapter_cache_bytes: usize,
     admission: Arc<Semaphore>,
     draining: AtomicBool,
     pub limits: RequestLimits,
@@ -37,6 +44,11 @@ impl AppState {
     pub fn new(settings: &Settings) -> Self {
         Self {
             engine: OnceLock::new(),
+            registry: OnceLock::new(),
+            admin_token: settings.admin_token.clone(),
+            import_root: settings.import_root.clone(),
+            data_dir: settings.data_dir.clone(),
+            adapter_cache_bytes: settings.adapter_cache_bytes,
             admission: Arc::new(Semaphore::new(settings.max_concurrent)),
             draining: AtomicBool::new(false),
             limits: RequestLimits { max_tokens: settings.max_tokens, max_messages: settings.max_messages },
@@ -46,9 +58,34 @@ impl AppState {
         }
     }
 
-    /// Installs the loaded engine; from now on `/ready` answers 200.
-    pub fn set_engine(&self, engine: Arc<dyn Engine>) {
+    /// Installs the loaded engine (and, when it serves adapters, opens the registry); from
+    /// now on `/ready` answers 200.
+    pub fn set_engine(&self, engine: Arc<dyn Engine>) -> Result<(), adapters::AdapterError> {
+        if let Some(shape) = engine.adapter_shape() {
+            let mut shape = shape.clone();
+            shape.name = self.model_id.clone();
+            let registry = adapters::Registry::open(self.data_dir.join("registry"), shape.clone(), adapters::Limits::default())?;
+            let _ = self.registry.set((Arc::new(registry), AdapterCache::new(self.adapter_cache_bytes, shape)));
+        }
         let _ = self.engine.set(engine);
+        Ok(())
+    }
+
+    pub fn registry(&self) -> Option<Arc<adapters::Registry>> {
+        self.registry.get().map(|(r, _)| r.clone())
+    }
+
+    /// Resolves `model` to the base alone or to one adapter version, once, at admission.
+    async fn resolve(&self, model: &str) -> Result<(Arc<dyn Engine>, Option<AdapterHandle>), ApiError> {
+        let engine = self.engine.get().cloned().ok_or(ApiError::NotReady)?;
+        if model == self.model_id {
+            return Ok((engine, None));
+        }
+        let not_found = || ApiError::ModelNotFound { model: model.to_owned() };
+        let (registry, cache) = self.registry.get().ok_or_else(not_found)?;
+        let manifest = registry.resolve_model(model).map_err(|e| if e.is_not_found() || e.is_client_error() { not_found() } else { e.into() })?;
+        let weights = cache.get(&manifest.name, manifest.version, registry.version_dir(&manifest.name, manifest.version)).await?;
+        Ok((engine, Some(AdapterHandle { name: manifest.name, version: manifest.version, weights })))
     }
 
     pub fn is_ready(&self) -> bool {
@@ -63,8 +100,9 @@ impl AppState {
     }
 
     /// Takes a concurrency slot (or answers 429) and starts the generation.
-    async fn admit(&self, model: &str, request: GenerationRequest) -> Result<Running, ApiError> {
-        let engine = self.engine_for(model)?;
+    async fn admit(&self, model: &str, mut request: GenerationRequest) -> Result<Running, ApiError> {
+        let (engine, adapter) = self.resolve(model).await?;
+        request.adapter = adapter;
         let permit = self.admission.clone().try_acquire_owned().map_err(|_| {
             self.metrics.rejected_concurrency.with_label_values(&["concurrency"]).inc();
             ApiError::RateLimited {
@@ -80,7 +118,7 @@ impl AppState {
 }
 
 /// Reads a JSON body up to the configured limit and parses it into a wire type.
-async fn read_json<T: DeserializeOwned>(
+pub(crate) async fn read_json<T: DeserializeOwned>(
     req: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
@@ -147,20 +185,35 @@ async fn answer(state: &AppState, kind: Kind, v: Validated) -> Result<HttpRespon
 }
 
 async fn list_models(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let data = state
-        .engine
-        .get()
-        .map(|e| {
-            let info = e.info();
-            vec![ModelCard {
-                id: info.id.clone(),
-                object: "model".into(),
-                created: info.created,
-                owned_by: "switchyard".into(),
-                max_model_len: info.context_len,
-            }]
-        })
-        .unwrap_or_default();
+    let mut data = Vec::new();
+    if let Some(engine) = state.engine.get() {
+        let info = engine.info();
+        let card = |id: String, created: u64, parent: Option<String>, version: Option<u64>| ModelCard {
+            id,
+            object: "model".into(),
+            created,
+            owned_by: "switchyard".into(),
+            max_model_len: info.context_len,
+            parent,
+            version,
+        };
+        data.push(card(info.id.clone(), info.created, None, None));
+        if let Some(registry) = state.registry() {
+            for adapter in registry.list() {
+                let parent = Some(info.id.clone());
+                for (alias, a) in &adapter.aliases {
+                    let created = adapter.versions.iter().find(|m| m.version == a.version).map_or(0, |m| m.created);
+                    if alias == adapters::registry::DEFAULT_ALIAS {
+                        data.push(card(adapter.name.clone(), created, parent.clone(), Some(a.version)));
+                    }
+                    data.push(card(format!("{}@{alias}", adapter.name), created, parent.clone(), Some(a.version)));
+                }
+                for m in &adapter.versions {
+                    data.push(card(format!("{}@{}", adapter.name, m.version), m.created, parent.clone(), Some(m.version)));
+                }
+            }
+        }
+    }
     Ok(HttpResponse::Ok().json(ModelList { object: "list".into(), data }))
 }
 
@@ -249,6 +302,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 }
             })
             .configure(routes)
+            .configure(crate::admin::routes)
             .default_service(web::to(not_found))
     })
     .workers(settings.http_workers)
@@ -283,7 +337,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         match loaded {
             Ok(engine) => {
                 tracing::info!(model = %settings.model_id, context = engine.info().context_len, "model loaded");
-                loader_state.set_engine(engine);
+                if let Err(e) = loader_state.set_engine(engine) {
+                    eprintln!("error: the adapter registry cannot be opened: {e}");
+                    handle.stop(false).await;
+                    std::process::exit(1);
+                }
                 println!("switchyard ready");
             }
             Err(e) => {

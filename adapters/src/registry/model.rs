@@ -102,7 +102,7 @@ pub struct AliasChange {
 }
 
 /// One adapter as the listing endpoint shows it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AdapterListing {
     pub name: String,
     pub versions: Vec<Manifest>,

@@ -203,6 +203,12 @@ pub struct ModelCard {
     pub owned_by: String,
     /// Longest prompt plus completion, in tokens.
     pub max_model_len: usize,
+    /// For an adapter: the base model it runs on (vLLM's field).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// For an adapter: the version this name resolves to now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

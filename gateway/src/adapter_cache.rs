@@ -1,0 +1,74 @@
+//! Loaded adapter versions in memory, under a byte budget with least-recently-used eviction.
+//! Keyed by (name, version), never by alias, so a moved alias can never serve stale weights.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use adapters::lora::AdapterWeights;
+use adapters::BaseModelShape;
+use parking_lot::Mutex;
+
+use crate::error::ApiError;
+
+pub struct AdapterCache {
+    budget: usize,
+    shape: BaseModelShape,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<(String, u64), (Arc<AdapterWeights>, u64)>,
+    bytes: usize,
+    clock: u64,
+}
+
+impl AdapterCache {
+    pub fn new(budget: usize, shape: BaseModelShape) -> Self {
+        Self { budget, shape, inner: Mutex::new(Inner::default()) }
+    }
+
+    /// The loaded weights of `name@version`, reading `dir` on a miss.
+    pub async fn get(&self, name: &str, version: u64, dir: PathBuf) -> Result<Arc<AdapterWeights>, ApiError> {
+        let key = (name.to_owned(), version);
+        {
+            let mut inner = self.inner.lock();
+            inner.clock += 1;
+            let now = inner.clock;
+            if let Some((weights, used)) = inner.entries.get_mut(&key) {
+                *used = now;
+                return Ok(weights.clone());
+            }
+        }
+        let shape = self.shape.clone();
+        let weights = tokio::task::spawn_blocking(move || {
+            AdapterWeights::load_peft_dir(&dir, &shape, &candle_core::Device::Cpu)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+        let weights = Arc::new(weights);
+        let mut inner = self.inner.lock();
+        inner.clock += 1;
+        let now = inner.clock;
+        inner.bytes += weights.bytes;
+        inner.entries.insert(key.clone(), (weights.clone(), now));
+        // Evict least recently used versions (never the one just loaded). Running requests keep
+        // their own `Arc`, so eviction only drops the cache's reference.
+        while inner.bytes > self.budget && inner.entries.len() > 1 {
+            let Some(oldest) = inner.entries.iter().filter(|(k, _)| **k != key).min_by_key(|(_, (_, used))| *used).map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if let Some((w, _)) = inner.entries.remove(&oldest) {
+                inner.bytes -= w.bytes;
+            }
+        }
+        Ok(weights)
+    }
+
+    /// Versions currently in memory.
+    pub fn loaded(&self) -> usize {
+        self.inner.lock().entries.len()
+    }
+}

@@ -1,0 +1,134 @@
+//! Adapters over HTTP: register versions, route by name / version / alias, promote, roll back,
+//! reject bad uploads without touching the registry, and keep aliases across a restart.
+
+mod common;
+
+use std::path::Path;
+
+use common::{client, Server};
+use serde_json::{json, Value};
+
+const TOKEN: &str = "test-admin-token";
+
+fn start(model: &Path, data: &Path, imports: &Path) -> Server {
+    let args: Vec<String> = [
+        "--model", &model.display().to_string(), "--engine", "candle",
+        "--data-dir", &data.display().to_string(), "--admin-token", TOKEN,
+        "--import-root", &imports.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Server::start_raw(&args)
+}
+
+async fn upload(server: &Server, name: &str, dir: &Path) -> reqwest::Response {
+    let form = reqwest::multipart::Form::new()
+        .part("adapter_config.json", reqwest::multipart::Part::bytes(std::fs::read(dir.join("adapter_config.json")).unwrap()).file_name("adapter_config.json"))
+        .part("adapter_model.safetensors", reqwest::multipart::Part::bytes(std::fs::read(dir.join("adapter_model.safetensors")).unwrap()).file_name("adapter_model.safetensors"));
+    client().post(server.url(&format!("/admin/adapters/{name}/versions"))).bearer_auth(TOKEN).multipart(form).send().await.unwrap()
+}
+
+async fn admin(server: &Server, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut req = client().request(method, server.url(path)).bearer_auth(TOKEN);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let res = req.send().await.unwrap();
+    (res.status().as_u16(), res.json().await.unwrap_or(Value::Null))
+}
+
+async fn answer(server: &Server, model: &str) -> (u16, String) {
+    // Seeded sampling: the text depends on the whole distribution, so any adapter shows.
+    let body = json!({"model": model, "prompt": "the cat sat on", "max_tokens": 12, "temperature": 1.5, "seed": 7, "ignore_eos": true});
+    let res = client().post(server.url("/v1/completions")).json(&body).send().await.unwrap();
+    let status = res.status().as_u16();
+    let v: Value = res.json().await.unwrap();
+    (status, v["choices"][0]["text"].as_str().unwrap_or_default().to_owned())
+}
+
+#[tokio::test]
+async fn versions_aliases_promote_rollback_and_restart() {
+    let root = tempfile::tempdir().unwrap();
+    let model = root.path().join("tiny-llama");
+    let shape = adapters::testing::write_tiny_llama(&model, 3).unwrap();
+    let imports = root.path().join("imports");
+    let data = root.path().join("data");
+    adapters::testing::write_random_adapter(&imports.join("v1"), &shape, 4, 10, false).unwrap();
+    adapters::testing::write_random_adapter(&imports.join("v2"), &shape, 4, 20, false).unwrap();
+    let server = start(&model, &data, &imports);
+
+    // The admin API wants the token.
+    let res = client().get(server.url("/admin/adapters")).send().await.unwrap();
+    assert_eq!(res.status(), 401);
+
+    // Version 1 by upload, version 2 by import from the import root.
+    let res = upload(&server, "bot", &imports.join("v1")).await;
+    assert_eq!(res.status(), 201);
+    let v1: Value = res.json().await.unwrap();
+    assert_eq!((v1["name"].as_str(), v1["version"].as_u64()), (Some("bot"), Some(1)));
+    assert_eq!(v1["sha256"].as_str().unwrap().len(), 64);
+    let (status, v2) = admin(&server, reqwest::Method::POST, "/admin/adapters/bot/versions", Some(json!({"path": "v2"}))).await;
+    assert_eq!((status, v2["version"].as_u64()), (201, Some(2)));
+
+    // Routing: base, exact versions; no `prod` alias yet, so the bare name is unknown.
+    let (_, base) = answer(&server, "tiny-llama").await;
+    let (s1, at1) = answer(&server, "bot@1").await;
+    let (s2, at2) = answer(&server, "bot@2").await;
+    assert_eq!((s1, s2), (200, 200));
+    assert_ne!(at1, base, "an adapter changes the answer");
+    assert_ne!(at1, at2, "two versions, two answers");
+    assert_eq!(answer(&server, "bot").await.0, 404);
+    assert_eq!(answer(&server, "bot@9").await.0, 404);
+
+    // Promote, compare-and-set, roll back.
+    let (status, _) = admin(&server, reqwest::Method::PUT, "/admin/adapters/bot/aliases/prod", Some(json!({"version": 1}))).await;
+    assert_eq!(status, 200);
+    assert_eq!(answer(&server, "bot").await.1, at1);
+    let (status, err) = admin(&server, reqwest::Method::PUT, "/admin/adapters/bot/aliases/prod", Some(json!({"version": 2, "expected_version": 2}))).await;
+    assert_eq!(status, 409, "{err}");
+    let (status, _) = admin(&server, reqwest::Method::PUT, "/admin/adapters/bot/aliases/prod", Some(json!({"version": 2, "expected_version": 1}))).await;
+    assert_eq!(status, 200);
+    assert_eq!(answer(&server, "bot").await.1, at2);
+    assert_eq!(answer(&server, "bot@prod").await.1, at2);
+    let (status, change) = admin(&server, reqwest::Method::POST, "/admin/adapters/bot/aliases/prod/rollback", None).await;
+    assert_eq!((status, change["to"].as_u64()), (200, Some(1)));
+    assert_eq!(answer(&server, "bot").await.1, at1);
+
+    // Bad uploads are refused with the registry unchanged.
+    let bad = root.path().join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::copy(imports.join("v1/adapter_config.json"), bad.join("adapter_config.json")).unwrap();
+    std::fs::write(bad.join("adapter_model.safetensors"), b"not a safetensors file").unwrap();
+    let res = upload(&server, "bot", &bad).await;
+    assert_eq!(res.status(), 400);
+    let err: Value = res.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "invalid_adapter");
+    let (_, escape) = admin(&server, reqwest::Method::POST, "/admin/adapters/bot/versions", Some(json!({"path": "../data"}))).await;
+    assert_eq!(escape["error"]["code"], "path_escape", "{escape}");
+    let (_, listing) = admin(&server, reqwest::Method::GET, "/admin/adapters/bot", None).await;
+    assert_eq!(listing["versions"].as_array().unwrap().len(), 2, "{listing}");
+
+    // A version an alias points to cannot be deleted.
+    let (status, _) = admin(&server, reqwest::Method::DELETE, "/admin/adapters/bot/versions/1", None).await;
+    assert_eq!(status, 409);
+
+    // /v1/models lists the adapter under every name that routes, with its parent.
+    let models: Value = client().get(server.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().filter_map(|m| m["id"].as_str()).collect();
+    for id in ["tiny-llama", "bot", "bot@prod", "bot@1", "bot@2"] {
+        assert!(ids.contains(&id), "{id} missing from {ids:?}");
+    }
+    let bot = models["data"].as_array().unwrap().iter().find(|m| m["id"] == "bot").unwrap();
+    assert_eq!((bot["parent"].as_str(), bot["version"].as_u64()), (Some("tiny-llama"), Some(1)));
+
+    // The audit log, newest first.
+    let (_, audit) = admin(&server, reqwest::Method::GET, "/admin/audit?limit=2", None).await;
+    assert_eq!(audit["data"][0]["action"], "rollback", "{audit}");
+
+    // A restart reloads versions and aliases from disk.
+    drop(server);
+    let server = start(&model, &data, &imports);
+    assert_eq!(answer(&server, "bot").await.1, at1);
+    assert_eq!(answer(&server, "bot@2").await.1, at2);
+}
