@@ -66,9 +66,4 @@ impl AdapterCache {
         }
         Ok(weights)
     }
-
-    /// Versions currently in memory.
-    pub fn loaded(&self) -> usize {
-        self.inner.lock().entries.len()
-    }
 }

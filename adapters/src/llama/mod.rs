@@ -6,7 +6,7 @@
 
 mod load;
 
-use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_core::{Device, IndexOp, Tensor, D};
 use candle_nn::kv_cache::KvCache;
 
 use crate::error::Result;
@@ -258,18 +258,6 @@ impl Llama {
         Ok(probs.matmul(&v.contiguous()?)?.reshape((b, nh, t, hd))?)
     }
 
-    /// One linear layer of one block.
-    pub fn linear(&self, layer: usize, module: LoraModule) -> &LoraLinear {
-        let idx = LoraModule::ALL.iter().position(|x| *x == module).unwrap_or(0);
-        &self.blocks[layer].proj[idx]
-    }
-
-    /// The dense base weight of one module (for merging adapters offline in tests and export).
-    pub fn base_weight(&self, layer: usize, module: LoraModule) -> Result<Tensor> {
-        let idx = LoraModule::ALL.iter().position(|x| *x == module).unwrap_or(0);
-        Ok(self.blocks[layer].proj[idx].base.to_dense()?)
-    }
-
     /// A copy of this model with `adapter` merged into dense base weights (`W + scale·BA`).
     pub fn merged(&self, adapter: &AdapterWeights) -> Result<Llama> {
         let mut out = self.clone();
@@ -289,10 +277,6 @@ impl Llama {
     /// Every base weight as dense f32, for training (gradients flow through dense weights).
     pub fn to_dense(&self) -> Result<Llama> {
         self.merged(&AdapterWeights::empty(self.config.num_layers))
-    }
-
-    pub fn dtype(&self) -> DType {
-        DType::F32
     }
 }
 

@@ -86,11 +86,6 @@ impl CandleEngine {
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         Ok(Self { info: ModelInfo { id, context_len, created }, tokenizer, template, shape, jobs })
     }
-
-    /// The shape adapters for this base must have.
-    pub fn shape(&self) -> &BaseModelShape {
-        &self.shape
-    }
 }
 
 #[async_trait]
