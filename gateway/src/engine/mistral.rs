@@ -4,6 +4,7 @@
 //! context check saw is exactly the prompt the model runs. A logits processor counts sampled
 //! tokens (true completion counts), applies per-request seeded sampling and `ignore_eos`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -16,11 +17,9 @@ use mistralrs::{
     RequestMessage, Response, SamplingParams, TextMessageRole, TextMessages, TextModelBuilder,
     TokenSource,
 };
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 use tokio::sync::mpsc;
 
-use super::sampling::sample_top_p;
+use super::sampling::choose;
 use super::stop::StopFilter;
 use super::{
     fit_to_context, Engine, EngineError, Event, FinishReason, Generation, GenerationRequest,
@@ -123,37 +122,27 @@ impl MistralEngine {
     }
 }
 
-/// Per-request logits processor: counts steps, bans EOS when asked, samples with a seed.
+/// Per-request logits processor: counts steps, and picks the token with the same sampler the
+/// candle engine uses (EOS ban, seed); mistralrs then takes the argmax of the one-hot result.
 struct StepProcessor {
     steps: Arc<AtomicUsize>,
     ban: Vec<u32>,
-    temperature: Option<f64>,
-    top_p: f64,
+    /// Penalties cleared: mistralrs applies them before calling processors.
+    sampling: Sampling,
     seed: u64,
 }
 
 impl CustomLogitsProcessor for StepProcessor {
     fn apply(&self, logits: &Tensor, context: &[u32]) -> CandleResult<Tensor> {
         self.steps.fetch_add(1, Ordering::Relaxed);
-        if self.ban.is_empty() && self.temperature.is_none() {
+        if self.ban.is_empty() && self.sampling.is_greedy() {
             return Ok(logits.clone());
         }
         let shape = logits.shape().clone();
         let mut values = logits.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
-        for &t in &self.ban {
-            if let Some(v) = values.get_mut(t as usize) {
-                *v = f32::NEG_INFINITY;
-            }
-        }
-        if let Some(temperature) = self.temperature {
-            // The position in the sequence is mixed into the seed, so a seed replays exactly.
-            let mut rng = StdRng::seed_from_u64(
-                self.seed ^ (context.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            );
-            let chosen = sample_top_p(&values, temperature, self.top_p, &mut rng);
-            for (i, v) in values.iter_mut().enumerate() {
-                *v = if i == chosen { 0.0 } else { f32::NEG_INFINITY };
-            }
+        let chosen = choose(&mut values, &self.sampling, self.seed, context.len(), &HashMap::new(), &self.ban);
+        for (i, v) in values.iter_mut().enumerate() {
+            *v = if i == chosen as usize { 0.0 } else { f32::NEG_INFINITY };
         }
         Tensor::from_vec(values, shape, logits.device())?.to_dtype(logits.dtype())
     }
@@ -219,8 +208,7 @@ impl Engine for MistralEngine {
         let processor = StepProcessor {
             steps: steps.clone(),
             ban: if sampling.ignore_eos { self.eos_tokens.clone() } else { Vec::new() },
-            temperature: if sampling.is_greedy() { None } else { sampling.temperature },
-            top_p: sampling.top_p.unwrap_or(1.0),
+            sampling: Sampling { frequency_penalty: None, presence_penalty: None, ..sampling.clone() },
             seed: sampling.seed.unwrap_or_else(rand::random),
         };
         let (tx, mut rx) = mpsc::channel(64);

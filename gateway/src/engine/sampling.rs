@@ -52,7 +52,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
 }
 
 /// Samples an index from `softmax(logits / temperature)` restricted to the top-p nucleus.
-pub fn sample_top_p(logits: &[f32], temperature: f64, top_p: f64, rng: &mut StdRng) -> usize {
+fn sample_top_p(logits: &[f32], temperature: f64, top_p: f64, rng: &mut StdRng) -> usize {
     let t = temperature as f32;
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut probs: Vec<(usize, f32)> = logits
