@@ -21,8 +21,8 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("switchyard_requests_total", "HTTP requests answered, by route, status and model"),
-            &["route", "status", "model"],
+            Opts::new("switchyard_requests_total", "HTTP requests answered, by route and status"),
+            &["route", "status"],
         )
         .expect("metric definition is valid");
         let request_duration = HistogramVec::new(

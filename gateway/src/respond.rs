@@ -66,13 +66,15 @@ impl Envelope {
 
     fn chunk(&self, delta: Option<String>, first: bool, finish: Option<&str>, usage: Option<Usage>) -> String {
         let finish_reason = finish.map(str::to_owned);
+        // The closing usage chunk carries no choice at all, as OpenAI's does.
+        let usage_only = usage.is_some() && finish.is_none() && delta.is_none();
         let value = match self.kind {
             Kind::Chat => serde_json::to_string(&ChatCompletionChunk {
                 id: self.id.clone(),
                 object: "chat.completion.chunk".into(),
                 created: self.created,
                 model: self.model.clone(),
-                choices: if usage.is_some() && finish.is_none() && delta.is_none() {
+                choices: if usage_only {
                     Vec::new()
                 } else {
                     vec![ChatChunkChoice {
@@ -90,7 +92,7 @@ impl Envelope {
                 object: "text_completion".into(),
                 created: self.created,
                 model: self.model.clone(),
-                choices: if usage.is_some() && finish.is_none() && delta.is_none() {
+                choices: if usage_only {
                     Vec::new()
                 } else {
                     vec![CompletionChoice { index: 0, text: delta.unwrap_or_default(), finish_reason, logprobs: None }]

@@ -295,7 +295,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                     let res = fut.await?;
                     if let Some(m) = metrics {
                         let status = res.status().as_u16().to_string();
-                        m.requests.with_label_values(&[&route, &status, ""]).inc();
+                        m.requests.with_label_values(&[&route, &status]).inc();
                         m.request_duration.with_label_values(&[&route]).observe(started.elapsed().as_secs_f64());
                     }
                     Ok(res)
