@@ -41,10 +41,7 @@ async fn admin(server: &Server, method: reqwest::Method, path: &str, body: Optio
 async fn answer(server: &Server, model: &str) -> (u16, String) {
     // Seeded sampling: the text depends on the whole distribution, so any adapter shows.
     let body = json!({"model": model, "prompt": "the cat sat on", "max_tokens": 12, "temperature": 1.5, "seed": 7, "ignore_eos": true});
-    let res = client().post(server.url("/v1/completions")).json(&body).send().await.unwrap();
-    let status = res.status().as_u16();
-    let v: Value = res.json().await.unwrap();
-    (status, v["choices"][0]["text"].as_str().unwrap_or_default().to_owned())
+    answer_body(server, &body).await
 }
 
 #[tokio::test]
@@ -131,4 +128,51 @@ async fn versions_aliases_promote_rollback_and_restart() {
     let server = start(&model, &data, &imports);
     assert_eq!(answer(&server, "bot").await.1, at1);
     assert_eq!(answer(&server, "bot@2").await.1, at2);
+}
+
+/// A request resolves its adapter version once: a promote while it streams does not change it.
+#[tokio::test]
+async fn a_running_request_keeps_its_version_across_a_promote() {
+    use futures::StreamExt;
+    let root = tempfile::tempdir().unwrap();
+    let shape = adapters::BaseModelShape::smollm2_135m();
+    let imports = root.path().join("imports");
+    adapters::testing::write_random_adapter(&imports.join("v1"), &shape, 4, 10, false).unwrap();
+    adapters::testing::write_random_adapter(&imports.join("v2"), &shape, 4, 20, false).unwrap();
+    let server = start(&common::default_model(), &root.path().join("data"), &imports);
+    for v in ["v1", "v2"] {
+        let (status, _) = admin(&server, reqwest::Method::POST, "/admin/adapters/bot/versions", Some(json!({"path": v}))).await;
+        assert_eq!(status, 201);
+    }
+    admin(&server, reqwest::Method::PUT, "/admin/adapters/bot/aliases/prod", Some(json!({"version": 1}))).await;
+    let request = |model: &str, stream: bool| json!({"model": model, "prompt": "Once upon a time", "max_tokens": 120,
+        "temperature": 1.0, "seed": 3, "ignore_eos": true, "stream": stream});
+    let (_, v1) = answer_body(&server, &request("bot@1", false)).await;
+    let (_, v2) = answer_body(&server, &request("bot@2", false)).await;
+    assert_ne!(v1, v2);
+
+    // Start streaming `bot` (prod = 1), promote prod to 2 after the first chunk, read the rest.
+    let res = client().post(server.url("/v1/completions")).json(&request("bot", true)).send().await.unwrap();
+    let mut body = res.bytes_stream();
+    let mut raw = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
+    let (status, _) = admin(&server, reqwest::Method::PUT, "/admin/adapters/bot/aliases/prod", Some(json!({"version": 2}))).await;
+    assert_eq!(status, 200);
+    while let Some(chunk) = body.next().await {
+        raw.push_str(&String::from_utf8(chunk.unwrap().to_vec()).unwrap());
+    }
+    let streamed: String = common::sse_data(&raw)
+        .iter()
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str::<Value>(d).unwrap()["choices"][0]["text"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(streamed, v1, "the running request switched versions mid-answer");
+    // New requests get the promoted version.
+    assert_eq!(answer_body(&server, &request("bot", false)).await.1, v2);
+}
+
+async fn answer_body(server: &Server, body: &Value) -> (u16, String) {
+    let res = client().post(server.url("/v1/completions")).json(body).send().await.unwrap();
+    let status = res.status().as_u16();
+    let v: Value = res.json().await.unwrap();
+    (status, v["choices"][0]["text"].as_str().unwrap_or_default().to_owned())
 }
