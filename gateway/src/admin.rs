@@ -99,6 +99,7 @@ async fn create_version(
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))??
     };
+    state.announce(&name).await;
     Ok(HttpResponse::Created().json(serde_json::json!({
         "name": manifest.name, "version": manifest.version, "sha256": manifest.sha256, "manifest": manifest,
     })))
@@ -148,6 +149,7 @@ async fn promote(
     let (name, alias) = path.into_inner();
     let body: PromoteBody = read_json(&req, payload, state.body_limit).await?;
     let change = registry.set_alias(&name, &alias, body.version, body.expected_version, "admin")?;
+    state.announce(&name).await;
     Ok(HttpResponse::Ok().json(change))
 }
 
@@ -159,6 +161,7 @@ async fn rollback(
     let registry = authorize(&state, &req)?;
     let (name, alias) = path.into_inner();
     let change = registry.rollback(&name, &alias, "admin")?;
+    state.announce(&name).await;
     Ok(HttpResponse::Ok().json(change))
 }
 
@@ -170,6 +173,7 @@ async fn delete_version(
     let registry = authorize(&state, &req)?;
     let (name, version) = path.into_inner();
     let manifest = registry.delete_version(&name, version, "admin")?;
+    state.announce(&name).await;
     Ok(HttpResponse::Ok().json(serde_json::json!({"deleted": true, "manifest": manifest})))
 }
 

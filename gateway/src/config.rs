@@ -91,6 +91,9 @@ pub struct ServeArgs {
     /// Memory budget for loaded adapter versions, in MiB [default: 512].
     #[arg(long, env = "SWITCHYARD_ADAPTER_CACHE_MB")]
     pub adapter_cache_mb: Option<usize>,
+    /// Redis for sharing state across replicas (e.g. redis://127.0.0.1:6379); none: local only.
+    #[arg(long, env = "SWITCHYARD_REDIS_URL")]
+    pub redis_url: Option<String>,
     /// HTTP worker threads [default: 2].
     #[arg(long, env = "SWITCHYARD_HTTP_WORKERS")]
     pub http_workers: Option<usize>,
@@ -115,6 +118,7 @@ pub struct Settings {
     pub admin_token: Option<String>,
     pub import_root: Option<PathBuf>,
     pub adapter_cache_bytes: usize,
+    pub redis: Option<redis::Client>,
 }
 
 impl ServeArgs {
@@ -146,6 +150,13 @@ impl ServeArgs {
             admin_token: self.admin_token.or(file.admin_token).filter(|t| !t.is_empty()),
             import_root: self.import_root.or(file.import_root),
             adapter_cache_bytes: self.adapter_cache_mb.or(file.adapter_cache_mb).unwrap_or(512) << 20,
+            redis: match self.redis_url.or(file.redis_url).filter(|u| !u.is_empty()) {
+                None => None,
+                Some(url) => Some(
+                    redis::Client::open(url.as_str())
+                        .map_err(|e| format!("setting redis_url (SWITCHYARD_REDIS_URL) {url:?} is not a Redis URL: {e}"))?,
+                ),
+            },
         };
         settings.check()?;
         Ok(settings)

@@ -17,6 +17,7 @@ pub mod engine;
 pub mod error;
 pub mod metrics;
 pub mod openai;
+pub mod replicas;
 pub mod respond;
 pub mod server;
 pub mod validate;

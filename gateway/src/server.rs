@@ -32,6 +32,8 @@ pub struct AppState {
     pub import_root: Option<std::path::PathBuf>,
     data_dir: std::path::PathBuf,
     adapter_cache_bytes: usize,
+    /// Set once Redis is reachable, when one is configured.
+    announcer: OnceLock<crate::replicas::Announcer>,
     admission: Arc<Semaphore>,
     draining: AtomicBool,
     pub limits: RequestLimits,
@@ -49,6 +51,7 @@ impl AppState {
             import_root: settings.import_root.clone(),
             data_dir: settings.data_dir.clone(),
             adapter_cache_bytes: settings.adapter_cache_bytes,
+            announcer: OnceLock::new(),
             admission: Arc::new(Semaphore::new(settings.max_concurrent)),
             draining: AtomicBool::new(false),
             limits: RequestLimits { max_tokens: settings.max_tokens, max_messages: settings.max_messages },
@@ -69,6 +72,35 @@ impl AppState {
         }
         let _ = self.engine.set(engine);
         Ok(())
+    }
+
+    /// Tells the other replicas that `adapter` changed (nothing to do without Redis).
+    pub async fn announce(&self, adapter: &str) {
+        if let Some(a) = self.announcer.get() {
+            a.announce(adapter).await;
+        }
+    }
+
+    /// With Redis: follow other replicas' changes, and connect the announcer (retrying in the
+    /// background while Redis is unreachable).
+    fn share_registry(self: &Arc<Self>, client: redis::Client) {
+        let Some(registry) = self.registry() else { return };
+        crate::replicas::follow(client.clone(), registry);
+        let state = self.clone();
+        tokio::spawn(async move {
+            let mut backoff = std::time::Duration::from_millis(100);
+            loop {
+                match crate::replicas::Announcer::connect(&client).await {
+                    Ok(a) => {
+                        let _ = state.announcer.set(a);
+                        return;
+                    }
+                    Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "Redis unreachable for registry announcements"),
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+            }
+        });
     }
 
     pub fn registry(&self) -> Option<Arc<adapters::Registry>> {
@@ -341,6 +373,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                     eprintln!("error: the adapter registry cannot be opened: {e}");
                     handle.stop(false).await;
                     std::process::exit(1);
+                }
+                if let Some(client) = settings.redis.clone() {
+                    loader_state.clone().into_inner().share_registry(client);
                 }
                 println!("switchyard ready");
             }

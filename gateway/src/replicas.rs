@@ -1,0 +1,73 @@
+//! Registry changes shared across gateway replicas through Redis pub/sub.
+//!
+//! Every replica shares the registry directory; after a change one replica publishes the
+//! adapter's name and every replica (itself included) reloads its snapshot from disk. On every
+//! (re)subscription a replica reloads too, so one that missed messages while disconnected
+//! catches up as soon as it is back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use redis::AsyncCommands;
+
+const CHANNEL: &str = "switchyard:registry";
+
+/// Publishes registry changes; cheap to clone.
+#[derive(Clone)]
+pub struct Announcer {
+    conn: redis::aio::ConnectionManager,
+}
+
+impl Announcer {
+    pub async fn connect(client: &redis::Client) -> redis::RedisResult<Self> {
+        Ok(Self { conn: redis::aio::ConnectionManager::new(client.clone()).await? })
+    }
+
+    /// Tells every replica that `adapter` changed. A failure is logged, not returned: the change
+    /// is already on disk, and replicas reload on their next reconnect.
+    pub async fn announce(&self, adapter: &str) {
+        let mut conn = self.conn.clone();
+        if let Err(e) = conn.publish::<_, _, ()>(CHANNEL, adapter).await {
+            tracing::warn!(error = %e, adapter, "could not publish a registry change; replicas catch up on reconnect");
+        }
+    }
+}
+
+/// Reloads `registry` whenever any replica announces a change, for as long as the process runs.
+pub fn follow(client: redis::Client, registry: Arc<adapters::Registry>) {
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match listen(&client, &registry).await {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "registry subscription lost"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    });
+}
+
+async fn listen(client: &redis::Client, registry: &Arc<adapters::Registry>) -> redis::RedisResult<()> {
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(CHANNEL).await?;
+    // Subscribed: whatever happened while we were away is on disk.
+    reload(registry).await;
+    let mut messages = pubsub.on_message();
+    while let Some(msg) = messages.next().await {
+        let adapter: String = msg.get_payload().unwrap_or_default();
+        tracing::debug!(adapter, "registry change announced");
+        reload(registry).await;
+    }
+    Ok(())
+}
+
+async fn reload(registry: &Arc<adapters::Registry>) {
+    let registry = registry.clone();
+    match tokio::task::spawn_blocking(move || registry.reload()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "registry reload failed; keeping the previous snapshot"),
+        Err(e) => tracing::error!(error = %e, "registry reload task failed"),
+    }
+}
