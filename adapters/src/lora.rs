@@ -50,12 +50,30 @@ pub struct LoraPair {
     pub a: Tensor,
     pub b: Tensor,
     pub scale: f64,
+    /// For frozen (served) pairs: Aᵀ `[in, r]` and scale·Bᵀ `[r, out]`, laid out once so a
+    /// forward pass is two plain matmuls. Trained pairs leave it empty: their A and B change.
+    frozen: Option<(Tensor, Tensor)>,
 }
 
 impl LoraPair {
+    /// A pair whose A and B may still change (training).
+    pub fn new(a: Tensor, b: Tensor, scale: f64) -> Self {
+        Self { a, b, scale, frozen: None }
+    }
+
+    /// A pair that will only be served: its transposed, scaled form is computed once here.
+    pub fn frozen(a: Tensor, b: Tensor, scale: f64) -> candle_core::Result<Self> {
+        let at = a.t()?.contiguous()?;
+        let bt = (b.t()?.contiguous()? * scale)?;
+        Ok(Self { a, b, scale, frozen: Some((at, bt)) })
+    }
+
     /// `scale · (x Aᵀ) Bᵀ` for `x` of shape `[.., in]`.
     pub fn delta(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.broadcast_matmul(&self.a.t()?)?.broadcast_matmul(&self.b.t()?)? * self.scale
+        match &self.frozen {
+            Some((at, bt)) => x.broadcast_matmul(at)?.broadcast_matmul(bt),
+            None => x.broadcast_matmul(&self.a.t()?)?.broadcast_matmul(&self.b.t()?)? * self.scale,
+        }
     }
 
     /// `scale · B A`, the dense `[out, in]` change this pair makes to the base weight.
@@ -175,7 +193,9 @@ impl AdapterWeights {
             let b = b_parts
                 .remove(&(layer, module))
                 .ok_or_else(|| AdapterError::invalid(format!("layer {layer} {} has lora_A without lora_B", module.name())))?;
-            pairs.push((layer, module, LoraPair { a, b, scale }));
+            let pair = LoraPair::frozen(a, b, scale)
+                .map_err(|e| AdapterError::invalid(format!("layer {layer} {}: {e}", module.name())))?;
+            pairs.push((layer, module, pair));
         }
         Ok(Self::from_pairs(shape.num_layers, pairs))
     }
@@ -192,10 +212,14 @@ mod tests {
     #[test]
     fn delta_equals_merged_weight() {
         let w = t(&[1., 2., 3., 4., 5., 6.], (2, 3));
-        let pair = LoraPair { a: t(&[0.5, -1., 2.], (1, 3)), b: t(&[1., -2.], (2, 1)), scale: 2.0 };
+        let pair = LoraPair::new(t(&[0.5, -1., 2.], (1, 3)), t(&[1., -2.], (2, 1)), 2.0);
+        let frozen = LoraPair::frozen(pair.a.clone(), pair.b.clone(), pair.scale).unwrap();
         let layer = LoraLinear::new(LoraModule::QProj, BaseWeight::Dense(w.clone()));
         let x = t(&[1., 0., -1., 2., 1., 0.], (2, 3));
         let via_lora = layer.forward(&x, Some(&pair)).unwrap();
+        let via_frozen = layer.forward(&x, Some(&frozen)).unwrap();
+        let same = (&via_lora - via_frozen).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(same < 1e-6, "frozen form differs by {same}");
         let merged = (w + pair.merged_delta().unwrap()).unwrap();
         let via_merge = x.matmul(&merged.t().unwrap()).unwrap();
         let diff = (via_lora - via_merge).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -205,8 +229,8 @@ mod tests {
     #[test]
     fn rows_get_their_own_adapter() {
         let w = t(&[1., 0., 0., 1.], (2, 2));
-        let p1 = LoraPair { a: t(&[1., 0.], (1, 2)), b: t(&[1., 0.], (2, 1)), scale: 1.0 };
-        let p2 = LoraPair { a: t(&[0., 1.], (1, 2)), b: t(&[0., 3.], (2, 1)), scale: 1.0 };
+        let p1 = LoraPair::new(t(&[1., 0.], (1, 2)), t(&[1., 0.], (2, 1)), 1.0);
+        let p2 = LoraPair::frozen(t(&[0., 1.], (1, 2)), t(&[0., 3.], (2, 1)), 1.0).unwrap();
         let layer = LoraLinear::new(LoraModule::VProj, BaseWeight::Dense(w));
         let x = t(&[1., 1., 1., 1., 1., 1.], (3, 2));
         let groups = [

@@ -10,9 +10,11 @@ use adapters::BaseModelShape;
 use parking_lot::Mutex;
 
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 
 pub struct AdapterCache {
     budget: usize,
+    metrics: Arc<Metrics>,
     shape: BaseModelShape,
     inner: Mutex<Inner>,
 }
@@ -25,8 +27,8 @@ struct Inner {
 }
 
 impl AdapterCache {
-    pub fn new(budget: usize, shape: BaseModelShape) -> Self {
-        Self { budget, shape, inner: Mutex::new(Inner::default()) }
+    pub fn new(budget: usize, shape: BaseModelShape, metrics: Arc<Metrics>) -> Self {
+        Self { budget, metrics, shape, inner: Mutex::new(Inner::default()) }
     }
 
     /// The loaded weights of `name@version`, reading `dir` on a miss.
@@ -38,15 +40,19 @@ impl AdapterCache {
             let now = inner.clock;
             if let Some((weights, used)) = inner.entries.get_mut(&key) {
                 *used = now;
+                self.metrics.adapter_cache.with_label_values(&["hit"]).inc();
                 return Ok(weights.clone());
             }
         }
+        self.metrics.adapter_cache.with_label_values(&["miss"]).inc();
+        let started = std::time::Instant::now();
         let shape = self.shape.clone();
         let weights = tokio::task::spawn_blocking(move || {
             AdapterWeights::load_peft_dir(&dir, &shape, &candle_core::Device::Cpu)
         })
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
+        self.metrics.adapter_load_seconds.observe(started.elapsed().as_secs_f64());
         let weights = Arc::new(weights);
         let mut inner = self.inner.lock();
         inner.clock += 1;
@@ -62,6 +68,7 @@ impl AdapterCache {
             };
             if let Some((w, _)) = inner.entries.remove(&oldest) {
                 inner.bytes -= w.bytes;
+                self.metrics.adapter_cache.with_label_values(&["eviction"]).inc();
             }
         }
         Ok(weights)

@@ -15,6 +15,9 @@ pub struct Metrics {
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
     pub rejected_concurrency: IntCounterVec,
+    /// Adapter cache events: `hit`, `miss`, `eviction`.
+    pub adapter_cache: IntCounterVec,
+    pub adapter_load_seconds: Histogram,
 }
 
 impl Metrics {
@@ -59,6 +62,16 @@ impl Metrics {
             &["reason"],
         )
         .expect("metric definition is valid");
+        let adapter_cache = IntCounterVec::new(
+            Opts::new("switchyard_adapter_cache_total", "Adapter cache lookups and evictions, by event (hit, miss, eviction)"),
+            &["event"],
+        )
+        .expect("metric definition is valid");
+        let adapter_load_seconds = Histogram::with_opts(
+            HistogramOpts::new("switchyard_adapter_load_seconds", "Time to load an adapter version from disk into memory")
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
+        )
+        .expect("metric definition is valid");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -68,6 +81,8 @@ impl Metrics {
             Box::new(time_to_first_token.clone()),
             Box::new(inter_token_latency.clone()),
             Box::new(rejected_concurrency.clone()),
+            Box::new(adapter_cache.clone()),
+            Box::new(adapter_load_seconds.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -81,6 +96,8 @@ impl Metrics {
             time_to_first_token,
             inter_token_latency,
             rejected_concurrency,
+            adapter_cache,
+            adapter_load_seconds,
         }
     }
 

@@ -68,7 +68,7 @@ impl AppState {
             let mut shape = shape.clone();
             shape.name = self.model_id.clone();
             let registry = adapters::Registry::open(self.data_dir.join("registry"), shape.clone(), adapters::Limits::default())?;
-            let _ = self.registry.set((Arc::new(registry), AdapterCache::new(self.adapter_cache_bytes, shape)));
+            let _ = self.registry.set((Arc::new(registry), AdapterCache::new(self.adapter_cache_bytes, shape, self.metrics.clone())));
         }
         let _ = self.engine.set(engine);
         Ok(())

@@ -176,3 +176,30 @@ async fn answer_body(server: &Server, body: &Value) -> (u16, String) {
     let v: Value = res.json().await.unwrap();
     (status, v["choices"][0]["text"].as_str().unwrap_or_default().to_owned())
 }
+
+/// Loaded versions live under a memory budget; the least recently used one is evicted first.
+#[tokio::test]
+async fn the_adapter_cache_evicts_least_recently_used_versions() {
+    let root = tempfile::tempdir().unwrap();
+    let model = root.path().join("tiny-llama");
+    let shape = adapters::testing::write_tiny_llama(&model, 3).unwrap();
+    let imports = root.path().join("imports");
+    for (i, name) in ["a", "b"].iter().enumerate() {
+        adapters::testing::write_random_adapter(&imports.join(name), &shape, 4, 50 + i as u64, false).unwrap();
+    }
+    // A budget of 0 MiB holds exactly the version in use.
+    let args: Vec<String> = ["--model", &model.display().to_string(), "--data-dir", &root.path().join("data").display().to_string(),
+        "--admin-token", TOKEN, "--import-root", &imports.display().to_string(), "--adapter-cache-mb", "0"]
+        .iter().map(|s| s.to_string()).collect();
+    let server = Server::start_raw(&args);
+    for name in ["a", "b"] {
+        let (status, _) = admin(&server, reqwest::Method::POST, &format!("/admin/adapters/{name}/versions"), Some(json!({"path": name}))).await;
+        assert_eq!(status, 201);
+    }
+    for model in ["a@1", "b@1", "b@1", "a@1"] {
+        assert_eq!(answer(&server, model).await.0, 200);
+    }
+    let page = client().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let count = |event: &str| common::metric(&page, &format!("switchyard_adapter_cache_total{{event=\"{event}\"}}"));
+    assert_eq!((count("miss"), count("hit"), count("eviction")), (Some(3.0), Some(1.0), Some(2.0)), "{page}");
+}

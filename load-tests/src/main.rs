@@ -17,9 +17,9 @@ struct Args {
     /// Base URL of the gateway.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     url: String,
-    /// Model (or adapter) name to request.
-    #[arg(long, default_value = "smollm2-135m-instruct")]
-    model: String,
+    /// Model or adapter names to request; stream i uses the (i mod n)-th.
+    #[arg(long = "model", alias = "models", value_delimiter = ',', default_value = "smollm2-135m-instruct")]
+    models: Vec<String>,
     /// Concurrency levels to run, one after the other.
     #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
     concurrency: Vec<usize>,
@@ -38,6 +38,28 @@ struct Args {
     /// Where to write the JSON report.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Bearer token for the admin API (needed by --flip-adapter and --adapter-timings).
+    #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN")]
+    admin_token: Option<String>,
+    /// During every level, move this adapter's `prod` alias back and forth between
+    /// --flip-versions (a promote, then a rollback, ...) while the streams run.
+    #[arg(long)]
+    flip_adapter: Option<String>,
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    flip_versions: Vec<u64>,
+    /// How many alias moves per level.
+    #[arg(long, default_value_t = 100)]
+    flips: usize,
+    /// Before the levels: time a cold and a warm request to each version of this adapter, and
+    /// how long after a promote the first answer from the promoted version starts.
+    #[arg(long)]
+    adapter_timings: Option<String>,
+    /// Write this many random rank-8 PEFT adapters for SmolLM2-135M (a0, a1, ...) into
+    /// --make-adapters and exit.
+    #[arg(long)]
+    make_adapters: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 8)]
+    adapter_count: usize,
 }
 
 /// What one streamed request measured.
@@ -52,6 +74,8 @@ struct Sample {
 #[derive(Debug, Serialize)]
 struct Level {
     concurrency: usize,
+    alias_moves: usize,
+    alias_move_failures: usize,
     requests: usize,
     failures: usize,
     wall_s: f64,
@@ -66,15 +90,16 @@ struct Level {
 #[derive(Debug, Serialize)]
 struct Report {
     url: String,
-    model: String,
+    models: Vec<String>,
+    adapter_timings: Option<AdapterTimings>,
     max_tokens: usize,
     prompt_tokens: usize,
     levels: Vec<Level>,
 }
 
-async fn one_request(client: &reqwest::Client, args: &Args) -> Result<(Sample, usize)> {
+async fn one_request(client: &reqwest::Client, args: &Args, model: &str) -> Result<(Sample, usize)> {
     let body = json!({
-        "model": args.model,
+        "model": model,
         "messages": [{"role": "user", "content": args.prompt}],
         "max_tokens": args.max_tokens,
         "temperature": 0,
@@ -127,6 +152,70 @@ async fn one_request(client: &reqwest::Client, args: &Args) -> Result<(Sample, u
     Ok((Sample { ttft: first - started, gaps, completion_tokens, decode_time: last - first }, prompt_tokens))
 }
 
+#[derive(Debug, Serialize)]
+struct AdapterTimings {
+    adapter: String,
+    cold_ttft_ms: f64,
+    warm_ttft_ms: f64,
+    promote_to_first_token_ms: f64,
+}
+
+fn admin_request(client: &reqwest::Client, args: &Args, method: reqwest::Method, path: &str) -> Result<reqwest::RequestBuilder> {
+    let token = args.admin_token.as_deref().context("this needs --admin-token")?;
+    Ok(client.request(method, format!("{}{path}", args.url)).bearer_auth(token))
+}
+
+/// Moves `prod` of --flip-adapter between --flip-versions until --flips moves or the load ends;
+/// returns (moves, failed moves).
+async fn flip_aliases(client: &reqwest::Client, args: &Args, done: &std::sync::atomic::AtomicBool) -> (usize, usize) {
+    let Some(name) = &args.flip_adapter else { return (0, 0) };
+    let (mut moves, mut failures) = (0, 0);
+    while moves < args.flips && !done.load(std::sync::atomic::Ordering::Relaxed) {
+        let target = args.flip_versions[moves % args.flip_versions.len()];
+        let ok = match admin_request(client, args, reqwest::Method::PUT, &format!("/admin/adapters/{name}/aliases/prod")) {
+            Ok(req) => req.json(&json!({"version": target})).send().await.is_ok_and(|r| r.status().is_success()),
+            Err(_) => false,
+        };
+        moves += 1;
+        if !ok {
+            failures += 1;
+        }
+        // Spread the moves over the load rather than firing them all at its start.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (moves, failures)
+}
+
+/// Cold vs warm time to first token for the adapter's highest version, then promote → first token.
+async fn adapter_timings(client: &reqwest::Client, args: &Args, name: &str) -> Result<AdapterTimings> {
+    let info: Value = admin_request(client, args, reqwest::Method::GET, &format!("/admin/adapters/{name}"))?
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let versions: Vec<u64> = info["versions"].as_array().context("no versions")?.iter().filter_map(|m| m["version"].as_u64()).collect();
+    let newest = *versions.iter().max().context("the adapter has no versions")?;
+    let model = format!("{name}@{newest}");
+    let cold = one_request(client, args, &model).await?.0.ttft;
+    let warm = one_request(client, args, &model).await?.0.ttft;
+    let target = *versions.iter().min().context("no versions")?;
+    let started = Instant::now();
+    admin_request(client, args, reqwest::Method::PUT, &format!("/admin/adapters/{name}/aliases/prod"))?
+        .json(&json!({"version": target}))
+        .send()
+        .await?
+        .error_for_status()?;
+    let promoted = started.elapsed();
+    let promote_to_first = promoted + one_request(client, args, name).await?.0.ttft;
+    Ok(AdapterTimings {
+        adapter: name.to_owned(),
+        cold_ttft_ms: cold.as_secs_f64() * 1e3,
+        warm_ttft_ms: warm.as_secs_f64() * 1e3,
+        promote_to_first_token_ms: promote_to_first.as_secs_f64() * 1e3,
+    })
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -137,14 +226,22 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 async fn run_level(client: &reqwest::Client, args: &Args, concurrency: usize) -> (Level, usize) {
     let started = Instant::now();
-    let streams = (0..concurrency).map(|_| async {
+    let streams = (0..concurrency).map(|i| async move {
+        let model = &args.models[i % args.models.len()];
         let mut out = Vec::new();
         for _ in 0..args.requests_per_stream {
-            out.push(one_request(client, args).await);
+            out.push(one_request(client, args, model).await);
         }
         out
     });
-    let results: Vec<_> = futures::future::join_all(streams).await.into_iter().flatten().collect();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let load = async {
+        let r = futures::future::join_all(streams).await;
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    };
+    let (results, flips) = futures::join!(load, flip_aliases(client, args, &done));
+    let results: Vec<_> = results.into_iter().flatten().collect();
     let wall = started.elapsed();
     let mut failures = 0;
     let mut samples = Vec::new();
@@ -173,6 +270,8 @@ async fn run_level(client: &reqwest::Client, args: &Args, concurrency: usize) ->
         .collect();
     let level = Level {
         concurrency,
+        alias_moves: flips.0,
+        alias_move_failures: flips.1,
         requests: samples.len() + failures,
         failures,
         wall_s: wall.as_secs_f64(),
@@ -188,16 +287,22 @@ async fn run_level(client: &reqwest::Client, args: &Args, concurrency: usize) ->
 
 fn markdown(r: &Report) -> String {
     let mut s = format!(
-        "Model `{}` at {}, {} generated tokens per request (EOS ignored), {}-token prompt.\n\n",
-        r.model, r.url, r.max_tokens, r.prompt_tokens
+        "Models `{}` at {}, {} generated tokens per request (EOS ignored), {}-token prompt.\n\n",
+        r.models.join(","), r.url, r.max_tokens, r.prompt_tokens
     );
-    s.push_str("| streams | requests | failed | aggregate tok/s | per-stream decode tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |\n");
-    s.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    if let Some(t) = &r.adapter_timings {
+        s.push_str(&format!(
+            "Adapter `{}`: first request to a version not yet in memory {:.0} ms to first token, the same request warm {:.0} ms; promote → first token of the promoted version {:.0} ms.\n\n",
+            t.adapter, t.cold_ttft_ms, t.warm_ttft_ms, t.promote_to_first_token_ms
+        ));
+    }
+    s.push_str("| streams | requests | failed | alias moves (failed) | aggregate tok/s | per-stream decode tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |\n");
+    s.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for l in &r.levels {
         s.push_str(&format!(
-            "| {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} |\n",
-            l.concurrency, l.requests, l.failures, l.aggregate_tok_s, l.per_stream_decode_tok_s_mean,
-            l.ttft_ms_p50, l.ttft_ms_p99, l.itl_ms_p50, l.itl_ms_p99
+            "| {} | {} | {} | {} ({}) | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} |\n",
+            l.concurrency, l.requests, l.failures, l.alias_moves, l.alias_move_failures, l.aggregate_tok_s,
+            l.per_stream_decode_tok_s_mean, l.ttft_ms_p50, l.ttft_ms_p99, l.itl_ms_p50, l.itl_ms_p99
         ));
     }
     s
@@ -206,13 +311,28 @@ fn markdown(r: &Report) -> String {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(dir) = &args.make_adapters {
+        let shape = adapters::BaseModelShape::smollm2_135m();
+        for i in 0..args.adapter_count {
+            let path = dir.join(format!("a{i}"));
+            adapters::testing::write_random_adapter(&path, &shape, 8, 1000 + i as u64, false)?;
+            println!("{}", path.display());
+        }
+        return Ok(());
+    }
     let client = reqwest::Client::builder().timeout(Duration::from_secs(1800)).build()?;
     let ready = client.get(format!("{}/ready", args.url)).send().await.context("gateway unreachable")?;
     if !ready.status().is_success() {
         bail!("gateway at {} is not ready ({})", args.url, ready.status());
     }
-    // One untimed request warms caches and the allocator.
-    one_request(&client, &args).await.context("warm-up request failed")?;
+    let adapter_timings = match &args.adapter_timings {
+        Some(name) => Some(adapter_timings(&client, &args, name).await?),
+        None => None,
+    };
+    // One untimed request per model warms caches and the allocator.
+    for model in &args.models {
+        one_request(&client, &args, model).await.with_context(|| format!("warm-up request to {model} failed"))?;
+    }
     let mut levels = Vec::new();
     let mut prompt_tokens = 0;
     for &c in &args.concurrency {
@@ -221,7 +341,7 @@ async fn main() -> Result<()> {
         prompt_tokens = p;
         levels.push(level);
     }
-    let report = Report { url: args.url.clone(), model: args.model.clone(), max_tokens: args.max_tokens, prompt_tokens, levels };
+    let report = Report { url: args.url.clone(), models: args.models.clone(), adapter_timings, max_tokens: args.max_tokens, prompt_tokens, levels };
     let md = markdown(&report);
     println!("{md}");
     if let Some(path) = &args.out {
@@ -230,8 +350,8 @@ async fn main() -> Result<()> {
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
     }
-    if report.levels.iter().any(|l| l.failures > 0) {
-        bail!("some requests failed");
+    if report.levels.iter().any(|l| l.failures > 0 || l.alias_move_failures > 0) {
+        bail!("some requests or alias moves failed");
     }
     Ok(())
 }
