@@ -101,6 +101,15 @@ async fn versions_aliases_promote_rollback_and_restart() {
     assert_eq!(res.status(), 400);
     let err: Value = res.json().await.unwrap();
     assert_eq!(err["error"]["code"], "invalid_adapter");
+    // An adapter made for another base (different hidden size) is refused the same way.
+    let mut other = shape.clone();
+    other.hidden_size = 48;
+    other.name = "other-llama".into();
+    adapters::testing::write_random_adapter(&root.path().join("other"), &other, 4, 99, false).unwrap();
+    let res = upload(&server, "bot", &root.path().join("other")).await;
+    assert_eq!(res.status(), 400);
+    let err: Value = res.json().await.unwrap();
+    assert!(matches!(err["error"]["code"].as_str(), Some("invalid_adapter" | "base_mismatch")), "{err}");
     let (_, escape) = admin(&server, reqwest::Method::POST, "/admin/adapters/bot/versions", Some(json!({"path": "../data"}))).await;
     assert_eq!(escape["error"]["code"], "path_escape", "{escape}");
     let (_, listing) = admin(&server, reqwest::Method::GET, "/admin/adapters/bot", None).await;

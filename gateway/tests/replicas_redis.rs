@@ -76,3 +76,75 @@ async fn a_promote_on_one_replica_is_served_by_the_other() {
     eprintln!("promote on A served by B after {took:?}");
     assert_eq!(completion(&a, "bot").await.1, v2);
 }
+
+/// A Redis server of this test's own, so stopping it disturbs nobody else.
+struct PrivateRedis {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl PrivateRedis {
+    fn start(port: u16) -> Self {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start on {port}");
+            std::thread::yield_now();
+        }
+        Self { port, child }
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[tokio::test]
+async fn a_replica_that_missed_a_change_catches_up_when_redis_returns() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut redis = PrivateRedis::start(port);
+    let url = format!("redis://127.0.0.1:{}", redis.port);
+    let root = tempfile::tempdir().unwrap();
+    let model = root.path().join("tiny-llama");
+    let shape = adapters::testing::write_tiny_llama(&model, 6).unwrap();
+    let imports = root.path().join("imports");
+    adapters::testing::write_random_adapter(&imports.join("v1"), &shape, 4, 41, false).unwrap();
+    adapters::testing::write_random_adapter(&imports.join("v2"), &shape, 4, 42, false).unwrap();
+    let data = root.path().join("data");
+    let start = || {
+        let args: Vec<String> = ["--model", &model.display().to_string(), "--data-dir", &data.display().to_string(),
+            "--admin-token", TOKEN, "--import-root", &imports.display().to_string(), "--redis-url", &url]
+            .iter().map(|s| s.to_string()).collect();
+        Server::start_raw(&args)
+    };
+    let (a, b) = (start(), start());
+    for v in ["v1", "v2"] {
+        assert_eq!(admin(&a, reqwest::Method::POST, "/admin/adapters/bot/versions", json!({"path": v})).await, 201);
+    }
+    assert_eq!(admin(&a, reqwest::Method::PUT, "/admin/adapters/bot/aliases/prod", json!({"version": 1})).await, 200);
+    let (_, v1) = completion(&a, "bot@1").await;
+    let (_, v2) = completion(&a, "bot@2").await;
+    until_served(&b, "bot", &v1).await;
+
+    // Redis goes away; the promote lands on disk but nobody hears of it.
+    redis.stop();
+    assert_eq!(admin(&a, reqwest::Method::PUT, "/admin/adapters/bot/aliases/prod", json!({"version": 2})).await, 200);
+    assert_eq!(completion(&a, "bot").await.1, v2);
+    assert_eq!(completion(&b, "bot").await, (200, v1.clone()), "B keeps serving while Redis is down");
+
+    // Redis is back: B resubscribes, reloads, and serves the promoted version.
+    let _redis = PrivateRedis::start(port);
+    let took = until_served(&b, "bot", &v2).await;
+    eprintln!("B caught up {took:?} after Redis returned");
+}
