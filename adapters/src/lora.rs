@@ -50,9 +50,50 @@ pub struct LoraPair {
     pub a: Tensor,
     pub b: Tensor,
     pub scale: f64,
-    /// For frozen (served) pairs: Aᵀ `[in, r]` and scale·Bᵀ `[r, out]`, laid out once so a
-    /// forward pass is two plain matmuls. Trained pairs leave it empty: their A and B change.
-    frozen: Option<(Tensor, Tensor)>,
+    /// For frozen (served) pairs: Aᵀ and scale·Bᵀ laid out once. Trained pairs leave it empty:
+    /// their A and B change.
+    frozen: Option<Frozen>,
+}
+
+/// Aᵀ `[in, r]` and scale·Bᵀ `[r, out]`, as tensors (for large batches) and as plain row-major
+/// vectors (for a few rows, where two tiny gemm calls cost more in dispatch than in arithmetic).
+#[derive(Debug, Clone)]
+struct Frozen {
+    at: Tensor,
+    bt: Tensor,
+    at_v: Vec<f32>,
+    bt_v: Vec<f32>,
+    rank: usize,
+    out: usize,
+}
+
+/// Up to this many rows, the delta is computed with plain loops rather than candle matmuls.
+const SMALL_ROWS: usize = 4;
+
+impl Frozen {
+    /// `x` `[rows, in]` (contiguous f32) → `[rows, out]`.
+    fn small_delta(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (rows, inp) = x.dims2()?;
+        let xv = x.flatten_all()?.to_vec1::<f32>()?;
+        let (r, out) = (self.rank, self.out);
+        let mut result = vec![0f32; rows * out];
+        let mut t = vec![0f32; r];
+        for row in 0..rows {
+            t.iter_mut().for_each(|v| *v = 0.0);
+            for (i, &xi) in xv[row * inp..(row + 1) * inp].iter().enumerate() {
+                for (tj, &a) in t.iter_mut().zip(&self.at_v[i * r..(i + 1) * r]) {
+                    *tj += xi * a;
+                }
+            }
+            let dst = &mut result[row * out..(row + 1) * out];
+            for (j, &tj) in t.iter().enumerate() {
+                for (d, &b) in dst.iter_mut().zip(&self.bt_v[j * out..(j + 1) * out]) {
+                    *d += tj * b;
+                }
+            }
+        }
+        Tensor::from_vec(result, (rows, out), x.device())
+    }
 }
 
 impl LoraPair {
@@ -65,13 +106,17 @@ impl LoraPair {
     pub fn frozen(a: Tensor, b: Tensor, scale: f64) -> candle_core::Result<Self> {
         let at = a.t()?.contiguous()?;
         let bt = (b.t()?.contiguous()? * scale)?;
-        Ok(Self { a, b, scale, frozen: Some((at, bt)) })
+        let (rank, out) = bt.dims2()?;
+        let at_v = at.flatten_all()?.to_vec1::<f32>()?;
+        let bt_v = bt.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Self { a, b, scale, frozen: Some(Frozen { at, bt, at_v, bt_v, rank, out }) })
     }
 
     /// `scale · (x Aᵀ) Bᵀ` for `x` of shape `[.., in]`.
     pub fn delta(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.frozen {
-            Some((at, bt)) => x.broadcast_matmul(at)?.broadcast_matmul(bt),
+            Some(f) if x.rank() == 2 && x.dim(0)? <= SMALL_ROWS && x.dtype() == DType::F32 => f.small_delta(x),
+            Some(f) => x.broadcast_matmul(&f.at)?.broadcast_matmul(&f.bt),
             None => x.broadcast_matmul(&self.a.t()?)?.broadcast_matmul(&self.b.t()?)? * self.scale,
         }
     }
