@@ -15,7 +15,7 @@ work=$(mktemp -d)
 trap 'kill $server 2>/dev/null || true; rm -rf "$work"' EXIT
 
 "$bin/switchyard-load" --make-adapters "$work/imports" --adapter-count 8 >/dev/null
-"$bin/switchyard" serve --port "$port" --model "$model" --max-concurrent 64 \
+"$bin/switchyard" serve --port "$port" --model "$model" --max-concurrent 64 --auth off \
   --data-dir "$work/data" --import-root "$work/imports" >"$work/stdout" 2>"$work/stderr" &
 server=$!
 for _ in $(seq 120); do grep -q '^switchyard ready' "$work/stdout" 2>/dev/null && break; sleep 0.5; done

@@ -19,6 +19,59 @@ pub struct Cli {
 pub enum Command {
     /// Load the model and serve the HTTP API.
     Serve(ServeArgs),
+    /// Sign an HS256 token for development and tests.
+    MintToken(MintArgs),
+    /// Print the SHA-256 of an API key, as the API key file stores it.
+    HashApiKey {
+        /// The key to hash.
+        key: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct MintArgs {
+    /// The shared secret the gateway verifies with.
+    #[arg(long, env = "SWITCHYARD_JWT_HS256_SECRET", hide_env_values = true)]
+    pub secret: String,
+    #[arg(long)]
+    pub sub: String,
+    #[arg(long, default_value = "default")]
+    pub tenant: String,
+    #[arg(long, value_enum, default_value = "user")]
+    pub role: RoleArg,
+    /// Models or adapters the token may use (patterns like `support-*`); all when absent.
+    #[arg(long, value_delimiter = ',')]
+    pub models: Option<Vec<String>>,
+    /// Seconds until the token expires.
+    #[arg(long, default_value_t = 3600)]
+    pub ttl_seconds: u64,
+    #[arg(long, env = "SWITCHYARD_JWT_ISSUER")]
+    pub issuer: Option<String>,
+    #[arg(long, env = "SWITCHYARD_JWT_AUDIENCE")]
+    pub audience: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoleArg {
+    User,
+    Admin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+pub enum JwksAlgorithm {
+    #[serde(rename = "RS256")]
+    #[value(name = "RS256")]
+    Rs256,
+    #[serde(rename = "ES256")]
+    #[value(name = "ES256")]
+    Es256,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -91,6 +144,33 @@ pub struct ServeArgs {
     /// Memory budget for loaded adapter versions, in MiB [default: 512].
     #[arg(long, env = "SWITCHYARD_ADAPTER_CACHE_MB")]
     pub adapter_cache_mb: Option<usize>,
+    /// Authentication: `on` (the default) or `off` (explicitly; start-up warns loudly).
+    #[arg(long, env = "SWITCHYARD_AUTH")]
+    pub auth: Option<AuthMode>,
+    /// HS256 shared secret for bearer JWTs.
+    #[arg(long, env = "SWITCHYARD_JWT_HS256_SECRET", hide_env_values = true)]
+    pub jwt_hs256_secret: Option<String>,
+    /// RS256 public key (PEM) for bearer JWTs.
+    #[arg(long, env = "SWITCHYARD_JWT_RS256_PUBLIC_KEY")]
+    pub jwt_rs256_public_key: Option<PathBuf>,
+    /// ES256 public key (PEM) for bearer JWTs.
+    #[arg(long, env = "SWITCHYARD_JWT_ES256_PUBLIC_KEY")]
+    pub jwt_es256_public_key: Option<PathBuf>,
+    /// JWKS file with the public keys for bearer JWTs (selected by `kid`).
+    #[arg(long, env = "SWITCHYARD_JWT_JWKS_FILE")]
+    pub jwt_jwks_file: Option<PathBuf>,
+    /// The one algorithm the JWKS keys are used with [default: RS256].
+    #[arg(long, env = "SWITCHYARD_JWT_JWKS_ALGORITHM")]
+    pub jwt_jwks_algorithm: Option<JwksAlgorithm>,
+    /// Required `iss` claim.
+    #[arg(long, env = "SWITCHYARD_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim.
+    #[arg(long, env = "SWITCHYARD_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// JSON list of static API keys: `[{"sha256": .., "sub": .., "tenant": .., "role": .., "models": [..]}]`.
+    #[arg(long, env = "SWITCHYARD_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
     /// Redis for sharing state across replicas (e.g. redis://127.0.0.1:6379); none: local only.
     #[arg(long, env = "SWITCHYARD_REDIS_URL")]
     pub redis_url: Option<String>,
@@ -119,6 +199,8 @@ pub struct Settings {
     pub import_root: Option<PathBuf>,
     pub adapter_cache_bytes: usize,
     pub redis: Option<redis::Client>,
+    /// `None`: auth switched off explicitly.
+    pub auth: Option<std::sync::Arc<crate::auth::Authenticator>>,
 }
 
 impl ServeArgs {
@@ -150,6 +232,22 @@ impl ServeArgs {
             admin_token: self.admin_token.or(file.admin_token).filter(|t| !t.is_empty()),
             import_root: self.import_root.or(file.import_root),
             adapter_cache_bytes: self.adapter_cache_mb.or(file.adapter_cache_mb).unwrap_or(512) << 20,
+            auth: match self.auth.or(file.auth).unwrap_or(AuthMode::On) {
+                AuthMode::Off => None,
+                AuthMode::On => Some(std::sync::Arc::new(crate::auth::Authenticator::new(&crate::auth::AuthSettings {
+                    hs256_secret: self.jwt_hs256_secret.or(file.jwt_hs256_secret).filter(|s| !s.is_empty()),
+                    rs256_public_key: self.jwt_rs256_public_key.or(file.jwt_rs256_public_key),
+                    es256_public_key: self.jwt_es256_public_key.or(file.jwt_es256_public_key),
+                    jwks_file: self.jwt_jwks_file.or(file.jwt_jwks_file),
+                    jwks_algorithm: self.jwt_jwks_algorithm.or(file.jwt_jwks_algorithm).map(|a| match a {
+                        JwksAlgorithm::Rs256 => jsonwebtoken::Algorithm::RS256,
+                        JwksAlgorithm::Es256 => jsonwebtoken::Algorithm::ES256,
+                    }),
+                    issuer: self.jwt_issuer.or(file.jwt_issuer),
+                    audience: self.jwt_audience.or(file.jwt_audience),
+                    api_keys_file: self.api_keys_file.or(file.api_keys_file),
+                })?)),
+            },
             redis: match self.redis_url.or(file.redis_url).filter(|u| !u.is_empty()) {
                 None => None,
                 Some(url) => Some(
@@ -221,7 +319,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.toml");
         std::fs::write(&path, "port = 9000\nmax_concurrent = 3\n").unwrap();
-        let args = ServeArgs { config: Some(path), port: Some(9100), ..Default::default() };
+        let args = ServeArgs { config: Some(path), port: Some(9100), auth: Some(AuthMode::Off), ..Default::default() };
         let s = args.into_settings().unwrap();
         assert_eq!((s.port, s.max_concurrent), (9100, 3));
     }
@@ -233,7 +331,7 @@ mod tests {
         std::fs::write(&path, "prot = 9000\n").unwrap();
         let err = ServeArgs { config: Some(path), ..Default::default() }.into_settings().unwrap_err();
         assert!(err.contains("prot"), "{err}");
-        let err = ServeArgs { max_concurrent: Some(0), ..Default::default() }.into_settings().unwrap_err();
+        let err = ServeArgs { max_concurrent: Some(0), auth: Some(AuthMode::Off), ..Default::default() }.into_settings().unwrap_err();
         assert!(err.contains("SWITCHYARD_MAX_CONCURRENT"), "{err}");
     }
 }

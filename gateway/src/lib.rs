@@ -12,6 +12,7 @@
 
 pub mod adapter_cache;
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -18,6 +18,7 @@ pub struct Metrics {
     /// Adapter cache events: `hit`, `miss`, `eviction`.
     pub adapter_cache: IntCounterVec,
     pub adapter_load_seconds: Histogram,
+    pub auth_failures: IntCounterVec,
 }
 
 impl Metrics {
@@ -72,6 +73,11 @@ impl Metrics {
                 .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
         )
         .expect("metric definition is valid");
+        let auth_failures = IntCounterVec::new(
+            Opts::new("switchyard_auth_failures_total", "Requests refused by authentication, by reason"),
+            &["reason"],
+        )
+        .expect("metric definition is valid");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -83,6 +89,7 @@ impl Metrics {
             Box::new(rejected_concurrency.clone()),
             Box::new(adapter_cache.clone()),
             Box::new(adapter_load_seconds.clone()),
+            Box::new(auth_failures.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -98,6 +105,7 @@ impl Metrics {
             rejected_concurrency,
             adapter_cache,
             adapter_load_seconds,
+            auth_failures,
         }
     }
 

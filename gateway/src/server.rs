@@ -14,6 +14,7 @@ use crate::config::{EngineKind, Settings};
 use crate::engine::candle::CandleEngine;
 use crate::engine::mistral::{MistralEngine, ModelSource};
 use crate::adapter_cache::AdapterCache;
+use crate::auth::{Principal, Role};
 use crate::engine::{AdapterHandle, Engine, GenerationRequest, Prompt};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -32,6 +33,8 @@ pub struct AppState {
     pub import_root: Option<std::path::PathBuf>,
     data_dir: std::path::PathBuf,
     adapter_cache_bytes: usize,
+    /// `None`: auth switched off explicitly.
+    auth: Option<Arc<crate::auth::Authenticator>>,
     /// Set once Redis is reachable, when one is configured.
     announcer: OnceLock<crate::replicas::Announcer>,
     admission: Arc<Semaphore>,
@@ -52,6 +55,7 @@ impl AppState {
             data_dir: settings.data_dir.clone(),
             adapter_cache_bytes: settings.adapter_cache_bytes,
             announcer: OnceLock::new(),
+            auth: settings.auth.clone(),
             admission: Arc::new(Semaphore::new(settings.max_concurrent)),
             draining: AtomicBool::new(false),
             limits: RequestLimits { max_tokens: settings.max_tokens, max_messages: settings.max_messages },
@@ -107,8 +111,39 @@ impl AppState {
         self.registry.get().map(|(r, _)| r.clone())
     }
 
-    /// Resolves `model` to the base alone or to one adapter version, once, at admission.
-    async fn resolve(&self, model: &str) -> Result<(Arc<dyn Engine>, Option<AdapterHandle>), ApiError> {
+    /// Who is calling, for every route but the public ones (`None` there). With auth off every
+    /// caller is an anonymous user; the bootstrap admin token is an admin either way.
+    fn authenticate(&self, req: &actix_web::dev::ServiceRequest) -> Result<Option<Principal>, ApiError> {
+        const PUBLIC: [&str; 5] = ["/health", "/ready", "/metrics", "/openapi.json", "/docs"];
+        let path = req.path();
+        if PUBLIC.iter().any(|p| path == *p || path.starts_with(&format!("{p}/"))) {
+            return Ok(None);
+        }
+        let header = req.headers().get(actix_web::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let bearer = header.and_then(|h| h.strip_prefix("Bearer "));
+        if bearer.is_some() && bearer == self.admin_token.as_deref() {
+            return Ok(Some(Principal { sub: "bootstrap-admin".into(), tenant: "system".into(), role: Role::Admin, models: None }));
+        }
+        let Some(auth) = &self.auth else {
+            return Ok(Some(Principal { sub: "anonymous".into(), tenant: "default".into(), role: Role::User, models: None }));
+        };
+        let principal = auth.authenticate(header).map_err(|failure| {
+            self.metrics.auth_failures.with_label_values(&[failure.as_str()]).inc();
+            ApiError::Unauthorized
+        })?;
+        if path.starts_with("/admin") && principal.role != Role::Admin {
+            self.metrics.auth_failures.with_label_values(&["not_admin"]).inc();
+            return Err(ApiError::Forbidden { message: "this route needs an admin token".into() });
+        }
+        Ok(Some(principal))
+    }
+
+    /// Resolves `model` to the base alone or to one adapter version, once, at admission. A
+    /// model outside the caller's list is "not found", as if it did not exist.
+    async fn resolve(&self, model: &str, caller: &Principal) -> Result<(Arc<dyn Engine>, Option<AdapterHandle>), ApiError> {
+        if !caller.may_use(model) {
+            return Err(ApiError::ModelNotFound { model: model.to_owned() });
+        }
         let engine = self.engine.get().cloned().ok_or(ApiError::NotReady)?;
         if model == self.model_id {
             return Ok((engine, None));
@@ -124,16 +159,16 @@ impl AppState {
         self.engine.get().is_some() && !self.draining.load(Ordering::Relaxed)
     }
 
-    fn engine_for(&self, model: &str) -> Result<Arc<dyn Engine>, ApiError> {
-        if model != self.model_id {
+    fn engine_for(&self, model: &str, caller: &Principal) -> Result<Arc<dyn Engine>, ApiError> {
+        if model != self.model_id || !caller.may_use(model) {
             return Err(ApiError::ModelNotFound { model: model.to_owned() });
         }
         self.engine.get().cloned().ok_or(ApiError::NotReady)
     }
 
     /// Takes a concurrency slot (or answers 429) and starts the generation.
-    async fn admit(&self, model: &str, mut request: GenerationRequest) -> Result<Running, ApiError> {
-        let (engine, adapter) = self.resolve(model).await?;
+    async fn admit(&self, model: &str, caller: &Principal, mut request: GenerationRequest) -> Result<Running, ApiError> {
+        let (engine, adapter) = self.resolve(model, caller).await?;
         request.adapter = adapter;
         let permit = self.admission.clone().try_acquire_owned().map_err(|_| {
             self.metrics.rejected_concurrency.with_label_values(&["concurrency"]).inc();
@@ -194,7 +229,7 @@ async fn chat_completions(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let wire: ChatCompletionRequest = read_json(&req, payload, state.body_limit).await?;
-    answer(&state, Kind::Chat, validate::chat(wire, state.limits)?).await
+    answer(&state, &caller(&req), Kind::Chat, validate::chat(wire, state.limits)?).await
 }
 
 async fn completions(
@@ -203,11 +238,22 @@ async fn completions(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let wire: CompletionRequest = read_json(&req, payload, state.body_limit).await?;
-    answer(&state, Kind::Text, validate::completion(wire, state.limits)?).await
+    answer(&state, &caller(&req), Kind::Text, validate::completion(wire, state.limits)?).await
 }
 
-async fn answer(state: &AppState, kind: Kind, v: Validated) -> Result<HttpResponse, ApiError> {
-    let running = state.admit(&v.model, v.generation).await?;
+/// The caller the auth middleware put on the request.
+fn caller(req: &HttpRequest) -> Principal {
+    use actix_web::HttpMessage;
+    req.extensions().get::<Principal>().cloned().unwrap_or(Principal {
+        sub: "anonymous".into(),
+        tenant: "default".into(),
+        role: Role::User,
+        models: Some(Vec::new()),
+    })
+}
+
+async fn answer(state: &AppState, caller: &Principal, kind: Kind, v: Validated) -> Result<HttpResponse, ApiError> {
+    let running = state.admit(&v.model, caller, v.generation).await?;
     let envelope = Envelope::new(kind, v.model);
     if v.stream {
         Ok(respond::streamed(envelope, running, v.include_usage))
@@ -216,7 +262,8 @@ async fn answer(state: &AppState, kind: Kind, v: Validated) -> Result<HttpRespon
     }
 }
 
-async fn list_models(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+async fn list_models(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let caller = caller(&req);
     let mut data = Vec::new();
     if let Some(engine) = state.engine.get() {
         let info = engine.info();
@@ -246,6 +293,7 @@ async fn list_models(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
             }
         }
     }
+    data.retain(|card| caller.may_use(&card.id));
     Ok(HttpResponse::Ok().json(ModelList { object: "list".into(), data }))
 }
 
@@ -255,7 +303,7 @@ async fn tokenize(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let wire: TokenizeRequest = read_json(&req, payload, state.body_limit).await?;
-    let engine = state.engine_for(&wire.model)?;
+    let engine = state.engine_for(&wire.model, &caller(&req))?;
     let prompt = match (wire.prompt, wire.messages) {
         (Some(p), None) => Prompt::Text(p),
         (None, Some(messages)) => {
@@ -318,6 +366,26 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let server = HttpServer::new(move || {
         App::new()
             .app_data(app_state.clone())
+            // Authentication runs inside the request metrics, so refusals are counted too.
+            .wrap_fn(|req, srv| {
+                use actix_web::HttpMessage;
+                let decision = match req.app_data::<web::Data<AppState>>() {
+                    Some(state) => state.authenticate(&req),
+                    None => Err(ApiError::Internal("application state missing".into())),
+                };
+                match decision {
+                    Ok(principal) => {
+                        if let Some(p) = principal {
+                            req.extensions_mut().insert(p);
+                        }
+                        futures::future::Either::Left(srv.call(req))
+                    }
+                    Err(e) => {
+                        let response = actix_web::ResponseError::error_response(&e);
+                        futures::future::Either::Right(futures::future::ready(Ok(req.into_response(response))))
+                    }
+                }
+            })
             .wrap_fn(|req, srv| {
                 let route = req.match_pattern().unwrap_or_else(|| "unmatched".to_owned());
                 let started = Instant::now();

@@ -274,7 +274,7 @@ async fn models_health_and_ready(engine: &str) {
 #[test]
 fn a_missing_model_stops_start_up_naming_the_path() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["serve", "--port", "0", "--model", "/nonexistent/dir/model.gguf"])
+        .args(["serve", "--port", "0", "--auth", "off", "--model", "/nonexistent/dir/model.gguf"])
         .output()
         .expect("run switchyard");
     assert!(!out.status.success());

@@ -33,13 +33,18 @@ impl Server {
         Self::start_raw(&all)
     }
 
+    /// Starts the gateway with exactly `args` (plus `--auth off` unless they say otherwise).
     pub fn start_raw(args: &[String]) -> Server {
+        let mut args = args.to_vec();
+        if !args.iter().any(|a| a == "--auth") {
+            args.extend(["--auth".to_owned(), "off".to_owned()]);
+        }
         let dir = tempfile::tempdir().expect("temp dir");
         let log = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .arg("serve")
             .args(["--host", "127.0.0.1", "--port", "0"])
-            .args(args)
+            .args(&args)
             .env_remove("SWITCHYARD_MODEL")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
