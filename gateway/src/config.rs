@@ -174,6 +174,10 @@ pub struct ServeArgs {
     /// Redis for sharing state across replicas (e.g. redis://127.0.0.1:6379); none: local only.
     #[arg(long, env = "SWITCHYARD_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// Seconds that in-flight requests and streams get to finish after SIGTERM/SIGINT
+    /// [default: 30].
+    #[arg(long, env = "SWITCHYARD_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: Option<u64>,
     /// HTTP worker threads [default: 2].
     #[arg(long, env = "SWITCHYARD_HTTP_WORKERS")]
     pub http_workers: Option<usize>,
@@ -199,6 +203,7 @@ pub struct Settings {
     pub import_root: Option<PathBuf>,
     pub adapter_cache_bytes: usize,
     pub redis: Option<redis::Client>,
+    pub shutdown_timeout: u64,
     /// `None`: auth switched off explicitly.
     pub auth: Option<std::sync::Arc<crate::auth::Authenticator>>,
 }
@@ -232,6 +237,7 @@ impl ServeArgs {
             admin_token: self.admin_token.or(file.admin_token).filter(|t| !t.is_empty()),
             import_root: self.import_root.or(file.import_root),
             adapter_cache_bytes: self.adapter_cache_mb.or(file.adapter_cache_mb).unwrap_or(512) << 20,
+            shutdown_timeout: self.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(30),
             auth: match self.auth.or(file.auth).unwrap_or(AuthMode::On) {
                 AuthMode::Off => None,
                 AuthMode::On => Some(std::sync::Arc::new(crate::auth::Authenticator::new(&crate::auth::AuthSettings {

@@ -357,6 +357,30 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(metrics));
 }
 
+/// The request's id: a sane `x-request-id` from the client, or a new one.
+fn request_id(req: &actix_web::dev::ServiceRequest) -> String {
+    req.headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_owned)
+}
+
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 /// Binds, prints the address, loads the model, prints `ready`, and serves until stopped.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // Check the model path before binding, so a typo fails fast with the path in the message.
@@ -387,25 +411,36 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 }
             })
             .wrap_fn(|req, srv| {
+                use tracing::Instrument;
                 let route = req.match_pattern().unwrap_or_else(|| "unmatched".to_owned());
                 let started = Instant::now();
                 let metrics = req.app_data::<web::Data<AppState>>().map(|s| s.metrics.clone());
-                let fut = srv.call(req);
+                let request_id = request_id(&req);
+                let span = tracing::info_span!("request", request_id = %request_id, method = %req.method(), path = %req.path());
+                let fut = span.in_scope(|| srv.call(req));
                 async move {
-                    let res = fut.await?;
+                    let mut res = fut.await?;
+                    let status = res.status().as_u16();
                     if let Some(m) = metrics {
-                        let status = res.status().as_u16().to_string();
-                        m.requests.with_label_values(&[&route, &status]).inc();
+                        m.requests.with_label_values(&[&route, &status.to_string()]).inc();
                         m.request_duration.with_label_values(&[&route]).observe(started.elapsed().as_secs_f64());
                     }
+                    if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&request_id) {
+                        res.headers_mut().insert(actix_web::http::header::HeaderName::from_static("x-request-id"), v);
+                    }
+                    tracing::info!(status, ms = started.elapsed().as_millis() as u64, "answered");
                     Ok(res)
                 }
+                .instrument(span)
             })
             .configure(routes)
             .configure(crate::admin::routes)
             .default_service(web::to(not_found))
     })
     .workers(settings.http_workers)
+    .shutdown_timeout(settings.shutdown_timeout)
+    // Signals are ours: `/ready` must turn false the moment draining starts.
+    .disable_signals()
     .bind((settings.host.as_str(), settings.port))
     .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", settings.host, settings.port))?;
     for addr in server.addrs() {
@@ -413,6 +448,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     let server = server.run();
     let handle = server.handle();
+    let drain_state = state.clone();
+    let drain_handle = handle.clone();
+    tokio::spawn(async move {
+        wait_for_stop_signal().await;
+        drain_state.draining.store(true, Ordering::Relaxed);
+        tracing::info!("stop signal: draining in-flight requests, then exiting");
+        drain_handle.stop(true).await;
+    });
 
     let loader_state = state.clone();
     tokio::spawn(async move {
