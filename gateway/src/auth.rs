@@ -28,6 +28,13 @@ pub struct Claims {
     /// Patterns like `support-*`; absent means every model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub models: Option<Vec<String>>,
+    /// Per-token overrides of the default limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_streams: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exp: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -45,6 +52,16 @@ pub struct Principal {
     pub tenant: String,
     pub role: Role,
     pub models: Option<Vec<String>>,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u32>,
+    pub max_streams: Option<u32>,
+}
+
+impl Principal {
+    /// A caller with no claims of its own (auth off, or the bootstrap admin key).
+    pub fn plain(sub: &str, tenant: &str, role: Role) -> Self {
+        Self { sub: sub.into(), tenant: tenant.into(), role, models: None, rpm: None, tpm: None, max_streams: None }
+    }
 }
 
 impl Principal {
@@ -232,7 +249,7 @@ impl Authenticator {
 }
 
 fn principal(c: Claims) -> Principal {
-    Principal { sub: c.sub, tenant: c.tenant, role: c.role, models: c.models }
+    Principal { sub: c.sub, tenant: c.tenant, role: c.role, models: c.models, rpm: c.rpm, tpm: c.tpm, max_streams: c.max_streams }
 }
 
 /// Signs an HS256 token (the `mint-token` subcommand, tests and development).
@@ -247,7 +264,7 @@ mod tests {
 
     #[test]
     fn model_patterns_match_names_not_versions() {
-        let p = Principal { sub: "s".into(), tenant: "t".into(), role: Role::User, models: Some(vec!["support-*".into()]) };
+        let p = Principal { models: Some(vec!["support-*".into()]), ..Principal::plain("s", "t", Role::User) };
         assert!(p.may_use("support-bot@7"));
         assert!(p.may_use("support-bot"));
         assert!(!p.may_use("sales-bot"));

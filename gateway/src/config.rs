@@ -42,6 +42,15 @@ pub struct MintArgs {
     /// Models or adapters the token may use (patterns like `support-*`); all when absent.
     #[arg(long, value_delimiter = ',')]
     pub models: Option<Vec<String>>,
+    /// Requests per minute for this token (overrides the server default).
+    #[arg(long)]
+    pub rpm: Option<u32>,
+    /// Tokens per minute for this token.
+    #[arg(long)]
+    pub tpm: Option<u32>,
+    /// Concurrent streams for this token.
+    #[arg(long)]
+    pub max_streams: Option<u32>,
     /// Seconds until the token expires.
     #[arg(long, default_value_t = 3600)]
     pub ttl_seconds: u64,
@@ -55,6 +64,13 @@ pub struct MintArgs {
 pub enum RoleArg {
     User,
     Admin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    Open,
+    Closed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -174,6 +190,19 @@ pub struct ServeArgs {
     /// Redis for sharing state across replicas (e.g. redis://127.0.0.1:6379); none: local only.
     #[arg(long, env = "SWITCHYARD_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// Requests per minute per caller; 0 = unlimited [default: 0].
+    #[arg(long, env = "SWITCHYARD_RATE_LIMIT_RPM")]
+    pub rate_limit_rpm: Option<u32>,
+    /// Prompt + completion tokens per minute per caller; 0 = unlimited [default: 0].
+    #[arg(long, env = "SWITCHYARD_RATE_LIMIT_TPM")]
+    pub rate_limit_tpm: Option<u32>,
+    /// Concurrent streams per caller; 0 = unlimited [default: 0].
+    #[arg(long, env = "SWITCHYARD_MAX_STREAMS_PER_KEY")]
+    pub max_streams_per_key: Option<u32>,
+    /// When Redis does not answer: `open` keeps serving under local limits, `closed` refuses
+    /// [default: open].
+    #[arg(long, env = "SWITCHYARD_RATE_LIMIT_REDIS_FAILURE")]
+    pub rate_limit_redis_failure: Option<FailMode>,
     /// Seconds that in-flight requests and streams get to finish after SIGTERM/SIGINT
     /// [default: 30].
     #[arg(long, env = "SWITCHYARD_SHUTDOWN_TIMEOUT")]
@@ -204,6 +233,8 @@ pub struct Settings {
     pub adapter_cache_bytes: usize,
     pub redis: Option<redis::Client>,
     pub shutdown_timeout: u64,
+    pub limits: crate::limits::Limits,
+    pub redis_failure: crate::limits::RedisFailure,
     /// `None`: auth switched off explicitly.
     pub auth: Option<std::sync::Arc<crate::auth::Authenticator>>,
 }
@@ -238,6 +269,15 @@ impl ServeArgs {
             import_root: self.import_root.or(file.import_root),
             adapter_cache_bytes: self.adapter_cache_mb.or(file.adapter_cache_mb).unwrap_or(512) << 20,
             shutdown_timeout: self.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(30),
+            limits: crate::limits::Limits {
+                rpm: self.rate_limit_rpm.or(file.rate_limit_rpm).unwrap_or(0),
+                tpm: self.rate_limit_tpm.or(file.rate_limit_tpm).unwrap_or(0),
+                max_streams: self.max_streams_per_key.or(file.max_streams_per_key).unwrap_or(0),
+            },
+            redis_failure: match self.rate_limit_redis_failure.or(file.rate_limit_redis_failure).unwrap_or(FailMode::Open) {
+                FailMode::Open => crate::limits::RedisFailure::Open,
+                FailMode::Closed => crate::limits::RedisFailure::Closed,
+            },
             auth: match self.auth.or(file.auth).unwrap_or(AuthMode::On) {
                 AuthMode::Off => None,
                 AuthMode::On => Some(std::sync::Arc::new(crate::auth::Authenticator::new(&crate::auth::AuthSettings {

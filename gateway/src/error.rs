@@ -21,6 +21,8 @@ pub enum ApiError {
     RateLimited { message: String, code: &'static str },
     #[error("the model is not loaded yet")]
     NotReady,
+    #[error("{message}")]
+    Unavailable { message: String },
     #[error("missing or invalid bearer token")]
     Unauthorized,
     #[error("{message}")]
@@ -55,6 +57,7 @@ impl ApiError {
             ApiError::RateLimited { code, .. } => code,
             ApiError::NotReady => "model_not_ready",
             ApiError::Unauthorized => "invalid_api_key",
+            ApiError::Unavailable { .. } => "service_unavailable",
             ApiError::Forbidden { .. } => "forbidden",
             ApiError::Registry(e) => e.code(),
             ApiError::Internal(_) => "internal_error",
@@ -75,7 +78,7 @@ impl ApiError {
                 adapters::ErrorClass::Conflict => "conflict_error",
                 _ => "invalid_request_error",
             },
-            ApiError::NotReady | ApiError::Internal(_) => "server_error",
+            ApiError::NotReady | ApiError::Internal(_) | ApiError::Unavailable { .. } => "server_error",
         }
     }
 
@@ -129,6 +132,7 @@ impl ResponseError for ApiError {
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ApiError::Registry(e) => match e.class() {
                 adapters::ErrorClass::BadRequest => StatusCode::BAD_REQUEST,

@@ -16,6 +16,7 @@ pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod openai;
 pub mod replicas;

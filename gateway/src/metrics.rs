@@ -19,6 +19,7 @@ pub struct Metrics {
     pub adapter_cache: IntCounterVec,
     pub adapter_load_seconds: Histogram,
     pub auth_failures: IntCounterVec,
+    pub redis_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -59,7 +60,7 @@ impl Metrics {
         )
         .expect("metric definition is valid");
         let rejected_concurrency = IntCounterVec::new(
-            Opts::new("switchyard_rejected_total", "Requests refused before generation, by reason"),
+            Opts::new("switchyard_rejected_total", "Requests refused before generation, by reason (concurrency, requests, tokens, streams)"),
             &["reason"],
         )
         .expect("metric definition is valid");
@@ -78,6 +79,11 @@ impl Metrics {
             &["reason"],
         )
         .expect("metric definition is valid");
+        let redis_errors = IntCounterVec::new(
+            Opts::new("switchyard_redis_errors_total", "Redis calls that failed or timed out, by operation"),
+            &["op"],
+        )
+        .expect("metric definition is valid");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -90,6 +96,7 @@ impl Metrics {
             Box::new(adapter_cache.clone()),
             Box::new(adapter_load_seconds.clone()),
             Box::new(auth_failures.clone()),
+            Box::new(redis_errors.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -106,6 +113,7 @@ impl Metrics {
             adapter_cache,
             adapter_load_seconds,
             auth_failures,
+            redis_errors,
         }
     }
 

@@ -35,6 +35,8 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     pub model: String,
     pub started: Instant,
+    /// The limiter to charge the tokens to, the caller, and its stream slot (freed on drop).
+    pub limits: Option<(Arc<crate::limits::Limiter>, crate::auth::Principal, Option<crate::limits::StreamSlot>)>,
 }
 
 impl Drop for Running {
@@ -161,6 +163,9 @@ pub async fn whole(envelope: Envelope, mut run: Running) -> Result<HttpResponse,
 }
 
 fn count_tokens(run: &Running, usage: &Usage) {
+    if let Some((limiter, caller, _)) = &run.limits {
+        limiter.charge(caller, usage.total_tokens as u64);
+    }
     run.metrics.prompt_tokens.with_label_values(&[&run.model]).inc_by(usage.prompt_tokens as u64);
     run.metrics.completion_tokens.with_label_values(&[&run.model]).inc_by(usage.completion_tokens as u64);
 }

@@ -15,6 +15,7 @@ use crate::engine::candle::CandleEngine;
 use crate::engine::mistral::{MistralEngine, ModelSource};
 use crate::adapter_cache::AdapterCache;
 use crate::auth::{Principal, Role};
+use crate::limits::{Limiter, Verdict};
 use crate::engine::{AdapterHandle, Engine, GenerationRequest, Prompt};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -35,6 +36,7 @@ pub struct AppState {
     adapter_cache_bytes: usize,
     /// `None`: auth switched off explicitly.
     auth: Option<Arc<crate::auth::Authenticator>>,
+    pub limiter: Arc<Limiter>,
     /// Set once Redis is reachable, when one is configured.
     announcer: OnceLock<crate::replicas::Announcer>,
     admission: Arc<Semaphore>,
@@ -47,6 +49,7 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(settings: &Settings) -> Self {
+        let metrics = Arc::new(Metrics::new());
         Self {
             engine: OnceLock::new(),
             registry: OnceLock::new(),
@@ -56,12 +59,13 @@ impl AppState {
             adapter_cache_bytes: settings.adapter_cache_bytes,
             announcer: OnceLock::new(),
             auth: settings.auth.clone(),
+            limiter: Arc::new(Limiter::new(settings.limits, settings.redis.clone(), settings.redis_failure, metrics.clone())),
             admission: Arc::new(Semaphore::new(settings.max_concurrent)),
             draining: AtomicBool::new(false),
             limits: RequestLimits { max_tokens: settings.max_tokens, max_messages: settings.max_messages },
             body_limit: settings.body_limit,
             model_id: settings.model_id.clone(),
-            metrics: Arc::new(Metrics::new()),
+            metrics,
         }
     }
 
@@ -122,10 +126,10 @@ impl AppState {
         let header = req.headers().get(actix_web::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         let bearer = header.and_then(|h| h.strip_prefix("Bearer "));
         if bearer.is_some() && bearer == self.admin_token.as_deref() {
-            return Ok(Some(Principal { sub: "bootstrap-admin".into(), tenant: "system".into(), role: Role::Admin, models: None }));
+            return Ok(Some(Principal::plain("bootstrap-admin", "system", Role::Admin)));
         }
         let Some(auth) = &self.auth else {
-            return Ok(Some(Principal { sub: "anonymous".into(), tenant: "default".into(), role: Role::User, models: None }));
+            return Ok(Some(Principal::plain("anonymous", "default", Role::User)));
         };
         let principal = auth.authenticate(header).map_err(|failure| {
             self.metrics.auth_failures.with_label_values(&[failure.as_str()]).inc();
@@ -180,7 +184,7 @@ impl AppState {
         let started = Instant::now();
         let generation = engine.generate(request).await?;
         self.metrics.active_generations.inc();
-        Ok(Running { generation, _permit: permit, metrics: self.metrics.clone(), model: model.to_owned(), started })
+        Ok(Running { generation, _permit: permit, metrics: self.metrics.clone(), model: model.to_owned(), started, limits: None })
     }
 }
 
@@ -229,7 +233,7 @@ async fn chat_completions(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let wire: ChatCompletionRequest = read_json(&req, payload, state.body_limit).await?;
-    answer(&state, &caller(&req), Kind::Chat, validate::chat(wire, state.limits)?).await
+    answer(&state, &req, Kind::Chat, validate::chat(wire, state.limits)?).await
 }
 
 async fn completions(
@@ -238,22 +242,32 @@ async fn completions(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let wire: CompletionRequest = read_json(&req, payload, state.body_limit).await?;
-    answer(&state, &caller(&req), Kind::Text, validate::completion(wire, state.limits)?).await
+    answer(&state, &req, Kind::Text, validate::completion(wire, state.limits)?).await
 }
 
 /// The caller the auth middleware put on the request.
 fn caller(req: &HttpRequest) -> Principal {
     use actix_web::HttpMessage;
-    req.extensions().get::<Principal>().cloned().unwrap_or(Principal {
-        sub: "anonymous".into(),
-        tenant: "default".into(),
-        role: Role::User,
-        models: Some(Vec::new()),
-    })
+    // The middleware always sets one on these routes; without it, the caller may use nothing.
+    req.extensions()
+        .get::<Principal>()
+        .cloned()
+        .unwrap_or(Principal { models: Some(Vec::new()), ..Principal::plain("anonymous", "default", Role::User) })
 }
 
-async fn answer(state: &AppState, caller: &Principal, kind: Kind, v: Validated) -> Result<HttpResponse, ApiError> {
-    let running = state.admit(&v.model, caller, v.generation).await?;
+async fn answer(state: &AppState, req: &HttpRequest, kind: Kind, v: Validated) -> Result<HttpResponse, ApiError> {
+    use actix_web::HttpMessage;
+    let caller = caller(req);
+    // The verdict rides on the request so that the outer middleware can add the headers to
+    // whatever answer this becomes, a 429 included.
+    let verdict = state.limiter.admit(&caller).await.map_err(|(e, verdict)| {
+        req.extensions_mut().insert(verdict);
+        e
+    })?;
+    req.extensions_mut().insert(verdict);
+    let slot = if v.stream { state.limiter.stream_slot(&caller)? } else { None };
+    let mut running = state.admit(&v.model, &caller, v.generation).await?;
+    running.limits = Some((state.limiter.clone(), caller, slot));
     let envelope = Envelope::new(kind, v.model);
     if v.stream {
         Ok(respond::streamed(envelope, running, v.include_usage))
@@ -425,6 +439,24 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                         m.requests.with_label_values(&[&route, &status.to_string()]).inc();
                         m.request_duration.with_label_values(&[&route]).observe(started.elapsed().as_secs_f64());
                     }
+                    let verdict = {
+                        use actix_web::HttpMessage;
+                        res.request().extensions().get::<Verdict>().copied()
+                    };
+                    if let Some(verdict) = verdict {
+                        crate::limits::add_headers(res.headers_mut(), &verdict);
+                        if status == 429 {
+                            let wait = [verdict.requests, verdict.tokens]
+                                .into_iter()
+                                .flatten()
+                                .filter(|s| s.remaining == 0)
+                                .map(|s| s.reset.as_secs_f64().ceil() as u64)
+                                .max()
+                                .unwrap_or(1)
+                                .max(1);
+                            res.headers_mut().insert(actix_web::http::header::RETRY_AFTER, wait.into());
+                        }
+                    }
                     if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&request_id) {
                         res.headers_mut().insert(actix_web::http::header::HeaderName::from_static("x-request-id"), v);
                     }
@@ -448,6 +480,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     let server = server.run();
     let handle = server.handle();
+    state.limiter.connect();
     let drain_state = state.clone();
     let drain_handle = handle.clone();
     tokio::spawn(async move {

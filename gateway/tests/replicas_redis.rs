@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{client, Server};
+use common::{client, PrivateRedis, Server};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "replica-token";
@@ -77,42 +77,9 @@ async fn a_promote_on_one_replica_is_served_by_the_other() {
     assert_eq!(completion(&a, "bot").await.1, v2);
 }
 
-/// A Redis server of this test's own, so stopping it disturbs nobody else.
-struct PrivateRedis {
-    port: u16,
-    child: std::process::Child,
-}
-
-impl PrivateRedis {
-    fn start(port: u16) -> Self {
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server is installed");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start on {port}");
-            std::thread::yield_now();
-        }
-        Self { port, child }
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 #[tokio::test]
 async fn a_replica_that_missed_a_change_catches_up_when_redis_returns() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = common::free_port();
     let mut redis = PrivateRedis::start(port);
     let url = format!("redis://127.0.0.1:{}", redis.port);
     let root = tempfile::tempdir().unwrap();
