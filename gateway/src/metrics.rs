@@ -5,6 +5,13 @@ use prometheus::{
     TextEncoder,
 };
 
+/// The metrics an engine reports from its own thread (cheap clones of the registered ones).
+#[derive(Clone)]
+pub struct EngineMetrics {
+    pub batch_size: Histogram,
+    pub queue_depth: IntGauge,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
@@ -20,14 +27,15 @@ pub struct Metrics {
     pub adapter_load_seconds: Histogram,
     pub auth_failures: IntCounterVec,
     pub redis_errors: IntCounterVec,
+    pub engine: EngineMetrics,
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("switchyard_requests_total", "HTTP requests answered, by route and status"),
-            &["route", "status"],
+            Opts::new("switchyard_requests_total", "HTTP requests answered, by route, status, and the model and adapter version they resolved to"),
+            &["route", "status", "model", "adapter"],
         )
         .expect("metric definition is valid");
         let request_duration = HistogramVec::new(
@@ -84,6 +92,15 @@ impl Metrics {
             &["op"],
         )
         .expect("metric definition is valid");
+        let engine = EngineMetrics {
+            batch_size: Histogram::with_opts(
+                HistogramOpts::new("switchyard_batch_size", "Sequences in each decode step of the engine")
+                    .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
+            )
+            .expect("metric definition is valid"),
+            queue_depth: IntGauge::new("switchyard_queue_depth", "Admitted requests waiting for their prompt to be processed")
+                .expect("metric definition is valid"),
+        };
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -97,6 +114,8 @@ impl Metrics {
             Box::new(adapter_load_seconds.clone()),
             Box::new(auth_failures.clone()),
             Box::new(redis_errors.clone()),
+            Box::new(engine.batch_size.clone()),
+            Box::new(engine.queue_depth.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -114,6 +133,7 @@ impl Metrics {
             adapter_load_seconds,
             auth_failures,
             redis_errors,
+            engine,
         }
     }
 

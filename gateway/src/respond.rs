@@ -28,6 +28,15 @@ pub enum Kind {
     Text,
 }
 
+/// What a generation request resolved to, for the request metrics' labels (only resolved
+/// names, so client input never becomes a label).
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub model: String,
+    /// `name@version`, or empty for the base.
+    pub adapter: String,
+}
+
 /// A generation admitted under a concurrency permit; both are released when this drops.
 pub struct Running {
     pub generation: Generation,
@@ -37,6 +46,7 @@ pub struct Running {
     pub started: Instant,
     /// The limiter to charge the tokens to, the caller, and its stream slot (freed on drop).
     pub limits: Option<(Arc<crate::limits::Limiter>, crate::auth::Principal, Option<crate::limits::StreamSlot>)>,
+    pub served: Served,
 }
 
 impl Drop for Running {

@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::openai::{
     ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
 };
-use crate::respond::{self, Envelope, Kind, Running};
+use crate::respond::{self, Envelope, Kind, Running, Served};
 use crate::validate::{self, RequestLimits, Validated};
 
 /// Everything handlers share; built once before the server starts.
@@ -173,6 +173,10 @@ impl AppState {
     /// Takes a concurrency slot (or answers 429) and starts the generation.
     async fn admit(&self, model: &str, caller: &Principal, mut request: GenerationRequest) -> Result<Running, ApiError> {
         let (engine, adapter) = self.resolve(model, caller).await?;
+        let served = Served {
+            model: engine.info().id.clone(),
+            adapter: adapter.as_ref().map_or(String::new(), |a| format!("{}@{}", a.name, a.version)),
+        };
         request.adapter = adapter;
         let permit = self.admission.clone().try_acquire_owned().map_err(|_| {
             self.metrics.rejected_concurrency.with_label_values(&["concurrency"]).inc();
@@ -184,7 +188,7 @@ impl AppState {
         let started = Instant::now();
         let generation = engine.generate(request).await?;
         self.metrics.active_generations.inc();
-        Ok(Running { generation, _permit: permit, metrics: self.metrics.clone(), model: model.to_owned(), started, limits: None })
+        Ok(Running { generation, _permit: permit, metrics: self.metrics.clone(), model: model.to_owned(), started, limits: None, served })
     }
 }
 
@@ -267,6 +271,7 @@ async fn answer(state: &AppState, req: &HttpRequest, kind: Kind, v: Validated) -
     req.extensions_mut().insert(verdict);
     let slot = if v.stream { state.limiter.stream_slot(&caller)? } else { None };
     let mut running = state.admit(&v.model, &caller, v.generation).await?;
+    req.extensions_mut().insert(running.served.clone());
     running.limits = Some((state.limiter.clone(), caller, slot));
     let envelope = Envelope::new(kind, v.model);
     if v.stream {
@@ -436,7 +441,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                     let mut res = fut.await?;
                     let status = res.status().as_u16();
                     if let Some(m) = metrics {
-                        m.requests.with_label_values(&[&route, &status.to_string()]).inc();
+                        let served = {
+                            use actix_web::HttpMessage;
+                            res.request().extensions().get::<Served>().cloned()
+                        };
+                        let (model, adapter) = served.map_or((String::new(), String::new()), |s| (s.model, s.adapter));
+                        m.requests.with_label_values(&[&route, &status.to_string(), &model, &adapter]).inc();
                         m.request_duration.with_label_values(&[&route]).observe(started.elapsed().as_secs_f64());
                     }
                     let verdict = {
@@ -495,7 +505,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         let loaded: anyhow::Result<Arc<dyn Engine>> = match settings.engine {
             EngineKind::Candle => {
                 let (path, id, cap) = (settings.model_path.clone(), settings.model_id.clone(), settings.context_len);
-                tokio::task::spawn_blocking(move || CandleEngine::load(&path, id, cap))
+                let metrics = loader_state.metrics.engine.clone();
+                tokio::task::spawn_blocking(move || CandleEngine::load(&path, id, cap, metrics))
                     .await
                     .map_err(anyhow::Error::from)
                     .and_then(|r| r)

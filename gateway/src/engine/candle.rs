@@ -19,6 +19,7 @@ use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 
 use super::sampling::choose;
+use crate::metrics::EngineMetrics;
 use super::stop::StopFilter;
 use super::template::ChatTemplate;
 use super::{
@@ -32,6 +33,7 @@ pub struct CandleEngine {
     template: ChatTemplate,
     shape: BaseModelShape,
     jobs: std_mpsc::Sender<Job>,
+    metrics: EngineMetrics,
 }
 
 struct Job {
@@ -59,7 +61,7 @@ struct Seq {
 
 impl CandleEngine {
     /// Loads a GGUF file or an HF directory and starts the scheduler thread.
-    pub fn load(path: &Path, id: String, context_cap: Option<usize>) -> anyhow::Result<Self> {
+    pub fn load(path: &Path, id: String, context_cap: Option<usize>, metrics: EngineMetrics) -> anyhow::Result<Self> {
         let (model, tokenizer, template, eos) = if path.is_file() {
             let (model, meta, tokenizer) = Llama::from_gguf(path)?;
             // Dense f32 weights: candle's quantized matmul quantizes activations to 8 bits,
@@ -82,9 +84,12 @@ impl CandleEngine {
         let thread_tokenizer = tokenizer.clone();
         std::thread::Builder::new()
             .name("candle-scheduler".into())
-            .spawn(move || Scheduler { model, tokenizer: thread_tokenizer, eos, context_len, rx }.run())?;
+            .spawn({
+                let metrics = metrics.clone();
+                move || Scheduler { model, tokenizer: thread_tokenizer, eos, context_len, rx, metrics }.run()
+            })?;
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        Ok(Self { info: ModelInfo { id, context_len, created }, tokenizer, template, shape, jobs })
+        Ok(Self { info: ModelInfo { id, context_len, created }, tokenizer, template, shape, jobs, metrics })
     }
 }
 
@@ -129,6 +134,7 @@ impl Engine for CandleEngine {
             events,
         };
         self.jobs.send(job).map_err(|_| EngineError::Closed)?;
+        self.metrics.queue_depth.inc();
         Ok(Generation { prompt_tokens, events: rx })
     }
 }
@@ -139,6 +145,7 @@ struct Scheduler {
     eos: Vec<u32>,
     context_len: usize,
     rx: std_mpsc::Receiver<Job>,
+    metrics: EngineMetrics,
 }
 
 impl Scheduler {
@@ -155,11 +162,13 @@ impl Scheduler {
             }
             incoming.extend(self.rx.try_iter());
             for job in incoming {
+                self.metrics.queue_depth.dec();
                 if let Some(seq) = self.prefill(job) {
                     active.push(seq);
                 }
             }
             if !active.is_empty() {
+                self.metrics.batch_size.observe(active.len() as f64);
                 active = self.decode_step(active);
             }
         }

@@ -161,3 +161,16 @@ impl Drop for PrivateRedis {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// Reads a metric's value from the line of `name` whose labels include all of `labels`.
+pub fn metric_with(page: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    page.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        let (label_part, value) = match rest.strip_prefix('{') {
+            Some(r) => r.split_once("} ")?,
+            None => ("", rest.trim_start()),
+        };
+        let has_all = labels.iter().all(|(k, v)| label_part.split(',').any(|pair| pair == format!("{k}=\"{v}\"")));
+        if has_all { value.trim().parse().ok() } else { None }
+    })
+}
