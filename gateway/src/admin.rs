@@ -11,6 +11,8 @@ use serde::Deserialize;
 
 use crate::auth::{Principal, Role};
 use crate::error::ApiError;
+#[allow(unused_imports)]
+use crate::openai::ErrorResponse;
 use crate::server::{read_json, AppState};
 
 /// Checks the admin bearer token and returns the registry.
@@ -37,16 +39,33 @@ fn authorize(state: &AppState, req: &HttpRequest) -> Result<Arc<Registry>, ApiEr
     state.registry().ok_or(ApiError::NotReady)
 }
 
-#[derive(Debug, Deserialize)]
+/// Registers a version from a directory under `SWITCHYARD_IMPORT_ROOT`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ImportBody {
+pub struct ImportRequest {
+    /// Relative to the import root; paths escaping it are refused.
     path: String,
 }
 
 /// Largest single upload part; the registry applies its own per-file limits after this.
 const MAX_PART: usize = 512 << 20;
 
-async fn create_version(
+#[utoipa::path(
+    post,
+    path = "/admin/adapters/{name}/versions",
+    tag = "admin",
+    params(("name" = String, Path, description = "Adapter name")),
+    request_body(content((Object = "multipart/form-data"), (ImportRequest = "application/json")), description = "Multipart with `adapter_config.json` and `adapter_model.safetensors`, or JSON naming a directory under the import root"),
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "The new version: name, version, sha256 and its manifest", body = Object),
+        (status = 400, description = "Invalid request", body = ErrorResponse, example = json!({"error": {"message": "messages must contain at least one message", "type": "invalid_request_error", "param": "messages", "code": "invalid_value"}})),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
+        (status = 403, description = "Not an admin", body = ErrorResponse, example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}})),
+        (status = 413, description = "Body over the limit", body = ErrorResponse, example = json!({"error": {"message": "request body is larger than the limit of 4194304 bytes", "type": "invalid_request_error", "param": null, "code": "payload_too_large"}}))
+    )
+)]
+pub(crate) async fn create_version(
     state: web::Data<AppState>,
     req: HttpRequest,
     path: web::Path<String>,
@@ -95,7 +114,7 @@ async fn create_version(
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))??
     } else {
-        let body: ImportBody = read_json(&req, payload, state.body_limit).await?;
+        let body: ImportRequest = read_json(&req, payload, state.body_limit).await?;
         let Some(root) = state.import_root.clone() else {
             return Err(ApiError::Forbidden { message: "imports are disabled: set SWITCHYARD_IMPORT_ROOT".into() });
         };
@@ -111,12 +130,36 @@ async fn create_version(
     })))
 }
 
-async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/admin/adapters",
+    tag = "admin",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Every adapter with its versions and aliases", body = Object),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
+        (status = 403, description = "Not an admin", body = ErrorResponse, example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}}))
+    )
+)]
+pub(crate) async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let registry = authorize(&state, &req)?;
     Ok(HttpResponse::Ok().json(serde_json::json!({"object": "list", "data": registry.list()})))
 }
 
-async fn show(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/admin/adapters/{name}",
+    tag = "admin",
+    params(("name" = String, Path, description = "Adapter name")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "One adapter with its versions and aliases", body = Object),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
+        (status = 403, description = "Not an admin", body = ErrorResponse, example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}})),
+        (status = 404, description = "Unknown adapter, version or alias", body = ErrorResponse, example = json!({"error": {"message": "adapter \"bot\" does not exist", "type": "invalid_request_error", "param": null, "code": "adapter_not_found"}}))
+    )
+)]
+pub(crate) async fn show(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let registry = authorize(&state, &req)?;
     let name = path.into_inner();
     let listing = registry
@@ -127,7 +170,20 @@ async fn show(state: web::Data<AppState>, req: HttpRequest, path: web::Path<Stri
     Ok(HttpResponse::Ok().json(listing))
 }
 
-async fn show_version(
+#[utoipa::path(
+    get,
+    path = "/admin/adapters/{name}/versions/{version}",
+    tag = "admin",
+    params(("name" = String, Path), ("version" = u64, Path)),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The version's manifest", body = Object),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
+        (status = 403, description = "Not an admin", body = ErrorResponse, example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}})),
+        (status = 404, description = "Unknown adapter, version or alias", body = ErrorResponse, example = json!({"error": {"message": "adapter \"bot\" does not exist", "type": "invalid_request_error", "param": null, "code": "adapter_not_found"}}))
+    )
+)]
+pub(crate) async fn show_version(
     state: web::Data<AppState>,
     req: HttpRequest,
     path: web::Path<(String, u64)>,
@@ -137,15 +193,32 @@ async fn show_version(
     Ok(HttpResponse::Ok().json(registry.resolve(&name, &adapters::Selector::Version(version))?))
 }
 
-#[derive(Debug, Deserialize)]
+/// Points an alias at a version; `expected_version` makes it a compare-and-set.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PromoteBody {
+pub struct PromoteRequest {
     version: u64,
     #[serde(default)]
     expected_version: Option<u64>,
 }
 
-async fn promote(
+#[utoipa::path(
+    put,
+    path = "/admin/adapters/{name}/aliases/{alias}",
+    tag = "admin",
+    params(("name" = String, Path), ("alias" = String, Path)),
+    request_body = PromoteRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The alias change (adapter, alias, from, to)", body = Object),
+        (status = 400, description = "Invalid request", body = ErrorResponse, example = json!({"error": {"message": "messages must contain at least one message", "type": "invalid_request_error", "param": "messages", "code": "invalid_value"}})),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
+        (status = 403, description = "Not an admin", body = ErrorResponse, example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}})),
+        (status = 404, description = "Unknown adapter, version or alias", body = ErrorResponse, example = json!({"error": {"message": "adapter \"bot\" does not exist", "type": "invalid_request_error", "param": null, "code": "adapter_not_found"}})),
+        (status = 409, description = "Conflict", body = ErrorResponse, example = json!({"error": {"message": "alias \"prod\" of adapter \"bot\" points to version 2, not 1", "type": "conflict_error", "param": null, "code": "alias_conflict"}}))
+    )
+)]
+pub(crate) async fn promote(
     state: web::Data<AppState>,
     req: HttpRequest,
     path: web::Path<(String, String)>,
@@ -153,13 +226,26 @@ async fn promote(
 ) -> Result<HttpResponse, ApiError> {
     let registry = authorize(&state, &req)?;
     let (name, alias) = path.into_inner();
-    let body: PromoteBody = read_json(&req, payload, state.body_limit).await?;
+    let body: PromoteRequest = read_json(&req, payload, state.body_limit).await?;
     let change = registry.set_alias(&name, &alias, body.version, body.expected_version, "admin")?;
     state.announce(&name).await;
     Ok(HttpResponse::Ok().json(change))
 }
 
-async fn rollback(
+#[utoipa::path(
+    post,
+    path = "/admin/adapters/{name}/aliases/{alias}/rollback",
+    tag = "admin",
+    params(("name" = String, Path), ("alias" = String, Path)),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The alias change back to the previous version", body = Object),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
+        (status = 403, description = "Not an admin", body = ErrorResponse, example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}})),
+        (status = 404, description = "Unknown adapter, version or alias", body = ErrorResponse, example = json!({"error": {"message": "adapter \"bot\" does not exist", "type": "invalid_request_error", "param": null, "code": "adapter_not_found"}}))
+    )
+)]
+pub(crate) async fn rollback(
     state: web::Data<AppState>,
     req: HttpRequest,
     path: web::Path<(String, String)>,
@@ -171,7 +257,21 @@ async fn rollback(
     Ok(HttpResponse::Ok().json(change))
 }
 
-async fn delete_version(
+#[utoipa::path(
+    delete,
+    path = "/admin/adapters/{name}/versions/{version}",
+    tag = "admin",
+    params(("name" = String, Path), ("version" = u64, Path)),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The deleted version's manifest", body = Object),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
+        (status = 403, description = "Not an admin", body = ErrorResponse, example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}})),
+        (status = 404, description = "Unknown adapter, version or alias", body = ErrorResponse, example = json!({"error": {"message": "adapter \"bot\" does not exist", "type": "invalid_request_error", "param": null, "code": "adapter_not_found"}})),
+        (status = 409, description = "Conflict", body = ErrorResponse, example = json!({"error": {"message": "alias \"prod\" of adapter \"bot\" points to version 2, not 1", "type": "conflict_error", "param": null, "code": "alias_conflict"}}))
+    )
+)]
+pub(crate) async fn delete_version(
     state: web::Data<AppState>,
     req: HttpRequest,
     path: web::Path<(String, u64)>,
@@ -184,7 +284,7 @@ async fn delete_version(
 }
 
 #[derive(Debug, Deserialize)]
-struct Page {
+pub(crate) struct Page {
     #[serde(default)]
     offset: usize,
     #[serde(default = "default_limit")]
@@ -195,7 +295,19 @@ fn default_limit() -> usize {
     50
 }
 
-async fn audit(state: web::Data<AppState>, req: HttpRequest, page: web::Query<Page>) -> Result<HttpResponse, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/admin/audit",
+    tag = "admin",
+    params(("offset" = Option<usize>, Query), ("limit" = Option<usize>, Query)),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Audit records, newest first", body = Object),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
+        (status = 403, description = "Not an admin", body = ErrorResponse, example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}}))
+    )
+)]
+pub(crate) async fn audit(state: web::Data<AppState>, req: HttpRequest, page: web::Query<Page>) -> Result<HttpResponse, ApiError> {
     let registry = authorize(&state, &req)?;
     let limit = page.limit.clamp(1, 1000);
     let records = registry.audit(page.offset, limit)?;

@@ -21,6 +21,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Sign an HS256 token for development and tests.
     MintToken(MintArgs),
+    /// Print the OpenAPI spec (the committed copy is openapi/openapi.json).
+    Openapi,
     /// Print the SHA-256 of an API key, as the API key file stores it.
     HashApiKey {
         /// The key to hash.

@@ -19,6 +19,7 @@ pub mod error;
 pub mod limits;
 pub mod metrics;
 pub mod openai;
+pub mod openapi_doc;
 pub mod replicas;
 pub mod respond;
 pub mod server;

@@ -36,6 +36,10 @@ fn main() -> std::process::ExitCode {
                 }
             }
         }
+        Command::Openapi => {
+            print!("{}", gateway::openapi_doc::spec_json());
+            std::process::ExitCode::SUCCESS
+        }
         Command::HashApiKey { key } => {
             use sha2::Digest;
             println!("{}", hex::encode(sha2::Sha256::digest(key.as_bytes())));

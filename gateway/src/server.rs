@@ -7,6 +7,7 @@ use std::time::Instant;
 use actix_web::dev::Service;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use futures::StreamExt;
+use utoipa::OpenApi;
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
 
@@ -19,6 +20,8 @@ use crate::limits::{Limiter, Verdict};
 use crate::engine::{AdapterHandle, Engine, GenerationRequest, Prompt};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+#[allow(unused_imports)]
+use crate::openai::{ChatCompletionChunk, ChatCompletionResponse, CompletionResponse, ErrorResponse};
 use crate::openai::{
     ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
 };
@@ -231,7 +234,23 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
     })
 }
 
-async fn chat_completions(
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "openai",
+    request_body = ChatCompletionRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The answer: one JSON object, or with `stream: true` server-sent events (`data: {chunk}` lines ending with `data: [DONE]`)", content((ChatCompletionResponse = "application/json"), (ChatCompletionChunk = "text/event-stream"))),
+        (status = 400, description = "Invalid request", body = ErrorResponse, example = json!({"error": {"message": "messages must contain at least one message", "type": "invalid_request_error", "param": "messages", "code": "invalid_value"}})),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
+        (status = 404, description = "Unknown model or adapter", body = ErrorResponse, example = json!({"error": {"message": "The model `gpt-9` does not exist or you do not have access to it.", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}})),
+        (status = 413, description = "Body over the limit", body = ErrorResponse, example = json!({"error": {"message": "request body is larger than the limit of 4194304 bytes", "type": "invalid_request_error", "param": null, "code": "payload_too_large"}})),
+        (status = 429, description = "Rate or concurrency limit reached (see Retry-After and x-ratelimit-* headers)", body = ErrorResponse, example = json!({"error": {"message": "rate limit reached for requests per minute; retry after the reset time", "type": "rate_limit_error", "param": null, "code": "rate_limit_exceeded"}})),
+        (status = 503, description = "Model not loaded yet, or draining", body = ErrorResponse, example = json!({"error": {"message": "the model is not loaded yet", "type": "server_error", "param": null, "code": "model_not_ready"}}))
+    )
+)]
+pub(crate) async fn chat_completions(
     state: web::Data<AppState>,
     req: HttpRequest,
     payload: web::Payload,
@@ -240,7 +259,23 @@ async fn chat_completions(
     answer(&state, &req, Kind::Chat, validate::chat(wire, state.limits)?).await
 }
 
-async fn completions(
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    tag = "openai",
+    request_body = CompletionRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The completion: one JSON object, or with `stream: true` server-sent events of the same shape ending with `data: [DONE]`", content((CompletionResponse = "application/json"), (CompletionResponse = "text/event-stream"))),
+        (status = 400, description = "Invalid request", body = ErrorResponse, example = json!({"error": {"message": "messages must contain at least one message", "type": "invalid_request_error", "param": "messages", "code": "invalid_value"}})),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
+        (status = 404, description = "Unknown model or adapter", body = ErrorResponse, example = json!({"error": {"message": "The model `gpt-9` does not exist or you do not have access to it.", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}})),
+        (status = 413, description = "Body over the limit", body = ErrorResponse, example = json!({"error": {"message": "request body is larger than the limit of 4194304 bytes", "type": "invalid_request_error", "param": null, "code": "payload_too_large"}})),
+        (status = 429, description = "Rate or concurrency limit reached (see Retry-After and x-ratelimit-* headers)", body = ErrorResponse, example = json!({"error": {"message": "rate limit reached for requests per minute; retry after the reset time", "type": "rate_limit_error", "param": null, "code": "rate_limit_exceeded"}})),
+        (status = 503, description = "Model not loaded yet, or draining", body = ErrorResponse, example = json!({"error": {"message": "the model is not loaded yet", "type": "server_error", "param": null, "code": "model_not_ready"}}))
+    )
+)]
+pub(crate) async fn completions(
     state: web::Data<AppState>,
     req: HttpRequest,
     payload: web::Payload,
@@ -281,7 +316,17 @@ async fn answer(state: &AppState, req: &HttpRequest, kind: Kind, v: Validated) -
     }
 }
 
-async fn list_models(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "openai",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The base model and every adapter name that routes", body = ModelList),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}}))
+    )
+)]
+pub(crate) async fn list_models(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let caller = caller(&req);
     let mut data = Vec::new();
     if let Some(engine) = state.engine.get() {
@@ -316,7 +361,20 @@ async fn list_models(state: web::Data<AppState>, req: HttpRequest) -> Result<Htt
     Ok(HttpResponse::Ok().json(ModelList { object: "list".into(), data }))
 }
 
-async fn tokenize(
+#[utoipa::path(
+    post,
+    path = "/tokenize",
+    tag = "openai",
+    request_body = TokenizeRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Token ids as the model will see them", body = TokenizeResponse),
+        (status = 400, description = "Invalid request", body = ErrorResponse, example = json!({"error": {"message": "messages must contain at least one message", "type": "invalid_request_error", "param": "messages", "code": "invalid_value"}})),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
+        (status = 404, description = "Unknown model or adapter", body = ErrorResponse, example = json!({"error": {"message": "The model `gpt-9` does not exist or you do not have access to it.", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}))
+    )
+)]
+pub(crate) async fn tokenize(
     state: web::Data<AppState>,
     req: HttpRequest,
     payload: web::Payload,
@@ -345,11 +403,28 @@ async fn tokenize(
     }))
 }
 
-async fn health() -> HttpResponse {
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The process is alive", body = Object, example = json!({"status": "ok"}))
+    )
+)]
+pub(crate) async fn health() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
 }
 
-async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The model is loaded and the gateway is not draining", body = Object, example = json!({"status": "ready"})),
+        (status = 503, description = "Model not loaded yet, or draining", body = ErrorResponse, example = json!({"error": {"message": "the model is not loaded yet", "type": "server_error", "param": null, "code": "model_not_ready"}}))
+    )
+)]
+pub(crate) async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     if state.is_ready() {
         Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready"})))
     } else {
@@ -357,8 +432,24 @@ async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     }
 }
 
-async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain")
+    )
+)]
+pub(crate) async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
+}
+
+async fn openapi_json() -> HttpResponse {
+    HttpResponse::Ok().content_type("application/json").body(crate::openapi_doc::spec_json())
+}
+
+async fn docs_redirect() -> HttpResponse {
+    HttpResponse::Found().insert_header(("Location", "/docs/")).finish()
 }
 
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
@@ -373,7 +464,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/tokenize", web::post().to(tokenize))
         .route("/health", web::get().to(health))
         .route("/ready", web::get().to(ready))
-        .route("/metrics", web::get().to(metrics));
+        .route("/metrics", web::get().to(metrics))
+        .route("/openapi.json", web::get().to(openapi_json))
+        .service(utoipa_swagger_ui::SwaggerUi::new("/docs/{_:.*}").url("/docs/openapi.json", crate::openapi_doc::ApiDoc::openapi()))
+        .route("/docs", web::get().to(docs_redirect));
 }
 
 /// The request's id: a sane `x-request-id` from the client, or a new one.

@@ -1,0 +1,84 @@
+//! The OpenAPI document, generated from the handlers' annotations and the wire types. The
+//! committed copy is `openapi/openapi.json`; `switchyard openapi` prints it and a test fails
+//! when the two differ.
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::openai::{
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+    ChatMessage, ChunkDelta, CompletionChoice, CompletionRequest, CompletionResponse, ContentPart, ErrorDetail,
+    ErrorResponse, MessageContent, ModelCard, ModelList, SamplingFields, StopParam, StreamOptions, TokenizeRequest,
+    TokenizeResponse, Usage,
+};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Switchyard",
+        description = "OpenAI-compatible gateway for local models and hot-swappable LoRA adapters.",
+        license(name = "Apache-2.0")
+    ),
+    paths(
+        crate::server::chat_completions,
+        crate::server::completions,
+        crate::server::list_models,
+        crate::server::tokenize,
+        crate::server::health,
+        crate::server::ready,
+        crate::server::metrics,
+        crate::admin::create_version,
+        crate::admin::list,
+        crate::admin::show,
+        crate::admin::show_version,
+        crate::admin::promote,
+        crate::admin::rollback,
+        crate::admin::delete_version,
+        crate::admin::audit,
+    ),
+    components(schemas(
+        ChatCompletionRequest, CompletionRequest, SamplingFields, StopParam, MessageContent, ContentPart, ChatMessage,
+        StreamOptions, ChatCompletionResponse, ChatChoice, AssistantMessage, Usage, ChatCompletionChunk,
+        ChatChunkChoice, ChunkDelta, CompletionResponse, CompletionChoice, ModelList, ModelCard, TokenizeRequest,
+        TokenizeResponse, ErrorResponse, ErrorDetail, crate::admin::ImportRequest, crate::admin::PromoteRequest,
+    )),
+    modifiers(&Bearer),
+    tags(
+        (name = "openai", description = "OpenAI-compatible endpoints"),
+        (name = "admin", description = "Adapter registry administration (admin role)"),
+        (name = "operations", description = "Health, readiness and metrics (no token)"),
+    )
+)]
+pub struct ApiDoc;
+
+struct Bearer;
+
+impl Modify for Bearer {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT or API key").build()),
+        );
+    }
+}
+
+/// The spec as committed: pretty JSON with a trailing newline.
+pub fn spec_json() -> String {
+    let mut s = ApiDoc::openapi().to_pretty_json().unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn committed_spec_matches_the_code() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../openapi/openapi.json");
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == super::spec_json(),
+            "openapi/openapi.json is out of date: run `cargo run --release -p gateway -- openapi > openapi/openapi.json`"
+        );
+    }
+}
