@@ -11,7 +11,9 @@
 //!   atomically swapped [`Snapshot`];
 //! - the LoRA math shared by serving and training ([`lora`]: [`lora::LoraLinear`] wraps a
 //!   frozen base linear and applies per-row adapters) and the llama decoder built from it
-//!   ([`llama::Llama`], loaded from GGUF or HF safetensors).
+//!   ([`llama::Llama`], loaded from GGUF or HF safetensors), plus the serving runtime
+//!   ([`llama::Runtime`]) that runs the same model on packed quantized weights with the SIMD
+//!   kernels of [`kernels`].
 //!
 //! Errors are one enum, [`AdapterError`], whose [`AdapterError::code`] strings are stable
 //! and whose [`AdapterError::class`] tells the HTTP layer which status family applies.
@@ -23,6 +25,7 @@
 //! - a failed registration leaves disk and snapshot exactly as they were.
 
 mod error;
+pub mod kernels;
 pub mod llama;
 pub mod lora;
 pub mod peft;

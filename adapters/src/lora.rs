@@ -121,6 +121,38 @@ impl LoraPair {
         }
     }
 
+    /// Adds `scale · (x Aᵀ) Bᵀ` for `n` rows of `x` (`[n, in]`, row-major) into `y`, whose row
+    /// `i` starts at `i · ldy + col0`: the serving runtime's delta, written into its fused
+    /// projection outputs without a tensor per call.
+    pub fn add_delta_rows(&self, x: &[f32], n: usize, y: &mut [f32], ldy: usize, col0: usize) {
+        let owned;
+        let f = match &self.frozen {
+            Some(f) => f,
+            None => match LoraPair::frozen(self.a.clone(), self.b.clone(), self.scale) {
+                Ok(p) => {
+                    owned = p;
+                    owned.frozen.as_ref().expect("a frozen pair has its frozen form")
+                }
+                Err(e) => panic!("LoRA pair is not a pair of f32 matrices: {e}"),
+            },
+        };
+        let (r, out) = (f.rank, f.out);
+        let inp = f.at_v.len() / r.max(1);
+        let mut t = vec![0f32; r];
+        for i in 0..n {
+            t.fill(0.0);
+            for (k, &xk) in x[i * inp..(i + 1) * inp].iter().enumerate() {
+                for (tj, &a) in t.iter_mut().zip(&f.at_v[k * r..(k + 1) * r]) {
+                    *tj = xk.mul_add(a, *tj);
+                }
+            }
+            let dst = &mut y[i * ldy + col0..i * ldy + col0 + out];
+            for (j, &tj) in t.iter().enumerate() {
+                crate::kernels::axpy(tj, &f.bt_v[j * out..(j + 1) * out], dst);
+            }
+        }
+    }
+
     /// `scale · B A`, the dense `[out, in]` change this pair makes to the base weight.
     pub fn merged_delta(&self) -> candle_core::Result<Tensor> {
         self.b.matmul(&self.a)? * self.scale

@@ -84,3 +84,51 @@ fn forward_is_deterministic() {
     }
 }
 
+
+/// Greedy tokens of the dense candle path, prompt in one pass then token by token.
+fn greedy_candle(model: &Llama, ids: &[u32], steps: usize) -> (Vec<u32>, Vec<f32>) {
+    let mut cache = SeqCache::new(model.config.num_layers);
+    let input = Tensor::new(ids, model.device()).unwrap().unsqueeze(0).unwrap();
+    let mut logits = model.forward_cached(&input, &[Row { adapter: None }], &mut [&mut cache], true).unwrap();
+    let first = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut out = Vec::new();
+    for _ in 0..steps {
+        let next = argmax(&logits).unwrap();
+        out.push(next);
+        let input = Tensor::new(&[next], model.device()).unwrap().unsqueeze(0).unwrap();
+        logits = model.forward_cached(&input, &[Row { adapter: None }], &mut [&mut cache], true).unwrap();
+    }
+    (out, first)
+}
+
+/// The packed runtime (Q4_1 weights, SIMD kernels, f32 activations) decodes exactly what the
+/// dense candle path decodes, and its logits differ only by summation order.
+#[test]
+fn packed_runtime_decodes_like_the_dense_reference() {
+    use adapters::llama::{KvCache, Runtime, SeqInput, Workspace};
+    let (model, _, tokenizer) = Llama::from_gguf(&model_path()).expect("load");
+    let runtime = Runtime::from_llama(&model, 0).unwrap();
+    assert!(runtime.weight_bytes() < 130_000_000, "weights stay packed (dense f32 would be 540 MB): {} bytes", runtime.weight_bytes());
+    let dense = model.to_dense().unwrap();
+    let prompt = "<|im_start|>user\nWrite a short story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n";
+    let ids = tokenizer.encode(prompt, false).unwrap().get_ids().to_vec();
+    let steps = 48;
+    let (want, want_first) = greedy_candle(&dense, &ids, steps);
+    let mut cache = KvCache::new(&runtime.config, ids.len() + steps + 1);
+    let mut ws = Workspace::default();
+    let mut logits = Vec::new();
+    runtime
+        .forward(&mut ws, &mut [SeqInput { tokens: &ids, cache: &mut cache, adapter: None, logits: true }], &mut logits)
+        .unwrap();
+    let diff = logits.iter().zip(&want_first).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(diff < 0.02, "prompt logits differ by {diff}");
+    let mut got = Vec::new();
+    for _ in 0..steps {
+        let next = logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |m, (i, &v)| if v > m.1 { (i, v) } else { m }).0 as u32;
+        got.push(next);
+        runtime
+            .forward(&mut ws, &mut [SeqInput { tokens: &[next], cache: &mut cache, adapter: None, logits: true }], &mut logits)
+            .unwrap();
+    }
+    assert_eq!(tokenizer.decode(&got, false).unwrap(), tokenizer.decode(&want, false).unwrap());
+}

@@ -106,6 +106,9 @@ pub enum EngineKind {
     Candle,
     /// mistralrs: the reference backend; serves the base model only.
     Mistralrs,
+    /// No model: answers at once with the prompt's last message (gateway benchmarks, client
+    /// development).
+    Echo,
 }
 
 /// Every setting is optional here so that the file and defaults can fill the gaps.
@@ -128,6 +131,12 @@ pub struct ServeArgs {
     /// The name clients use in `model` [default: derived from the file name].
     #[arg(long, env = "SWITCHYARD_MODEL_ID")]
     pub model_id: Option<String>,
+    /// Threads the candle engine splits its matmuls across [default: every core].
+    #[arg(long, env = "SWITCHYARD_THREADS")]
+    pub threads: Option<usize>,
+    /// Serve `/metrics` on this address (`host:port`) instead of the API port.
+    #[arg(long, env = "SWITCHYARD_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Which engine serves the model [default: candle].
     #[arg(long, env = "SWITCHYARD_ENGINE")]
     pub engine: Option<EngineKind>,
@@ -222,6 +231,10 @@ pub struct Settings {
     pub model_path: PathBuf,
     pub model_id: String,
     pub engine: EngineKind,
+    /// 0: every core.
+    pub threads: usize,
+    /// `None`: `/metrics` is on the API port.
+    pub metrics_listen: Option<String>,
     pub max_concurrent: usize,
     pub body_limit: usize,
     pub max_tokens: usize,
@@ -249,8 +262,10 @@ impl ServeArgs {
             None => ServeArgs::default(),
         };
         let model_path = self.model.or(file.model).unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL_PATH));
+        let engine = self.engine.or(file.engine).unwrap_or(EngineKind::Candle);
         let model_id = match self.model_id.or(file.model_id) {
             Some(id) => id,
+            None if engine == EngineKind::Echo => "echo".to_owned(),
             None => derive_model_id(&model_path),
         };
         let settings = Settings {
@@ -258,7 +273,9 @@ impl ServeArgs {
             port: self.port.or(file.port).unwrap_or(8080),
             model_path,
             model_id,
-            engine: self.engine.or(file.engine).unwrap_or(EngineKind::Candle),
+            engine,
+            threads: self.threads.or(file.threads).unwrap_or(0),
+            metrics_listen: self.metrics_listen.or(file.metrics_listen).filter(|a| !a.is_empty()),
             max_concurrent: self.max_concurrent.or(file.max_concurrent).unwrap_or(32),
             body_limit: self.body_limit.or(file.body_limit).unwrap_or(4 << 20),
             max_tokens: self.max_tokens.or(file.max_tokens).unwrap_or(4096),

@@ -457,14 +457,17 @@ async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
 }
 
 /// Registers every route on an app; shared by the server and tests.
-pub fn routes(cfg: &mut web::ServiceConfig) {
+/// The API routes; `/metrics` among them unless it has its own listen address.
+pub fn routes(cfg: &mut web::ServiceConfig, metrics_here: bool) {
+    if metrics_here {
+        cfg.route("/metrics", web::get().to(metrics));
+    }
     cfg.route("/v1/chat/completions", web::post().to(chat_completions))
         .route("/v1/completions", web::post().to(completions))
         .route("/v1/models", web::get().to(list_models))
         .route("/tokenize", web::post().to(tokenize))
         .route("/health", web::get().to(health))
         .route("/ready", web::get().to(ready))
-        .route("/metrics", web::get().to(metrics))
         .route("/openapi.json", web::get().to(openapi_json))
         .service(utoipa_swagger_ui::SwaggerUi::new("/docs/{_:.*}").url("/docs/openapi.json", crate::openapi_doc::ApiDoc::openapi()))
         .route("/docs", web::get().to(docs_redirect));
@@ -497,9 +500,12 @@ async fn wait_for_stop_signal() {
 /// Binds, prints the address, loads the model, prints `ready`, and serves until stopped.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // Check the model path before binding, so a typo fails fast with the path in the message.
-    ModelSource::detect(&settings.model_path).map_err(anyhow::Error::msg)?;
+    if settings.engine != EngineKind::Echo {
+        ModelSource::detect(&settings.model_path).map_err(anyhow::Error::msg)?;
+    }
     let state = web::Data::new(AppState::new(&settings));
     let app_state = state.clone();
+    let metrics_here = settings.metrics_listen.is_none();
     let server = HttpServer::new(move || {
         App::new()
             .app_data(app_state.clone())
@@ -569,7 +575,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 }
                 .instrument(span)
             })
-            .configure(routes)
+            .configure(|cfg| routes(cfg, metrics_here))
             .configure(crate::admin::routes)
             .default_service(web::to(not_found))
     })
@@ -582,8 +588,31 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     for addr in server.addrs() {
         println!("switchyard listening on http://{addr}");
     }
+    let metrics_server = match &settings.metrics_listen {
+        Some(addr) => {
+            let metrics_state = state.clone();
+            let server = HttpServer::new(move || {
+                App::new().app_data(metrics_state.clone()).route("/metrics", web::get().to(metrics))
+            })
+            .workers(1)
+            .disable_signals()
+            .bind(addr.as_str())
+            .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr} (SWITCHYARD_METRICS_LISTEN): {e}"))?;
+            for addr in server.addrs() {
+                println!("switchyard metrics on http://{addr}/metrics");
+            }
+            Some(server.run())
+        }
+        None => None,
+    };
     let server = server.run();
     let handle = server.handle();
+    // The metrics listener runs beside the API server and stops when it stops.
+    let metrics_handle = metrics_server.map(|m| {
+        let h = m.handle();
+        tokio::spawn(m);
+        h
+    });
     state.limiter.connect();
     let drain_state = state.clone();
     let drain_handle = handle.clone();
@@ -599,13 +628,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         let loaded: anyhow::Result<Arc<dyn Engine>> = match settings.engine {
             EngineKind::Candle => {
                 let (path, id, cap) = (settings.model_path.clone(), settings.model_id.clone(), settings.context_len);
-                let metrics = loader_state.metrics.engine.clone();
-                tokio::task::spawn_blocking(move || CandleEngine::load(&path, id, cap, metrics))
+                let (threads, metrics) = (settings.threads, loader_state.metrics.engine.clone());
+                tokio::task::spawn_blocking(move || CandleEngine::load(&path, id, cap, threads, metrics))
                     .await
                     .map_err(anyhow::Error::from)
                     .and_then(|r| r)
                     .map(|e| Arc::new(e) as Arc<dyn Engine>)
             }
+            EngineKind::Echo => Ok(Arc::new(crate::engine::echo::EchoEngine::new(
+                settings.model_id.clone(),
+                settings.context_len,
+            )) as Arc<dyn Engine>),
             EngineKind::Mistralrs => MistralEngine::load(
                 &settings.model_path,
                 settings.model_id.clone(),
@@ -637,5 +670,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         }
     });
     server.await?;
+    if let Some(h) = metrics_handle {
+        h.stop(true).await;
+    }
     Ok(())
 }

@@ -136,3 +136,65 @@ fn auth_on_without_any_key_refuses_to_start() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("SWITCHYARD_AUTH=off"));
 }
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn sign_with_pem(claims: &Value, alg: jsonwebtoken::Algorithm, pem: &str, kid: Option<&str>) -> String {
+    let pem = std::fs::read(fixture(pem)).unwrap();
+    let key = match alg {
+        jsonwebtoken::Algorithm::ES256 => jsonwebtoken::EncodingKey::from_ec_pem(&pem).unwrap(),
+        _ => jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap(),
+    };
+    let mut header = jsonwebtoken::Header::new(alg);
+    header.kid = kid.map(str::to_owned);
+    jsonwebtoken::encode(&header, claims, &key).unwrap()
+}
+
+/// RS256 and ES256 public keys from PEM files, and RS256 keys from a JWKS file: the right
+/// private key gets in; another key, another algorithm, the public key used as an HS256
+/// secret, and (for JWKS) an unknown or missing `kid` all get the same 401.
+#[tokio::test]
+async fn public_key_algorithms_from_pem_and_jwks_files() {
+    use jsonwebtoken::Algorithm::{ES256, HS256, RS256};
+    let root = tempfile::tempdir().unwrap();
+    let model = root.path().join("tiny-llama");
+    adapters::testing::write_tiny_llama(&model, 9).unwrap();
+    let claims = json!({"sub": "svc", "tenant": "acme", "role": "user", "exp": now() + 600});
+    let public_rsa = std::fs::read_to_string(fixture("rsa-public.pem")).unwrap();
+    let confused = sign(claims.clone(), &public_rsa, HS256);
+    let setups: [(&str, &str, Vec<(&str, String, u16)>); 3] = [
+        ("--jwt-rs256-public-key", "rsa-public.pem", vec![
+            ("matching RSA key", sign_with_pem(&claims, RS256, "rsa-private.pem", None), 200),
+            ("another RSA key", sign_with_pem(&claims, RS256, "rsa-other-private.pem", None), 401),
+            ("ES256 token", sign_with_pem(&claims, ES256, "ec-private.pem", None), 401),
+            ("public key as HS256 secret", confused.clone(), 401),
+        ]),
+        ("--jwt-es256-public-key", "ec-public.pem", vec![
+            ("matching EC key", sign_with_pem(&claims, ES256, "ec-private.pem", None), 200),
+            ("RS256 token", sign_with_pem(&claims, RS256, "rsa-private.pem", None), 401),
+            ("HS256 token", sign(claims.clone(), SECRET, HS256), 401),
+        ]),
+        ("--jwt-jwks-file", "jwks.json", vec![
+            ("key named by kid", sign_with_pem(&claims, RS256, "rsa-private.pem", Some("test-rsa")), 200),
+            ("unknown kid", sign_with_pem(&claims, RS256, "rsa-private.pem", Some("other")), 401),
+            ("no kid", sign_with_pem(&claims, RS256, "rsa-private.pem", None), 401),
+            ("right kid, wrong key", sign_with_pem(&claims, RS256, "rsa-other-private.pem", Some("test-rsa")), 401),
+            ("public key as HS256 secret", confused.clone(), 401),
+        ]),
+    ];
+    for (flag, file, cases) in setups {
+        let args: Vec<String> = ["--model", &model.display().to_string(), "--data-dir", &root.path().join(file).display().to_string(),
+            "--auth", "on", flag, &fixture(file)]
+            .iter().map(|s| s.to_string()).collect();
+        let server = Server::start_raw(&args);
+        for (case, token, want) in cases {
+            let (status, body) = status_of(&server, "/v1/models", Some(&token), None).await;
+            assert_eq!(status, want, "{flag}: {case}: {body}");
+            if want == 401 {
+                assert_eq!(body["error"]["code"], "invalid_api_key", "{flag}: {case}");
+            }
+        }
+    }
+}

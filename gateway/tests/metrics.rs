@@ -43,3 +43,20 @@ async fn counters_move_by_the_traffic_sent() {
     assert_eq!(get("switchyard_active_generations", &[]), Some(0.0));
     assert!(get("switchyard_request_duration_seconds_count", &[route]).is_some_and(|n| n == 6.0));
 }
+
+/// `--metrics-listen` moves `/metrics` to its own address: the API port no longer has it,
+/// and the page counts the API port's traffic. The echo engine needs no model.
+#[tokio::test]
+async fn metrics_can_have_their_own_listen_address() {
+    let port = common::free_port();
+    let server = Server::start_raw(&["--engine".into(), "echo".into(), "--metrics-listen".into(), format!("127.0.0.1:{port}")]);
+    let body = json!({"model": "echo", "messages": [{"role": "user", "content": "say these four words"}]});
+    let v: Value = client().post(server.url("/v1/chat/completions")).json(&body).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "say these four words");
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+    let on_api = client().get(server.url("/metrics")).send().await.unwrap();
+    assert_eq!(on_api.status(), 404);
+    let page = client().get(format!("http://127.0.0.1:{port}/metrics")).send().await.unwrap().text().await.unwrap();
+    let route = ("route", "/v1/chat/completions");
+    assert_eq!(metric_with(&page, "switchyard_requests_total", &[route, ("status", "200"), ("model", "echo")]), Some(1.0), "{page}");
+}

@@ -95,10 +95,10 @@ impl Llama {
             max_position: meta_u32(&ct, "llama.context_length").map_or(4096, |v| v as usize),
         };
         let embed = embed_q.dequantize(&device)?;
-        let lm_head = match tensor("output.weight") {
-            Ok(q) => q,
+        let (lm_head, tied) = match tensor("output.weight") {
+            Ok(q) => (q, false),
             // Tied embeddings: the LM head is the (still quantized) embedding matrix.
-            Err(_) => tensor("token_embd.weight")?,
+            Err(_) => (tensor("token_embd.weight")?, true),
         };
         let norm = tensor("output_norm.weight")?.dequantize(&device)?;
         let mut blocks = Vec::with_capacity(config.num_layers);
@@ -146,7 +146,7 @@ impl Llama {
         };
         let (cos, sin) = Llama::rope_tables(&config, &device)?;
         let lm_head = BaseWeight::Quantized(Arc::new(QMatMul::from_qtensor(lm_head)?));
-        let model = Llama { config, embed, blocks, norm, lm_head, cos, sin, device };
+        let model = Llama { config, embed, blocks, norm, lm_head, tied, cos, sin, device };
         Ok((model, meta, tokenizer))
     }
 
@@ -211,7 +211,7 @@ impl Llama {
         let head = if tied { embed.clone() } else { get("lm_head.weight", (config.vocab_size, hidden))? };
         let (cos, sin) = Llama::rope_tables(&config, &device)?;
         let lm_head = BaseWeight::Dense(head);
-        Ok(Llama { config, embed, blocks, norm, lm_head, cos, sin, device })
+        Ok(Llama { config, embed, blocks, norm, lm_head, tied, cos, sin, device })
     }
 }
 

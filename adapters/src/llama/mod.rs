@@ -5,15 +5,17 @@
 //! so that PEFT adapters, trained on HF checkpoints, apply to them as they are.
 
 mod load;
+mod runtime;
 
 use candle_core::{Device, IndexOp, Tensor, D};
-use candle_nn::kv_cache::KvCache;
+use candle_nn::kv_cache::KvCache as CandleKvCache;
 
 use crate::error::Result;
 use crate::lora::{AdapterWeights, BaseWeight, LoraLinear, RowGroup};
 use crate::peft::{BaseModelShape, LoraModule};
 
 pub use load::{load_gguf_tokenizer, GgufMeta};
+pub use runtime::{KvCache, Runtime, SeqInput, Workspace};
 
 /// Tokens of KV cache a sequence grows by at a time.
 const CACHE_CHUNK: usize = 256;
@@ -63,6 +65,8 @@ pub struct Llama {
     blocks: Vec<Block>,
     norm: Tensor,
     lm_head: BaseWeight,
+    /// The LM head is the embedding matrix (GGUF files without `output.weight`).
+    tied: bool,
     cos: Tensor,
     sin: Tensor,
     device: Device,
@@ -71,13 +75,13 @@ pub struct Llama {
 /// One sequence's KV cache, one entry per layer.
 #[derive(Debug, Clone)]
 pub struct SeqCache {
-    layers: Vec<KvCache>,
+    layers: Vec<CandleKvCache>,
     len: usize,
 }
 
 impl SeqCache {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: (0..num_layers).map(|_| KvCache::new(2, CACHE_CHUNK)).collect(), len: 0 }
+        Self { layers: (0..num_layers).map(|_| CandleKvCache::new(2, CACHE_CHUNK)).collect(), len: 0 }
     }
 
     /// Tokens already in the cache (the position of the next token).
@@ -261,6 +265,9 @@ impl Llama {
     /// A copy of this model with `adapter` merged into dense base weights (`W + scale·BA`).
     pub fn merged(&self, adapter: &AdapterWeights) -> Result<Llama> {
         let mut out = self.clone();
+        // The head too: candle's quantized matmul rounds its input to 8 bits, which on SmolLM2
+        // (final activations up to ~4,000) moves logits by ~0.2.
+        out.lm_head = BaseWeight::Dense(self.lm_head.to_dense()?);
         for (l, block) in out.blocks.iter_mut().enumerate() {
             for p in block.proj.iter_mut() {
                 let dense = p.base.to_dense()?;
@@ -292,3 +299,4 @@ fn same(a: Option<&crate::lora::LoraPair>, b: Option<&crate::lora::LoraPair>) ->
 pub fn argmax(logits: &Tensor) -> Result<u32> {
     Ok(logits.flatten_all()?.argmax(D::Minus1)?.to_scalar::<u32>()?)
 }
+

@@ -4,17 +4,16 @@
 //! Each request becomes a sequence that holds its adapter version (`Arc`) until its last token,
 //! so an alias moving meanwhile never changes a running answer.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use adapters::llama::{Llama, Row, SeqCache};
+use adapters::llama::{KvCache, Llama, Runtime, SeqInput, Workspace};
 use adapters::lora::AdapterWeights;
 use adapters::BaseModelShape;
 use async_trait::async_trait;
-use candle_core::Tensor;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 
@@ -48,7 +47,9 @@ struct Job {
 /// A sequence the scheduler is running.
 struct Seq {
     job: Job,
-    cache: SeqCache,
+    cache: KvCache,
+    /// Prompt tokens already in the cache.
+    fed: usize,
     /// The last sampled token, fed at the next step.
     next: u32,
     generated: usize,
@@ -61,13 +62,15 @@ struct Seq {
 
 impl CandleEngine {
     /// Loads a GGUF file or an HF directory and starts the scheduler thread.
-    pub fn load(path: &Path, id: String, context_cap: Option<usize>, metrics: EngineMetrics) -> anyhow::Result<Self> {
+    pub fn load(
+        path: &Path,
+        id: String,
+        context_cap: Option<usize>,
+        threads: usize,
+        metrics: EngineMetrics,
+    ) -> anyhow::Result<Self> {
         let (model, tokenizer, template, eos) = if path.is_file() {
             let (model, meta, tokenizer) = Llama::from_gguf(path)?;
-            // Dense f32 weights: candle's quantized matmul quantizes activations to 8 bits,
-            // and on this small model that noise flips greedy tokens between prefill and
-            // decode. Dense weights keep every path exact and consistent.
-            let model = model.to_dense()?;
             let template = ChatTemplate::new(meta.chat_template.as_deref(), meta.bos_token.clone(), &tokenizer, &meta.eos_token_ids)?;
             (model, tokenizer, template, meta.eos_token_ids)
         } else {
@@ -77,8 +80,13 @@ impl CandleEngine {
             let (template, eos) = ChatTemplate::from_hf_dir(path, &tokenizer)?;
             (model, tokenizer, template, eos)
         };
-        let context_len = context_cap.map_or(model.config.max_position, |c| c.min(model.config.max_position));
-        let shape = model.config.shape(&id);
+        // Packed weights and SIMD kernels with f32 activations (the candle `Llama` stays the
+        // reference and the training model; it is dropped here).
+        let runtime = Runtime::from_llama(&model, threads)?;
+        drop(model);
+        tracing::info!(weight_bytes = runtime.weight_bytes(), threads = runtime.threads(), isa = ?adapters::kernels::isa(), "candle engine packed");
+        let context_len = context_cap.map_or(runtime.config.max_position, |c| c.min(runtime.config.max_position));
+        let shape = runtime.config.shape(&id);
         let tokenizer = Arc::new(tokenizer);
         let (jobs, rx) = std_mpsc::channel();
         let thread_tokenizer = tokenizer.clone();
@@ -86,7 +94,7 @@ impl CandleEngine {
             .name("candle-scheduler".into())
             .spawn({
                 let metrics = metrics.clone();
-                move || Scheduler { model, tokenizer: thread_tokenizer, eos, context_len, rx, metrics }.run()
+                move || Scheduler { runtime, tokenizer: thread_tokenizer, eos, context_len, rx, metrics }.run()
             })?;
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         Ok(Self { info: ModelInfo { id, context_len, created }, tokenizer, template, shape, jobs, metrics })
@@ -140,7 +148,7 @@ impl Engine for CandleEngine {
 }
 
 struct Scheduler {
-    model: Llama,
+    runtime: Runtime,
     tokenizer: Arc<Tokenizer>,
     eos: Vec<u32>,
     context_len: usize,
@@ -148,13 +156,21 @@ struct Scheduler {
     metrics: EngineMetrics,
 }
 
+/// Prompt tokens fed per step, across all sequences still reading their prompts. Bounds how
+/// long running streams wait for a newcomer's prompt (chunked prefill).
+const PREFILL_BUDGET: usize = 256;
+
 impl Scheduler {
     fn run(self) {
-        let mut active: Vec<Seq> = Vec::new();
+        let mut ws = Workspace::default();
+        let mut logits = Vec::new();
+        // Sequences still reading their prompts, oldest first, and sequences decoding.
+        let mut reading: VecDeque<Seq> = VecDeque::new();
+        let mut decoding: Vec<Seq> = Vec::new();
         loop {
             // Block only when there is nothing to run.
             let mut incoming = Vec::new();
-            if active.is_empty() {
+            if reading.is_empty() && decoding.is_empty() {
                 match self.rx.recv() {
                     Ok(job) => incoming.push(job),
                     Err(_) => return,
@@ -163,76 +179,89 @@ impl Scheduler {
             incoming.extend(self.rx.try_iter());
             for job in incoming {
                 self.metrics.queue_depth.dec();
-                if let Some(seq) = self.prefill(job) {
-                    active.push(seq);
+                reading.push_back(self.admit(job));
+            }
+            // Cancelled requests leave before they cost a step.
+            reading.retain(|s| !s.job.events.is_closed());
+
+            // This step: every decoding sequence's last token, then prompt chunks up to the budget.
+            let mut budget = PREFILL_BUDGET;
+            let mut chunks = Vec::new();
+            for seq in reading.iter() {
+                if budget == 0 {
+                    break;
+                }
+                let take = (seq.job.tokens.len() - seq.fed).min(budget);
+                budget -= take;
+                chunks.push(take);
+            }
+            self.metrics.batch_size.observe((decoding.len() + chunks.len()) as f64);
+            let result = {
+                let mut inputs: Vec<SeqInput<'_>> = Vec::with_capacity(decoding.len() + chunks.len());
+                for seq in decoding.iter_mut() {
+                    let Seq { job, cache, next, .. } = seq;
+                    inputs.push(SeqInput {
+                        tokens: std::slice::from_ref(next),
+                        cache,
+                        adapter: job.adapter.as_deref(),
+                        logits: true,
+                    });
+                }
+                for (seq, &take) in reading.iter_mut().zip(&chunks) {
+                    let Seq { job, cache, fed, .. } = seq;
+                    inputs.push(SeqInput {
+                        tokens: &job.tokens[*fed..*fed + take],
+                        cache,
+                        adapter: job.adapter.as_deref(),
+                        logits: *fed + take == job.tokens.len(),
+                    });
+                }
+                self.runtime.forward(&mut ws, &mut inputs, &mut logits)
+            };
+            if let Err(e) = result {
+                tracing::error!(error = %e, "engine step failed; failing its sequences");
+                for seq in decoding.drain(..).chain(reading.drain(..chunks.len())) {
+                    let _ = seq.job.events.send(Event::Failed(e.to_string()));
+                }
+                continue;
+            }
+            let vocab = self.runtime.config.vocab_size;
+            let mut rows = logits.chunks_exact(vocab);
+            let mut next_decoding = Vec::with_capacity(decoding.len() + chunks.len());
+            for seq in decoding.drain(..) {
+                if let Some(seq) = rows.next().and_then(|l| self.advance(seq, l.to_vec())) {
+                    next_decoding.push(seq);
                 }
             }
-            if !active.is_empty() {
-                self.metrics.batch_size.observe(active.len() as f64);
-                active = self.decode_step(active);
+            for take in chunks {
+                let Some(mut seq) = reading.pop_front() else { break };
+                seq.fed += take;
+                if seq.fed < seq.job.tokens.len() {
+                    reading.push_front(seq);
+                    break; // Only the last chunk of a step can stop mid-prompt.
+                }
+                if let Some(seq) = rows.next().and_then(|l| self.advance(seq, l.to_vec())) {
+                    next_decoding.push(seq);
+                }
             }
+            decoding = next_decoding;
         }
     }
 
-    fn prefill(&self, job: Job) -> Option<Seq> {
-        let mut cache = SeqCache::new(self.model.config.num_layers);
-        let result = Tensor::new(job.tokens.as_slice(), self.model.device())
-            .and_then(|t| t.unsqueeze(0))
-            .map_err(adapters::AdapterError::from)
-            .and_then(|input| {
-                let row = Row { adapter: job.adapter.as_deref() };
-                self.model.forward_cached(&input, &[row], &mut [&mut cache], true)
-            });
-        let logits = match result.and_then(|l| Ok(l.squeeze(0)?.to_vec1::<f32>()?)) {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = job.events.send(Event::Failed(e.to_string()));
-                return None;
-            }
-        };
-        let seq = Seq {
+    /// A sequence for a job, with its KV cache sized once for the prompt and the whole budget.
+    fn admit(&self, job: Job) -> Seq {
+        let capacity = (job.tokens.len() + job.max_tokens).min(self.context_len).max(job.tokens.len());
+        Seq {
             stop: StopFilter::new(job.sampling.stop.clone()),
+            cache: KvCache::new(&self.runtime.config, capacity),
             job,
-            cache,
+            fed: 0,
             next: 0,
             generated: 0,
             counts: HashMap::new(),
             decode_ids: Vec::new(),
             decode_prefix: String::new(),
             decode_index: 0,
-        };
-        self.advance(seq, logits)
-    }
-
-    /// One decode step for every active sequence, grouped by adapter so each adapter's rows
-    /// are contiguous.
-    fn decode_step(&self, mut active: Vec<Seq>) -> Vec<Seq> {
-        active.sort_by_key(|s| s.job.adapter.as_ref().map_or(0, |a| Arc::as_ptr(a) as usize));
-        let tokens: Vec<u32> = active.iter().map(|s| s.next).collect();
-        let held: Vec<Option<Arc<AdapterWeights>>> = active.iter().map(|s| s.job.adapter.clone()).collect();
-        let rows: Vec<Row<'_>> = held.iter().map(|a| Row { adapter: a.as_deref() }).collect();
-        let mut caches: Vec<SeqCache> = active.iter_mut().map(|s| std::mem::replace(&mut s.cache, SeqCache::new(0))).collect();
-        let result = {
-            let mut refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
-            Tensor::new(tokens.as_slice(), self.model.device())
-                .and_then(|t| t.unsqueeze(1))
-                .map_err(adapters::AdapterError::from)
-                .and_then(|input| self.model.forward_cached(&input, &rows, &mut refs, true))
-                .and_then(|l| Ok(l.to_vec2::<f32>()?))
-        };
-        drop(rows);
-        for (seq, cache) in active.iter_mut().zip(caches) {
-            seq.cache = cache;
-        }
-        match result {
-            Ok(rows) => active.into_iter().zip(rows).filter_map(|(seq, logits)| self.advance(seq, logits)).collect(),
-            Err(e) => {
-                tracing::error!(error = %e, "decode step failed; failing its sequences");
-                for seq in active {
-                    let _ = seq.job.events.send(Event::Failed(e.to_string()));
-                }
-                Vec::new()
-            }
         }
     }
 

@@ -4,6 +4,7 @@
 //! [`Generation`] is the cancel: the backend notices the closed channel and frees the slot.
 
 pub mod candle;
+pub mod echo;
 pub mod mistral;
 pub mod sampling;
 pub mod stop;

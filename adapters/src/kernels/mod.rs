@@ -1,0 +1,447 @@
+//! Matrix kernels for serving: GGUF weights kept packed (Q4_1, Q8_0) or dense, multiplied
+//! against f32 activations with SIMD chosen at run time, split across cores with rayon.
+//!
+//! Activations stay f32 on purpose: llama.cpp rounds them to 8 bits before its integer dot
+//! products, and on SmolLM2-135M that rounding alone changes greedy answers. Here the weights
+//! are dequantized in registers to exactly the values `QTensor::dequantize` gives, so the only
+//! difference from a dense f32 matmul is the order of the additions.
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::Device;
+use half::f16;
+use rayon::prelude::*;
+
+/// Elements per GGML block for the packed formats here.
+pub const BLOCK: usize = 32;
+
+/// Up to this many activation rows, the fused dequantize-and-dot kernels run; above it a tile
+/// of weights is dequantized once and handed to a cache-blocked f32 GEMM.
+const FUSED_ROWS: usize = 4;
+
+/// Output rows per GEMM tile (its dequantized weights are at most `TILE × cols` floats).
+const GEMM_TILE: usize = 64;
+
+#[derive(Debug, Clone)]
+enum Packed {
+    /// Per block: scale `d`, minimum `m`, 16 bytes of nibbles (low nibbles are elements
+    /// 0..16, high nibbles 16..32); value = `d·q + m`.
+    Q4_1 { d: Vec<f32>, m: Vec<f32>, qs: Vec<u8> },
+    /// Per block: scale `d` and 32 signed bytes; value = `d·q`.
+    Q8_0 { d: Vec<f32>, qs: Vec<i8> },
+    /// Row-major `[rows, cols]`.
+    F32(Vec<f32>),
+}
+
+/// A `[rows, cols]` weight matrix (rows are output features), as the serving kernels hold it.
+#[derive(Debug, Clone)]
+pub struct QMatrix {
+    rows: usize,
+    cols: usize,
+    packed: Packed,
+}
+
+/// Which instruction set the kernels use on this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+/// Detected once; every kernel dispatches on it.
+pub fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::env::var_os("SWITCHYARD_KERNELS").is_some_and(|v| v == "portable") {
+                return Isa::Portable;
+            }
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+                return Isa::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    })
+}
+
+impl QMatrix {
+    /// A dense matrix from row-major data.
+    pub fn dense(data: Vec<f32>, rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols, "dense matrix data does not match its shape");
+        Self { rows, cols, packed: Packed::F32(data) }
+    }
+
+    /// Keeps Q4_1 and Q8_0 packed; any other GGML type is dequantized to f32.
+    pub fn from_qtensor(qt: &QTensor) -> candle_core::Result<Self> {
+        let (rows, cols) = qt.shape().dims2()?;
+        let packable = cols % BLOCK == 0;
+        match qt.dtype() {
+            GgmlDType::Q4_1 if packable => Ok(Self::from_q4_1_bytes(&qt.data()?, rows, cols)),
+            GgmlDType::Q8_0 if packable => Ok(Self::from_q8_0_bytes(&qt.data()?, rows, cols)),
+            _ => {
+                let t = qt.dequantize(&Device::Cpu)?;
+                Ok(Self::dense(t.flatten_all()?.to_vec1::<f32>()?, rows, cols))
+            }
+        }
+    }
+
+    /// Repacks GGML Q4_1 blocks (`f16 d, f16 m, [u8; 16]`, 20 bytes each).
+    pub fn from_q4_1_bytes(bytes: &[u8], rows: usize, cols: usize) -> Self {
+        let blocks = rows * cols / BLOCK;
+        assert_eq!(bytes.len(), blocks * 20, "Q4_1 data does not match its shape");
+        let mut d = Vec::with_capacity(blocks);
+        let mut m = Vec::with_capacity(blocks);
+        let mut qs = Vec::with_capacity(blocks * 16);
+        for b in bytes.chunks_exact(20) {
+            d.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
+            m.push(f16::from_le_bytes([b[2], b[3]]).to_f32());
+            qs.extend_from_slice(&b[4..20]);
+        }
+        Self { rows, cols, packed: Packed::Q4_1 { d, m, qs } }
+    }
+
+    /// Repacks GGML Q8_0 blocks (`f16 d, [i8; 32]`, 34 bytes each).
+    pub fn from_q8_0_bytes(bytes: &[u8], rows: usize, cols: usize) -> Self {
+        let blocks = rows * cols / BLOCK;
+        assert_eq!(bytes.len(), blocks * 34, "Q8_0 data does not match its shape");
+        let mut d = Vec::with_capacity(blocks);
+        let mut qs = Vec::with_capacity(blocks * BLOCK);
+        for b in bytes.chunks_exact(34) {
+            d.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
+            qs.extend(b[2..34].iter().map(|&v| v as i8));
+        }
+        Self { rows, cols, packed: Packed::Q8_0 { d, qs } }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes of weight data held.
+    pub fn bytes(&self) -> usize {
+        match &self.packed {
+            Packed::Q4_1 { d, m, qs } => (d.len() + m.len()) * 4 + qs.len(),
+            Packed::Q8_0 { d, qs } => d.len() * 4 + qs.len(),
+            Packed::F32(v) => v.len() * 4,
+        }
+    }
+
+    /// The matrix's rows one after another (`self` first), when both are stored alike;
+    /// otherwise both are made dense first. Used to fuse q/k/v and gate/up into one matmul.
+    pub fn concat_rows(parts: &[&QMatrix]) -> QMatrix {
+        let cols = parts[0].cols;
+        assert!(parts.iter().all(|p| p.cols == cols), "fused matrices need the same input width");
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let kind = |p: &QMatrix| std::mem::discriminant(&p.packed);
+        if parts.iter().all(|p| kind(p) == kind(parts[0])) {
+            let packed = match &parts[0].packed {
+                Packed::Q4_1 { .. } => {
+                    let (mut d, mut m, mut qs) = (Vec::new(), Vec::new(), Vec::new());
+                    for p in parts {
+                        if let Packed::Q4_1 { d: pd, m: pm, qs: pq } = &p.packed {
+                            d.extend_from_slice(pd);
+                            m.extend_from_slice(pm);
+                            qs.extend_from_slice(pq);
+                        }
+                    }
+                    Packed::Q4_1 { d, m, qs }
+                }
+                Packed::Q8_0 { .. } => {
+                    let (mut d, mut qs) = (Vec::new(), Vec::new());
+                    for p in parts {
+                        if let Packed::Q8_0 { d: pd, qs: pq } = &p.packed {
+                            d.extend_from_slice(pd);
+                            qs.extend_from_slice(pq);
+                        }
+                    }
+                    Packed::Q8_0 { d, qs }
+                }
+                Packed::F32(_) => {
+                    let mut v = Vec::with_capacity(rows * cols);
+                    for p in parts {
+                        if let Packed::F32(pv) = &p.packed {
+                            v.extend_from_slice(pv);
+                        }
+                    }
+                    Packed::F32(v)
+                }
+            };
+            return QMatrix { rows, cols, packed };
+        }
+        let mut v = Vec::with_capacity(rows * cols);
+        for p in parts {
+            v.extend_from_slice(&p.to_dense());
+        }
+        QMatrix::dense(v, rows, cols)
+    }
+
+    /// Every element as f32, row-major.
+    pub fn to_dense(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        self.rows_into(0, self.rows, &mut out);
+        out
+    }
+
+    /// Dequantizes row `r` into `out` (`cols` floats): the embedding lookup.
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        self.rows_into(r, r + 1, out);
+    }
+
+    /// Dequantizes rows `r0..r1` into `out`, row-major. The arithmetic is the same as
+    /// candle's `dequantize`, so these values equal the dense weights bit for bit.
+    fn rows_into(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let cols = self.cols;
+        let out = &mut out[..(r1 - r0) * cols];
+        match &self.packed {
+            Packed::F32(v) => out.copy_from_slice(&v[r0 * cols..r1 * cols]),
+            Packed::Q4_1 { d, m, qs } => {
+                let b0 = r0 * cols / BLOCK;
+                for (i, dst) in out.chunks_exact_mut(BLOCK).enumerate() {
+                    let b = b0 + i;
+                    let (db, mb) = (d[b], m[b]);
+                    let q = &qs[b * 16..b * 16 + 16];
+                    for j in 0..16 {
+                        dst[j] = (q[j] & 0x0F) as f32 * db + mb;
+                        dst[j + 16] = (q[j] >> 4) as f32 * db + mb;
+                    }
+                }
+            }
+            Packed::Q8_0 { d, qs } => {
+                let b0 = r0 * cols / BLOCK;
+                for (i, dst) in out.chunks_exact_mut(BLOCK).enumerate() {
+                    let b = b0 + i;
+                    let db = d[b];
+                    for (o, &q) in dst.iter_mut().zip(&qs[b * BLOCK..(b + 1) * BLOCK]) {
+                        *o = q as f32 * db;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `y[i, ..rows] = x[i, ..] · Wᵀ` for `n` activation rows; `x` is `[n, cols]` and row `i`
+    /// of `y` starts at `i * ldy`. Output rows are split across the current rayon pool.
+    pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32], ldy: usize) {
+        assert!(x.len() >= n * self.cols, "matmul input is shorter than n rows");
+        assert!(ldy >= self.rows && (n == 0 || y.len() >= (n - 1) * ldy + self.rows), "matmul output too short");
+        if n == 0 {
+            return;
+        }
+        let out = OutPtr(y.as_mut_ptr());
+        if n <= FUSED_ROWS {
+            let xsums = self.block_sums(x, n);
+            let tile = fused_tile(self.rows);
+            (0..self.rows.div_ceil(tile)).into_par_iter().for_each(|t| {
+                let (r0, r1) = (t * tile, ((t + 1) * tile).min(self.rows));
+                // SAFETY: tiles cover disjoint column ranges of `y`, inside the bounds checked above.
+                unsafe { self.fused_tile(x, n, &xsums, r0, r1, out, ldy) }
+            });
+        } else {
+            (0..self.rows.div_ceil(GEMM_TILE)).into_par_iter().for_each(|t| {
+                let (r0, r1) = (t * GEMM_TILE, ((t + 1) * GEMM_TILE).min(self.rows));
+                // SAFETY: as above.
+                unsafe { self.gemm_tile(x, n, r0, r1, out, ldy) }
+            });
+        }
+    }
+
+    /// Per-block sums of each activation row (Q4_1 needs `m · Σx` per block).
+    fn block_sums(&self, x: &[f32], n: usize) -> Vec<f32> {
+        if !matches!(self.packed, Packed::Q4_1 { .. }) {
+            return Vec::new();
+        }
+        x[..n * self.cols].chunks_exact(BLOCK).map(|c| c.iter().sum()).collect()
+    }
+
+    /// # Safety
+    /// `out` must be valid for rows `0..n` of stride `ldy` and columns `r0..r1`, and no other
+    /// thread may write those elements meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn fused_tile(&self, x: &[f32], n: usize, xsums: &[f32], r0: usize, r1: usize, out: OutPtr, ldy: usize) {
+        let cols = self.cols;
+        let nb = cols / BLOCK;
+        let isa = isa();
+        for r in r0..r1 {
+            let mut acc = [0f32; FUSED_ROWS];
+            match &self.packed {
+                Packed::Q4_1 { d, m, qs } => {
+                    let (d, m, q) = (&d[r * nb..(r + 1) * nb], &m[r * nb..(r + 1) * nb], &qs[r * nb * 16..(r + 1) * nb * 16]);
+                    q4_1_rows(isa, q, d, x, cols, n, &mut acc);
+                    for (i, a) in acc.iter_mut().enumerate().take(n) {
+                        let s = &xsums[i * nb..(i + 1) * nb];
+                        *a += m.iter().zip(s).map(|(a, b)| a * b).sum::<f32>();
+                    }
+                }
+                Packed::Q8_0 { d, qs } => {
+                    let (d, q) = (&d[r * nb..(r + 1) * nb], &qs[r * cols..(r + 1) * cols]);
+                    q8_0_rows(isa, q, d, x, cols, n, &mut acc);
+                }
+                Packed::F32(w) => {
+                    let w = &w[r * cols..(r + 1) * cols];
+                    for (i, a) in acc.iter_mut().enumerate().take(n) {
+                        *a = dot(w, &x[i * cols..(i + 1) * cols]);
+                    }
+                }
+            }
+            for (i, a) in acc.iter().enumerate().take(n) {
+                // SAFETY: the caller guarantees this element is ours.
+                unsafe { *out.0.add(i * ldy + r) = *a };
+            }
+        }
+    }
+
+    /// # Safety
+    /// As for [`Self::fused_tile`].
+    unsafe fn gemm_tile(&self, x: &[f32], n: usize, r0: usize, r1: usize, out: OutPtr, ldy: usize) {
+        let cols = self.cols;
+        let width = r1 - r0;
+        let run = |w: &[f32]| {
+            // dst[i, j] = Σ_k x[i, k] · w[j, k]: rhs is wᵀ, read with a column stride of `cols`.
+            // SAFETY: every pointer and stride below addresses memory of the sizes checked in
+            // `matmul`; `dst` is this tile's columns, which no other task touches.
+            unsafe {
+                gemm::gemm(
+                    n,
+                    width,
+                    cols,
+                    out.0.add(r0),
+                    1,
+                    ldy as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    cols as isize,
+                    w.as_ptr(),
+                    cols as isize,
+                    1,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            }
+        };
+        match &self.packed {
+            Packed::F32(v) => run(&v[r0 * cols..r1 * cols]),
+            _ => SCRATCH.with(|s| {
+                let mut s = s.borrow_mut();
+                if s.len() < width * cols {
+                    s.resize(width * cols, 0.0);
+                }
+                self.rows_into(r0, r1, &mut s);
+                run(&s[..width * cols]);
+            }),
+        }
+    }
+}
+
+thread_local! {
+    /// A dequantized weight tile per worker thread, reused across calls.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements through it (see `matmul`).
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+/// Rows per task for the fused kernels: enough tasks to balance the cores, few enough that
+/// scheduling costs little next to the arithmetic.
+fn fused_tile(rows: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    (rows / (threads * 8)).clamp(16, 512)
+}
+
+/// Σ_j qᵢⱼ·xᵢⱼ scaled by each block's `d`, for `n ≤ 4` activation rows, into `acc[..n]`.
+fn q4_1_rows(isa: Isa, q: &[u8], d: &[f32], x: &[f32], cols: usize, n: usize, acc: &mut [f32; FUSED_ROWS]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: the ISA was detected at run time; slices have the lengths the kernels read.
+        match isa {
+            Isa::Avx512 => return unsafe { x86::q4_1_avx512(q, d, x, cols, n, acc) },
+            Isa::Avx2 => return unsafe { x86::q4_1_avx2(q, d, x, cols, n, acc) },
+            Isa::Portable => {}
+        }
+    }
+    let _ = isa;
+    for (i, a) in acc.iter_mut().enumerate().take(n) {
+        let xr = &x[i * cols..(i + 1) * cols];
+        let mut total = 0f32;
+        for (b, &db) in d.iter().enumerate() {
+            let (qb, xb) = (&q[b * 16..b * 16 + 16], &xr[b * BLOCK..(b + 1) * BLOCK]);
+            let mut s = 0f32;
+            for j in 0..16 {
+                s += (qb[j] & 0x0F) as f32 * xb[j] + (qb[j] >> 4) as f32 * xb[j + 16];
+            }
+            total += db * s;
+        }
+        *a = total;
+    }
+}
+
+/// Σ_j dᵢ·qᵢⱼ·xᵢⱼ for Q8_0 rows, for `n ≤ 4` activation rows, into `acc[..n]`.
+fn q8_0_rows(isa: Isa, q: &[i8], d: &[f32], x: &[f32], cols: usize, n: usize, acc: &mut [f32; FUSED_ROWS]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: as in `q4_1_rows`.
+        match isa {
+            Isa::Avx512 => return unsafe { x86::q8_0_avx512(q, d, x, cols, n, acc) },
+            Isa::Avx2 => return unsafe { x86::q8_0_avx2(q, d, x, cols, n, acc) },
+            Isa::Portable => {}
+        }
+    }
+    let _ = isa;
+    for (i, a) in acc.iter_mut().enumerate().take(n) {
+        let xr = &x[i * cols..(i + 1) * cols];
+        let mut total = 0f32;
+        for (b, &db) in d.iter().enumerate() {
+            let s: f32 = q[b * BLOCK..(b + 1) * BLOCK].iter().zip(&xr[b * BLOCK..]).map(|(&q, &x)| q as f32 * x).sum();
+            total += db * s;
+        }
+        *a = total;
+    }
+}
+
+/// A dot product written so that the compiler keeps 16 independent lanes (and so vectorizes).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; 16];
+    let mut ca = a.chunks_exact(16);
+    let mut cb = b.chunks_exact(16);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for j in 0..16 {
+            acc[j] = x[j].mul_add(y[j], acc[j]);
+        }
+    }
+    let mut total: f32 = acc.iter().sum();
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        total = x.mul_add(*y, total);
+    }
+    total
+}
+
+/// `y += a · x`, vectorized.
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (yv, xv) in y.iter_mut().zip(x) {
+        *yv = a.mul_add(*xv, *yv);
+    }
+}
+
+#[cfg(test)]
+mod tests;

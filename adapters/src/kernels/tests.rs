@@ -1,0 +1,151 @@
+//! The packed kernels against a plain f32 reference, on every instruction set this CPU has.
+
+use super::*;
+use candle_core::quantized::QStorage;
+use std::borrow::Cow;
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+fn bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 24) as u8
+        })
+        .collect()
+}
+
+/// GGML blocks with small, finite f16 scales and random payloads.
+fn q4_1_blocks(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    let mut raw = bytes(rows * cols / BLOCK * 20, seed);
+    for (i, b) in raw.chunks_exact_mut(20).enumerate() {
+        b[0..2].copy_from_slice(&f16::from_f32(0.01 + (i % 7) as f32 * 0.003).to_le_bytes());
+        b[2..4].copy_from_slice(&f16::from_f32(-0.05 + (i % 5) as f32 * 0.01).to_le_bytes());
+    }
+    raw
+}
+
+fn q8_0_blocks(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    let mut raw = bytes(rows * cols / BLOCK * 34, seed);
+    for (i, b) in raw.chunks_exact_mut(34).enumerate() {
+        b[0..2].copy_from_slice(&f16::from_f32(0.002 + (i % 3) as f32 * 0.001).to_le_bytes());
+    }
+    raw
+}
+
+fn activations(n: usize, cols: usize) -> Vec<f32> {
+    bytes(n * cols, 99).iter().map(|&b| (b as f32 - 128.0) / 64.0).collect()
+}
+
+fn reference(w: &[f32], x: &[f32], rows: usize, cols: usize, n: usize) -> Vec<f32> {
+    let mut y = vec![0f32; n * rows];
+    for i in 0..n {
+        for r in 0..rows {
+            y[i * rows + r] = (0..cols).map(|k| (x[i * cols + k] as f64) * (w[r * cols + k] as f64)).sum::<f64>() as f32;
+        }
+    }
+    y
+}
+
+fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let tol = 1e-4 * (1.0 + w.abs());
+        assert!((g - w).abs() <= tol, "{what}: element {i} is {g}, want {w}");
+    }
+}
+
+fn check_all_sizes(m: &QMatrix, what: &str) {
+    let (rows, cols) = (m.rows(), m.cols());
+    let w = m.to_dense();
+    for n in [1, 2, 3, 4, 5, 9, 70] {
+        let x = activations(n, cols);
+        let want = reference(&w, &x, rows, cols, n);
+        // Written into a wider output to check the row stride.
+        let ldy = rows + 3;
+        let mut y = vec![f32::NAN; n * ldy];
+        m.matmul(&x, n, &mut y, ldy);
+        let got: Vec<f32> = (0..n).flat_map(|i| y[i * ldy..i * ldy + rows].to_vec()).collect();
+        assert_close(&got, &want, &format!("{what}, n = {n}"));
+        for i in 0..n {
+            assert!(y[i * ldy + rows..(i + 1) * ldy].iter().all(|v| v.is_nan()), "{what}: wrote past the row");
+        }
+    }
+}
+
+#[test]
+fn dequantized_rows_equal_candles_dequantize_bit_for_bit() {
+    let (rows, cols) = (6, 64);
+    for (dtype, raw) in [(GgmlDType::Q4_1, q4_1_blocks(rows, cols, 1)), (GgmlDType::Q8_0, q8_0_blocks(rows, cols, 2))] {
+        let storage = QStorage::from_data(Cow::Borrowed(raw.as_slice()), &Device::Cpu, dtype).unwrap();
+        let qt = QTensor::new(storage, (rows, cols)).unwrap();
+        let want = qt.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let m = QMatrix::from_qtensor(&qt).unwrap();
+        assert_eq!(m.to_dense(), want, "{dtype:?}");
+    }
+}
+
+#[test]
+fn q4_1_matmul_matches_the_dense_reference() {
+    check_all_sizes(&QMatrix::from_q4_1_bytes(&q4_1_blocks(67, 96, 3), 67, 96), "q4_1");
+}
+
+#[test]
+fn q8_0_matmul_matches_the_dense_reference() {
+    check_all_sizes(&QMatrix::from_q8_0_bytes(&q8_0_blocks(45, 128, 4), 45, 128), "q8_0");
+}
+
+#[test]
+fn dense_matmul_matches_the_reference() {
+    let (rows, cols) = (33, 40);
+    let w: Vec<f32> = activations(rows, cols).iter().map(|v| v * 0.1).collect();
+    check_all_sizes(&QMatrix::dense(w, rows, cols), "f32");
+}
+
+#[test]
+fn every_instruction_set_gives_the_same_sums() {
+    let (rows, cols) = (3, 128);
+    let m4 = QMatrix::from_q4_1_bytes(&q4_1_blocks(rows, cols, 5), rows, cols);
+    let m8 = QMatrix::from_q8_0_bytes(&q8_0_blocks(rows, cols, 6), rows, cols);
+    let mut isas = vec![Isa::Portable];
+    if isa() == Isa::Avx512 {
+        isas.push(Isa::Avx512);
+    }
+    if matches!(isa(), Isa::Avx512 | Isa::Avx2) {
+        isas.push(Isa::Avx2);
+    }
+    let x = activations(4, cols);
+    let (Packed::Q4_1 { d: d4, qs: q4, .. }, Packed::Q8_0 { d: d8, qs: q8 }) = (&m4.packed, &m8.packed) else {
+        panic!("unexpected packing");
+    };
+    let nb = cols / BLOCK;
+    let mut first: Option<([f32; 4], [f32; 4])> = None;
+    for isa in isas {
+        let (mut a4, mut a8) = ([0f32; 4], [0f32; 4]);
+        q4_1_rows(isa, &q4[..nb * 16], &d4[..nb], &x, cols, 4, &mut a4);
+        q8_0_rows(isa, &q8[..cols], &d8[..nb], &x, cols, 4, &mut a8);
+        match first {
+            None => first = Some((a4, a8)),
+            Some((b4, b8)) => {
+                assert_close(&a4, &b4, &format!("q4_1 on {isa:?}"));
+                assert_close(&a8, &b8, &format!("q8_0 on {isa:?}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn concatenated_rows_multiply_like_the_parts() {
+    let a = QMatrix::from_q4_1_bytes(&q4_1_blocks(8, 64, 7), 8, 64);
+    let b = QMatrix::from_q4_1_bytes(&q4_1_blocks(4, 64, 8), 4, 64);
+    let c = QMatrix::dense(activations(5, 64), 5, 64);
+    for fused in [QMatrix::concat_rows(&[&a, &b]), QMatrix::concat_rows(&[&a, &b, &c])] {
+        let mut want = a.to_dense();
+        want.extend(b.to_dense());
+        if fused.rows() == 17 {
+            want.extend(c.to_dense());
+        }
+        assert_eq!(fused.to_dense(), want);
+    }
+}
