@@ -32,6 +32,10 @@ struct Args {
     /// The user message.
     #[arg(long, default_value = "Write a short story about a lighthouse keeper who finds a message in a bottle.")]
     prompt: String,
+    /// Send --prompt as raw text to /v1/completions (so another engine can be given exactly the
+    /// same tokens) instead of as a chat message.
+    #[arg(long)]
+    completions: bool,
     /// Where to write the markdown report (stdout always gets it too).
     #[arg(long)]
     out: Option<std::path::PathBuf>,
@@ -81,6 +85,8 @@ struct Level {
     wall_s: f64,
     aggregate_tok_s: f64,
     per_stream_decode_tok_s_mean: f64,
+    /// The slowest stream's decode rate: no stream starves while others run.
+    per_stream_decode_tok_s_min: f64,
     ttft_ms_p50: f64,
     ttft_ms_p99: f64,
     itl_ms_p50: f64,
@@ -98,17 +104,23 @@ struct Report {
 }
 
 async fn one_request(client: &reqwest::Client, args: &Args, model: &str) -> Result<(Sample, usize)> {
-    let body = json!({
+    let mut body = json!({
         "model": model,
-        "messages": [{"role": "user", "content": args.prompt}],
         "max_tokens": args.max_tokens,
         "temperature": 0,
         "ignore_eos": true,
         "stream": true,
         "stream_options": {"include_usage": true},
     });
+    let route = if args.completions {
+        body["prompt"] = json!(args.prompt);
+        "completions"
+    } else {
+        body["messages"] = json!([{"role": "user", "content": args.prompt}]);
+        "chat/completions"
+    };
     let started = Instant::now();
-    let res = client.post(format!("{}/v1/chat/completions", args.url)).json(&body).send().await?;
+    let res = client.post(format!("{}/v1/{route}", args.url)).json(&body).send().await?;
     if !res.status().is_success() {
         bail!("status {}: {}", res.status(), res.text().await.unwrap_or_default());
     }
@@ -133,7 +145,9 @@ async fn one_request(client: &reqwest::Client, args: &Args, model: &str) -> Resu
             if !v["usage"].is_null() {
                 usage = Some(v["usage"].clone());
             }
-            let has_text = v["choices"][0]["delta"]["content"].as_str().is_some_and(|t| !t.is_empty());
+            let choice = &v["choices"][0];
+            let text = choice["delta"]["content"].as_str().or_else(|| choice["text"].as_str());
+            let has_text = text.is_some_and(|t| !t.is_empty());
             if has_text {
                 let now = Instant::now();
                 match last {
@@ -277,6 +291,7 @@ async fn run_level(client: &reqwest::Client, args: &Args, concurrency: usize) ->
         wall_s: wall.as_secs_f64(),
         aggregate_tok_s: total_tokens as f64 / wall.as_secs_f64(),
         per_stream_decode_tok_s_mean: decode.iter().sum::<f64>() / decode.len().max(1) as f64,
+        per_stream_decode_tok_s_min: if decode.is_empty() { 0.0 } else { decode.iter().copied().fold(f64::INFINITY, f64::min) },
         ttft_ms_p50: percentile(&ttft, 0.5),
         ttft_ms_p99: percentile(&ttft, 0.99),
         itl_ms_p50: percentile(&itl, 0.5),

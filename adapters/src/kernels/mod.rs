@@ -2,9 +2,10 @@
 //! against f32 activations with SIMD chosen at run time, split across cores with rayon.
 //!
 //! Activations stay f32 on purpose: llama.cpp rounds them to 8 bits before its integer dot
-//! products, and on SmolLM2-135M that rounding alone changes greedy answers. Here the weights
-//! are dequantized in registers to exactly the values `QTensor::dequantize` gives, so the only
-//! difference from a dense f32 matmul is the order of the additions.
+//! products, and on SmolLM2-135M that rounding alone moves logits by ~0.2 and can change
+//! greedy answers. Here the weights are dequantized in registers to exactly the values
+//! `QTensor::dequantize` gives, so the only difference from a dense f32 matmul is the order of
+//! the additions.
 
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -17,9 +18,21 @@ use rayon::prelude::*;
 /// Elements per GGML block for the packed formats here.
 pub const BLOCK: usize = 32;
 
-/// Up to this many activation rows, the fused dequantize-and-dot kernels run; above it a tile
-/// of weights is dequantized once and handed to a cache-blocked f32 GEMM.
-const FUSED_ROWS: usize = 4;
+/// Most activation rows one fused kernel call takes (AVX-512; AVX2 and portable take 4).
+const FUSED_ROWS: usize = 8;
+
+/// Up to this many activation rows (a decode batch), the fused dequantize-and-dot kernels run,
+/// in groups, over each weight row while it is in L1; above it (prompts) a tile of weights is
+/// dequantized once and handed to a cache-blocked f32 GEMM.
+const FUSED_MAX: usize = 32;
+
+/// Rows per fused kernel call on this machine.
+fn fused_group() -> usize {
+    match isa() {
+        Isa::Avx512 => FUSED_ROWS,
+        _ => 4,
+    }
+}
 
 /// Output rows per GEMM tile (its dequantized weights are at most `TILE × cols` floats).
 const GEMM_TILE: usize = 64;
@@ -207,6 +220,12 @@ impl QMatrix {
             Packed::F32(v) => out.copy_from_slice(&v[r0 * cols..r1 * cols]),
             Packed::Q4_1 { d, m, qs } => {
                 let b0 = r0 * cols / BLOCK;
+                let b1 = r1 * cols / BLOCK;
+                #[cfg(target_arch = "x86_64")]
+                if isa() == Isa::Avx512 {
+                    // SAFETY: AVX-512 was detected; the slices cover blocks b0..b1 and `out`.
+                    return unsafe { x86::dequant_q4_1_avx512(&qs[b0 * 16..b1 * 16], &d[b0..b1], &m[b0..b1], out) };
+                }
                 for (i, dst) in out.chunks_exact_mut(BLOCK).enumerate() {
                     let b = b0 + i;
                     let (db, mb) = (d[b], m[b]);
@@ -219,6 +238,12 @@ impl QMatrix {
             }
             Packed::Q8_0 { d, qs } => {
                 let b0 = r0 * cols / BLOCK;
+                let b1 = r1 * cols / BLOCK;
+                #[cfg(target_arch = "x86_64")]
+                if isa() == Isa::Avx512 {
+                    // SAFETY: as above.
+                    return unsafe { x86::dequant_q8_0_avx512(&qs[b0 * BLOCK..b1 * BLOCK], &d[b0..b1], out) };
+                }
                 for (i, dst) in out.chunks_exact_mut(BLOCK).enumerate() {
                     let b = b0 + i;
                     let db = d[b];
@@ -239,13 +264,12 @@ impl QMatrix {
             return;
         }
         let out = OutPtr(y.as_mut_ptr());
-        if n <= FUSED_ROWS {
-            let xsums = self.block_sums(x, n);
+        if n <= FUSED_MAX {
             let tile = fused_tile(self.rows);
             (0..self.rows.div_ceil(tile)).into_par_iter().for_each(|t| {
                 let (r0, r1) = (t * tile, ((t + 1) * tile).min(self.rows));
                 // SAFETY: tiles cover disjoint column ranges of `y`, inside the bounds checked above.
-                unsafe { self.fused_tile(x, n, &xsums, r0, r1, out, ldy) }
+                unsafe { self.fused_tile(x, n, r0, r1, out, ldy) }
             });
         } else {
             (0..self.rows.div_ceil(GEMM_TILE)).into_par_iter().for_each(|t| {
@@ -256,49 +280,74 @@ impl QMatrix {
         }
     }
 
-    /// Per-block sums of each activation row (Q4_1 needs `m · Σx` per block).
-    fn block_sums(&self, x: &[f32], n: usize) -> Vec<f32> {
-        if !matches!(self.packed, Packed::Q4_1 { .. }) {
-            return Vec::new();
-        }
-        x[..n * self.cols].chunks_exact(BLOCK).map(|c| c.iter().sum()).collect()
-    }
-
     /// # Safety
     /// `out` must be valid for rows `0..n` of stride `ldy` and columns `r0..r1`, and no other
     /// thread may write those elements meanwhile.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn fused_tile(&self, x: &[f32], n: usize, xsums: &[f32], r0: usize, r1: usize, out: OutPtr, ldy: usize) {
+    unsafe fn fused_tile(&self, x: &[f32], n: usize, r0: usize, r1: usize, out: OutPtr, ldy: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let nb = self.cols / BLOCK;
+            // SAFETY: the ISA was detected; the slices are whole rows of this matrix and the
+            // caller vouches for `out`.
+            let done = unsafe {
+                match (&self.packed, isa()) {
+                    (Packed::Q4_1 { d, m, qs }, Isa::Avx512) => x86::q4_1_tile_pairs_avx512(qs, d, m, nb, r0, r1, x, n, out.0, ldy),
+                    (Packed::Q4_1 { d, m, qs }, Isa::Avx2) => x86::q4_1_tile_avx2(qs, d, m, nb, r0, r1, x, n, out.0, ldy),
+                    (Packed::Q8_0 { d, qs }, Isa::Avx512) => x86::q8_0_tile_avx512(qs, d, &[], nb, r0, r1, x, n, out.0, ldy),
+                    (Packed::Q8_0 { d, qs }, Isa::Avx2) => x86::q8_0_tile_avx2(qs, d, &[], nb, r0, r1, x, n, out.0, ldy),
+                    _ => self.fused_tile_portable(x, n, r0, r1, out, ldy),
+                }
+            };
+            return done;
+        }
+        #[allow(unreachable_code)]
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            self.fused_tile_portable(x, n, r0, r1, out, ldy)
+        }
+    }
+
+    /// # Safety
+    /// As for [`Self::fused_tile`].
+    unsafe fn fused_tile_portable(&self, x: &[f32], n: usize, r0: usize, r1: usize, out: OutPtr, ldy: usize) {
         let cols = self.cols;
-        let nb = cols / BLOCK;
-        let isa = isa();
+        let group = fused_group();
         for r in r0..r1 {
-            let mut acc = [0f32; FUSED_ROWS];
-            match &self.packed {
-                Packed::Q4_1 { d, m, qs } => {
-                    let (d, m, q) = (&d[r * nb..(r + 1) * nb], &m[r * nb..(r + 1) * nb], &qs[r * nb * 16..(r + 1) * nb * 16]);
-                    q4_1_rows(isa, q, d, x, cols, n, &mut acc);
-                    for (i, a) in acc.iter_mut().enumerate().take(n) {
-                        let s = &xsums[i * nb..(i + 1) * nb];
-                        *a += m.iter().zip(s).map(|(a, b)| a * b).sum::<f32>();
-                    }
+            // The weight row stays in L1 while each group of activation rows passes over it.
+            for g0 in (0..n).step_by(group) {
+                let gn = group.min(n - g0);
+                let acc = self.fused_row(r, &x[g0 * cols..], gn);
+                for (i, a) in acc.iter().enumerate().take(gn) {
+                    // SAFETY: the caller guarantees this element is ours.
+                    unsafe { *out.0.add((g0 + i) * ldy + r) = *a };
                 }
-                Packed::Q8_0 { d, qs } => {
-                    let (d, q) = (&d[r * nb..(r + 1) * nb], &qs[r * cols..(r + 1) * cols]);
-                    q8_0_rows(isa, q, d, x, cols, n, &mut acc);
-                }
-                Packed::F32(w) => {
-                    let w = &w[r * cols..(r + 1) * cols];
-                    for (i, a) in acc.iter_mut().enumerate().take(n) {
-                        *a = dot(w, &x[i * cols..(i + 1) * cols]);
-                    }
-                }
-            }
-            for (i, a) in acc.iter().enumerate().take(n) {
-                // SAFETY: the caller guarantees this element is ours.
-                unsafe { *out.0.add(i * ldy + r) = *a };
             }
         }
+    }
+
+    /// Row `r` of the weights against `n ≤ FUSED_ROWS` activation rows.
+    fn fused_row(&self, r: usize, x: &[f32], n: usize) -> [f32; FUSED_ROWS] {
+        let (cols, nb) = (self.cols, self.cols / BLOCK);
+        let isa = isa();
+        let mut acc = [0f32; FUSED_ROWS];
+        match &self.packed {
+            Packed::Q4_1 { d, m, qs } => {
+                let (d, m, q) = (&d[r * nb..(r + 1) * nb], &m[r * nb..(r + 1) * nb], &qs[r * nb * 16..(r + 1) * nb * 16]);
+                q4_1_rows(isa, q, d, m, x, cols, n, &mut acc);
+            }
+            Packed::Q8_0 { d, qs } => {
+                let (d, q) = (&d[r * nb..(r + 1) * nb], &qs[r * cols..(r + 1) * cols]);
+                q8_0_rows(isa, q, d, x, cols, n, &mut acc);
+            }
+            Packed::F32(w) => {
+                let w = &w[r * cols..(r + 1) * cols];
+                for (i, a) in acc.iter_mut().enumerate().take(n) {
+                    *a = dot(w, &x[i * cols..(i + 1) * cols]);
+                }
+            }
+        }
+        acc
     }
 
     /// # Safety
@@ -367,14 +416,15 @@ fn fused_tile(rows: usize) -> usize {
     (rows / (threads * 8)).clamp(16, 512)
 }
 
-/// Σ_j qᵢⱼ·xᵢⱼ scaled by each block's `d`, for `n ≤ 4` activation rows, into `acc[..n]`.
-fn q4_1_rows(isa: Isa, q: &[u8], d: &[f32], x: &[f32], cols: usize, n: usize, acc: &mut [f32; FUSED_ROWS]) {
+/// Σ_j qᵢⱼ·xᵢⱼ scaled by each block's `d`, for `n ≤ 8` activation rows, into `acc[..n]`.
+#[allow(clippy::too_many_arguments)]
+fn q4_1_rows(isa: Isa, q: &[u8], d: &[f32], m: &[f32], x: &[f32], cols: usize, n: usize, acc: &mut [f32; FUSED_ROWS]) {
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: the ISA was detected at run time; slices have the lengths the kernels read.
         match isa {
-            Isa::Avx512 => return unsafe { x86::q4_1_avx512(q, d, x, cols, n, acc) },
-            Isa::Avx2 => return unsafe { x86::q4_1_avx2(q, d, x, cols, n, acc) },
+            Isa::Avx512 => return unsafe { x86::q4_1_avx512(q, d, m, x, cols, n, acc) },
+            Isa::Avx2 => return unsafe { x86::q4_1_avx2(q, d, m, x, cols, n, acc) },
             Isa::Portable => {}
         }
     }
@@ -382,19 +432,18 @@ fn q4_1_rows(isa: Isa, q: &[u8], d: &[f32], x: &[f32], cols: usize, n: usize, ac
     for (i, a) in acc.iter_mut().enumerate().take(n) {
         let xr = &x[i * cols..(i + 1) * cols];
         let mut total = 0f32;
-        for (b, &db) in d.iter().enumerate() {
+        for (b, (&db, &mb)) in d.iter().zip(m).enumerate() {
             let (qb, xb) = (&q[b * 16..b * 16 + 16], &xr[b * BLOCK..(b + 1) * BLOCK]);
-            let mut s = 0f32;
             for j in 0..16 {
-                s += (qb[j] & 0x0F) as f32 * xb[j] + (qb[j] >> 4) as f32 * xb[j + 16];
+                total = ((qb[j] & 0x0F) as f32 * db + mb).mul_add(xb[j], total);
+                total = ((qb[j] >> 4) as f32 * db + mb).mul_add(xb[j + 16], total);
             }
-            total += db * s;
         }
         *a = total;
     }
 }
 
-/// Σ_j dᵢ·qᵢⱼ·xᵢⱼ for Q8_0 rows, for `n ≤ 4` activation rows, into `acc[..n]`.
+/// Σ_j dᵢ·qᵢⱼ·xᵢⱼ for Q8_0 rows, for `n ≤ 8` activation rows, into `acc[..n]`.
 fn q8_0_rows(isa: Isa, q: &[i8], d: &[f32], x: &[f32], cols: usize, n: usize, acc: &mut [f32; FUSED_ROWS]) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -410,8 +459,9 @@ fn q8_0_rows(isa: Isa, q: &[i8], d: &[f32], x: &[f32], cols: usize, n: usize, ac
         let xr = &x[i * cols..(i + 1) * cols];
         let mut total = 0f32;
         for (b, &db) in d.iter().enumerate() {
-            let s: f32 = q[b * BLOCK..(b + 1) * BLOCK].iter().zip(&xr[b * BLOCK..]).map(|(&q, &x)| q as f32 * x).sum();
-            total += db * s;
+            for (&q, &x) in q[b * BLOCK..(b + 1) * BLOCK].iter().zip(&xr[b * BLOCK..]) {
+                total = (q as f32 * db).mul_add(x, total);
+            }
         }
         *a = total;
     }

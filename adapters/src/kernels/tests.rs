@@ -59,7 +59,7 @@ fn assert_close(got: &[f32], want: &[f32], what: &str) {
 fn check_all_sizes(m: &QMatrix, what: &str) {
     let (rows, cols) = (m.rows(), m.cols());
     let w = m.to_dense();
-    for n in [1, 2, 3, 4, 5, 9, 70] {
+    for n in [1, 2, 3, 4, 5, 8, 9, 17, 32, 33, 70] {
         let x = activations(n, cols);
         let want = reference(&w, &x, rows, cols, n);
         // Written into a wider output to check the row stride.
@@ -116,14 +116,14 @@ fn every_instruction_set_gives_the_same_sums() {
         isas.push(Isa::Avx2);
     }
     let x = activations(4, cols);
-    let (Packed::Q4_1 { d: d4, qs: q4, .. }, Packed::Q8_0 { d: d8, qs: q8 }) = (&m4.packed, &m8.packed) else {
+    let (Packed::Q4_1 { d: d4, m: mn4, qs: q4 }, Packed::Q8_0 { d: d8, qs: q8 }) = (&m4.packed, &m8.packed) else {
         panic!("unexpected packing");
     };
     let nb = cols / BLOCK;
-    let mut first: Option<([f32; 4], [f32; 4])> = None;
+    let mut first: Option<([f32; FUSED_ROWS], [f32; FUSED_ROWS])> = None;
     for isa in isas {
-        let (mut a4, mut a8) = ([0f32; 4], [0f32; 4]);
-        q4_1_rows(isa, &q4[..nb * 16], &d4[..nb], &x, cols, 4, &mut a4);
+        let (mut a4, mut a8) = ([0f32; FUSED_ROWS], [0f32; FUSED_ROWS]);
+        q4_1_rows(isa, &q4[..nb * 16], &d4[..nb], &mn4[..nb], &x, cols, 4, &mut a4);
         q8_0_rows(isa, &q8[..cols], &d8[..nb], &x, cols, 4, &mut a8);
         match first {
             None => first = Some((a4, a8)),

@@ -1,58 +1,113 @@
 //! AVX2 and AVX-512 versions of the fused dequantize-and-dot kernels.
 //!
-//! Each kernel walks one weight row block by block, turns the block's integers into f32 once,
-//! and multiplies them against up to four activation rows, so one pass over the (packed)
-//! weights serves every row of a small decode batch.
+//! Each kernel walks one weight row block by block, turns the block into its exact f32
+//! weights once (the same `q·d + m` a dense dequantization gives), and multiplies them against
+//! up to eight (AVX-512) or four (AVX2) activation rows with FMAs, so one pass over the packed
+//! weights serves every row of a decode batch.
 
 use std::arch::x86_64::*;
 
 use super::{BLOCK, FUSED_ROWS};
 
 macro_rules! dispatch_rows {
-    ($kernel:ident, $q:expr, $d:expr, $x:expr, $cols:expr, $n:expr, $acc:expr) => {
+    ($kernel:ident, $($arg:expr),+; $n:expr) => {
         match $n {
-            1 => $kernel::<1>($q, $d, $x, $cols, $acc),
-            2 => $kernel::<2>($q, $d, $x, $cols, $acc),
-            3 => $kernel::<3>($q, $d, $x, $cols, $acc),
-            _ => $kernel::<4>($q, $d, $x, $cols, $acc),
+            1 => $kernel::<1>($($arg),+),
+            2 => $kernel::<2>($($arg),+),
+            3 => $kernel::<3>($($arg),+),
+            4 => $kernel::<4>($($arg),+),
+            5 => $kernel::<5>($($arg),+),
+            6 => $kernel::<6>($($arg),+),
+            7 => $kernel::<7>($($arg),+),
+            _ => $kernel::<8>($($arg),+),
         }
     };
+}
+
+/// Dequantizes Q4_1 blocks into `out` (32 floats per block) as `q·d + m`, multiplied and
+/// added separately so the values equal the scalar (and candle's) dequantization bit for bit.
+///
+/// # Safety
+/// The CPU must support AVX-512F/BW; `q` holds `d.len()` blocks of 16 bytes, `m` and `out`
+/// match `d`.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn dequant_q4_1_avx512(q: &[u8], d: &[f32], m: &[f32], out: &mut [f32]) {
+    debug_assert!(q.len() >= d.len() * 16 && m.len() >= d.len() && out.len() >= d.len() * BLOCK);
+    // SAFETY: every pointer stays inside the slices, as the caller guarantees.
+    unsafe {
+        let mask = _mm_set1_epi8(0x0F);
+        let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
+        for b in 0..d.len() {
+            let raw = _mm_loadu_si128(qp.add(b * 16) as *const __m128i);
+            let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask)));
+            let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), mask)));
+            let (db, mb) = (_mm512_set1_ps(*d.get_unchecked(b)), _mm512_set1_ps(*m.get_unchecked(b)));
+            _mm512_storeu_ps(op.add(b * BLOCK), _mm512_add_ps(_mm512_mul_ps(lo, db), mb));
+            _mm512_storeu_ps(op.add(b * BLOCK + 16), _mm512_add_ps(_mm512_mul_ps(hi, db), mb));
+        }
+    }
+}
+
+/// Dequantizes Q8_0 blocks into `out` as `q·d`.
+///
+/// # Safety
+/// As for [`dequant_q4_1_avx512`], with `q` holding `d.len() * 32` values.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn dequant_q8_0_avx512(q: &[i8], d: &[f32], out: &mut [f32]) {
+    debug_assert!(q.len() >= d.len() * BLOCK && out.len() >= d.len() * BLOCK);
+    // SAFETY: as above.
+    unsafe {
+        let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
+        for b in 0..d.len() {
+            let db = _mm512_set1_ps(*d.get_unchecked(b));
+            for h in 0..2 {
+                let v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qp.add(b * BLOCK + h * 16) as *const __m128i)));
+                _mm512_storeu_ps(op.add(b * BLOCK + h * 16), _mm512_mul_ps(v, db));
+            }
+        }
+    }
 }
 
 /// # Safety
 /// The CPU must support AVX2 and FMA; `q` holds `d.len()` blocks of 16 bytes and `x` holds
 /// `n` rows of `cols = d.len() * 32` floats.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn q4_1_avx2(q: &[u8], d: &[f32], x: &[f32], cols: usize, n: usize, acc: &mut [f32; FUSED_ROWS]) {
+pub unsafe fn q4_1_avx2(q: &[u8], d: &[f32], m: &[f32], x: &[f32], cols: usize, n: usize, acc: &mut [f32; FUSED_ROWS]) {
     debug_assert!(q.len() >= d.len() * 16 && x.len() >= n * cols && cols >= d.len() * BLOCK);
     // SAFETY: forwarded from the caller.
-    unsafe { dispatch_rows!(q4_1_avx2_n, q, d, x, cols, n, acc) }
+    unsafe {
+        match n {
+            1 => q4_1_avx2_n::<1>(q, d, m, x, cols, acc),
+            2 => q4_1_avx2_n::<2>(q, d, m, x, cols, acc),
+            3 => q4_1_avx2_n::<3>(q, d, m, x, cols, acc),
+            _ => q4_1_avx2_n::<4>(q, d, m, x, cols, acc),
+        }
+    }
 }
 
 #[target_feature(enable = "avx2,fma")]
-unsafe fn q4_1_avx2_n<const N: usize>(q: &[u8], d: &[f32], x: &[f32], cols: usize, acc: &mut [f32; FUSED_ROWS]) {
-    // SAFETY: every pointer below stays inside `q` (16 bytes per block) and `x` (N rows of
-    // `cols` floats), as the caller guarantees.
+#[inline]
+unsafe fn q4_1_avx2_n<const N: usize>(q: &[u8], d: &[f32], m: &[f32], x: &[f32], cols: usize, acc: &mut [f32; FUSED_ROWS]) {
+    // SAFETY: every pointer below stays inside `q` (16 bytes per block), `d`/`m` (one per
+    // block) and `x` (N rows of `cols` floats), as the caller guarantees.
     unsafe {
         let mask = _mm_set1_epi8(0x0F);
         let mut sums = [_mm256_setzero_ps(); N];
         let (qp, xp) = (q.as_ptr(), x.as_ptr());
-        for (b, &db) in d.iter().enumerate() {
+        for b in 0..d.len() {
             let raw = _mm_loadu_si128(qp.add(b * 16) as *const __m128i);
             let lo = _mm_and_si128(raw, mask);
             let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-            let w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-            let w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-            let w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-            let w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-            let scale = _mm256_set1_ps(db);
+            let (db, mb) = (_mm256_set1_ps(*d.get_unchecked(b)), _mm256_set1_ps(*m.get_unchecked(b)));
+            // The exact dequantized weights (q·d + m, not fused), shared by every row.
+            let w = |v: __m128i| _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), db), mb);
+            let (w0, w1, w2, w3) = (w(lo), w(_mm_srli_si128(lo, 8)), w(hi), w(_mm_srli_si128(hi, 8)));
             for (i, s) in sums.iter_mut().enumerate() {
                 let xb = xp.add(i * cols + b * BLOCK);
-                let mut t = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));
-                t = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb.add(8)), t);
-                t = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb.add(16)), t);
-                t = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb.add(24)), t);
-                *s = _mm256_fmadd_ps(scale, t, *s);
+                *s = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), *s);
+                *s = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb.add(8)), *s);
+                *s = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb.add(16)), *s);
+                *s = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb.add(24)), *s);
             }
         }
         for (a, s) in acc.iter_mut().zip(sums) {
@@ -64,32 +119,35 @@ unsafe fn q4_1_avx2_n<const N: usize>(q: &[u8], d: &[f32], x: &[f32], cols: usiz
 /// # Safety
 /// As for [`q4_1_avx2`], with AVX-512F and AVX-512BW.
 #[target_feature(enable = "avx512f,avx512bw")]
-pub unsafe fn q4_1_avx512(q: &[u8], d: &[f32], x: &[f32], cols: usize, n: usize, acc: &mut [f32; FUSED_ROWS]) {
+pub unsafe fn q4_1_avx512(q: &[u8], d: &[f32], m: &[f32], x: &[f32], cols: usize, n: usize, acc: &mut [f32; FUSED_ROWS]) {
     debug_assert!(q.len() >= d.len() * 16 && x.len() >= n * cols && cols >= d.len() * BLOCK);
     // SAFETY: forwarded from the caller.
-    unsafe { dispatch_rows!(q4_1_avx512_n, q, d, x, cols, n, acc) }
+    unsafe { dispatch_rows!(q4_1_avx512_n, q, d, m, x, cols, acc; n) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn q4_1_avx512_n<const N: usize>(q: &[u8], d: &[f32], x: &[f32], cols: usize, acc: &mut [f32; FUSED_ROWS]) {
+#[inline]
+unsafe fn q4_1_avx512_n<const N: usize>(q: &[u8], d: &[f32], m: &[f32], x: &[f32], cols: usize, acc: &mut [f32; FUSED_ROWS]) {
     // SAFETY: as in `q4_1_avx2_n`.
     unsafe {
         let mask = _mm_set1_epi8(0x0F);
-        let mut sums = [_mm512_setzero_ps(); N];
+        // Two accumulators per row halve the dependency chain of the FMAs.
+        let mut sums = [[_mm512_setzero_ps(); 2]; N];
         let (qp, xp) = (q.as_ptr(), x.as_ptr());
-        for (b, &db) in d.iter().enumerate() {
+        for b in 0..d.len() {
             let raw = _mm_loadu_si128(qp.add(b * 16) as *const __m128i);
+            let (db, mb) = (_mm512_set1_ps(*d.get_unchecked(b)), _mm512_set1_ps(*m.get_unchecked(b)));
             let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask)));
             let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), mask)));
-            let scale = _mm512_set1_ps(db);
+            let (w0, w1) = (_mm512_add_ps(_mm512_mul_ps(lo, db), mb), _mm512_add_ps(_mm512_mul_ps(hi, db), mb));
             for (i, s) in sums.iter_mut().enumerate() {
                 let xb = xp.add(i * cols + b * BLOCK);
-                let t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb.add(16)), _mm512_mul_ps(lo, _mm512_loadu_ps(xb)));
-                *s = _mm512_fmadd_ps(scale, t, *s);
+                s[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), s[0]);
+                s[1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb.add(16)), s[1]);
             }
         }
         for (a, s) in acc.iter_mut().zip(sums) {
-            *a = _mm512_reduce_add_ps(s);
+            *a = _mm512_reduce_add_ps(_mm512_add_ps(s[0], s[1]));
         }
     }
 }
@@ -101,27 +159,36 @@ unsafe fn q4_1_avx512_n<const N: usize>(q: &[u8], d: &[f32], x: &[f32], cols: us
 pub unsafe fn q8_0_avx2(q: &[i8], d: &[f32], x: &[f32], cols: usize, n: usize, acc: &mut [f32; FUSED_ROWS]) {
     debug_assert!(q.len() >= d.len() * BLOCK && x.len() >= n * cols);
     // SAFETY: forwarded from the caller.
-    unsafe { dispatch_rows!(q8_0_avx2_n, q, d, x, cols, n, acc) }
+    unsafe {
+        match n {
+            1 => q8_0_avx2_n::<1>(q, d, x, cols, acc),
+            2 => q8_0_avx2_n::<2>(q, d, x, cols, acc),
+            3 => q8_0_avx2_n::<3>(q, d, x, cols, acc),
+            _ => q8_0_avx2_n::<4>(q, d, x, cols, acc),
+        }
+    }
 }
 
 #[target_feature(enable = "avx2,fma")]
+#[inline]
 unsafe fn q8_0_avx2_n<const N: usize>(q: &[i8], d: &[f32], x: &[f32], cols: usize, acc: &mut [f32; FUSED_ROWS]) {
     // SAFETY: every pointer stays inside `q` and `x`, as the caller guarantees.
     unsafe {
         let mut sums = [_mm256_setzero_ps(); N];
         let (qp, xp) = (q.as_ptr(), x.as_ptr());
-        for (b, &db) in d.iter().enumerate() {
+        for b in 0..d.len() {
             let qb = qp.add(b * BLOCK);
-            let w = |o: usize| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qb.add(o) as *const __m128i)));
+            let db = _mm256_set1_ps(*d.get_unchecked(b));
+            let w = |o: usize| {
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qb.add(o) as *const __m128i))), db)
+            };
             let (w0, w1, w2, w3) = (w(0), w(8), w(16), w(24));
-            let scale = _mm256_set1_ps(db);
             for (i, s) in sums.iter_mut().enumerate() {
                 let xb = xp.add(i * cols + b * BLOCK);
-                let mut t = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));
-                t = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb.add(8)), t);
-                t = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb.add(16)), t);
-                t = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb.add(24)), t);
-                *s = _mm256_fmadd_ps(scale, t, *s);
+                *s = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), *s);
+                *s = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb.add(8)), *s);
+                *s = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb.add(16)), *s);
+                *s = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb.add(24)), *s);
             }
         }
         for (a, s) in acc.iter_mut().zip(sums) {
@@ -136,28 +203,29 @@ unsafe fn q8_0_avx2_n<const N: usize>(q: &[i8], d: &[f32], x: &[f32], cols: usiz
 pub unsafe fn q8_0_avx512(q: &[i8], d: &[f32], x: &[f32], cols: usize, n: usize, acc: &mut [f32; FUSED_ROWS]) {
     debug_assert!(q.len() >= d.len() * BLOCK && x.len() >= n * cols);
     // SAFETY: forwarded from the caller.
-    unsafe { dispatch_rows!(q8_0_avx512_n, q, d, x, cols, n, acc) }
+    unsafe { dispatch_rows!(q8_0_avx512_n, q, d, x, cols, acc; n) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
 unsafe fn q8_0_avx512_n<const N: usize>(q: &[i8], d: &[f32], x: &[f32], cols: usize, acc: &mut [f32; FUSED_ROWS]) {
     // SAFETY: as in `q8_0_avx2_n`.
     unsafe {
-        let mut sums = [_mm512_setzero_ps(); N];
+        let mut sums = [[_mm512_setzero_ps(); 2]; N];
         let (qp, xp) = (q.as_ptr(), x.as_ptr());
-        for (b, &db) in d.iter().enumerate() {
+        for b in 0..d.len() {
             let qb = qp.add(b * BLOCK);
-            let w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qb as *const __m128i)));
-            let w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qb.add(16) as *const __m128i)));
-            let scale = _mm512_set1_ps(db);
+            let db = _mm512_set1_ps(*d.get_unchecked(b));
+            let w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qb as *const __m128i))), db);
+            let w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qb.add(16) as *const __m128i))), db);
             for (i, s) in sums.iter_mut().enumerate() {
                 let xb = xp.add(i * cols + b * BLOCK);
-                let t = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb.add(16)), _mm512_mul_ps(w0, _mm512_loadu_ps(xb)));
-                *s = _mm512_fmadd_ps(scale, t, *s);
+                s[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), s[0]);
+                s[1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb.add(16)), s[1]);
             }
         }
         for (a, s) in acc.iter_mut().zip(sums) {
-            *a = _mm512_reduce_add_ps(s);
+            *a = _mm512_reduce_add_ps(_mm512_add_ps(s[0], s[1]));
         }
     }
 }
@@ -169,4 +237,141 @@ fn hsum256(v: __m256) -> f32 {
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     _mm_cvtss_f32(s)
+}
+
+macro_rules! tile_kernel {
+    ($(#[$doc:meta])* $name:ident, $feat:literal, $group:expr, |$qr:ident, $dr:ident, $mr:ident, $xg:ident, $cols:ident, $acc:ident, $gn:ident| $call:expr, $q:ty, $qrow:expr, $has_m:tt) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// The CPU must have the kernel's features; `q`, `d` (and `m`) hold rows `r0..r1` of a
+        /// matrix with `nb` blocks per row, `x` holds `n` rows of `nb · 32` floats, and `out`
+        /// is valid for `out[i · ldy + r]` for every `i < n` and `r` in `r0..r1`, which no other
+        /// thread touches meanwhile.
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe fn $name(q: &[$q], d: &[f32], m: &[f32], nb: usize, r0: usize, r1: usize, x: &[f32], n: usize, out: *mut f32, ldy: usize) {
+            let $cols = nb * BLOCK;
+            for r in r0..r1 {
+                let $qr = &q[r * nb * $qrow..(r + 1) * nb * $qrow];
+                let $dr = &d[r * nb..(r + 1) * nb];
+                let $mr = if $has_m { &m[r * nb..(r + 1) * nb] } else { m };
+                let mut g0 = 0;
+                while g0 < n {
+                    let $gn = (n - g0).min($group);
+                    let mut $acc = [0f32; FUSED_ROWS];
+                    let $xg = &x[g0 * $cols..];
+                    // SAFETY: forwarded from the caller.
+                    unsafe { $call };
+                    for (i, a) in $acc.iter().enumerate().take($gn) {
+                        // SAFETY: forwarded from the caller.
+                        unsafe { *out.add((g0 + i) * ldy + r) = *a };
+                    }
+                    g0 += $gn;
+                }
+            }
+        }
+    };
+}
+
+tile_kernel!(
+    /// Q4_1 rows against up to `n` activation rows, eight at a time.
+    q4_1_tile_avx512, "avx512f,avx512bw", FUSED_ROWS,
+    |qr, dr, mr, xg, cols, acc, gn| dispatch_rows!(q4_1_avx512_n, qr, dr, mr, xg, cols, &mut acc; gn), u8, 16, true
+);
+tile_kernel!(
+    /// Q8_0 rows against up to `n` activation rows, eight at a time (`m` is unused).
+    q8_0_tile_avx512, "avx512f,avx512bw", FUSED_ROWS,
+    |qr, dr, mr, xg, cols, acc, gn| { let _ = mr; dispatch_rows!(q8_0_avx512_n, qr, dr, xg, cols, &mut acc; gn) }, i8, BLOCK, false
+);
+tile_kernel!(
+    /// Q4_1 rows against up to `n` activation rows, four at a time.
+    q4_1_tile_avx2, "avx2,fma", 4,
+    |qr, dr, mr, xg, cols, acc, gn| q4_1_avx2(qr, dr, mr, xg, cols, gn, &mut acc), u8, 16, true
+);
+tile_kernel!(
+    /// Q8_0 rows against up to `n` activation rows, four at a time (`m` is unused).
+    q8_0_tile_avx2, "avx2,fma", 4,
+    |qr, dr, mr, xg, cols, acc, gn| { let _ = mr; q8_0_avx2(qr, dr, xg, cols, gn, &mut acc) }, i8, BLOCK, false
+);
+
+/// Two adjacent Q4_1 weight rows against `N` activation rows: each activation load feeds two
+/// FMAs, halving loads per FMA against the one-row kernel. Returns `[row0, row1]` sums.
+///
+/// # Safety
+/// As for [`q4_1_avx512`]; `q`/`d`/`m` hold the two rows back to back.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn q4_1_avx512_pair<const N: usize>(q: *const u8, d: *const f32, m: *const f32, nb: usize, x: *const f32, cols: usize, acc: &mut [[f32; FUSED_ROWS]; 2]) {
+    // SAFETY: the pointers cover two rows of `nb` blocks and N rows of `cols` floats.
+    unsafe {
+        let mask = _mm_set1_epi8(0x0F);
+        let mut sums = [[_mm512_setzero_ps(); N]; 2];
+        let w = |row: usize, b: usize| {
+            let raw = _mm_loadu_si128(q.add((row * nb + b) * 16) as *const __m128i);
+            let (db, mb) = (_mm512_set1_ps(*d.add(row * nb + b)), _mm512_set1_ps(*m.add(row * nb + b)));
+            let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask)));
+            let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), mask)));
+            (_mm512_add_ps(_mm512_mul_ps(lo, db), mb), _mm512_add_ps(_mm512_mul_ps(hi, db), mb))
+        };
+        for b in 0..nb {
+            let (a0, a1) = w(0, b);
+            let (b0, b1) = w(1, b);
+            for i in 0..N {
+                let xb = x.add(i * cols + b * BLOCK);
+                let (x0, x1) = (_mm512_loadu_ps(xb), _mm512_loadu_ps(xb.add(16)));
+                sums[0][i] = _mm512_fmadd_ps(a1, x1, _mm512_fmadd_ps(a0, x0, sums[0][i]));
+                sums[1][i] = _mm512_fmadd_ps(b1, x1, _mm512_fmadd_ps(b0, x0, sums[1][i]));
+            }
+        }
+        for (r, row) in sums.iter().enumerate() {
+            for (i, s) in row.iter().enumerate() {
+                acc[r][i] = _mm512_reduce_add_ps(*s);
+            }
+        }
+    }
+}
+
+/// Q4_1 rows `r0..r1` against `n` activation rows, two weight rows and up to eight activation
+/// rows at a time.
+///
+/// # Safety
+/// As for the tile kernels above.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn q4_1_tile_pairs_avx512(q: &[u8], d: &[f32], m: &[f32], nb: usize, r0: usize, r1: usize, x: &[f32], n: usize, out: *mut f32, ldy: usize) {
+    assert!(q.len() >= r1 * nb * 16 && d.len() >= r1 * nb && m.len() >= r1 * nb && x.len() >= n * nb * BLOCK);
+    let cols = nb * BLOCK;
+    let mut r = r0;
+    while r + 1 < r1 {
+        let mut g0 = 0;
+        while g0 < n {
+            let gn = (n - g0).min(FUSED_ROWS);
+            let mut acc = [[0f32; FUSED_ROWS]; 2];
+            // SAFETY: rows r and r + 1 exist (checked above), as do activation rows g0..g0 + gn.
+            unsafe {
+                let (qp, dp, mp, xp) = (q.as_ptr().add(r * nb * 16), d.as_ptr().add(r * nb), m.as_ptr().add(r * nb), x.as_ptr().add(g0 * cols));
+                match gn {
+                    1 => q4_1_avx512_pair::<1>(qp, dp, mp, nb, xp, cols, &mut acc),
+                    2 => q4_1_avx512_pair::<2>(qp, dp, mp, nb, xp, cols, &mut acc),
+                    3 => q4_1_avx512_pair::<3>(qp, dp, mp, nb, xp, cols, &mut acc),
+                    4 => q4_1_avx512_pair::<4>(qp, dp, mp, nb, xp, cols, &mut acc),
+                    5 => q4_1_avx512_pair::<5>(qp, dp, mp, nb, xp, cols, &mut acc),
+                    6 => q4_1_avx512_pair::<6>(qp, dp, mp, nb, xp, cols, &mut acc),
+                    7 => q4_1_avx512_pair::<7>(qp, dp, mp, nb, xp, cols, &mut acc),
+                    _ => q4_1_avx512_pair::<8>(qp, dp, mp, nb, xp, cols, &mut acc),
+                }
+                for i in 0..gn {
+                    *out.add((g0 + i) * ldy + r) = acc[0][i];
+                    *out.add((g0 + i) * ldy + r + 1) = acc[1][i];
+                }
+            }
+            g0 += gn;
+        }
+        r += 2;
+    }
+    if r < r1 {
+        // SAFETY: forwarded from the caller.
+        unsafe { q4_1_tile_avx512(q, d, m, nb, r, r1, x, n, out, ldy) };
+    }
 }
