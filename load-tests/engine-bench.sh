@@ -56,6 +56,8 @@ echo "{\"rss_kb_loaded\": $(rss VmRSS)}" >"$out/rss-loaded.json"
 for i in $(seq 0 7); do
   curl -sf -X POST -H 'authorization: Bearer bench-token' -H 'content-type: application/json' \
     "$url/admin/adapters/a$i/versions" -d "{\"path\": \"a$i\"}" >/dev/null
+  curl -sf -X PUT -H 'authorization: Bearer bench-token' -H 'content-type: application/json' \
+    "$url/admin/adapters/a$i/aliases/prod" -d '{"version": 1}' >/dev/null
 done
 
 load() { "$bin/switchyard-load" --url "$url" --completions "$@"; }

@@ -63,6 +63,8 @@ struct Frozen {
     bt: Tensor,
     at_v: Vec<f32>,
     bt_v: Vec<f32>,
+    /// A as stored, `[r, in]` row-major: one long dot product per rank for the runtime.
+    a_v: Vec<f32>,
     rank: usize,
     out: usize,
 }
@@ -109,7 +111,8 @@ impl LoraPair {
         let (rank, out) = bt.dims2()?;
         let at_v = at.flatten_all()?.to_vec1::<f32>()?;
         let bt_v = bt.flatten_all()?.to_vec1::<f32>()?;
-        Ok(Self { a, b, scale, frozen: Some(Frozen { at, bt, at_v, bt_v, rank, out }) })
+        let a_v = a.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Self { a, b, scale, frozen: Some(Frozen { at, bt, at_v, bt_v, a_v, rank, out }) })
     }
 
     /// `scale · (x Aᵀ) Bᵀ` for `x` of shape `[.., in]`.
@@ -137,20 +140,31 @@ impl LoraPair {
             },
         };
         let (r, out) = (f.rank, f.out);
-        let inp = f.at_v.len() / r.max(1);
+        let inp = f.a_v.len() / r.max(1);
         let mut t = vec![0f32; r];
         for i in 0..n {
-            t.fill(0.0);
-            for (k, &xk) in x[i * inp..(i + 1) * inp].iter().enumerate() {
-                for (tj, &a) in t.iter_mut().zip(&f.at_v[k * r..(k + 1) * r]) {
-                    *tj = xk.mul_add(a, *tj);
-                }
+            let xi = &x[i * inp..(i + 1) * inp];
+            for (j, tj) in t.iter_mut().enumerate() {
+                *tj = crate::kernels::dot(&f.a_v[j * inp..(j + 1) * inp], xi);
             }
             let dst = &mut y[i * ldy + col0..i * ldy + col0 + out];
             for (j, &tj) in t.iter().enumerate() {
                 crate::kernels::axpy(tj, &f.bt_v[j * out..(j + 1) * out], dst);
             }
         }
+    }
+
+    /// Whether this pair was made with [`LoraPair::frozen`] (served pairs are).
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.is_some()
+    }
+
+    /// For frozen pairs: the rank, output width, `scale·Bᵀ` (`[rank, out]`) and A (`[rank, in]`),
+    /// so callers can compute `t = x Aᵀ` themselves and add `t · scale·Bᵀ` where it suits them
+    /// (the runtime folds the second half into the base matmul's tiles).
+    pub fn halves(&self) -> Option<(usize, usize, &[f32], &[f32])> {
+        let f = self.frozen.as_ref()?;
+        Some((f.rank, f.out, &f.bt_v, &f.a_v))
     }
 
     /// `scale · B A`, the dense `[out, in]` change this pair makes to the base weight.

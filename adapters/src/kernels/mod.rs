@@ -26,6 +26,9 @@ const FUSED_ROWS: usize = 8;
 /// dequantized once and handed to a cache-blocked f32 GEMM.
 const FUSED_MAX: usize = 32;
 
+/// From this many activation rows on, AVX-512 kernels take two weight rows per pass.
+const PAIR_ROWS: usize = 4;
+
 /// Rows per fused kernel call on this machine.
 fn fused_group() -> usize {
     match isa() {
@@ -258,7 +261,17 @@ impl QMatrix {
     /// `y[i, ..rows] = x[i, ..] · Wᵀ` for `n` activation rows; `x` is `[n, cols]` and row `i`
     /// of `y` starts at `i * ldy`. Output rows are split across the current rayon pool.
     pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32], ldy: usize) {
+        self.matmul_plus(x, n, y, ldy, &[]);
+    }
+
+    /// [`Self::matmul`], then each [`LowRank`] term added to its rows and columns by the same
+    /// task that wrote them (so a LoRA delta's `B` half runs in parallel with no extra pass).
+    pub fn matmul_plus(&self, x: &[f32], n: usize, y: &mut [f32], ldy: usize, extra: &[LowRank<'_>]) {
         assert!(x.len() >= n * self.cols, "matmul input is shorter than n rows");
+        for e in extra {
+            assert!(e.row0 + e.rows <= n && e.col0 + e.cols <= self.rows, "low-rank term outside the output");
+            assert!(e.t.len() >= e.rows * e.rank && e.bt.len() >= e.rank * e.cols, "low-rank term too short");
+        }
         assert!(ldy >= self.rows && (n == 0 || y.len() >= (n - 1) * ldy + self.rows), "matmul output too short");
         if n == 0 {
             return;
@@ -269,13 +282,19 @@ impl QMatrix {
             (0..self.rows.div_ceil(tile)).into_par_iter().for_each(|t| {
                 let (r0, r1) = (t * tile, ((t + 1) * tile).min(self.rows));
                 // SAFETY: tiles cover disjoint column ranges of `y`, inside the bounds checked above.
-                unsafe { self.fused_tile(x, n, r0, r1, out, ldy) }
+                unsafe {
+                    self.fused_tile(x, n, r0, r1, out, ldy);
+                    add_low_rank(extra, r0, r1, out, ldy);
+                }
             });
         } else {
             (0..self.rows.div_ceil(GEMM_TILE)).into_par_iter().for_each(|t| {
                 let (r0, r1) = (t * GEMM_TILE, ((t + 1) * GEMM_TILE).min(self.rows));
                 // SAFETY: as above.
-                unsafe { self.gemm_tile(x, n, r0, r1, out, ldy) }
+                unsafe {
+                    self.gemm_tile(x, n, r0, r1, out, ldy);
+                    add_low_rank(extra, r0, r1, out, ldy);
+                }
             });
         }
     }
@@ -292,9 +311,13 @@ impl QMatrix {
             // caller vouches for `out`.
             let done = unsafe {
                 match (&self.packed, isa()) {
+                    // A decode batch of a few rows is bound by reading the weights; larger ones by
+                    // arithmetic, where sharing each activation load between two weight rows pays.
+                    (Packed::Q4_1 { d, m, qs }, Isa::Avx512) if n < PAIR_ROWS => x86::q4_1_tile_avx512(qs, d, m, nb, r0, r1, x, n, out.0, ldy),
                     (Packed::Q4_1 { d, m, qs }, Isa::Avx512) => x86::q4_1_tile_pairs_avx512(qs, d, m, nb, r0, r1, x, n, out.0, ldy),
+                    (Packed::Q8_0 { d, qs }, Isa::Avx512) if n < PAIR_ROWS => x86::q8_0_tile_avx512(qs, d, &[], nb, r0, r1, x, n, out.0, ldy),
                     (Packed::Q4_1 { d, m, qs }, Isa::Avx2) => x86::q4_1_tile_avx2(qs, d, m, nb, r0, r1, x, n, out.0, ldy),
-                    (Packed::Q8_0 { d, qs }, Isa::Avx512) => x86::q8_0_tile_avx512(qs, d, &[], nb, r0, r1, x, n, out.0, ldy),
+                    (Packed::Q8_0 { d, qs }, Isa::Avx512) => x86::q8_0_tile_pairs_avx512(qs, d, nb, r0, r1, x, n, out.0, ldy),
                     (Packed::Q8_0 { d, qs }, Isa::Avx2) => x86::q8_0_tile_avx2(qs, d, &[], nb, r0, r1, x, n, out.0, ldy),
                     _ => self.fused_tile_portable(x, n, r0, r1, out, ldy),
                 }
@@ -393,6 +416,42 @@ impl QMatrix {
                 self.rows_into(r0, r1, &mut s);
                 run(&s[..width * cols]);
             }),
+        }
+    }
+}
+
+/// A low-rank addition to some rows and columns of a matmul's output:
+/// `y[row0 + i, col0 + c] += Σ_j t[i, j] · bt[j, c]`.
+#[derive(Debug, Clone, Copy)]
+pub struct LowRank<'a> {
+    pub row0: usize,
+    pub rows: usize,
+    pub col0: usize,
+    pub cols: usize,
+    pub rank: usize,
+    /// `[rows, rank]`, row-major.
+    pub t: &'a [f32],
+    /// `[rank, cols]`, row-major.
+    pub bt: &'a [f32],
+}
+
+/// Adds the part of each term that falls in output columns `r0..r1`.
+///
+/// # Safety
+/// As for the tile that wrote those columns (same rows, same columns, same exclusivity).
+unsafe fn add_low_rank(extra: &[LowRank<'_>], r0: usize, r1: usize, out: OutPtr, ldy: usize) {
+    for e in extra {
+        let (c0, c1) = (r0.max(e.col0), r1.min(e.col0 + e.cols));
+        if c0 >= c1 {
+            continue;
+        }
+        for i in 0..e.rows {
+            // SAFETY: row e.row0 + i, columns c0..c1 belong to this tile (checked in matmul_plus).
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add((e.row0 + i) * ldy + c0), c1 - c0) };
+            for (j, &tj) in e.t[i * e.rank..(i + 1) * e.rank].iter().enumerate() {
+                let b = &e.bt[j * e.cols + (c0 - e.col0)..j * e.cols + (c1 - e.col0)];
+                axpy(tj, b, dst);
+            }
         }
     }
 }

@@ -295,25 +295,18 @@ tile_kernel!(
     |qr, dr, mr, xg, cols, acc, gn| { let _ = mr; q8_0_avx2(qr, dr, xg, cols, gn, &mut acc) }, i8, BLOCK, false
 );
 
-/// Two adjacent Q4_1 weight rows against `N` activation rows: each activation load feeds two
-/// FMAs, halving loads per FMA against the one-row kernel. Returns `[row0, row1]` sums.
+/// Two adjacent weight rows against `N` activation rows: each activation load feeds two FMAs,
+/// halving loads per FMA against the one-row kernels. `w(row, b)` gives block `b` of weight
+/// row `row` (0 or 1) as two vectors of exact f32 weights.
 ///
 /// # Safety
-/// As for [`q4_1_avx512`]; `q`/`d`/`m` hold the two rows back to back.
+/// `w` must be valid for both rows and `nb` blocks; `x` holds N rows of `cols` floats.
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
-unsafe fn q4_1_avx512_pair<const N: usize>(q: *const u8, d: *const f32, m: *const f32, nb: usize, x: *const f32, cols: usize, acc: &mut [[f32; FUSED_ROWS]; 2]) {
-    // SAFETY: the pointers cover two rows of `nb` blocks and N rows of `cols` floats.
+unsafe fn pair_avx512<const N: usize>(w: impl Fn(usize, usize) -> (__m512, __m512), nb: usize, x: *const f32, cols: usize, acc: &mut [[f32; FUSED_ROWS]; 2]) {
+    // SAFETY: the pointers cover N rows of `cols` floats, as the caller guarantees.
     unsafe {
-        let mask = _mm_set1_epi8(0x0F);
         let mut sums = [[_mm512_setzero_ps(); N]; 2];
-        let w = |row: usize, b: usize| {
-            let raw = _mm_loadu_si128(q.add((row * nb + b) * 16) as *const __m128i);
-            let (db, mb) = (_mm512_set1_ps(*d.add(row * nb + b)), _mm512_set1_ps(*m.add(row * nb + b)));
-            let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask)));
-            let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), mask)));
-            (_mm512_add_ps(_mm512_mul_ps(lo, db), mb), _mm512_add_ps(_mm512_mul_ps(hi, db), mb))
-        };
         for b in 0..nb {
             let (a0, a1) = w(0, b);
             let (b0, b1) = w(1, b);
@@ -332,34 +325,44 @@ unsafe fn q4_1_avx512_pair<const N: usize>(q: *const u8, d: *const f32, m: *cons
     }
 }
 
-/// Q4_1 rows `r0..r1` against `n` activation rows, two weight rows and up to eight activation
-/// rows at a time.
-///
-/// # Safety
-/// As for the tile kernels above.
+/// Rows `r0..r1` in pairs against `n` activation rows, up to eight at a time; `w(r, b)` decodes
+/// block `b` of weight row `r`. An odd last row goes through `single`.
 #[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn q4_1_tile_pairs_avx512(q: &[u8], d: &[f32], m: &[f32], nb: usize, r0: usize, r1: usize, x: &[f32], n: usize, out: *mut f32, ldy: usize) {
-    assert!(q.len() >= r1 * nb * 16 && d.len() >= r1 * nb && m.len() >= r1 * nb && x.len() >= n * nb * BLOCK);
+unsafe fn tile_pairs_avx512(
+    w: impl Fn(usize, usize) -> (__m512, __m512) + Copy,
+    nb: usize,
+    r0: usize,
+    r1: usize,
+    x: &[f32],
+    n: usize,
+    out: *mut f32,
+    ldy: usize,
+    single: impl FnOnce(usize),
+) {
+    assert!(x.len() >= n * nb * BLOCK);
     let cols = nb * BLOCK;
     let mut r = r0;
     while r + 1 < r1 {
+        let wr = move |row: usize, b: usize| w(r + row, b);
         let mut g0 = 0;
         while g0 < n {
             let gn = (n - g0).min(FUSED_ROWS);
             let mut acc = [[0f32; FUSED_ROWS]; 2];
-            // SAFETY: rows r and r + 1 exist (checked above), as do activation rows g0..g0 + gn.
+            // SAFETY: rows r and r + 1 exist (the caller checked r1), as do activation rows
+            // g0..g0 + gn; `out` is the caller's.
             unsafe {
-                let (qp, dp, mp, xp) = (q.as_ptr().add(r * nb * 16), d.as_ptr().add(r * nb), m.as_ptr().add(r * nb), x.as_ptr().add(g0 * cols));
+                let xp = x.as_ptr().add(g0 * cols);
                 match gn {
-                    1 => q4_1_avx512_pair::<1>(qp, dp, mp, nb, xp, cols, &mut acc),
-                    2 => q4_1_avx512_pair::<2>(qp, dp, mp, nb, xp, cols, &mut acc),
-                    3 => q4_1_avx512_pair::<3>(qp, dp, mp, nb, xp, cols, &mut acc),
-                    4 => q4_1_avx512_pair::<4>(qp, dp, mp, nb, xp, cols, &mut acc),
-                    5 => q4_1_avx512_pair::<5>(qp, dp, mp, nb, xp, cols, &mut acc),
-                    6 => q4_1_avx512_pair::<6>(qp, dp, mp, nb, xp, cols, &mut acc),
-                    7 => q4_1_avx512_pair::<7>(qp, dp, mp, nb, xp, cols, &mut acc),
-                    _ => q4_1_avx512_pair::<8>(qp, dp, mp, nb, xp, cols, &mut acc),
+                    1 => pair_avx512::<1>(wr, nb, xp, cols, &mut acc),
+                    2 => pair_avx512::<2>(wr, nb, xp, cols, &mut acc),
+                    3 => pair_avx512::<3>(wr, nb, xp, cols, &mut acc),
+                    4 => pair_avx512::<4>(wr, nb, xp, cols, &mut acc),
+                    5 => pair_avx512::<5>(wr, nb, xp, cols, &mut acc),
+                    6 => pair_avx512::<6>(wr, nb, xp, cols, &mut acc),
+                    7 => pair_avx512::<7>(wr, nb, xp, cols, &mut acc),
+                    _ => pair_avx512::<8>(wr, nb, xp, cols, &mut acc),
                 }
                 for i in 0..gn {
                     *out.add((g0 + i) * ldy + r) = acc[0][i];
@@ -371,7 +374,57 @@ pub unsafe fn q4_1_tile_pairs_avx512(q: &[u8], d: &[f32], m: &[f32], nb: usize, 
         r += 2;
     }
     if r < r1 {
-        // SAFETY: forwarded from the caller.
-        unsafe { q4_1_tile_avx512(q, d, m, nb, r, r1, x, n, out, ldy) };
+        single(r);
     }
+}
+
+/// Q4_1 rows `r0..r1` against `n` activation rows, two weight rows and up to eight activation
+/// rows at a time.
+///
+/// # Safety
+/// As for the tile kernels above.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn q4_1_tile_pairs_avx512(q: &[u8], d: &[f32], m: &[f32], nb: usize, r0: usize, r1: usize, x: &[f32], n: usize, out: *mut f32, ldy: usize) {
+    assert!(q.len() >= r1 * nb * 16 && d.len() >= r1 * nb && m.len() >= r1 * nb);
+    let (qp, dp, mp) = (q.as_ptr(), d.as_ptr(), m.as_ptr());
+    let mask = _mm_set1_epi8(0x0F);
+    let w = move |r: usize, b: usize| {
+        let i = r * nb + b;
+        // SAFETY: block i exists (checked above).
+        unsafe {
+            let raw = _mm_loadu_si128(qp.add(i * 16) as *const __m128i);
+            let (db, mb) = (_mm512_set1_ps(*dp.add(i)), _mm512_set1_ps(*mp.add(i)));
+            let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask)));
+            let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), mask)));
+            (_mm512_add_ps(_mm512_mul_ps(lo, db), mb), _mm512_add_ps(_mm512_mul_ps(hi, db), mb))
+        }
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe { tile_pairs_avx512(w, nb, r0, r1, x, n, out, ldy, |r| q4_1_tile_avx512(q, d, m, nb, r, r + 1, x, n, out, ldy)) }
+}
+
+/// Q8_0 rows `r0..r1` against `n` activation rows, two weight rows and up to eight activation
+/// rows at a time.
+///
+/// # Safety
+/// As for the tile kernels above.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn q8_0_tile_pairs_avx512(q: &[i8], d: &[f32], nb: usize, r0: usize, r1: usize, x: &[f32], n: usize, out: *mut f32, ldy: usize) {
+    assert!(q.len() >= r1 * nb * BLOCK && d.len() >= r1 * nb);
+    let (qp, dp) = (q.as_ptr(), d.as_ptr());
+    let w = move |r: usize, b: usize| {
+        let i = r * nb + b;
+        // SAFETY: block i exists (checked above).
+        unsafe {
+            let db = _mm512_set1_ps(*dp.add(i));
+            let qb = qp.add(i * BLOCK);
+            let w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qb as *const __m128i))), db);
+            let w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qb.add(16) as *const __m128i))), db);
+            (w0, w1)
+        }
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe { tile_pairs_avx512(w, nb, r0, r1, x, n, out, ldy, |r| q8_0_tile_avx512(q, d, &[], nb, r, r + 1, x, n, out, ldy)) }
 }

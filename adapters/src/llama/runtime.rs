@@ -11,8 +11,8 @@ use rayon::prelude::*;
 
 use super::{Llama, LlamaConfig};
 use crate::error::{AdapterError, Result};
-use crate::kernels::{axpy, dot, QMatrix};
-use crate::lora::{AdapterWeights, BaseWeight};
+use crate::kernels::{axpy, dot, LowRank, QMatrix};
+use crate::lora::{AdapterWeights, BaseWeight, LoraPair};
 use crate::peft::LoraModule;
 
 /// Query tokens per attention task during prefill.
@@ -114,6 +114,8 @@ pub struct Workspace {
     gate_up: Vec<f32>,
     act: Vec<f32>,
     last: Vec<f32>,
+    /// `x Aᵀ` of each LoRA term of the current matmul.
+    lora_t: Vec<Vec<f32>>,
 }
 
 fn grow(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
@@ -173,8 +175,61 @@ fn silu_mul(gate_up: &[f32], inter: usize, act: &mut [f32]) {
     }
 }
 
+/// The LoRA terms of one fused matmul: for every sequence with an adapter and every module in
+/// `modules` (with the output column its slice of the fused matrix starts at), `t = x Aᵀ` for
+/// the sequence's rows (computed here, into `bufs`) and `scale·Bᵀ`, which the matmul's tiles
+/// then add in parallel. Pairs that are not frozen are left to [`lora`].
+fn low_rank_terms<'a>(
+    seqs: &[SeqInput<'a>],
+    starts: &[usize],
+    layer: usize,
+    modules: &[(LoraModule, usize)],
+    input: &[f32],
+    in_dim: usize,
+    bufs: &'a mut Vec<Vec<f32>>,
+) -> Vec<LowRank<'a>> {
+    // (first row, rows, first column, rank, width, scale·Bᵀ, A) of every term.
+    type Spec<'a> = (usize, usize, usize, usize, usize, &'a [f32], &'a [f32]);
+    let mut specs: Vec<Spec<'a>> = Vec::new();
+    for (s, &start) in seqs.iter().zip(starts) {
+        let Some(adapter) = s.adapter else { continue };
+        for &(module, col0) in modules {
+            if let Some((rank, out, bt, a)) = adapter.pair(layer, module).and_then(|p| p.halves()) {
+                specs.push((start, s.tokens.len(), col0, rank, out, bt, a));
+            }
+        }
+    }
+    if specs.is_empty() {
+        return Vec::new();
+    }
+    while bufs.len() < specs.len() {
+        bufs.push(Vec::new());
+    }
+    for (buf, spec) in bufs.iter_mut().zip(&specs) {
+        buf.clear();
+        buf.resize(spec.1 * spec.3, 0.0);
+    }
+    // t = x Aᵀ here, serially: a few dot products per term (spreading them over the pool cost
+    // more than it saved when measured).
+    for (buf, &(row0, rows, _, rank, _, _, a)) in bufs.iter_mut().zip(&specs) {
+        for r in 0..rows {
+            let x = &input[(row0 + r) * in_dim..(row0 + r + 1) * in_dim];
+            for j in 0..rank {
+                buf[r * rank + j] = dot(&a[j * in_dim..(j + 1) * in_dim], x);
+            }
+        }
+    }
+    let bufs: &'a Vec<Vec<f32>> = bufs;
+    specs
+        .into_iter()
+        .enumerate()
+        .map(|(i, (row0, rows, col0, rank, cols, bt, _))| LowRank { row0, rows, col0, cols, rank, t: &bufs[i], bt })
+        .collect()
+}
+
 /// Adds each sequence's LoRA delta for `module` to its rows of `out` (row stride `ldy`,
-/// starting at column `col0`).
+/// starting at column `col0`), for pairs that are not frozen (frozen ones go through
+/// [`low_rank_terms`]).
 #[allow(clippy::too_many_arguments)]
 fn lora(
     seqs: &[SeqInput<'_>],
@@ -187,10 +242,140 @@ fn lora(
     ldy: usize,
     col0: usize,
 ) {
-    for (s, &start) in seqs.iter().zip(starts) {
-        if let Some(pair) = s.adapter.and_then(|a| a.pair(layer, module)) {
-            let t = s.tokens.len();
-            pair.add_delta_rows(&input[start * in_dim..(start + t) * in_dim], t, &mut out[start * ldy..], ldy, col0);
+    let jobs: Vec<(usize, usize, &LoraPair)> = seqs
+        .iter()
+        .zip(starts)
+        .filter_map(|(s, &start)| {
+            s.adapter.and_then(|a| a.pair(layer, module)).filter(|p| !p.is_frozen()).map(|p| (start, s.tokens.len(), p))
+        })
+        .collect();
+    let run = |&(start, t, pair): &(usize, usize, &LoraPair), out: &mut [f32]| {
+        pair.add_delta_rows(&input[start * in_dim..(start + t) * in_dim], t, out, ldy, col0);
+    };
+    match jobs.as_slice() {
+        [] => {}
+        [one] => run(one, &mut out[one.0 * ldy..]),
+        _ => {
+            // Sequences own disjoint rows of `out`, so their deltas can run side by side.
+            let ptr = SharedMut(out.as_mut_ptr());
+            let len = out.len();
+            jobs.par_iter().for_each(|job| {
+                let (start, t) = (job.0, job.1);
+                let end = ((start + t) * ldy).min(len);
+                // SAFETY: rows start..start + t belong to this sequence alone, and lie in `out`.
+                let rows = unsafe { std::slice::from_raw_parts_mut(ptr.at(start * ldy), end - start * ldy) };
+                run(job, rows);
+            });
+        }
+    }
+}
+
+/// One kv head of one layer of one sequence's cache, seen by the query heads that share it.
+struct GroupView<'a> {
+    cache: &'a KvCache,
+    layer: usize,
+    group: usize,
+    keys: usize,
+    hd: usize,
+}
+
+/// Key positions (and value components) per register block in the attention loops.
+const KEY_BLOCK: usize = 16;
+
+impl GroupView<'_> {
+    fn key_row(&self, d: usize) -> &[f32] {
+        let kr = self.cache.key_row(self.layer, self.group * self.hd + d);
+        &self.cache.k[kr..kr + self.keys]
+    }
+
+    fn value(&self, p: usize) -> &[f32] {
+        &self.cache.v[self.cache.at(self.layer, p) + self.group * self.hd..][..self.hd]
+    }
+
+    /// `R` query heads of width `HD` (`q` is `R·HD`) over the group's keys into `dst` (`R·HD`).
+    /// Scores are built 16 positions at a time with the `R` partial sums in registers, and the
+    /// values 16 components at a time, so neither loop stores and reloads partial results.
+    fn attend<const R: usize, const HD: usize>(&self, q: &[f32], scale: f32, scores: &mut Vec<f32>, dst: &mut [f32]) {
+        let keys = self.keys;
+        if scores.len() < R * keys {
+            scores.resize(R * keys, 0.0);
+        }
+        let mut qs = [[0f32; HD]; R];
+        for (r, qr) in qs.iter_mut().enumerate() {
+            for (d, v) in qr.iter_mut().enumerate() {
+                *v = q[r * HD + d] * scale;
+            }
+        }
+        let rows: [&[f32]; HD] = std::array::from_fn(|d| self.key_row(d));
+        let mut p0 = 0;
+        while p0 + KEY_BLOCK <= keys {
+            let mut acc = [[0f32; KEY_BLOCK]; R];
+            for (d, krow) in rows.iter().enumerate() {
+                let k: &[f32; KEY_BLOCK] = krow[p0..p0 + KEY_BLOCK].try_into().expect("a whole block");
+                for r in 0..R {
+                    let qd = qs[r][d];
+                    for l in 0..KEY_BLOCK {
+                        acc[r][l] = qd.mul_add(k[l], acc[r][l]);
+                    }
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                scores[r * keys + p0..r * keys + p0 + KEY_BLOCK].copy_from_slice(a);
+            }
+            p0 += KEY_BLOCK;
+        }
+        for p in p0..keys {
+            for r in 0..R {
+                scores[r * keys + p] = (0..HD).map(|d| qs[r][d] * rows[d][p]).sum();
+            }
+        }
+        let mut inv = [0f32; R];
+        for (r, i) in inv.iter_mut().enumerate() {
+            *i = 1.0 / softmax_numerators(&mut scores[r * keys..(r + 1) * keys]);
+        }
+        for (r, &i) in inv.iter().enumerate() {
+            for sc in &mut scores[r * keys..(r + 1) * keys] {
+                *sc *= i;
+            }
+        }
+        for d0 in (0..HD).step_by(KEY_BLOCK) {
+            let mut acc = [[0f32; KEY_BLOCK]; R];
+            for p in 0..keys {
+                let v: &[f32; KEY_BLOCK] = self.value(p)[d0..d0 + KEY_BLOCK].try_into().expect("16 components");
+                for r in 0..R {
+                    let w = scores[r * keys + p];
+                    for l in 0..KEY_BLOCK {
+                        acc[r][l] = w.mul_add(v[l], acc[r][l]);
+                    }
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                dst[r * HD + d0..r * HD + d0 + KEY_BLOCK].copy_from_slice(a);
+            }
+        }
+    }
+
+    /// The same for any number of heads and head width, with plain vector updates.
+    fn attend_any(&self, rep: usize, q: &[f32], scale: f32, scores: &mut Vec<f32>, dst: &mut [f32]) {
+        let (keys, hd) = (self.keys, self.hd);
+        if scores.len() < rep * keys {
+            scores.resize(rep * keys, 0.0);
+        }
+        let sc = &mut scores[..rep * keys];
+        sc.fill(0.0);
+        for d in 0..hd {
+            let krow = self.key_row(d);
+            for (r, head) in sc.chunks_exact_mut(keys).enumerate() {
+                axpy(q[r * hd + d] * scale, krow, head);
+            }
+        }
+        let inv: Vec<f32> = sc.chunks_exact_mut(keys).map(|head| 1.0 / softmax_numerators(head)).collect();
+        dst.fill(0.0);
+        for p in 0..keys {
+            let v = self.value(p);
+            for (r, head) in dst.chunks_exact_mut(hd).enumerate() {
+                axpy(sc[r * keys + p] * inv[r], v, head);
+            }
         }
     }
 }
@@ -372,7 +557,8 @@ impl Runtime {
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention.
             rms_norm(&ws.x[..n * hs], &layer.attn_norm, eps, &mut ws.h[..n * hs]);
-            layer.qkv.matmul(&ws.h, n, &mut ws.qkv, wqkv);
+            let terms = low_rank_terms(seqs, &starts, l, &[(LoraModule::QProj, 0), (LoraModule::KProj, dq), (LoraModule::VProj, dq + dkv)], &ws.h, hs, &mut ws.lora_t);
+            layer.qkv.matmul_plus(&ws.h, n, &mut ws.qkv, wqkv, &terms);
             lora(seqs, &starts, l, LoraModule::QProj, &ws.h, hs, &mut ws.qkv, wqkv, 0);
             lora(seqs, &starts, l, LoraModule::KProj, &ws.h, hs, &mut ws.qkv, wqkv, dq);
             lora(seqs, &starts, l, LoraModule::VProj, &ws.h, hs, &mut ws.qkv, wqkv, dq + dkv);
@@ -393,18 +579,21 @@ impl Runtime {
                 }
             }
             self.attention(l, seqs, &starts, &ws.qkv, wqkv, &mut ws.att);
-            layer.o.matmul(&ws.att, n, &mut ws.tmp, hs);
+            let terms = low_rank_terms(seqs, &starts, l, &[(LoraModule::OProj, 0)], &ws.att, dq, &mut ws.lora_t);
+            layer.o.matmul_plus(&ws.att, n, &mut ws.tmp, hs, &terms);
             lora(seqs, &starts, l, LoraModule::OProj, &ws.att, dq, &mut ws.tmp, hs, 0);
             for (xv, tv) in ws.x[..n * hs].iter_mut().zip(&ws.tmp[..n * hs]) {
                 *xv += tv;
             }
             // Feed-forward.
             rms_norm(&ws.x[..n * hs], &layer.ffn_norm, eps, &mut ws.h[..n * hs]);
-            layer.gate_up.matmul(&ws.h, n, &mut ws.gate_up, 2 * inter);
+            let terms = low_rank_terms(seqs, &starts, l, &[(LoraModule::GateProj, 0), (LoraModule::UpProj, inter)], &ws.h, hs, &mut ws.lora_t);
+            layer.gate_up.matmul_plus(&ws.h, n, &mut ws.gate_up, 2 * inter, &terms);
             lora(seqs, &starts, l, LoraModule::GateProj, &ws.h, hs, &mut ws.gate_up, 2 * inter, 0);
             lora(seqs, &starts, l, LoraModule::UpProj, &ws.h, hs, &mut ws.gate_up, 2 * inter, inter);
             silu_mul(&ws.gate_up[..n * 2 * inter], inter, &mut ws.act[..n * inter]);
-            layer.down.matmul(&ws.act, n, &mut ws.tmp, hs);
+            let terms = low_rank_terms(seqs, &starts, l, &[(LoraModule::DownProj, 0)], &ws.act, inter, &mut ws.lora_t);
+            layer.down.matmul_plus(&ws.act, n, &mut ws.tmp, hs, &terms);
             lora(seqs, &starts, l, LoraModule::DownProj, &ws.act, inter, &mut ws.tmp, hs, 0);
             for (xv, tv) in ws.x[..n * hs].iter_mut().zip(&ws.tmp[..n * hs]) {
                 *xv += tv;
@@ -459,30 +648,17 @@ impl Runtime {
                     }
                     let row = starts[si] + j;
                     let q0 = row * wqkv + g * rep * hd;
-                    // Scores of the group's `rep` query heads; each key component is read once
-                    // for all of them.
-                    let sc = &mut scores[..rep * keys];
-                    sc.fill(0.0);
-                    for d in 0..hd {
-                        let kr = cache.key_row(layer, g * hd + d);
-                        let krow = &cache.k[kr..kr + keys];
-                        for (r, head) in sc.chunks_exact_mut(keys).enumerate() {
-                            axpy(qkv[q0 + r * hd + d] * scale, krow, head);
-                        }
-                    }
-                    let mut inv = [0f32; 16];
-                    for (r, head) in sc.chunks_exact_mut(keys).enumerate() {
-                        inv[r] = 1.0 / softmax_numerators(head);
-                    }
+                    let q = &qkv[q0..q0 + rep * hd];
                     // SAFETY: row `row`, heads `g·rep .. (g+1)·rep` are written by this task
                     // only, and lie inside `att` (`n · dq` floats).
                     let dst = unsafe { std::slice::from_raw_parts_mut(out.at(row * dq + g * rep * hd), rep * hd) };
-                    dst.fill(0.0);
-                    for p in 0..keys {
-                        let v = &cache.v[cache.at(layer, p) + g * hd..][..hd];
-                        for (r, head) in dst.chunks_exact_mut(hd).enumerate() {
-                            axpy(sc[r * keys + p] * inv[r], v, head);
-                        }
+                    let view = GroupView { cache, layer, group: g, keys, hd };
+                    match (rep, hd) {
+                        (1, 64) => view.attend::<1, 64>(q, scale, &mut scores, dst),
+                        (2, 64) => view.attend::<2, 64>(q, scale, &mut scores, dst),
+                        (3, 64) => view.attend::<3, 64>(q, scale, &mut scores, dst),
+                        (4, 64) => view.attend::<4, 64>(q, scale, &mut scores, dst),
+                        _ => view.attend_any(rep, q, scale, &mut scores, dst),
                     }
                 }
             });
@@ -510,6 +686,37 @@ mod tests {
         assert!(worst < 2.5e-7, "worst relative error {worst}");
         assert_eq!(exp_nonpositive(0.0), 1.0);
         assert!(exp_nonpositive(-1000.0) < 1e-37);
+    }
+
+    #[test]
+    fn register_blocked_attention_equals_the_plain_one() {
+        let cfg = LlamaConfig {
+            vocab_size: 8,
+            hidden_size: 192,
+            intermediate_size: 8,
+            num_layers: 2,
+            num_heads: 3,
+            num_kv_heads: 1,
+            head_dim: 64,
+            rms_eps: 1e-5,
+            rope_theta: 10_000.0,
+            max_position: 64,
+        };
+        let mut cache = KvCache::new(&cfg, 40);
+        let vals = crate::testing::values(cache.k.len(), 5, 1.0);
+        cache.k.copy_from_slice(&vals);
+        let vals = crate::testing::values(cache.v.len(), 6, 1.0);
+        cache.v.copy_from_slice(&vals);
+        let q = crate::testing::values(3 * 64, 7, 1.0);
+        // 37 keys: two whole blocks of 16 and a tail.
+        let view = GroupView { cache: &cache, layer: 1, group: 0, keys: 37, hd: 64 };
+        let (mut a, mut b) = (vec![0f32; 192], vec![0f32; 192]);
+        let mut scratch = Vec::new();
+        view.attend::<3, 64>(&q, 0.125, &mut scratch, &mut a);
+        view.attend_any(3, &q, 0.125, &mut scratch, &mut b);
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
     }
 
     #[test]
