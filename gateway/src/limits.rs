@@ -62,10 +62,15 @@ pub enum RedisFailure {
 /// A fixed one-minute window in Redis: add `ARGV[1]`, start the expiry on first use, return the
 /// new count and the milliseconds left.
 const WINDOW_SCRIPT: &str = r"
-local c = redis.call('INCRBY', KEYS[1], ARGV[1])
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]); ttl = tonumber(ARGV[2]) end
-return {c, ttl}
+local out = {}
+for i, key in ipairs(KEYS) do
+  local c = redis.call('INCRBY', key, ARGV[i + 1])
+  local ttl = redis.call('PTTL', key)
+  if ttl < 0 then redis.call('PEXPIRE', key, ARGV[1]); ttl = tonumber(ARGV[1]) end
+  out[2 * i - 1] = c
+  out[2 * i] = ttl
+end
+return out
 ";
 
 pub struct Limiter {
@@ -164,7 +169,7 @@ impl Limiter {
         let me = self.clone();
         tokio::spawn(async move {
             let shared = match me.connection() {
-                Some(conn) => me.window(conn, &format!("switchyard:tpm:{key}"), tokens).await,
+                Some(conn) => me.windows(conn, &[(format!("switchyard:tpm:{key}"), tokens)]).await.map(|_| ()),
                 None => Err("not connected".into()),
             };
             if let Err(e) = shared {
@@ -267,25 +272,26 @@ impl Limiter {
         limits: Limits,
     ) -> Option<Result<(Option<(Standing, bool)>, Option<(Standing, bool)>), ApiError>> {
         self.redis.as_ref()?;
+        // Both windows in one round trip: the request counts, the token window is read.
+        let mut keys = Vec::with_capacity(2);
+        if limits.rpm > 0 {
+            keys.push((format!("switchyard:rpm:{key}"), 1));
+        }
+        if limits.tpm > 0 {
+            keys.push((format!("switchyard:tpm:{key}"), 0));
+        }
         let result = match self.connection() {
             None => Err("not connected".to_owned()),
-            Some(conn) => {
-                let requests = match limits.rpm {
-                    0 => Ok(None),
-                    rpm => self.window(conn.clone(), &format!("switchyard:rpm:{key}"), 1).await.map(|(count, reset)| {
-                        Some((standing(rpm, count, reset), count <= u64::from(rpm)))
-                    }),
-                };
-                match requests {
-                    Err(e) => Err(e),
-                    Ok(requests) => match limits.tpm {
-                        0 => Ok((requests, None)),
-                        tpm => self.window(conn, &format!("switchyard:tpm:{key}"), 0).await.map(|(used, reset)| {
-                            (requests, Some((standing(tpm, used, reset), used < u64::from(tpm))))
-                        }),
-                    },
-                }
-            }
+            Some(conn) => self.windows(conn, &keys).await.map(|counts| {
+                let mut counts = counts.into_iter();
+                let requests = (limits.rpm > 0).then(|| counts.next()).flatten().map(|(count, reset)| {
+                    (standing(limits.rpm, count, reset), count <= u64::from(limits.rpm))
+                });
+                let tokens = (limits.tpm > 0).then(|| counts.next()).flatten().map(|(used, reset)| {
+                    (standing(limits.tpm, used, reset), used < u64::from(limits.tpm))
+                });
+                (requests, tokens)
+            }),
         };
         match result {
             Ok(v) => Some(Ok(v)),
@@ -301,13 +307,20 @@ impl Limiter {
         }
     }
 
-    /// Adds `n` to a shared window; `(count, time to reset)`.
-    async fn window(&self, mut conn: redis::aio::ConnectionManager, key: &str, n: u64) -> Result<(u64, Duration), String> {
-        let mut invocation = self.script.key(key);
-        invocation.arg(n).arg(WINDOW.as_millis() as u64);
-        let call = invocation.invoke_async::<(u64, i64)>(&mut conn);
+    /// Adds `n` to each shared window in one script call; `(count, time to reset)` of each.
+    async fn windows(&self, mut conn: redis::aio::ConnectionManager, keys: &[(String, u64)]) -> Result<Vec<(u64, Duration)>, String> {
+        let mut invocation = self.script.prepare_invoke();
+        invocation.arg(WINDOW.as_millis() as u64);
+        for (key, n) in keys {
+            invocation.key(key).arg(*n);
+        }
+        let call = invocation.invoke_async::<Vec<i64>>(&mut conn);
         match tokio::time::timeout(REDIS_TIMEOUT, call).await {
-            Ok(Ok((count, ttl))) => Ok((count, Duration::from_millis(ttl.max(0) as u64))),
+            Ok(Ok(flat)) if flat.len() == 2 * keys.len() => Ok(flat
+                .chunks_exact(2)
+                .map(|c| (c[0].max(0) as u64, Duration::from_millis(c[1].max(0) as u64)))
+                .collect()),
+            Ok(Ok(flat)) => Err(format!("the window script returned {} values for {} keys", flat.len(), keys.len())),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("timed out".into()),
         }
