@@ -149,3 +149,29 @@ fn concatenated_rows_multiply_like_the_parts() {
         assert_eq!(fused.to_dense(), want);
     }
 }
+
+/// The AVX2 tile kernels (used where AVX-512 is missing) against the reference, on any CPU
+/// that has AVX2, including ones that would pick AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_tiles_match_the_reference() {
+    if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+        return;
+    }
+    let (rows, cols, n) = (9, 96, 6);
+    let nb = cols / BLOCK;
+    let x = activations(n, cols);
+    for m in [QMatrix::from_q4_1_bytes(&q4_1_blocks(rows, cols, 9), rows, cols), QMatrix::from_q8_0_bytes(&q8_0_blocks(rows, cols, 10), rows, cols)] {
+        let want = reference(&m.to_dense(), &x, rows, cols, n);
+        let mut y = vec![0f32; n * rows];
+        // SAFETY: AVX2 and FMA were detected; the slices are the whole matrix and `y` is n × rows.
+        unsafe {
+            match &m.packed {
+                Packed::Q4_1 { d, m: mins, qs } => x86::q4_1_tile_avx2(qs, d, mins, nb, 0, rows, &x, n, y.as_mut_ptr(), rows),
+                Packed::Q8_0 { d, qs } => x86::q8_0_tile_avx2(qs, d, &[], nb, 0, rows, &x, n, y.as_mut_ptr(), rows),
+                Packed::F32(_) => unreachable!("packed matrices only"),
+            }
+        }
+        assert_close(&y, &want, "avx2 tile");
+    }
+}

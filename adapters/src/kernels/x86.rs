@@ -125,21 +125,55 @@ pub unsafe fn q4_1_avx512(q: &[u8], d: &[f32], m: &[f32], x: &[f32], cols: usize
     unsafe { dispatch_rows!(q4_1_avx512_n, q, d, m, x, cols, acc; n) }
 }
 
+/// Block `i` of a Q4_1 matrix as two vectors of exact weights (`q·d + m`, not fused).
+///
+/// # Safety
+/// AVX-512F/BW; block `i` exists behind `q` (16 bytes a block), `d` and `m`.
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
-unsafe fn q4_1_avx512_n<const N: usize>(q: &[u8], d: &[f32], m: &[f32], x: &[f32], cols: usize, acc: &mut [f32; FUSED_ROWS]) {
-    // SAFETY: as in `q4_1_avx2_n`.
+unsafe fn q4_1_block(q: *const u8, d: *const f32, m: *const f32, i: usize) -> (__m512, __m512) {
+    // SAFETY: forwarded from the caller.
     unsafe {
         let mask = _mm_set1_epi8(0x0F);
-        // Two accumulators per row halve the dependency chain of the FMAs.
+        let raw = _mm_loadu_si128(q.add(i * 16) as *const __m128i);
+        let (db, mb) = (_mm512_set1_ps(*d.add(i)), _mm512_set1_ps(*m.add(i)));
+        let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask)));
+        let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), mask)));
+        (_mm512_add_ps(_mm512_mul_ps(lo, db), mb), _mm512_add_ps(_mm512_mul_ps(hi, db), mb))
+    }
+}
+
+/// Block `i` of a Q8_0 matrix as two vectors of exact weights (`q·d`).
+///
+/// # Safety
+/// AVX-512F/BW; block `i` exists behind `q` (32 values a block) and `d`.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn q8_0_block(q: *const i8, d: *const f32, i: usize) -> (__m512, __m512) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let db = _mm512_set1_ps(*d.add(i));
+        let qb = q.add(i * BLOCK);
+        let w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qb as *const __m128i))), db);
+        let w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qb.add(16) as *const __m128i))), db);
+        (w0, w1)
+    }
+}
+
+/// One weight row (blocks `w(0..nb)`) against `N` activation rows, two accumulators each.
+///
+/// # Safety
+/// `w` must be valid for `nb` blocks; `x` holds N rows of `cols` floats.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn row_avx512<const N: usize>(w: impl Fn(usize) -> (__m512, __m512), nb: usize, x: &[f32], cols: usize, acc: &mut [f32; FUSED_ROWS]) {
+    debug_assert!(x.len() >= N * cols && cols >= nb * BLOCK);
+    // SAFETY: the loads stay inside N rows of `cols` floats.
+    unsafe {
         let mut sums = [[_mm512_setzero_ps(); 2]; N];
-        let (qp, xp) = (q.as_ptr(), x.as_ptr());
-        for b in 0..d.len() {
-            let raw = _mm_loadu_si128(qp.add(b * 16) as *const __m128i);
-            let (db, mb) = (_mm512_set1_ps(*d.get_unchecked(b)), _mm512_set1_ps(*m.get_unchecked(b)));
-            let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask)));
-            let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), mask)));
-            let (w0, w1) = (_mm512_add_ps(_mm512_mul_ps(lo, db), mb), _mm512_add_ps(_mm512_mul_ps(hi, db), mb));
+        let xp = x.as_ptr();
+        for b in 0..nb {
+            let (w0, w1) = w(b);
             for (i, s) in sums.iter_mut().enumerate() {
                 let xb = xp.add(i * cols + b * BLOCK);
                 s[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), s[0]);
@@ -150,6 +184,22 @@ unsafe fn q4_1_avx512_n<const N: usize>(q: &[u8], d: &[f32], m: &[f32], x: &[f32
             *a = _mm512_reduce_add_ps(_mm512_add_ps(s[0], s[1]));
         }
     }
+}
+
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn q4_1_avx512_n<const N: usize>(q: &[u8], d: &[f32], m: &[f32], x: &[f32], cols: usize, acc: &mut [f32; FUSED_ROWS]) {
+    let (qp, dp, mp) = (q.as_ptr(), d.as_ptr(), m.as_ptr());
+    // SAFETY: the caller passes whole rows: d.len() blocks behind every pointer.
+    unsafe { row_avx512::<N>(|b| q4_1_block(qp, dp, mp, b), d.len(), x, cols, acc) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn q8_0_avx512_n<const N: usize>(q: &[i8], d: &[f32], x: &[f32], cols: usize, acc: &mut [f32; FUSED_ROWS]) {
+    let (qp, dp) = (q.as_ptr(), d.as_ptr());
+    // SAFETY: as above.
+    unsafe { row_avx512::<N>(|b| q8_0_block(qp, dp, b), d.len(), x, cols, acc) }
 }
 
 /// # Safety
@@ -204,30 +254,6 @@ pub unsafe fn q8_0_avx512(q: &[i8], d: &[f32], x: &[f32], cols: usize, n: usize,
     debug_assert!(q.len() >= d.len() * BLOCK && x.len() >= n * cols);
     // SAFETY: forwarded from the caller.
     unsafe { dispatch_rows!(q8_0_avx512_n, q, d, x, cols, acc; n) }
-}
-
-#[target_feature(enable = "avx512f,avx512bw")]
-#[inline]
-unsafe fn q8_0_avx512_n<const N: usize>(q: &[i8], d: &[f32], x: &[f32], cols: usize, acc: &mut [f32; FUSED_ROWS]) {
-    // SAFETY: as in `q8_0_avx2_n`.
-    unsafe {
-        let mut sums = [[_mm512_setzero_ps(); 2]; N];
-        let (qp, xp) = (q.as_ptr(), x.as_ptr());
-        for b in 0..d.len() {
-            let qb = qp.add(b * BLOCK);
-            let db = _mm512_set1_ps(*d.get_unchecked(b));
-            let w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qb as *const __m128i))), db);
-            let w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qb.add(16) as *const __m128i))), db);
-            for (i, s) in sums.iter_mut().enumerate() {
-                let xb = xp.add(i * cols + b * BLOCK);
-                s[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), s[0]);
-                s[1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb.add(16)), s[1]);
-            }
-        }
-        for (a, s) in acc.iter_mut().zip(sums) {
-            *a = _mm512_reduce_add_ps(_mm512_add_ps(s[0], s[1]));
-        }
-    }
 }
 
 #[target_feature(enable = "avx2,fma")]
@@ -388,18 +414,8 @@ unsafe fn tile_pairs_avx512(
 pub unsafe fn q4_1_tile_pairs_avx512(q: &[u8], d: &[f32], m: &[f32], nb: usize, r0: usize, r1: usize, x: &[f32], n: usize, out: *mut f32, ldy: usize) {
     assert!(q.len() >= r1 * nb * 16 && d.len() >= r1 * nb && m.len() >= r1 * nb);
     let (qp, dp, mp) = (q.as_ptr(), d.as_ptr(), m.as_ptr());
-    let mask = _mm_set1_epi8(0x0F);
-    let w = move |r: usize, b: usize| {
-        let i = r * nb + b;
-        // SAFETY: block i exists (checked above).
-        unsafe {
-            let raw = _mm_loadu_si128(qp.add(i * 16) as *const __m128i);
-            let (db, mb) = (_mm512_set1_ps(*dp.add(i)), _mm512_set1_ps(*mp.add(i)));
-            let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask)));
-            let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), mask)));
-            (_mm512_add_ps(_mm512_mul_ps(lo, db), mb), _mm512_add_ps(_mm512_mul_ps(hi, db), mb))
-        }
-    };
+    // SAFETY: block r·nb + b exists (checked above).
+    let w = move |r: usize, b: usize| unsafe { q4_1_block(qp, dp, mp, r * nb + b) };
     // SAFETY: forwarded from the caller.
     unsafe { tile_pairs_avx512(w, nb, r0, r1, x, n, out, ldy, |r| q4_1_tile_avx512(q, d, m, nb, r, r + 1, x, n, out, ldy)) }
 }
@@ -414,17 +430,8 @@ pub unsafe fn q4_1_tile_pairs_avx512(q: &[u8], d: &[f32], m: &[f32], nb: usize, 
 pub unsafe fn q8_0_tile_pairs_avx512(q: &[i8], d: &[f32], nb: usize, r0: usize, r1: usize, x: &[f32], n: usize, out: *mut f32, ldy: usize) {
     assert!(q.len() >= r1 * nb * BLOCK && d.len() >= r1 * nb);
     let (qp, dp) = (q.as_ptr(), d.as_ptr());
-    let w = move |r: usize, b: usize| {
-        let i = r * nb + b;
-        // SAFETY: block i exists (checked above).
-        unsafe {
-            let db = _mm512_set1_ps(*dp.add(i));
-            let qb = qp.add(i * BLOCK);
-            let w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qb as *const __m128i))), db);
-            let w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qb.add(16) as *const __m128i))), db);
-            (w0, w1)
-        }
-    };
+    // SAFETY: as above.
+    let w = move |r: usize, b: usize| unsafe { q8_0_block(qp, dp, r * nb + b) };
     // SAFETY: forwarded from the caller.
     unsafe { tile_pairs_avx512(w, nb, r0, r1, x, n, out, ldy, |r| q8_0_tile_avx512(q, d, &[], nb, r, r + 1, x, n, out, ldy)) }
 }
