@@ -136,3 +136,56 @@ async fn two_replicas_share_one_limit_and_survive_a_redis_restart() {
         assert!(std::time::Instant::now() < deadline, "replica B never counted in Redis again");
     }
 }
+
+/// Tokens per minute through Redis: both replicas charge one shared window (requests and
+/// tokens are checked in one script call), so the first 429 comes once the tokens used on
+/// both together reach the limit, not once each replica has used it alone.
+#[tokio::test]
+async fn two_replicas_share_one_token_window() {
+    let port = common::free_port();
+    let _redis = PrivateRedis::start(port);
+    let url = format!("redis://127.0.0.1:{port}");
+    let root = tempfile::tempdir().unwrap();
+    let model = tiny(root.path());
+    let limit = 60u64;
+    let args = |dir: &str| {
+        vec!["--rate-limit-tpm".to_owned(), limit.to_string(), "--rate-limit-rpm".to_owned(), "1000".to_owned(),
+            "--redis-url".to_owned(), url.clone(), "--data-dir".to_owned(), root.path().join(dir).display().to_string()]
+    };
+    let a = start(&model, &args("a").iter().map(String::as_str).collect::<Vec<_>>());
+    let b = start(&model, &args("b").iter().map(String::as_str).collect::<Vec<_>>());
+    // Both replicas count in Redis once a request shows the shared request window.
+    for server in [&a, &b] {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let res = complete(server, 1).await;
+            assert_eq!(res.status(), 200);
+            if header(&res, "x-ratelimit-limit-requests") == "1000" && header(&res, "x-ratelimit-remaining-requests") != "999" {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "a replica never used Redis");
+        }
+    }
+    // Alternate replicas until one refuses; count what was used (warm-up requests included,
+    // read back from the shared window itself).
+    let first = complete(&a, 1).await;
+    assert_eq!(first.status(), 200);
+    let mut used = limit - header(&first, "x-ratelimit-remaining-tokens").parse::<u64>().unwrap();
+    let first: Value = first.json().await.unwrap();
+    used += first["usage"]["total_tokens"].as_u64().unwrap();
+    let mut per_request = 0;
+    let mut refused = None;
+    for (i, server) in [&b, &a].iter().cycle().take(40).enumerate() {
+        let res = complete(server, 5).await;
+        if res.status() == 429 {
+            refused = Some(i);
+            break;
+        }
+        let usage: Value = res.json().await.unwrap();
+        per_request = usage["usage"]["total_tokens"].as_u64().unwrap();
+        used += per_request;
+    }
+    assert!(refused.is_some(), "never refused after {used} tokens");
+    // Charges land just after each answer, so the window may trail by one request.
+    assert!(used >= limit && used < limit + 2 * per_request, "refused after {used} tokens for a shared limit of {limit}");
+}
