@@ -16,7 +16,7 @@ use crate::openai::ErrorResponse;
 use crate::server::{read_json, AppState};
 
 /// Checks the admin bearer token and returns the registry.
-fn authorize(state: &AppState, req: &HttpRequest) -> Result<Arc<Registry>, ApiError> {
+pub(crate) fn authorize(state: &AppState, req: &HttpRequest) -> Result<Arc<Registry>, ApiError> {
     use actix_web::HttpMessage;
     let admin = req.extensions().get::<Principal>().is_some_and(|p| p.role == Role::Admin);
     if admin {

@@ -131,6 +131,13 @@ pub struct ServeArgs {
     /// The name clients use in `model` [default: derived from the file name].
     #[arg(long, env = "SWITCHYARD_MODEL_ID")]
     pub model_id: Option<String>,
+    /// Completion logging for feedback: `on`, `off`, or `redact` (message text removed)
+    /// [default: on].
+    #[arg(long, env = "SWITCHYARD_FEEDBACK_LOG")]
+    pub feedback_log: Option<crate::feedback::LogMode>,
+    /// Size in MiB at which the completion log starts a new file [default: 64].
+    #[arg(long, env = "SWITCHYARD_FEEDBACK_ROTATE_MB")]
+    pub feedback_rotate_mb: Option<u64>,
     /// Threads the candle engine splits its matmuls across [default: every core].
     #[arg(long, env = "SWITCHYARD_THREADS")]
     pub threads: Option<usize>,
@@ -233,6 +240,8 @@ pub struct Settings {
     pub engine: EngineKind,
     /// 0: every core.
     pub threads: usize,
+    pub feedback_log: crate::feedback::LogMode,
+    pub feedback_rotate_bytes: u64,
     /// `None`: `/metrics` is on the API port.
     pub metrics_listen: Option<String>,
     pub max_concurrent: usize,
@@ -275,6 +284,8 @@ impl ServeArgs {
             model_id,
             engine,
             threads: self.threads.or(file.threads).unwrap_or(0),
+            feedback_log: self.feedback_log.or(file.feedback_log).unwrap_or(crate::feedback::LogMode::On),
+            feedback_rotate_bytes: self.feedback_rotate_mb.or(file.feedback_rotate_mb).unwrap_or(64).max(1) << 20,
             metrics_listen: self.metrics_listen.or(file.metrics_listen).filter(|a| !a.is_empty()),
             max_concurrent: self.max_concurrent.or(file.max_concurrent).unwrap_or(32),
             body_limit: self.body_limit.or(file.body_limit).unwrap_or(4 << 20),

@@ -27,6 +27,9 @@ pub enum ApiError {
     Unauthorized,
     #[error("{message}")]
     Forbidden { message: String },
+    /// The request conflicts with what is stored (a duplicate).
+    #[error("{message}")]
+    Conflict { message: String },
     /// An adapter-registry error; its class picks the status.
     #[error("{0}")]
     Registry(#[from] adapters::AdapterError),
@@ -59,6 +62,7 @@ impl ApiError {
             ApiError::Unauthorized => "invalid_api_key",
             ApiError::Unavailable { .. } => "service_unavailable",
             ApiError::Forbidden { .. } => "forbidden",
+            ApiError::Conflict { .. } => "conflict",
             ApiError::Registry(e) => e.code(),
             ApiError::Internal(_) => "internal_error",
         }
@@ -73,6 +77,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => "rate_limit_error",
             ApiError::Unauthorized => "authentication_error",
             ApiError::Forbidden { .. } => "permission_error",
+            ApiError::Conflict { .. } => "conflict_error",
             ApiError::Registry(e) => match e.class() {
                 adapters::ErrorClass::Internal => "server_error",
                 adapters::ErrorClass::Conflict => "conflict_error",
@@ -134,6 +139,7 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Registry(e) => match e.class() {
                 adapters::ErrorClass::BadRequest => StatusCode::BAD_REQUEST,
                 adapters::ErrorClass::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,

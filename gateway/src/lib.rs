@@ -16,6 +16,8 @@ pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod feedback;
+pub mod feedback_api;
 pub mod limits;
 pub mod metrics;
 pub mod openai;

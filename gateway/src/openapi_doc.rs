@@ -35,17 +35,24 @@ use crate::openai::{
         crate::admin::rollback,
         crate::admin::delete_version,
         crate::admin::audit,
+        crate::feedback_api::create,
+        crate::feedback_api::list,
+        crate::feedback_api::review,
     ),
     components(schemas(
         ChatCompletionRequest, CompletionRequest, SamplingFields, StopParam, MessageContent, ContentPart, ChatMessage,
         StreamOptions, ChatCompletionResponse, ChatChoice, AssistantMessage, Usage, ChatCompletionChunk,
         ChatChunkChoice, ChunkDelta, CompletionResponse, CompletionChoice, ModelList, ModelCard, TokenizeRequest,
         TokenizeResponse, ErrorResponse, ErrorDetail, crate::admin::ImportRequest, crate::admin::PromoteRequest,
+        crate::feedback_api::FeedbackRequest, crate::feedback::FeedbackRecord, crate::feedback::Thumbs,
+        crate::feedback_api::FeedbackList, crate::feedback::Reviewed, crate::feedback::ReviewStatus,
+        crate::feedback_api::ReviewRequest, crate::feedback_api::ReviewAction,
     )),
     modifiers(&Bearer),
     tags(
         (name = "openai", description = "OpenAI-compatible endpoints"),
-        (name = "admin", description = "Adapter registry administration (admin role)"),
+        (name = "admin", description = "Adapter registry and feedback review (admin role)"),
+        (name = "feedback", description = "What users say about answers, for training"),
         (name = "operations", description = "Health, readiness and metrics (no token)"),
     )
 )]

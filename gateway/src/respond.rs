@@ -47,6 +47,30 @@ pub struct Running {
     /// The limiter to charge the tokens to, the caller, and its stream slot (freed on drop).
     pub limits: Option<(Arc<crate::limits::Limiter>, crate::auth::Principal, Option<crate::limits::StreamSlot>)>,
     pub served: Served,
+    /// Where to log the finished completion (for feedback), with what is known up front.
+    pub log: Option<(Arc<crate::feedback::FeedbackStore>, crate::feedback::Draft)>,
+}
+
+impl Running {
+    /// Logs the finished completion when logging is wired up for it.
+    fn log_completion(&self, envelope: &Envelope, answer: &str, finish_reason: &str, usage: &Usage) {
+        if let Some((store, draft)) = &self.log {
+            store.log_completion(crate::feedback::CompletionRecord {
+                id: envelope.id.clone(),
+                created: envelope.created,
+                tenant: draft.tenant.clone(),
+                sub: draft.sub.clone(),
+                model: self.served.model.clone(),
+                adapter: self.served.adapter.clone(),
+                prompt: draft.prompt.clone(),
+                answer: answer.to_owned(),
+                finish_reason: finish_reason.to_owned(),
+                params: draft.params.clone(),
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+            });
+        }
+    }
 }
 
 impl Drop for Running {
@@ -133,6 +157,7 @@ pub async fn whole(envelope: Envelope, mut run: Running) -> Result<HttpResponse,
             Event::Finished { reason, completion_tokens } => {
                 let usage = Usage::new(run.generation.prompt_tokens, completion_tokens);
                 count_tokens(&run, &usage);
+                run.log_completion(&envelope, &text, reason.as_str(), &usage);
                 let body = match envelope.kind {
                     Kind::Chat => serde_json::to_value(ChatCompletionResponse {
                         id: envelope.id,
@@ -194,12 +219,14 @@ struct SseState {
     phase: Phase,
     last: Option<Instant>,
     pending: Vec<String>,
+    /// The answer so far, kept only when the completion is logged.
+    text: String,
 }
 
 /// Streams the generation as server-sent events ending with `data: [DONE]`. When the client
 /// goes away actix drops this stream, which drops the generation and cancels it.
 pub fn streamed(envelope: Envelope, run: Running, include_usage: bool) -> HttpResponse {
-    let state = SseState { envelope, run, include_usage, phase: Phase::Start, last: None, pending: Vec::new() };
+    let state = SseState { envelope, run, include_usage, phase: Phase::Start, last: None, pending: Vec::new(), text: String::new() };
     let body = stream::unfold(state, |mut s| async move {
         loop {
             if let Some(frame) = s.pending.pop() {
@@ -231,12 +258,16 @@ pub fn streamed(envelope: Envelope, run: Running, include_usage: bool) -> HttpRe
                         Some(prev) => s.run.metrics.inter_token_latency.observe((now - prev).as_secs_f64()),
                     }
                     s.last = Some(now);
+                    if s.run.log.is_some() {
+                        s.text.push_str(&d);
+                    }
                     let frame = s.envelope.chunk(Some(d), false, None, None);
                     return Some((Ok(sse(&frame)), s));
                 }
                 Event::Finished { reason, completion_tokens } => {
                     let usage = Usage::new(s.run.generation.prompt_tokens, completion_tokens);
                     count_tokens(&s.run, &usage);
+                    s.run.log_completion(&s.envelope, &s.text, reason.as_str(), &usage);
                     s.phase = Phase::Done;
                     // `pending` is a stack: push in reverse order of sending.
                     s.pending.push("data: [DONE]\n\n".to_owned());

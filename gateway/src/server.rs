@@ -48,12 +48,19 @@ pub struct AppState {
     pub body_limit: usize,
     pub model_id: String,
     pub metrics: Arc<Metrics>,
+    pub feedback: Arc<crate::feedback::FeedbackStore>,
 }
 
 impl AppState {
-    pub fn new(settings: &Settings) -> Self {
+    pub fn new(settings: &Settings) -> std::io::Result<Self> {
         let metrics = Arc::new(Metrics::new());
-        Self {
+        let feedback = crate::feedback::FeedbackStore::open(
+            &settings.data_dir.join("feedback"),
+            settings.feedback_log,
+            settings.feedback_rotate_bytes,
+        )?;
+        Ok(Self {
+            feedback: Arc::new(feedback),
             engine: OnceLock::new(),
             registry: OnceLock::new(),
             admin_token: settings.admin_token.clone(),
@@ -69,7 +76,7 @@ impl AppState {
             body_limit: settings.body_limit,
             model_id: settings.model_id.clone(),
             metrics,
-        }
+        })
     }
 
     /// Installs the loaded engine (and, when it serves adapters, opens the registry); from
@@ -191,7 +198,16 @@ impl AppState {
         let started = Instant::now();
         let generation = engine.generate(request).await?;
         self.metrics.active_generations.inc();
-        Ok(Running { generation, _permit: permit, metrics: self.metrics.clone(), model: model.to_owned(), started, limits: None, served })
+        Ok(Running {
+            generation,
+            _permit: permit,
+            metrics: self.metrics.clone(),
+            model: model.to_owned(),
+            started,
+            limits: None,
+            served,
+            log: None,
+        })
     }
 }
 
@@ -285,7 +301,7 @@ pub(crate) async fn completions(
 }
 
 /// The caller the auth middleware put on the request.
-fn caller(req: &HttpRequest) -> Principal {
+pub(crate) fn caller(req: &HttpRequest) -> Principal {
     use actix_web::HttpMessage;
     // The middleware always sets one on these routes; without it, the caller may use nothing.
     req.extensions()
@@ -305,7 +321,25 @@ async fn answer(state: &AppState, req: &HttpRequest, kind: Kind, v: Validated) -
     })?;
     req.extensions_mut().insert(verdict);
     let slot = if v.stream { state.limiter.stream_slot(&caller)? } else { None };
+    let draft = crate::feedback::Draft {
+        tenant: caller.tenant.clone(),
+        sub: caller.sub.clone(),
+        prompt: match &v.generation.prompt {
+            Prompt::Chat(messages) => serde_json::Value::Array(
+                messages.iter().map(|m| serde_json::json!({"role": m.role.as_str(), "content": m.content})).collect(),
+            ),
+            Prompt::Text(t) => serde_json::Value::String(t.clone()),
+        },
+        params: {
+            let s = &v.generation.sampling;
+            serde_json::json!({
+                "max_tokens": v.generation.max_tokens, "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed,
+                "stop": s.stop, "frequency_penalty": s.frequency_penalty, "presence_penalty": s.presence_penalty,
+            })
+        },
+    };
     let mut running = state.admit(&v.model, &caller, v.generation).await?;
+    running.log = Some((state.feedback.clone(), draft));
     req.extensions_mut().insert(running.served.clone());
     running.limits = Some((state.limiter.clone(), caller, slot));
     let envelope = Envelope::new(kind, v.model);
@@ -503,7 +537,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if settings.engine != EngineKind::Echo {
         ModelSource::detect(&settings.model_path).map_err(anyhow::Error::msg)?;
     }
-    let state = web::Data::new(AppState::new(&settings));
+    let state = web::Data::new(AppState::new(&settings).map_err(|e| {
+        anyhow::anyhow!("the feedback store under {} cannot be opened: {e}", settings.data_dir.join("feedback").display())
+    })?);
     let app_state = state.clone();
     let metrics_here = settings.metrics_listen.is_none();
     let server = HttpServer::new(move || {
@@ -577,6 +613,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             })
             .configure(|cfg| routes(cfg, metrics_here))
             .configure(crate::admin::routes)
+            .configure(crate::feedback_api::routes)
             .default_service(web::to(not_found))
     })
     .workers(settings.http_workers)

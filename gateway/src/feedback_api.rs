@@ -1,0 +1,186 @@
+//! HTTP for feedback: `POST /v1/feedback` for clients, and the admin review queue
+//! (`GET /admin/feedback`, `POST /admin/feedback/{id}/review`).
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::feedback::{ReviewStatus, Reviewed, Thumbs};
+#[allow(unused_imports)]
+use crate::feedback::FeedbackRecord;
+#[allow(unused_imports)]
+use crate::openai::ErrorResponse;
+use crate::server::{caller, read_json, AppState};
+
+/// Most tags on one feedback record, and longest tag.
+const MAX_TAGS: usize = 32;
+const MAX_TAG_LEN: usize = 64;
+
+/// Feedback on one answer: at least one of `thumbs`, `rating`, `correction`, `comment`, `tags`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FeedbackRequest {
+    /// The `id` of a chat or text completion this gateway returned.
+    pub response_id: String,
+    pub thumbs: Option<Thumbs>,
+    /// 1 (worst) to 5 (best).
+    pub rating: Option<u8>,
+    /// What the answer should have been.
+    pub correction: Option<String>,
+    pub comment: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/feedback",
+    tag = "feedback",
+    request_body = FeedbackRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Stored durably", body = FeedbackRecord),
+        (status = 400, description = "Malformed or empty feedback", body = ErrorResponse, example = json!({"error": {"message": "rating must be between 1 and 5", "type": "invalid_request_error", "param": "rating", "code": "invalid_value"}})),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
+        (status = 404, description = "No such response (or not the caller's tenant's)", body = ErrorResponse, example = json!({"error": {"message": "no response with id `chatcmpl-x`", "type": "invalid_request_error", "param": null, "code": "not_found"}})),
+        (status = 409, description = "This caller already gave feedback on this response", body = ErrorResponse, example = json!({"error": {"message": "feedback on `chatcmpl-x` was already given", "type": "conflict_error", "param": null, "code": "conflict"}}))
+    )
+)]
+pub(crate) async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    let wire: FeedbackRequest = read_json(&req, payload, state.body_limit).await?;
+    if wire.response_id.trim().is_empty() {
+        return Err(ApiError::invalid("response_id must name a response", Some("response_id".to_owned())));
+    }
+    if wire.rating.is_some_and(|r| !(1..=5).contains(&r)) {
+        return Err(ApiError::invalid("rating must be between 1 and 5", Some("rating".to_owned())));
+    }
+    let blank = |s: &Option<String>| s.as_deref().is_none_or(|t| t.trim().is_empty());
+    if wire.thumbs.is_none() && wire.rating.is_none() && blank(&wire.correction) && blank(&wire.comment) && wire.tags.is_empty() {
+        return Err(ApiError::invalid(
+            "feedback needs at least one of thumbs, rating, correction, comment or tags",
+            None,
+        ));
+    }
+    if wire.tags.len() > MAX_TAGS || wire.tags.iter().any(|t| t.trim().is_empty() || t.len() > MAX_TAG_LEN) {
+        return Err(ApiError::invalid(
+            format!("tags: at most {MAX_TAGS}, each 1 to {MAX_TAG_LEN} characters"),
+            Some("tags".to_owned()),
+        ));
+    }
+    let who = caller(&req);
+    let store = state.feedback.clone();
+    // The store fsyncs before it answers: off the async workers.
+    let record = web::block(move || {
+        store.add(
+            &who.tenant,
+            &who.sub,
+            wire.response_id.trim(),
+            wire.thumbs,
+            wire.rating,
+            wire.correction.filter(|c| !c.trim().is_empty()),
+            wire.comment.filter(|c| !c.trim().is_empty()),
+            wire.tags,
+        )
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok(HttpResponse::Created().json(record))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// `pending`, `accepted` or `rejected`; all when absent.
+    status: Option<ReviewStatus>,
+    #[serde(default)]
+    offset: usize,
+    /// At most 1000 [default: 100].
+    limit: Option<usize>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct FeedbackList {
+    /// Always `list`.
+    object: String,
+    data: Vec<Reviewed>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/admin/feedback",
+    tag = "admin",
+    params(ListQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Feedback with its review state, oldest first", body = FeedbackList),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
+        (status = 403, description = "Not an admin", body = ErrorResponse, example = json!({"error": {"message": "this route needs the admin role", "type": "permission_error", "param": null, "code": "forbidden"}}))
+    )
+)]
+pub(crate) async fn list(state: web::Data<AppState>, req: HttpRequest, query: web::Query<ListQuery>) -> Result<HttpResponse, ApiError> {
+    crate::admin::authorize(&state, &req)?;
+    let limit = query.limit.unwrap_or(100).min(1000);
+    let data = state.feedback.list(query.status, query.offset, limit);
+    Ok(HttpResponse::Ok().json(FeedbackList { object: "list".into(), data }))
+}
+
+/// Accept (optionally with an edited correction) or reject one feedback record.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReviewRequest {
+    /// `accept` or `reject`.
+    action: ReviewAction,
+    /// With `accept`: the correction to train on instead of the user's.
+    correction: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ReviewAction {
+    Accept,
+    Reject,
+}
+
+#[utoipa::path(
+    post,
+    path = "/admin/feedback/{id}/review",
+    tag = "admin",
+    params(("id" = String, Path, description = "Feedback id (`fb-…`)")),
+    request_body = ReviewRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Reviewed; stored durably", body = Reviewed),
+        (status = 400, description = "Malformed review", body = ErrorResponse, example = json!({"error": {"message": "a correction can only come with accept", "type": "invalid_request_error", "param": "correction", "code": "invalid_value"}})),
+        (status = 403, description = "Not an admin", body = ErrorResponse, example = json!({"error": {"message": "this route needs the admin role", "type": "permission_error", "param": null, "code": "forbidden"}})),
+        (status = 404, description = "No such feedback", body = ErrorResponse, example = json!({"error": {"message": "no feedback with id `fb-x`", "type": "invalid_request_error", "param": null, "code": "not_found"}}))
+    )
+)]
+pub(crate) async fn review(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    crate::admin::authorize(&state, &req)?;
+    let wire: ReviewRequest = read_json(&req, payload, state.body_limit).await?;
+    let status = match wire.action {
+        ReviewAction::Accept => ReviewStatus::Accepted,
+        ReviewAction::Reject => ReviewStatus::Rejected,
+    };
+    if matches!(wire.action, ReviewAction::Reject) && wire.correction.is_some() {
+        return Err(ApiError::invalid("a correction can only come with accept", Some("correction".to_owned())));
+    }
+    let reviewer = caller(&req).sub;
+    let store = state.feedback.clone();
+    let id = path.into_inner();
+    let reviewed = web::block(move || store.review(&id, status, wire.correction.filter(|c| !c.trim().is_empty()), &reviewer))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok(HttpResponse::Ok().json(reviewed))
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/feedback", web::post().to(create))
+        .route("/admin/feedback", web::get().to(list))
+        .route("/admin/feedback/{id}/review", web::post().to(review));
+}
