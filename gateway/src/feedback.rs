@@ -142,6 +142,8 @@ struct State {
 
 pub struct FeedbackStore {
     dir: PathBuf,
+    /// Set at start-up when Redis is configured.
+    pub shared: std::sync::OnceLock<std::sync::Arc<crate::feedback_stream::SharedFeedback>>,
     mode: LogMode,
     rotate_bytes: u64,
     files: Mutex<Files>,
@@ -236,6 +238,7 @@ impl FeedbackStore {
         let completions_bytes = std::fs::metadata(&current).map_or(0, |m| m.len());
         Ok(Self {
             dir: dir.to_owned(),
+            shared: std::sync::OnceLock::new(),
             mode,
             rotate_bytes: rotate_bytes.max(1),
             files: Mutex::new(Files {
@@ -253,9 +256,33 @@ impl FeedbackStore {
         self.mode
     }
 
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether `id` is an answer this store knows, given to `tenant`.
+    pub fn knows(&self, tenant: &str, id: &str) -> bool {
+        self.state.lock().responses.get(id).is_some_and(|a| a.tenant == tenant)
+    }
+
+    /// Learns of an answer another replica gave.
+    pub fn remember(&self, id: &str, tenant: &str, model: &str, adapter: &str) {
+        self.state
+            .lock()
+            .responses
+            .insert(id.to_owned(), Answered { tenant: tenant.to_owned(), model: model.to_owned(), adapter: adapter.to_owned() });
+    }
+
     /// Records a finished completion. Written at once but not fsynced: losing the last few
     /// lines in a power cut loses only the ability to give feedback on those answers.
     pub fn log_completion(&self, mut record: CompletionRecord) {
+        if let Some(shared) = self.shared.get().cloned() {
+            let (id, by) = (
+                record.id.clone(),
+                crate::feedback_stream::AnsweredBy { tenant: record.tenant.clone(), model: record.model.clone(), adapter: record.adapter.clone() },
+            );
+            tokio::spawn(async move { shared.remember(&id, &by).await });
+        }
         self.state.lock().responses.insert(
             record.id.clone(),
             Answered { tenant: record.tenant.clone(), model: record.model.clone(), adapter: record.adapter.clone() },

@@ -69,12 +69,26 @@ pub(crate) async fn create(state: web::Data<AppState>, req: HttpRequest, payload
     }
     let who = caller(&req);
     let store = state.feedback.clone();
+    let response_id = wire.response_id.trim().to_owned();
+    let shared = store.shared.get().cloned();
+    if let Some(shared) = &shared {
+        // An answer another replica gave, and the one-per-user rule across replicas.
+        if !store.knows(&who.tenant, &response_id) {
+            if let Some(by) = shared.lookup(&response_id).await.filter(|b| b.tenant == who.tenant) {
+                store.remember(&response_id, &by.tenant, &by.model, &by.adapter);
+            }
+        }
+        if store.knows(&who.tenant, &response_id) && shared.claim(&response_id, &who.sub).await == Some(false) {
+            return Err(ApiError::Conflict { message: format!("feedback on `{response_id}` was already given") });
+        }
+    }
+    let (sub, rid) = (who.sub.clone(), response_id.clone());
     // The store fsyncs before it answers: off the async workers.
-    let record = web::block(move || {
+    let stored = web::block(move || {
         store.add(
             &who.tenant,
             &who.sub,
-            wire.response_id.trim(),
+            &response_id,
             wire.thumbs,
             wire.rating,
             wire.correction.filter(|c| !c.trim().is_empty()),
@@ -83,7 +97,21 @@ pub(crate) async fn create(state: web::Data<AppState>, req: HttpRequest, payload
         )
     })
     .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let record = match (stored, &shared) {
+        (Ok(record), Some(shared)) => {
+            shared.publish(&record).await;
+            record
+        }
+        (Ok(record), None) => record,
+        (Err(e), Some(shared)) => {
+            if !matches!(e, ApiError::Conflict { .. }) {
+                shared.release(&rid, &sub).await;
+            }
+            return Err(e);
+        }
+        (Err(e), None) => return Err(e),
+    };
     Ok(HttpResponse::Created().json(record))
 }
 

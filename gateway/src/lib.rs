@@ -18,6 +18,7 @@ pub mod engine;
 pub mod error;
 pub mod feedback;
 pub mod feedback_api;
+pub mod feedback_stream;
 pub mod limits;
 pub mod metrics;
 pub mod openai;

@@ -651,6 +651,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         h
     });
     state.limiter.connect();
+    if let Some(client) = settings.redis.clone() {
+        let shared = crate::feedback_stream::SharedFeedback::start(client, state.feedback.dir(), state.metrics.clone());
+        let _ = state.feedback.shared.set(shared);
+    }
     let drain_state = state.clone();
     let drain_handle = handle.clone();
     tokio::spawn(async move {
