@@ -84,6 +84,7 @@ impl CandleEngine {
         // reference and the training model; it is dropped here).
         let runtime = Runtime::from_llama(&model, threads)?;
         drop(model);
+        release_freed_memory();
         tracing::info!(weight_bytes = runtime.weight_bytes(), threads = runtime.threads(), isa = ?adapters::kernels::isa(), "candle engine packed");
         let context_len = context_cap.map_or(runtime.config.max_position, |c| c.min(runtime.config.max_position));
         let shape = runtime.config.shape(&id);
@@ -98,6 +99,17 @@ impl CandleEngine {
             })?;
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         Ok(Self { info: ModelInfo { id, context_len, created }, tokenizer, template, shape, jobs, metrics })
+    }
+}
+
+/// Returns the heap pages the loader freed to the OS (glibc keeps them otherwise, and the
+/// resident set would count a dense copy of the embedding that no longer exists).
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory at the top of glibc's heaps; it touches no
+    // live allocation.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
