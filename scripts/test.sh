@@ -20,5 +20,12 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set -o pipefail
 cargo test --release --workspace --lib --bins --tests "$@" 2>&1 | tee "$log"
+# The committed OpenAPI spec must validate as OpenAPI 3 with an external validator (a venv in
+# the cache, made once).
+venv="$cache/openapi-venv"
+if [ ! -x "$venv/bin/openapi-spec-validator" ]; then
+  python3 -m venv "$venv" && "$venv/bin/pip" install -q openapi-spec-validator==0.9.0
+fi
+"$venv/bin/openapi-spec-validator" openapi/openapi.json | tee -a "$log"
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"

@@ -35,6 +35,7 @@ pub struct FeedbackRequest {
 #[utoipa::path(
     post,
     path = "/v1/feedback",
+    operation_id = "create_feedback",
     tag = "feedback",
     request_body = FeedbackRequest,
     security(("bearer" = [])),
@@ -136,6 +137,7 @@ pub struct FeedbackList {
 #[utoipa::path(
     get,
     path = "/admin/feedback",
+    operation_id = "list_feedback",
     tag = "admin",
     params(ListQuery),
     security(("bearer" = [])),
@@ -172,6 +174,7 @@ pub enum ReviewAction {
 #[utoipa::path(
     post,
     path = "/admin/feedback/{id}/review",
+    operation_id = "review_feedback",
     tag = "admin",
     params(("id" = String, Path, description = "Feedback id (`fb-…`)")),
     request_body = ReviewRequest,

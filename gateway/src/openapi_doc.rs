@@ -88,4 +88,18 @@ mod tests {
             "openapi/openapi.json is out of date: run `cargo run --release -p gateway -- openapi > openapi/openapi.json`"
         );
     }
+
+    /// OpenAPI requires operation ids to be unique; handlers in different modules may share a
+    /// function name (`scripts/test.sh` also runs a full external validator).
+    #[test]
+    fn operation_ids_are_unique() {
+        let spec: serde_json::Value = serde_json::from_str(&super::spec_json()).unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for (path, item) in spec["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let id = op["operationId"].as_str().unwrap_or_default().to_owned();
+                assert!(seen.insert(id.clone()), "{method} {path}: operationId `{id}` is used twice");
+            }
+        }
+    }
 }
