@@ -74,7 +74,7 @@ async fn jwt_failures_roles_model_lists_and_api_keys() {
     // A good token works; public routes need none.
     let good = mint(&[]);
     assert_eq!(status_of(&server, "/v1/chat/completions", Some(&good), Some(chat.clone())).await.0, 200);
-    for path in ["/health", "/ready", "/metrics"] {
+    for path in ["/health", "/ready", "/metrics", "/openapi.json", "/docs/"] {
         let res = client().get(server.url(path)).send().await.unwrap();
         assert_eq!(res.status(), 200, "{path}");
     }
