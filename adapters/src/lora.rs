@@ -65,9 +65,15 @@ struct Frozen {
     bt_v: Vec<f32>,
     /// A as stored, `[r, in]` row-major: one long dot product per rank for the runtime.
     a_v: Vec<f32>,
+    /// scale·Bᵀ in panels of [`PANEL`] output columns, each `[r][PANEL]` (zero-padded): the
+    /// runtime adds a panel's columns with one contiguous read.
+    b_panels: Vec<f32>,
     rank: usize,
     out: usize,
 }
+
+/// Output columns per panel of a served pair's `scale·Bᵀ` (one 8-lane vector).
+pub const PANEL: usize = 8;
 
 /// Up to this many rows, the delta is computed with plain loops rather than candle matmuls.
 const SMALL_ROWS: usize = 4;
@@ -112,7 +118,13 @@ impl LoraPair {
         let at_v = at.flatten_all()?.to_vec1::<f32>()?;
         let bt_v = bt.flatten_all()?.to_vec1::<f32>()?;
         let a_v = a.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        Ok(Self { a, b, scale, frozen: Some(Frozen { at, bt, at_v, bt_v, a_v, rank, out }) })
+        let mut b_panels = vec![0f32; out.div_ceil(PANEL) * rank * PANEL];
+        for j in 0..rank {
+            for c in 0..out {
+                b_panels[((c / PANEL) * rank + j) * PANEL + c % PANEL] = bt_v[j * out + c];
+            }
+        }
+        Ok(Self { a, b, scale, frozen: Some(Frozen { at, bt, at_v, bt_v, a_v, b_panels, rank, out }) })
     }
 
     /// `scale · (x Aᵀ) Bᵀ` for `x` of shape `[.., in]`.
@@ -159,12 +171,13 @@ impl LoraPair {
         self.frozen.is_some()
     }
 
-    /// For frozen pairs: the rank, output width, `scale·Bᵀ` (`[rank, out]`) and A (`[rank, in]`),
+    /// For frozen pairs: the rank, output width, `scale·Bᵀ` in panels (see [`PANEL`]) and A
+    /// (`[rank, in]`),
     /// so callers can compute `t = x Aᵀ` themselves and add `t · scale·Bᵀ` where it suits them
     /// (the runtime folds the second half into the base matmul's tiles).
     pub fn halves(&self) -> Option<(usize, usize, &[f32], &[f32])> {
         let f = self.frozen.as_ref()?;
-        Some((f.rank, f.out, &f.bt_v, &f.a_v))
+        Some((f.rank, f.out, &f.b_panels, &f.a_v))
     }
 
     /// `scale · B A`, the dense `[out, in]` change this pair makes to the base weight.

@@ -15,6 +15,8 @@ use candle_core::Device;
 use half::f16;
 use rayon::prelude::*;
 
+use crate::lora::PANEL;
+
 /// Elements per GGML block for the packed formats here.
 pub const BLOCK: usize = 32;
 
@@ -270,7 +272,10 @@ impl QMatrix {
         assert!(x.len() >= n * self.cols, "matmul input is shorter than n rows");
         for e in extra {
             assert!(e.row0 + e.rows <= n && e.col0 + e.cols <= self.rows, "low-rank term outside the output");
-            assert!(e.t.len() >= e.rows * e.rank && e.bt.len() >= e.rank * e.cols, "low-rank term too short");
+            assert!(
+                e.t.len() >= e.rows * e.rank && e.panels.len() >= e.cols.div_ceil(PANEL) * e.rank * PANEL,
+                "low-rank term too short"
+            );
         }
         assert!(ldy >= self.rows && (n == 0 || y.len() >= (n - 1) * ldy + self.rows), "matmul output too short");
         if n == 0 {
@@ -421,7 +426,8 @@ impl QMatrix {
 }
 
 /// A low-rank addition to some rows and columns of a matmul's output:
-/// `y[row0 + i, col0 + c] += Σ_j t[i, j] · bt[j, c]`.
+/// `y[row0 + i, col0 + c] += Σ_j t[i, j] · B[c, j]`, with B given in panels of
+/// [`crate::lora::PANEL`] columns.
 #[derive(Debug, Clone, Copy)]
 pub struct LowRank<'a> {
     pub row0: usize,
@@ -431,8 +437,8 @@ pub struct LowRank<'a> {
     pub rank: usize,
     /// `[rows, rank]`, row-major.
     pub t: &'a [f32],
-    /// `[rank, cols]`, row-major.
-    pub bt: &'a [f32],
+    /// Panel `p` (columns `p·8 .. p·8 + 8`) is `[rank][8]`, zero-padded past `cols`.
+    pub panels: &'a [f32],
 }
 
 /// Adds the part of each term that falls in output columns `r0..r1`.
@@ -445,12 +451,26 @@ unsafe fn add_low_rank(extra: &[LowRank<'_>], r0: usize, r1: usize, out: OutPtr,
         if c0 >= c1 {
             continue;
         }
+        let (first, last) = (c0 - e.col0, c1 - e.col0);
         for i in 0..e.rows {
-            // SAFETY: row e.row0 + i, columns c0..c1 belong to this tile (checked in matmul_plus).
-            let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add((e.row0 + i) * ldy + c0), c1 - c0) };
-            for (j, &tj) in e.t[i * e.rank..(i + 1) * e.rank].iter().enumerate() {
-                let b = &e.bt[j * e.cols + (c0 - e.col0)..j * e.cols + (c1 - e.col0)];
-                axpy(tj, b, dst);
+            let t = &e.t[i * e.rank..(i + 1) * e.rank];
+            let row = (e.row0 + i) * ldy + e.col0;
+            for p in first / PANEL..last.div_ceil(PANEL) {
+                let panel = &e.panels[p * e.rank * PANEL..(p + 1) * e.rank * PANEL];
+                let mut acc = [0f32; PANEL];
+                for (j, &tj) in t.iter().enumerate() {
+                    for (a, &b) in acc.iter_mut().zip(&panel[j * PANEL..(j + 1) * PANEL]) {
+                        *a = tj.mul_add(b, *a);
+                    }
+                }
+                for (k, a) in acc.iter().enumerate() {
+                    let c = p * PANEL + k;
+                    if (first..last).contains(&c) {
+                        // SAFETY: column col0 + c of row e.row0 + i belongs to this tile
+                        // (checked in matmul_plus and by the range test above).
+                        unsafe { *out.0.add(row + c) += *a };
+                    }
+                }
             }
         }
     }

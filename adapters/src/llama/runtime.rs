@@ -188,7 +188,7 @@ fn low_rank_terms<'a>(
     in_dim: usize,
     bufs: &'a mut Vec<Vec<f32>>,
 ) -> Vec<LowRank<'a>> {
-    // (first row, rows, first column, rank, width, scale·Bᵀ, A) of every term.
+    // (first row, rows, first column, rank, width, scale·Bᵀ panels, A) of every term.
     type Spec<'a> = (usize, usize, usize, usize, usize, &'a [f32], &'a [f32]);
     let mut specs: Vec<Spec<'a>> = Vec::new();
     for (s, &start) in seqs.iter().zip(starts) {
@@ -223,7 +223,7 @@ fn low_rank_terms<'a>(
     specs
         .into_iter()
         .enumerate()
-        .map(|(i, (row0, rows, col0, rank, cols, bt, _))| LowRank { row0, rows, col0, cols, rank, t: &bufs[i], bt })
+        .map(|(i, (row0, rows, col0, rank, cols, panels, _))| LowRank { row0, rows, col0, cols, rank, t: &bufs[i], panels })
         .collect()
 }
 
