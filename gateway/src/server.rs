@@ -258,12 +258,7 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The answer: one JSON object, or with `stream: true` server-sent events (`data: {chunk}` lines ending with `data: [DONE]`)", content((ChatCompletionResponse = "application/json"), (ChatCompletionChunk = "text/event-stream"))),
-        (status = 400, description = "Invalid request", body = ErrorResponse, example = json!({"error": {"message": "messages must contain at least one message", "type": "invalid_request_error", "param": "messages", "code": "invalid_value"}})),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
-        (status = 404, description = "Unknown model or adapter", body = ErrorResponse, example = json!({"error": {"message": "The model `gpt-9` does not exist or you do not have access to it.", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}})),
-        (status = 413, description = "Body over the limit", body = ErrorResponse, example = json!({"error": {"message": "request body is larger than the limit of 4194304 bytes", "type": "invalid_request_error", "param": null, "code": "payload_too_large"}})),
-        (status = 429, description = "Rate or concurrency limit reached (see Retry-After and x-ratelimit-* headers)", body = ErrorResponse, example = json!({"error": {"message": "rate limit reached for requests per minute; retry after the reset time", "type": "rate_limit_error", "param": null, "code": "rate_limit_exceeded"}})),
-        (status = 503, description = "Model not loaded yet, or draining", body = ErrorResponse, example = json!({"error": {"message": "the model is not loaded yet", "type": "server_error", "param": null, "code": "model_not_ready"}}))
+        GenerationErrors
     )
 )]
 pub(crate) async fn chat_completions(
@@ -283,12 +278,7 @@ pub(crate) async fn chat_completions(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The completion: one JSON object, or with `stream: true` server-sent events of the same shape ending with `data: [DONE]`", content((CompletionResponse = "application/json"), (CompletionResponse = "text/event-stream"))),
-        (status = 400, description = "Invalid request", body = ErrorResponse, example = json!({"error": {"message": "messages must contain at least one message", "type": "invalid_request_error", "param": "messages", "code": "invalid_value"}})),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
-        (status = 404, description = "Unknown model or adapter", body = ErrorResponse, example = json!({"error": {"message": "The model `gpt-9` does not exist or you do not have access to it.", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}})),
-        (status = 413, description = "Body over the limit", body = ErrorResponse, example = json!({"error": {"message": "request body is larger than the limit of 4194304 bytes", "type": "invalid_request_error", "param": null, "code": "payload_too_large"}})),
-        (status = 429, description = "Rate or concurrency limit reached (see Retry-After and x-ratelimit-* headers)", body = ErrorResponse, example = json!({"error": {"message": "rate limit reached for requests per minute; retry after the reset time", "type": "rate_limit_error", "param": null, "code": "rate_limit_exceeded"}})),
-        (status = 503, description = "Model not loaded yet, or draining", body = ErrorResponse, example = json!({"error": {"message": "the model is not loaded yet", "type": "server_error", "param": null, "code": "model_not_ready"}}))
+        GenerationErrors
     )
 )]
 pub(crate) async fn completions(
@@ -298,6 +288,24 @@ pub(crate) async fn completions(
 ) -> Result<HttpResponse, ApiError> {
     let wire: CompletionRequest = read_json(&req, payload, state.body_limit).await?;
     answer(&state, &req, Kind::Text, validate::completion(wire, state.limits)?).await
+}
+
+/// The errors every generation route answers with, documented once for the OpenAPI spec.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum GenerationErrors {
+    #[response(status = 400, description = "Invalid request", example = json!({"error": {"message": "messages must contain at least one message", "type": "invalid_request_error", "param": "messages", "code": "invalid_value"}}))]
+    Invalid(ErrorResponse),
+    #[response(status = 401, description = "Missing or invalid bearer token", example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}}))]
+    Unauthorized(ErrorResponse),
+    #[response(status = 404, description = "Unknown model or adapter", example = json!({"error": {"message": "The model `gpt-9` does not exist or you do not have access to it.", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}))]
+    UnknownModel(ErrorResponse),
+    #[response(status = 413, description = "Body over the limit", example = json!({"error": {"message": "request body is larger than the limit of 4194304 bytes", "type": "invalid_request_error", "param": null, "code": "payload_too_large"}}))]
+    TooLarge(ErrorResponse),
+    #[response(status = 429, description = "Rate or concurrency limit reached (see Retry-After and x-ratelimit-* headers)", example = json!({"error": {"message": "rate limit reached for requests per minute; retry after the reset time", "type": "rate_limit_error", "param": null, "code": "rate_limit_exceeded"}}))]
+    Limited(ErrorResponse),
+    #[response(status = 503, description = "Model not loaded yet, or draining", example = json!({"error": {"message": "the model is not loaded yet", "type": "server_error", "param": null, "code": "model_not_ready"}}))]
+    NotReady(ErrorResponse),
 }
 
 /// The caller the auth middleware put on the request.
