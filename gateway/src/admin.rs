@@ -39,6 +39,18 @@ pub(crate) fn authorize(state: &AppState, req: &HttpRequest) -> Result<Arc<Regis
     state.registry().ok_or(ApiError::NotReady)
 }
 
+/// The errors every adapter admin route answers with, documented once for the OpenAPI spec.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum AdminErrors {
+    #[response(status = 401, description = "Missing or invalid bearer token", example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}}))]
+    Unauthorized(ErrorResponse),
+    #[response(status = 403, description = "Not an admin", example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}}))]
+    NotAdmin(ErrorResponse),
+    #[response(status = 404, description = "Unknown adapter, version or alias", example = json!({"error": {"message": "adapter \"bot\" does not exist", "type": "invalid_request_error", "param": null, "code": "adapter_not_found"}}))]
+    Unknown(ErrorResponse),
+}
+
 /// Registers a version from a directory under `SWITCHYARD_IMPORT_ROOT`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -154,9 +166,7 @@ pub(crate) async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result
     security(("bearer" = [])),
     responses(
         (status = 200, description = "One adapter with its versions and aliases", body = Object),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
-        (status = 403, description = "Not an admin", body = ErrorResponse, example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}})),
-        (status = 404, description = "Unknown adapter, version or alias", body = ErrorResponse, example = json!({"error": {"message": "adapter \"bot\" does not exist", "type": "invalid_request_error", "param": null, "code": "adapter_not_found"}}))
+        AdminErrors
     )
 )]
 pub(crate) async fn show(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
@@ -178,9 +188,7 @@ pub(crate) async fn show(state: web::Data<AppState>, req: HttpRequest, path: web
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The version's manifest", body = Object),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
-        (status = 403, description = "Not an admin", body = ErrorResponse, example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}})),
-        (status = 404, description = "Unknown adapter, version or alias", body = ErrorResponse, example = json!({"error": {"message": "adapter \"bot\" does not exist", "type": "invalid_request_error", "param": null, "code": "adapter_not_found"}}))
+        AdminErrors
     )
 )]
 pub(crate) async fn show_version(
@@ -212,9 +220,7 @@ pub struct PromoteRequest {
     responses(
         (status = 200, description = "The alias change (adapter, alias, from, to)", body = Object),
         (status = 400, description = "Invalid request", body = ErrorResponse, example = json!({"error": {"message": "messages must contain at least one message", "type": "invalid_request_error", "param": "messages", "code": "invalid_value"}})),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
-        (status = 403, description = "Not an admin", body = ErrorResponse, example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}})),
-        (status = 404, description = "Unknown adapter, version or alias", body = ErrorResponse, example = json!({"error": {"message": "adapter \"bot\" does not exist", "type": "invalid_request_error", "param": null, "code": "adapter_not_found"}})),
+        AdminErrors,
         (status = 409, description = "Conflict", body = ErrorResponse, example = json!({"error": {"message": "alias \"prod\" of adapter \"bot\" points to version 2, not 1", "type": "conflict_error", "param": null, "code": "alias_conflict"}}))
     )
 )]
@@ -240,9 +246,7 @@ pub(crate) async fn promote(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The alias change back to the previous version", body = Object),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
-        (status = 403, description = "Not an admin", body = ErrorResponse, example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}})),
-        (status = 404, description = "Unknown adapter, version or alias", body = ErrorResponse, example = json!({"error": {"message": "adapter \"bot\" does not exist", "type": "invalid_request_error", "param": null, "code": "adapter_not_found"}}))
+        AdminErrors
     )
 )]
 pub(crate) async fn rollback(
@@ -265,9 +269,7 @@ pub(crate) async fn rollback(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The deleted version's manifest", body = Object),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
-        (status = 403, description = "Not an admin", body = ErrorResponse, example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}})),
-        (status = 404, description = "Unknown adapter, version or alias", body = ErrorResponse, example = json!({"error": {"message": "adapter \"bot\" does not exist", "type": "invalid_request_error", "param": null, "code": "adapter_not_found"}})),
+        AdminErrors,
         (status = 409, description = "Conflict", body = ErrorResponse, example = json!({"error": {"message": "alias \"prod\" of adapter \"bot\" points to version 2, not 1", "type": "conflict_error", "param": null, "code": "alias_conflict"}}))
     )
 )]
