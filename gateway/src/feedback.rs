@@ -330,19 +330,14 @@ impl FeedbackStore {
         comment: Option<String>,
         tags: Vec<String>,
     ) -> Result<FeedbackRecord, ApiError> {
-        let answered = {
-            let state = self.state.lock();
-            let answered = state
-                .responses
-                .get(response_id)
-                .filter(|a| a.tenant == tenant)
-                .cloned()
-                .ok_or_else(|| ApiError::NotFound { message: format!("no response with id `{response_id}`") })?;
-            if state.given.contains(&(response_id.to_owned(), sub.to_owned())) {
-                return Err(ApiError::Conflict { message: format!("feedback on `{response_id}` was already given") });
-            }
-            answered
-        };
+        let answered = self
+            .state
+            .lock()
+            .responses
+            .get(response_id)
+            .filter(|a| a.tenant == tenant)
+            .cloned()
+            .ok_or_else(|| ApiError::NotFound { message: format!("no response with id `{response_id}`") })?;
         let record = FeedbackRecord {
             id: format!("fb-{}", uuid::Uuid::new_v4().simple()),
             object: "feedback".into(),
@@ -358,8 +353,8 @@ impl FeedbackStore {
             comment,
             tags,
         };
-        // The file lock orders writers; the duplicate check is repeated under it so that two
-        // racing requests cannot both be stored.
+        // The duplicate check runs under the file lock, which orders writers, so two racing
+        // requests cannot both be stored.
         let mut files = self.files.lock();
         if self.state.lock().given.contains(&(record.response_id.clone(), record.sub.clone())) {
             return Err(ApiError::Conflict { message: format!("feedback on `{response_id}` was already given") });

@@ -35,7 +35,8 @@ struct Layer {
 #[derive(Debug)]
 pub struct Runtime {
     pub config: LlamaConfig,
-    embed: QMatrix,
+    /// `None` when the embeddings are tied: tokens are looked up in `lm_head`.
+    embed: Option<QMatrix>,
     lm_head: QMatrix,
     norm: Vec<f32>,
     layers: Vec<Layer>,
@@ -450,8 +451,8 @@ impl Runtime {
         let cfg = model.config.clone();
         let lm_head = dense_or_packed(&model.lm_head)?;
         // Tied embeddings (the GGUF has no output.weight): look tokens up in the packed head
-        // rather than keeping a second, dense copy.
-        let embed = if model.tied { lm_head.clone() } else { to_matrix(&model.embed)? };
+        // rather than keeping a second copy.
+        let embed = if model.tied { None } else { Some(to_matrix(&model.embed)?) };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for block in &model.blocks {
             let m = |module: LoraModule| -> Result<QMatrix> {
@@ -491,7 +492,7 @@ impl Runtime {
     pub fn weight_bytes(&self) -> usize {
         let layers: usize =
             self.layers.iter().map(|l| l.qkv.bytes() + l.o.bytes() + l.gate_up.bytes() + l.down.bytes()).sum();
-        layers + self.lm_head.bytes() + if self.embed.bytes() == self.lm_head.bytes() { 0 } else { self.embed.bytes() }
+        layers + self.lm_head.bytes() + self.embed.as_ref().map_or(0, QMatrix::bytes)
     }
 
     /// Threads the matmuls are split across.
@@ -544,7 +545,7 @@ impl Runtime {
 
         let x = grow(&mut ws.x, n * hs);
         for (row, &t) in seqs.iter().flat_map(|s| s.tokens.iter()).enumerate() {
-            self.embed.row_into(t as usize, &mut x[row * hs..(row + 1) * hs]);
+            self.embed.as_ref().unwrap_or(&self.lm_head).row_into(t as usize, &mut x[row * hs..(row + 1) * hs]);
         }
         grow(&mut ws.h, n * hs);
         grow(&mut ws.qkv, n * wqkv);
