@@ -25,6 +25,7 @@
 //! - a failed registration leaves disk and snapshot exactly as they were.
 
 mod error;
+pub mod frozen;
 pub mod kernels;
 pub mod llama;
 pub mod lora;

@@ -12,6 +12,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{AdapterError, Result};
+use crate::frozen::FrozenLinear;
 use crate::peft::{AdapterConfig, BaseModelShape, LoraModule, LoraPart, LoraTensorKey, CONFIG_FILE, WEIGHTS_FILE};
 
 /// The frozen weight of a linear layer, `[out, in]`.
@@ -21,6 +22,9 @@ pub enum BaseWeight {
     Quantized(Arc<QMatMul>),
     /// Dense weights; gradients flow through them to the input.
     Dense(Tensor),
+    /// Training: packed forward kernels, and a backward pass that computes only the input's
+    /// gradient (the weight never changes, so its gradient would be wasted work).
+    Frozen(FrozenLinear),
 }
 
 impl BaseWeight {
@@ -28,6 +32,7 @@ impl BaseWeight {
         match self {
             BaseWeight::Quantized(q) => q.forward(x),
             BaseWeight::Dense(w) => x.broadcast_matmul(&w.t()?),
+            BaseWeight::Frozen(f) => f.forward(x),
         }
     }
 
@@ -39,6 +44,7 @@ impl BaseWeight {
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32),
             },
             BaseWeight::Dense(w) => Ok(w.clone()),
+            BaseWeight::Frozen(f) => Ok(f.dense().clone()),
         }
     }
 }
@@ -53,6 +59,43 @@ pub struct LoraPair {
     /// For frozen (served) pairs: Aᵀ and scale·Bᵀ laid out once. Trained pairs leave it empty:
     /// their A and B change.
     frozen: Option<Frozen>,
+    /// Training only: dropout on the LoRA path's input.
+    dropout: Option<Arc<Dropout>>,
+}
+
+/// LoRA dropout with its own seeded generator, so a resumed training run draws exactly the
+/// masks the uninterrupted run would have drawn (candle's dropout uses an unseeded one).
+#[derive(Debug)]
+pub struct Dropout {
+    p: f32,
+    rng: parking_lot::Mutex<rand::rngs::StdRng>,
+}
+
+impl Dropout {
+    pub fn new(p: f32, seed: u64) -> Self {
+        use rand::SeedableRng;
+        Self { p, rng: parking_lot::Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)) }
+    }
+
+    /// Restarts the generator; the trainer calls this before every micro-batch with a seed
+    /// derived from the step, so masks depend only on (seed, step).
+    pub fn reseed(&self, seed: u64) {
+        use rand::SeedableRng;
+        *self.rng.lock() = rand::rngs::StdRng::seed_from_u64(seed);
+    }
+
+    /// `x` with each element zeroed with probability `p` and the rest scaled by `1/(1-p)`.
+    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        use rand::Rng;
+        if self.p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 / (1.0 - self.p);
+        let mut rng = self.rng.lock();
+        let mask: Vec<f32> =
+            (0..x.elem_count()).map(|_| if rng.random::<f32>() < self.p { 0.0 } else { keep }).collect();
+        x * Tensor::from_vec(mask, x.shape(), x.device())?
+    }
 }
 
 /// Aᵀ `[in, r]` and scale·Bᵀ `[r, out]`, as tensors (for large batches) and as plain row-major
@@ -107,7 +150,12 @@ impl Frozen {
 impl LoraPair {
     /// A pair whose A and B may still change (training).
     pub fn new(a: Tensor, b: Tensor, scale: f64) -> Self {
-        Self { a, b, scale, frozen: None }
+        Self { a, b, scale, frozen: None, dropout: None }
+    }
+
+    /// A trainable pair whose LoRA path drops inputs with `dropout` (training mode).
+    pub fn with_dropout(a: Tensor, b: Tensor, scale: f64, dropout: Arc<Dropout>) -> Self {
+        Self { a, b, scale, frozen: None, dropout: Some(dropout) }
     }
 
     /// A pair that will only be served: its transposed, scaled form is computed once here.
@@ -124,7 +172,7 @@ impl LoraPair {
                 b_panels[((c / PANEL) * rank + j) * PANEL + c % PANEL] = bt_v[j * out + c];
             }
         }
-        Ok(Self { a, b, scale, frozen: Some(Frozen { at, bt, at_v, bt_v, a_v, b_panels, rank, out }) })
+        Ok(Self { a, b, scale, frozen: Some(Frozen { at, bt, at_v, bt_v, a_v, b_panels, rank, out }), dropout: None })
     }
 
     /// `scale · (x Aᵀ) Bᵀ` for `x` of shape `[.., in]`.
@@ -132,7 +180,13 @@ impl LoraPair {
         match &self.frozen {
             Some(f) if x.rank() == 2 && x.dim(0)? <= SMALL_ROWS && x.dtype() == DType::F32 => f.small_delta(x),
             Some(f) => x.broadcast_matmul(&f.at)?.broadcast_matmul(&f.bt),
-            None => x.broadcast_matmul(&self.a.t()?)?.broadcast_matmul(&self.b.t()?)? * self.scale,
+            None => {
+                let x = match &self.dropout {
+                    Some(d) => d.apply(x)?,
+                    None => x.clone(),
+                };
+                x.broadcast_matmul(&self.a.t()?)?.broadcast_matmul(&self.b.t()?)? * self.scale
+            }
         }
     }
 

@@ -67,7 +67,7 @@ const MAX_PART: usize = 512 << 20;
     path = "/admin/adapters/{name}/versions",
     tag = "admin",
     params(("name" = String, Path, description = "Adapter name")),
-    request_body(content((Object = "multipart/form-data"), (ImportRequest = "application/json")), description = "Multipart with `adapter_config.json` and `adapter_model.safetensors`, or JSON naming a directory under the import root"),
+    request_body(content((Object = "multipart/form-data"), (ImportRequest = "application/json")), description = "Multipart with `adapter_config.json` and `adapter_model.safetensors` (a training job adds `lineage.json`, `metrics.json` and `job_id`), or JSON naming a directory under the import root"),
     security(("bearer" = [])),
     responses(
         (status = 201, description = "The new version: name, version, sha256 and its manifest", body = Object),
@@ -93,6 +93,8 @@ pub(crate) async fn create_version(
     let manifest = if is_multipart {
         let mut form = Multipart::new(req.headers(), payload);
         let (mut config, mut weights) = (None, None);
+        // A training job also sends its lineage, metrics and job id with the files.
+        let (mut lineage, mut metrics, mut job_id) = (None, None, None);
         while let Some(field) = form.next().await {
             let mut field = field.map_err(|e| ApiError::invalid(format!("bad multipart body: {e}"), None))?;
             let label = field
@@ -110,9 +112,22 @@ pub(crate) async fn create_version(
             match label.as_str() {
                 "adapter_config.json" => config = Some(bytes),
                 "adapter_model.safetensors" => weights = Some(bytes),
+                "lineage.json" | "metrics.json" => {
+                    let value: serde_json::Value = serde_json::from_slice(&bytes)
+                        .map_err(|e| ApiError::invalid(format!("{label} is not JSON: {e}"), Some(label.clone())))?;
+                    if label == "lineage.json" {
+                        lineage = Some(value)
+                    } else {
+                        metrics = Some(value)
+                    }
+                }
+                "job_id" => {
+                    let id = String::from_utf8(bytes).map_err(|_| ApiError::invalid("job_id is not UTF-8", Some("job_id".into())))?;
+                    job_id = Some(id.trim().to_owned());
+                }
                 other => {
                     return Err(ApiError::invalid(
-                        format!("unexpected part {other:?}: send adapter_config.json and adapter_model.safetensors"),
+                        format!("unexpected part {other:?}: send adapter_config.json and adapter_model.safetensors (and optionally lineage.json, metrics.json, job_id)"),
                         Some(other.to_owned()),
                     ))
                 }
@@ -121,10 +136,20 @@ pub(crate) async fn create_version(
         let (Some(config), Some(weights)) = (config, weights) else {
             return Err(ApiError::invalid("both adapter_config.json and adapter_model.safetensors are required", None));
         };
+        let source = match job_id {
+            Some(job_id) => Source::Training { job_id },
+            None => Source::Upload,
+        };
         let (reg, n) = (registry.clone(), name.clone());
-        web::block(move || reg.register_from_bytes(&n, &config, &weights, Source::Upload, "admin"))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??
+        web::block(move || {
+            let manifest = reg.register_from_bytes(&n, &config, &weights, source, "admin")?;
+            if lineage.is_none() && metrics.is_none() {
+                return Ok(manifest);
+            }
+            reg.update_manifest_metrics(&n, manifest.version, lineage, metrics)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??
     } else {
         let body: ImportRequest = read_json(&req, payload, state.body_limit).await?;
         let Some(root) = state.import_root.clone() else {

@@ -276,10 +276,21 @@ impl FeedbackStore {
     /// Records a finished completion. Written at once but not fsynced: losing the last few
     /// lines in a power cut loses only the ability to give feedback on those answers.
     pub fn log_completion(&self, mut record: CompletionRecord) {
+        if self.mode == LogMode::Redact {
+            redact(&mut record.prompt);
+            record.answer = "[redacted]".into();
+        }
         if let Some(shared) = self.shared.get().cloned() {
+            let logged = self.mode != LogMode::Off;
             let (id, by) = (
                 record.id.clone(),
-                crate::feedback_stream::AnsweredBy { tenant: record.tenant.clone(), model: record.model.clone(), adapter: record.adapter.clone() },
+                crate::feedback_stream::AnsweredBy {
+                    tenant: record.tenant.clone(),
+                    model: record.model.clone(),
+                    adapter: record.adapter.clone(),
+                    prompt: logged.then(|| record.prompt.clone()),
+                    answer: logged.then(|| record.answer.clone()),
+                },
             );
             tokio::spawn(async move { shared.remember(&id, &by).await });
         }
@@ -289,10 +300,6 @@ impl FeedbackStore {
         );
         if self.mode == LogMode::Off {
             return;
-        }
-        if self.mode == LogMode::Redact {
-            redact(&mut record.prompt);
-            record.answer = "[redacted]".into();
         }
         let mut files = self.files.lock();
         if files.completions_bytes >= self.rotate_bytes {
@@ -389,7 +396,7 @@ impl FeedbackStore {
     }
 
     /// Accepts (optionally with an edited correction) or rejects one record; durable on `Ok`.
-    pub fn review(&self, id: &str, status: ReviewStatus, edited: Option<String>, reviewer: &str) -> Result<Reviewed, ApiError> {
+    pub fn review(&self, id: &str, status: ReviewStatus, edited: Option<String>, reviewer: &str) -> Result<(Reviewed, ReviewRecord), ApiError> {
         let feedback = {
             let state = self.state.lock();
             let i = *state.by_id.get(id).ok_or_else(|| ApiError::NotFound { message: format!("no feedback with id `{id}`") })?;
@@ -406,7 +413,7 @@ impl FeedbackStore {
         let mut files = self.files.lock();
         append(&mut files.reviews, &record, true).map_err(|e| ApiError::Internal(format!("review not stored: {e}")))?;
         self.state.lock().reviews.insert(id.to_owned(), record.clone());
-        Ok(Reviewed { feedback, status, accepted_correction: record.correction })
+        Ok((Reviewed { feedback, status, accepted_correction: record.correction.clone() }, record))
     }
 }
 

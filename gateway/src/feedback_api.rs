@@ -204,9 +204,12 @@ pub(crate) async fn review(
     let reviewer = caller(&req).sub;
     let store = state.feedback.clone();
     let id = path.into_inner();
-    let reviewed = web::block(move || store.review(&id, status, wire.correction.filter(|c| !c.trim().is_empty()), &reviewer))
+    let (reviewed, record) = web::block(move || store.review(&id, status, wire.correction.filter(|c| !c.trim().is_empty()), &reviewer))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
+    if let Some(shared) = state.feedback.shared.get() {
+        shared.publish_review(&record).await;
+    }
     Ok(HttpResponse::Ok().json(reviewed))
 }
 

@@ -1,7 +1,7 @@
 //! Feedback shared through Redis: answered response ids (so any replica takes feedback on any
 //! replica's answer), the one-per-user rule across replicas, and the `switchyard:feedback`
 //! stream that the training sidecar reads with a consumer group (each record once, across
-//! restarts). When Redis is down, records go to an fsynced spool file and are replayed, in
+//! restarts), followed by review decisions. When Redis is down, records go to an fsynced spool file and are replayed, in
 //! order, once it is back; nothing acknowledged is lost.
 
 use std::io::Write;
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use redis::AsyncCommands;
 
-use crate::feedback::FeedbackRecord;
+use crate::feedback::{FeedbackRecord, ReviewRecord};
 use crate::metrics::Metrics;
 
 /// The stream every feedback record is added to (field `record`: the JSON).
@@ -36,6 +36,12 @@ pub struct AnsweredBy {
     pub tenant: String,
     pub model: String,
     pub adapter: String,
+    /// The messages and answer as the completion log keeps them (redacted in `redact` mode,
+    /// absent with logging off), so the training sidecar can join feedback to what it rates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<String>,
 }
 
 async fn timed<T>(f: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, String> {
@@ -136,7 +142,16 @@ impl SharedFeedback {
 
     /// Adds a stored record to the stream, or to the spool when Redis does not take it.
     pub async fn publish(&self, record: &FeedbackRecord) {
-        let json = serde_json::to_string(record).unwrap_or_default();
+        self.publish_json(serde_json::to_string(record).unwrap_or_default()).await;
+    }
+
+    /// Adds an admin's review decision to the stream (same field, told apart by its shape), so
+    /// the sidecar learns which records may be trained on.
+    pub async fn publish_review(&self, review: &ReviewRecord) {
+        self.publish_json(serde_json::to_string(review).unwrap_or_default()).await;
+    }
+
+    async fn publish_json(&self, json: String) {
         // Behind the spool lock, so a record never overtakes older spooled ones.
         let _guard = self.spool_lock.lock().await;
         if self.spool_is_empty() {

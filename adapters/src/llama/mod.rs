@@ -4,6 +4,7 @@
 //! Weights are kept in the HF layout (rotate-half RoPE); GGUF Q/K rows are un-permuted at load
 //! so that PEFT adapters, trained on HF checkpoints, apply to them as they are.
 
+mod chat;
 mod load;
 mod runtime;
 
@@ -11,9 +12,12 @@ use candle_core::{Device, IndexOp, Tensor, D};
 use candle_nn::kv_cache::KvCache as CandleKvCache;
 
 use crate::error::Result;
+use crate::frozen::FrozenLinear;
+use crate::kernels::QMatrix;
 use crate::lora::{AdapterWeights, BaseWeight, LoraLinear, RowGroup};
 use crate::peft::{BaseModelShape, LoraModule};
 
+pub use chat::{ChatModel, ChatTemplate};
 pub use load::{load_gguf_tokenizer, GgufMeta};
 pub use runtime::{KvCache, Runtime, SeqInput, Workspace};
 
@@ -70,6 +74,9 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    /// Training: norms, RoPE and softmax use candle ops that back-propagate (candle's fused
+    /// kernels for them record no gradient).
+    differentiable: bool,
 }
 
 /// One sequence's KV cache, one entry per layer.
@@ -173,6 +180,14 @@ impl Llama {
     /// Forward without caches from position 0 with one adapter for every row (training,
     /// evaluation, tests). Causal. Returns logits `[b, t, vocab]`.
     pub fn forward_full(&self, tokens: &Tensor, adapter: Option<&AdapterWeights>) -> Result<Tensor> {
+        let x = self.forward_hidden(tokens, adapter)?;
+        self.head(&x, false)
+    }
+
+    /// The last block's output `[b, t, hidden]` (before the final norm), from position 0 with
+    /// one adapter for every row. Training takes the rows it scores and calls
+    /// [`Llama::logits_rows`] on just those, so the LM head never runs on prompt positions.
+    pub fn forward_hidden(&self, tokens: &Tensor, adapter: Option<&AdapterWeights>) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
         let rows = vec![Row { adapter }; b];
         let (cos, sin) = self.rope_rows(&vec![0; b], t)?;
@@ -180,14 +195,37 @@ impl Llama {
         for (l, block) in self.blocks.iter().enumerate() {
             x = self.block(block, l, &x, &rows, &cos, &sin, None)?;
         }
-        self.head(&x, false)
+        Ok(x)
+    }
+
+    /// Final norm and LM head for hidden rows `[n, hidden]` → logits `[n, vocab]`.
+    pub fn logits_rows(&self, hidden: &Tensor) -> Result<Tensor> {
+        let x = self.rms_norm(&hidden.contiguous()?, &self.norm)?;
+        Ok(self.lm_head.forward(&x)?)
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let eps = self.config.rms_eps as f32;
+        Ok(if self.differentiable { candle_nn::ops::rms_norm_slow(x, w, eps)? } else { candle_nn::ops::rms_norm(x, w, eps)? })
+    }
+
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        if !self.differentiable {
+            return Ok(candle_nn::rotary_emb::rope(x, cos, sin)?);
+        }
+        // x `[b, heads, t, hd]`, cos/sin `[b, t, hd/2]`: rotate-half RoPE from plain ops.
+        let half = x.dim(D::Minus1)? / 2;
+        let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
+        let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
+        let rotated = Tensor::cat(&[&x.narrow(D::Minus1, half, half)?.neg()?, &x.narrow(D::Minus1, 0, half)?], D::Minus1)?;
+        Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
     }
 
     fn head(&self, x: &Tensor, last_only: bool) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         let x = if last_only { x.narrow(1, t - 1, 1)? } else { x.clone() };
         let t_out = if last_only { 1 } else { t };
-        let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, self.config.rms_eps as f32)?;
+        let x = self.rms_norm(&x.contiguous()?, &self.norm)?;
         let logits = self.lm_head.forward(&x.reshape((b * t_out, h))?)?;
         Ok(if last_only { logits } else { logits.reshape((b, t, self.config.vocab_size))? })
     }
@@ -210,12 +248,12 @@ impl Llama {
             let idx = LoraModule::ALL.iter().position(|x| *x == m).unwrap_or(0);
             Ok(block.proj[idx].forward_rows(input, &Self::groups(rows, layer, m, t))?)
         };
-        let h = candle_nn::ops::rms_norm(x, &block.attn_norm, cfg.rms_eps as f32)?.reshape((b * t, hsz))?;
+        let h = self.rms_norm(x, &block.attn_norm)?.reshape((b * t, hsz))?;
         let q = proj(LoraModule::QProj, &h)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
         let k = proj(LoraModule::KProj, &h)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let v = proj(LoraModule::VProj, &h)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let q = self.rope(&q, cos, sin)?;
+        let k = self.rope(&k, cos, sin)?;
         let attn = match caches {
             Some(caches) => {
                 let mut outs = Vec::with_capacity(b);
@@ -229,7 +267,7 @@ impl Llama {
         };
         let o = attn.transpose(1, 2)?.reshape((b * t, nh * hd))?;
         let x = (x + proj(LoraModule::OProj, &o)?.reshape((b, t, hsz))?)?;
-        let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, cfg.rms_eps as f32)?.reshape((b * t, hsz))?;
+        let h = self.rms_norm(&x, &block.ffn_norm)?.reshape((b * t, hsz))?;
         let gate = candle_nn::ops::silu(&proj(LoraModule::GateProj, &h)?)?;
         let up = proj(LoraModule::UpProj, &h)?;
         let down = proj(LoraModule::DownProj, &(gate * up)?)?.reshape((b, t, hsz))?;
@@ -258,7 +296,11 @@ impl Llama {
         } else {
             scores
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = if self.differentiable {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
         Ok(probs.matmul(&v.contiguous()?)?.reshape((b, nh, t, hd))?)
     }
 
@@ -281,9 +323,47 @@ impl Llama {
         Ok(out)
     }
 
-    /// Every base weight as dense f32, for training (gradients flow through dense weights).
+    /// Every base weight as dense f32 (the exactness tests' reference).
     pub fn to_dense(&self) -> Result<Llama> {
         self.merged(&AdapterWeights::empty(self.config.num_layers))
+    }
+
+    /// The same weights with norms, RoPE and softmax computed by ops that back-propagate
+    /// (candle's fused kernels for them do not); dense weights then get candle's matmul
+    /// gradients, the reference the frozen training path is checked against.
+    pub fn with_autograd(&self) -> Llama {
+        Llama { differentiable: true, ..self.clone() }
+    }
+
+    /// The model for training LoRA on: every linear (and the head) becomes a
+    /// [`crate::frozen::FrozenLinear`] that multiplies with the packed serving kernels (GGUF
+    /// blocks stay as they are, so training sees exactly the weights that serving uses) and
+    /// back-propagates only to its input.
+    pub fn for_training(&self) -> Result<Llama> {
+        fn frozen(w: &BaseWeight) -> Result<BaseWeight> {
+            let dense = w.to_dense()?.to_dtype(candle_core::DType::F32)?;
+            let packed = match w {
+                BaseWeight::Quantized(q) => match q.as_ref() {
+                    candle_core::quantized::QMatMul::QTensor(t) => QMatrix::from_qtensor(t)?,
+                    _ => dense_matrix(&dense)?,
+                },
+                BaseWeight::Frozen(f) => f.packed().clone(),
+                BaseWeight::Dense(_) => dense_matrix(&dense)?,
+            };
+            Ok(BaseWeight::Frozen(FrozenLinear::new(packed, dense)?))
+        }
+        fn dense_matrix(t: &Tensor) -> Result<QMatrix> {
+            let (rows, cols) = t.dims2()?;
+            Ok(QMatrix::dense(t.flatten_all()?.to_vec1::<f32>()?, rows, cols))
+        }
+        let mut out = self.with_autograd();
+        out.lm_head = frozen(&self.lm_head)?;
+        for block in out.blocks.iter_mut() {
+            for p in block.proj.iter_mut() {
+                p.base = frozen(&p.base)?;
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -133,6 +133,7 @@ fn dense_or_packed(w: &BaseWeight) -> Result<QMatrix> {
             _ => to_matrix(&w.to_dense()?)?,
         },
         BaseWeight::Dense(t) => to_matrix(t)?,
+        BaseWeight::Frozen(f) => f.packed().clone(),
     })
 }
 

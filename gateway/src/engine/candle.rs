@@ -10,7 +10,7 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use adapters::llama::{KvCache, Llama, Runtime, SeqInput, Workspace};
+use adapters::llama::{ChatModel, ChatTemplate, KvCache, Runtime, SeqInput, Workspace};
 use adapters::lora::AdapterWeights;
 use adapters::BaseModelShape;
 use async_trait::async_trait;
@@ -20,7 +20,6 @@ use tokio::sync::mpsc;
 use super::sampling::choose;
 use crate::metrics::EngineMetrics;
 use super::stop::StopFilter;
-use super::template::ChatTemplate;
 use super::{
     fit_to_context, Engine, EngineError, Event, FinishReason, Generation, GenerationRequest, ModelInfo, Prompt,
     Sampling,
@@ -69,17 +68,7 @@ impl CandleEngine {
         threads: usize,
         metrics: EngineMetrics,
     ) -> anyhow::Result<Self> {
-        let (model, tokenizer, template, eos) = if path.is_file() {
-            let (model, meta, tokenizer) = Llama::from_gguf(path)?;
-            let template = ChatTemplate::new(meta.chat_template.as_deref(), meta.bos_token.clone(), &tokenizer, &meta.eos_token_ids)?;
-            (model, tokenizer, template, meta.eos_token_ids)
-        } else {
-            let model = Llama::from_hf_dir(path)?;
-            let tokenizer = Tokenizer::from_file(path.join("tokenizer.json"))
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.join("tokenizer.json").display()))?;
-            let (template, eos) = ChatTemplate::from_hf_dir(path, &tokenizer)?;
-            (model, tokenizer, template, eos)
-        };
+        let ChatModel { model, tokenizer, template, eos_ids: eos } = ChatModel::load(path)?;
         // Packed weights and SIMD kernels with f32 activations (the candle `Llama` stays the
         // reference and the training model; it is dropped here).
         let runtime = Runtime::from_llama(&model, threads)?;
@@ -125,7 +114,7 @@ impl Engine for CandleEngine {
 
     async fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
         let text = match prompt {
-            Prompt::Chat(messages) => self.template.render(messages).map_err(EngineError::BadPrompt)?,
+            Prompt::Chat(messages) => self.template.render(messages.iter().map(|m| (m.role.as_str(), m.content.as_str()))).map_err(EngineError::BadPrompt)?,
             Prompt::Text(t) => t.clone(),
         };
         let tokenizer = self.tokenizer.clone();

@@ -8,7 +8,6 @@ pub mod echo;
 pub mod mistral;
 pub mod sampling;
 pub mod stop;
-pub mod template;
 
 use std::fmt;
 use std::sync::Arc;

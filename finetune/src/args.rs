@@ -1,0 +1,144 @@
+//! Every hyper-parameter as an optional override: the `finetune train` flags (LLaMA-Factory's
+//! names) and, with the same field names, the `params` object of the admin job API.
+
+use serde::{Deserialize, Serialize};
+
+use crate::train::config::{parse_targets, Schedule, Stage, TrainConfig};
+
+/// Unset fields keep [`TrainConfig`]'s defaults (the learning rate's depends on model size).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct TrainArgs {
+    /// sft (default) or dpo (preference pairs, e.g. corrections against the original answers).
+    #[arg(long, value_enum)]
+    pub stage: Option<Stage>,
+    /// LoRA rank (default 8).
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    /// LoRA alpha (default 16).
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Dropout on the LoRA path's input while training (default 0).
+    #[arg(long)]
+    pub lora_dropout: Option<f32>,
+    /// `all` (default: every linear layer of the decoder) or a comma list such as `q_proj,v_proj`.
+    #[arg(long)]
+    pub lora_target: Option<String>,
+    /// Rank-stabilised LoRA: scale alpha/sqrt(r) instead of alpha/r.
+    #[arg(long)]
+    pub use_rslora: Option<bool>,
+    /// LoRA+: B matrices learn this many times faster than A (default 1, plain LoRA).
+    #[arg(long)]
+    pub loraplus_lr_ratio: Option<f64>,
+    /// Peak learning rate (default 1e-3 below 1B parameters, 2e-4 below 10B, else 1e-4).
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    /// linear, cosine (default) or constant, after warm-up.
+    #[arg(long, value_enum)]
+    pub lr_scheduler: Option<Schedule>,
+    /// Warm-up as a share of all steps (default 0.1).
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
+    /// Warm-up steps (overrides --warmup-ratio).
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// Passes over the training split (default 3).
+    #[arg(long)]
+    pub epochs: Option<f64>,
+    /// Optimiser steps (overrides --epochs).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Examples per micro-batch (default 4).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimiser step (default 1).
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// AdamW weight decay (default 0).
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Gradient clipping by global norm (default 1).
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// Longest prompt + answer in tokens; longer examples are dropped and reported (default 1024).
+    #[arg(long)]
+    pub cutoff_len: Option<usize>,
+    /// Share of examples held out for validation (default 0.1).
+    #[arg(long)]
+    pub val_ratio: Option<f64>,
+    /// Use at most this many examples (a seeded sample).
+    #[arg(long)]
+    pub max_samples: Option<usize>,
+    /// Evaluate every N steps (default: once per epoch).
+    #[arg(long)]
+    pub eval_steps: Option<usize>,
+    /// Stop after N evaluations without a better validation loss (default: never).
+    #[arg(long)]
+    pub early_stopping_patience: Option<usize>,
+    /// Checkpoint every N steps (default 50; 0: only at the end).
+    #[arg(long)]
+    pub save_steps: Option<usize>,
+    /// Seed for initialisation, data order, dropout and the split (default 42).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// DPO's beta (default 0.1).
+    #[arg(long)]
+    pub dpo_beta: Option<f64>,
+}
+
+impl TrainArgs {
+    /// The settings for a base model of `base_params` parameters, validated.
+    pub fn resolve(&self, base_params: usize) -> Result<TrainConfig, String> {
+        let d = TrainConfig { learning_rate: crate::train::config::default_learning_rate(base_params), ..TrainConfig::default() };
+        let cfg = TrainConfig {
+            stage: self.stage.unwrap_or(d.stage),
+            lora_rank: self.lora_rank.unwrap_or(d.lora_rank),
+            lora_alpha: self.lora_alpha.unwrap_or(d.lora_alpha),
+            lora_dropout: self.lora_dropout.unwrap_or(d.lora_dropout),
+            lora_target: match &self.lora_target {
+                Some(t) => parse_targets(t)?,
+                None => d.lora_target,
+            },
+            use_rslora: self.use_rslora.unwrap_or(d.use_rslora),
+            loraplus_lr_ratio: self.loraplus_lr_ratio.unwrap_or(d.loraplus_lr_ratio),
+            learning_rate: self.learning_rate.unwrap_or(d.learning_rate),
+            lr_scheduler: self.lr_scheduler.unwrap_or(d.lr_scheduler),
+            warmup_ratio: self.warmup_ratio.unwrap_or(d.warmup_ratio),
+            warmup_steps: self.warmup_steps.or(d.warmup_steps),
+            epochs: self.epochs.unwrap_or(d.epochs),
+            max_steps: self.max_steps.or(d.max_steps),
+            batch_size: self.batch_size.unwrap_or(d.batch_size),
+            grad_accum: self.grad_accum.unwrap_or(d.grad_accum),
+            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
+            max_grad_norm: self.max_grad_norm.unwrap_or(d.max_grad_norm),
+            cutoff_len: self.cutoff_len.unwrap_or(d.cutoff_len),
+            val_ratio: self.val_ratio.unwrap_or(d.val_ratio),
+            max_samples: self.max_samples.or(d.max_samples),
+            eval_steps: self.eval_steps.unwrap_or(d.eval_steps),
+            early_stopping_patience: self.early_stopping_patience.unwrap_or(d.early_stopping_patience),
+            save_steps: self.save_steps.unwrap_or(d.save_steps),
+            seed: self.seed.unwrap_or(d.seed),
+            dpo_beta: self.dpo_beta.unwrap_or(d.dpo_beta),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_apply_and_defaults_follow_model_size() {
+        let small = TrainArgs::default().resolve(135_000_000).unwrap();
+        assert_eq!((small.lora_rank, small.lora_alpha, small.batch_size, small.epochs), (8, 16.0, 4, 3.0));
+        assert_eq!(small.learning_rate, 1e-3);
+        assert_eq!(TrainArgs::default().resolve(7_000_000_000).unwrap().learning_rate, 2e-4);
+        let args: TrainArgs = serde_json::from_value(serde_json::json!({"lora_rank": 4, "lora_target": "q_proj,v_proj", "learning_rate": 5e-4})).unwrap();
+        let cfg = args.resolve(135_000_000).unwrap();
+        assert_eq!((cfg.lora_rank, cfg.lora_target.len(), cfg.learning_rate), (4, 2, 5e-4));
+        assert!(serde_json::from_value::<TrainArgs>(serde_json::json!({"lora_rnak": 4})).is_err(), "typos are refused");
+        assert!(TrainArgs { batch_size: Some(0), ..TrainArgs::default() }.resolve(1).unwrap_err().contains("--batch-size"));
+    }
+}

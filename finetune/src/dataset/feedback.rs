@@ -1,0 +1,546 @@
+//! The gateway's feedback (files under `<data_dir>/feedback/`, or stream records) joined with reviews and logged completions, and turned into training examples from admin-accepted records only.
+//!
+//! The record types mirror the gateway's JSON but are defined here: this crate never depends
+//! on the gateway. Unknown fields are ignored so the gateway may add some.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::formats::{chat, Reject};
+use super::{normalize_text, DropReason, Dropped, Example, Message, Role, Target};
+use crate::error::FinetuneError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Thumbs {
+    Up,
+    Down,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReviewStatus {
+    Pending,
+    Accepted,
+    Rejected,
+}
+
+/// What a user said about one answer (a line of `feedback.jsonl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeedbackRecord {
+    pub id: String,
+    pub response_id: String,
+    #[serde(default)]
+    pub created: u64,
+    #[serde(default)]
+    pub tenant: String,
+    #[serde(default)]
+    pub sub: String,
+    #[serde(default)]
+    pub model: String,
+    /// `name@version`, or empty for the base model.
+    #[serde(default)]
+    pub adapter: String,
+    #[serde(default)]
+    pub thumbs: Option<Thumbs>,
+    #[serde(default)]
+    pub rating: Option<u8>,
+    #[serde(default)]
+    pub correction: Option<String>,
+    #[serde(default)]
+    pub comment: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// An admin's decision (a line of `reviews.jsonl`; the last one per feedback id wins).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReviewRecord {
+    pub feedback_id: String,
+    pub status: ReviewStatus,
+    /// The correction training will use: the user's, or the reviewer's edit of it.
+    #[serde(default)]
+    pub correction: Option<String>,
+    #[serde(default)]
+    pub reviewer: String,
+    #[serde(default)]
+    pub at: u64,
+}
+
+/// The part of a logged completion that training needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompletionText {
+    /// Chat messages (`[{role, content}]`) or the raw prompt of `/v1/completions`.
+    pub prompt: Value,
+    pub answer: String,
+}
+
+/// One feedback record with its review state and, when the log still has it, its completion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeedbackItem {
+    pub feedback: FeedbackRecord,
+    pub status: ReviewStatus,
+    /// The reviewed correction, set only when accepted.
+    pub accepted_correction: Option<String>,
+    pub completion: Option<CompletionText>,
+}
+
+/// Joins feedback, reviews and completions arriving in any order, from files or a stream.
+#[derive(Debug, Default)]
+pub struct FeedbackView {
+    feedback: Vec<FeedbackRecord>,
+    index: HashMap<String, usize>,
+    reviews: HashMap<String, ReviewRecord>,
+    completions: HashMap<String, CompletionText>,
+    skipped: usize,
+}
+
+impl FeedbackView {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a feedback record; a stream record may embed its completion as
+    /// `completion: {prompt, answer}`. A repeated id (a redelivered stream entry) is ignored.
+    /// Returns false, and counts the record as skipped, when it does not parse.
+    pub fn add_feedback(&mut self, mut value: Value) -> bool {
+        let embedded = value.as_object_mut().and_then(|o| o.remove("completion"));
+        let Ok(record) = serde_json::from_value::<FeedbackRecord>(value) else {
+            self.skipped += 1;
+            return false;
+        };
+        if let Some(completion) = embedded.and_then(|c| serde_json::from_value::<CompletionText>(c).ok()) {
+            self.completions.insert(record.response_id.clone(), completion);
+        }
+        if !self.index.contains_key(&record.id) {
+            self.index.insert(record.id.clone(), self.feedback.len());
+            self.feedback.push(record);
+        }
+        true
+    }
+
+    /// Adds a review; a later review of the same feedback replaces an earlier one.
+    pub fn add_review(&mut self, value: Value) -> bool {
+        match serde_json::from_value::<ReviewRecord>(value) {
+            Ok(review) => {
+                self.reviews.insert(review.feedback_id.clone(), review);
+                true
+            }
+            Err(_) => {
+                self.skipped += 1;
+                false
+            }
+        }
+    }
+
+    /// Adds a logged completion (its `id` is the response id feedback refers to).
+    pub fn add_completion(&mut self, value: Value) -> bool {
+        let id = value.get("id").and_then(Value::as_str).map(str::to_owned);
+        match (id, serde_json::from_value::<CompletionText>(value)) {
+            (Some(id), Ok(completion)) => {
+                self.completions.insert(id, completion);
+                true
+            }
+            _ => {
+                self.skipped += 1;
+                false
+            }
+        }
+    }
+
+    /// Adds a record of any of the three kinds, told apart by their keys (for a stream that
+    /// carries them all).
+    pub fn add_record(&mut self, value: Value) -> bool {
+        if value.get("feedback_id").is_some() {
+            self.add_review(value)
+        } else if value.get("response_id").is_some() {
+            self.add_feedback(value)
+        } else if value.get("answer").is_some() {
+            self.add_completion(value)
+        } else {
+            self.skipped += 1;
+            false
+        }
+    }
+
+    /// Whether some feedback refers to this response id (so its completion is worth keeping).
+    pub fn wants_completion(&self, response_id: &str) -> bool {
+        self.feedback.iter().any(|f| f.response_id == response_id)
+    }
+
+    /// Records (or lines) that could not be read: torn writes, foreign JSON.
+    pub fn skipped(&self) -> usize {
+        self.skipped
+    }
+
+    /// Every feedback record in arrival order, joined with its review and completion.
+    pub fn items(&self) -> Vec<FeedbackItem> {
+        self.feedback
+            .iter()
+            .map(|f| {
+                let review = self.reviews.get(&f.id);
+                let status = review.map_or(ReviewStatus::Pending, |r| r.status);
+                FeedbackItem {
+                    feedback: f.clone(),
+                    status,
+                    accepted_correction: review.filter(|r| r.status == ReviewStatus::Accepted).and_then(|r| r.correction.clone()),
+                    completion: self.completions.get(&f.response_id).cloned(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Reads the gateway's feedback directory: `feedback.jsonl`, `reviews.jsonl` and the rotated
+/// `completions-<n>.jsonl` logs. Missing files are empty; unreadable lines are counted in
+/// [`FeedbackView::skipped`]. Only completions that some feedback refers to are kept.
+pub fn read_feedback_dir(dir: &Path) -> Result<FeedbackView, FinetuneError> {
+    let mut view = FeedbackView::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| FinetuneError::io(dir, e))?;
+    let mut logs: Vec<(u64, std::path::PathBuf)> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| {
+            let n = p.file_name()?.to_str()?.strip_prefix("completions-")?.strip_suffix(".jsonl")?.parse().ok()?;
+            Some((n, p))
+        })
+        .collect();
+    logs.sort();
+    view.skipped += for_each_line(&dir.join("feedback.jsonl"), |v| {
+        view.add_feedback(v);
+    })?;
+    view.skipped += for_each_line(&dir.join("reviews.jsonl"), |v| {
+        view.add_review(v);
+    })?;
+    let wanted: HashSet<String> = view.feedback.iter().map(|f| f.response_id.clone()).collect();
+    for (_, path) in logs {
+        view.skipped += for_each_line(&path, |v| {
+            if v.get("id").and_then(Value::as_str).is_some_and(|id| wanted.contains(id)) {
+                view.add_completion(v);
+            }
+        })?;
+    }
+    Ok(view)
+}
+
+/// Calls `f` with each parseable non-blank line of a JSONL file and returns how many lines
+/// did not parse. A missing file has no lines.
+fn for_each_line(path: &Path, mut f: impl FnMut(Value)) -> Result<usize, FinetuneError> {
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(FinetuneError::io(path, e)),
+    };
+    let mut skipped = 0;
+    // Split on bytes, not `lines()`: a torn multi-byte character must skip one line, not fail the file.
+    for line in BufReader::new(file).split(b'\n') {
+        let line = line.map_err(|e| FinetuneError::io(path, e))?;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match serde_json::from_slice::<Value>(&line) {
+            Ok(v) => f(v),
+            Err(_) => skipped += 1,
+        }
+    }
+    Ok(skipped)
+}
+
+/// Which feedback to train on; everything else is left out silently (it belongs to another
+/// tenant, adapter or run, not to this dataset).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FeedbackOptions {
+    /// Only feedback on this adapter: `name` (any version), `name@version`, or `""` for the base.
+    pub adapter: Option<String>,
+    pub tenant: Option<String>,
+    /// Only feedback created at or after this Unix time, for incremental runs.
+    pub since: Option<u64>,
+}
+
+impl FeedbackOptions {
+    fn selects(&self, f: &FeedbackRecord) -> bool {
+        let adapter_ok = self.adapter.as_deref().is_none_or(|want| {
+            f.adapter == want || f.adapter.split_once('@').is_some_and(|(name, _)| name == want)
+        });
+        adapter_ok && self.tenant.as_deref().is_none_or(|t| f.tenant == t) && self.since.is_none_or(|s| f.created >= s)
+    }
+}
+
+/// The feedback records that produced examples, for the new version's lineage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FeedbackRange {
+    pub count: usize,
+    pub first_id: String,
+    pub first_created: u64,
+    pub last_id: String,
+    pub last_created: u64,
+}
+
+/// Examples made from feedback, with the records left out and the range used.
+#[derive(Debug, Clone, Default)]
+pub struct FeedbackExamples {
+    pub examples: Vec<Example>,
+    pub dropped: Vec<Dropped>,
+    /// `None` when no record produced an example.
+    pub range: Option<FeedbackRange>,
+    /// Records `FeedbackOptions` did not select (not listed as drops).
+    pub not_selected: usize,
+}
+
+/// Turns accepted feedback into examples. A correction gives an SFT example (`<id>`) and a
+/// preference pair against the original answer (`<id>:pref`); a thumbs up or a rating of 4+
+/// without one gives an SFT example of the original answer. Unreviewed and rejected records,
+/// and accepted ones with nothing to learn or no usable completion, are dropped with reasons.
+pub fn examples_from_feedback(items: &[FeedbackItem], opts: &FeedbackOptions) -> FeedbackExamples {
+    let mut out = FeedbackExamples::default();
+    let mut used: Vec<&FeedbackRecord> = Vec::new();
+    for item in items {
+        let f = &item.feedback;
+        if !opts.selects(f) {
+            out.not_selected += 1;
+            continue;
+        }
+        match from_item(item) {
+            Ok(made) => {
+                if made.iter().any(Result::is_ok) {
+                    used.push(f);
+                }
+                for result in made {
+                    match result {
+                        Ok(ex) => out.examples.push(ex),
+                        Err(d) => out.dropped.push(d),
+                    }
+                }
+            }
+            Err(r) => out.dropped.push(Dropped::new(&f.id, r.reason, r.detail)),
+        }
+    }
+    // Ties go to the earliest arrival for `first` and the latest for `last`.
+    let first = used.iter().min_by_key(|f| f.created);
+    let last = used.iter().max_by_key(|f| f.created);
+    if let (Some(first), Some(last)) = (first, last) {
+        out.range = Some(FeedbackRange {
+            count: used.len(),
+            first_id: first.id.clone(),
+            first_created: first.created,
+            last_id: last.id.clone(),
+            last_created: last.created,
+        });
+    }
+    out
+}
+
+/// The examples (or per-example drops) one accepted item gives, or why the item gives none.
+fn from_item(item: &FeedbackItem) -> Result<Vec<Result<Example, Dropped>>, Reject> {
+    let f = &item.feedback;
+    match item.status {
+        ReviewStatus::Pending => return Err(Reject::new(DropReason::Unreviewed, "not reviewed by an admin yet")),
+        ReviewStatus::Rejected => return Err(Reject::new(DropReason::Rejected, "rejected in review")),
+        ReviewStatus::Accepted => {}
+    }
+    let correction = item.accepted_correction.as_deref().map(normalize_text).filter(|c| !c.is_empty());
+    let positive = f.thumbs == Some(Thumbs::Up) || (f.thumbs.is_none() && f.rating.is_some_and(|r| r >= 4));
+    if correction.is_none() && !positive {
+        let detail = if f.thumbs == Some(Thumbs::Down) {
+            "thumbs down without a correction gives nothing to learn"
+        } else {
+            "no thumbs up, rating of 4 or more, or correction: nothing to learn"
+        };
+        return Err(Reject::new(DropReason::NothingToLearn, detail));
+    }
+    let completion = item.completion.as_ref().ok_or_else(|| {
+        Reject::new(
+            DropReason::NoCompletion,
+            format!("completion `{}` is not in the logs (logging was off, or the log rotated away)", f.response_id),
+        )
+    })?;
+    if is_redacted(&completion.prompt, &completion.answer) {
+        return Err(Reject::new(DropReason::Redacted, format!("completion `{}` was logged redacted", f.response_id)));
+    }
+    let prompt = match &completion.prompt {
+        Value::String(text) => {
+            let text = normalize_text(text);
+            if text.is_empty() {
+                return Err(Reject::new(DropReason::Empty, "the prompt is empty"));
+            }
+            vec![Message::new(Role::User, text)]
+        }
+        turns => chat(turns, "prompt", None, Role::User)?,
+    };
+    let original = normalize_text(&completion.answer);
+    let example = |id: String, target: Target| Example { id, prompt: prompt.clone(), target };
+    let Some(correction) = correction else {
+        if original.is_empty() {
+            return Err(Reject::new(DropReason::Empty, "the original answer is empty"));
+        }
+        return Ok(vec![Ok(example(f.id.clone(), Target::Sft { answer: original }))]);
+    };
+    let pref_id = format!("{}:pref", f.id);
+    let pair = if original.is_empty() {
+        Err(Dropped::new(pref_id, DropReason::Empty, "the original answer is empty, so there is no rejected side"))
+    } else if original == correction {
+        Err(Dropped::new(pref_id, DropReason::NoSignal, "the correction equals the original answer"))
+    } else {
+        Ok(example(pref_id, Target::Preference { chosen: correction.clone(), rejected: original }))
+    };
+    Ok(vec![Ok(example(f.id.clone(), Target::Sft { answer: correction })), pair])
+}
+
+/// The gateway's redact mode replaces every text with this marker.
+fn is_redacted(prompt: &Value, answer: &str) -> bool {
+    const MARK: &str = "[redacted]";
+    let prompt_redacted = match prompt {
+        Value::String(s) => s == MARK,
+        Value::Array(items) => items.iter().any(|m| m.get("content").and_then(Value::as_str) == Some(MARK)),
+        _ => false,
+    };
+    prompt_redacted || answer == MARK
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn feedback(id: &str, response: &str, thumbs: Option<&str>, correction: Option<&str>, created: u64) -> Value {
+        json!({"id": id, "object": "feedback", "response_id": response, "created": created, "tenant": "t", "sub": "u",
+               "model": "m", "adapter": "bot@3", "thumbs": thumbs, "rating": null, "correction": correction,
+               "comment": null, "tags": []})
+    }
+
+    fn review(id: &str, status: &str, correction: Option<&str>) -> Value {
+        json!({"feedback_id": id, "status": status, "correction": correction, "reviewer": "admin", "at": 5})
+    }
+
+    fn completion(id: &str, prompt: Value, answer: &str) -> Value {
+        json!({"id": id, "created": 1, "tenant": "t", "sub": "u", "model": "m", "adapter": "bot@3", "prompt": prompt,
+               "answer": answer, "finish_reason": "stop", "params": {}, "prompt_tokens": 3, "completion_tokens": 1})
+    }
+
+    fn chat_prompt(q: &str) -> Value {
+        json!([{"role": "system", "content": "be kind"}, {"role": "user", "content": q}])
+    }
+
+    fn write_lines(path: &Path, values: &[Value], tail: &str) {
+        let mut text: String = values.iter().map(|v| v.to_string() + "\n").collect();
+        text.push_str(tail);
+        std::fs::write(path, text).unwrap();
+    }
+
+    #[test]
+    fn directory_join_last_review_wins_and_torn_lines_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        write_lines(
+            &dir.path().join("feedback.jsonl"),
+            &[
+                feedback("fb-1", "r1", Some("down"), Some("the fix"), 10),
+                feedback("fb-2", "r2", Some("up"), None, 20),
+                feedback("fb-3", "r3", Some("up"), None, 30),
+                feedback("fb-4", "r4", Some("down"), None, 40),
+            ],
+            "{\"id\": \"fb-torn",
+        );
+        write_lines(
+            &dir.path().join("reviews.jsonl"),
+            &[
+                review("fb-1", "rejected", None),
+                review("fb-1", "accepted", Some("the reviewed fix")),
+                review("fb-2", "accepted", None),
+                review("fb-3", "accepted", None),
+                review("fb-3", "rejected", None),
+                review("fb-4", "accepted", None),
+            ],
+            "",
+        );
+        write_lines(&dir.path().join("completions-0.jsonl"), &[completion("r1", chat_prompt("q1"), "wrong"), completion("other", json!("x"), "y")], "");
+        write_lines(&dir.path().join("completions-1.jsonl"), &[completion("r2", json!("raw prompt"), "right")], "{\"id\":");
+        let view = read_feedback_dir(dir.path()).unwrap();
+        assert_eq!(view.skipped(), 2, "one torn feedback line, one torn completion line");
+        let items = view.items();
+        assert_eq!(items.len(), 4);
+        assert_eq!(items[0].status, ReviewStatus::Accepted, "the last review wins");
+        assert_eq!(items[0].accepted_correction.as_deref(), Some("the reviewed fix"));
+        assert_eq!(items[2].status, ReviewStatus::Rejected);
+        assert!(items[1].completion.is_some(), "joined from a rotated log by response id");
+
+        let out = examples_from_feedback(&items, &FeedbackOptions::default());
+        let ids: Vec<&str> = out.examples.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["fb-1", "fb-1:pref", "fb-2"]);
+        assert_eq!(out.examples[0].prompt, [Message::new(Role::System, "be kind"), Message::new(Role::User, "q1")]);
+        assert_eq!(out.examples[0].target, Target::Sft { answer: "the reviewed fix".into() });
+        assert_eq!(out.examples[1].target, Target::Preference { chosen: "the reviewed fix".into(), rejected: "wrong".into() });
+        assert_eq!(out.examples[2].prompt, [Message::new(Role::User, "raw prompt")]);
+        assert_eq!(out.examples[2].target, Target::Sft { answer: "right".into() });
+        let drops: Vec<(&str, DropReason)> = out.dropped.iter().map(|d| (d.id.as_str(), d.reason)).collect();
+        assert_eq!(drops, [("fb-3", DropReason::Rejected), ("fb-4", DropReason::NothingToLearn)]);
+        assert!(out.dropped[1].detail.contains("thumbs down"));
+        let range = out.range.unwrap();
+        assert_eq!((range.count, range.first_id.as_str(), range.last_id.as_str(), range.last_created), (2, "fb-1", "fb-2", 20));
+    }
+
+    #[test]
+    fn pending_missing_and_redacted_completions_are_dropped() {
+        let mut view = FeedbackView::new();
+        view.add_feedback(feedback("fb-p", "r1", Some("up"), None, 1));
+        view.add_feedback(feedback("fb-m", "gone", Some("up"), None, 2));
+        view.add_feedback(feedback("fb-r", "r3", None, None, 3));
+        view.add_review(review("fb-m", "accepted", None));
+        view.add_review(review("fb-r", "accepted", Some("better")));
+        view.add_completion(completion("r1", chat_prompt("q"), "a"));
+        view.add_completion(json!({"id": "r3", "prompt": [{"role": "user", "content": "[redacted]"}], "answer": "[redacted]"}));
+        let out = examples_from_feedback(&view.items(), &FeedbackOptions::default());
+        assert!(out.examples.is_empty() && out.range.is_none());
+        let drops: Vec<&str> = out.dropped.iter().map(|d| d.reason.code()).collect();
+        assert_eq!(drops, ["unreviewed", "no_completion", "redacted"]);
+    }
+
+    #[test]
+    fn stream_records_embed_completions_and_filters_select() {
+        let mut view = FeedbackView::new();
+        let mut fb = feedback("fb-1", "r1", None, None, 100);
+        fb["rating"] = json!(5);
+        fb["completion"] = json!({"prompt": chat_prompt("q"), "answer": "a"});
+        assert!(view.add_record(fb.clone()));
+        assert!(view.add_record(fb), "a redelivered entry is accepted but not doubled");
+        assert!(view.add_record(review("fb-1", "accepted", None)));
+        assert!(!view.add_record(json!({"unrelated": true})));
+        assert!(!view.add_feedback(json!({"id": 3})));
+        assert_eq!((view.items().len(), view.skipped()), (1, 2));
+        assert!(view.wants_completion("r1") && !view.wants_completion("r9"));
+        let items = view.items();
+        let all = examples_from_feedback(&items, &FeedbackOptions { adapter: Some("bot".into()), ..Default::default() });
+        assert_eq!(all.examples.len(), 1, "rating 5 counts as positive; `bot` matches bot@3");
+        for opts in [
+            FeedbackOptions { adapter: Some("bot@2".into()), ..Default::default() },
+            FeedbackOptions { tenant: Some("other".into()), ..Default::default() },
+            FeedbackOptions { since: Some(101), ..Default::default() },
+        ] {
+            let out = examples_from_feedback(&items, &opts);
+            assert_eq!((out.examples.len(), out.dropped.len(), out.not_selected), (0, 0, 1), "{opts:?}");
+        }
+    }
+
+    #[test]
+    fn a_correction_equal_to_the_answer_gives_sft_only() {
+        let mut view = FeedbackView::new();
+        view.add_feedback(feedback("fb-1", "r1", Some("down"), Some("same"), 1));
+        view.add_review(review("fb-1", "accepted", Some("same\r\n")));
+        view.add_completion(completion("r1", json!([{"role": "assistant", "content": "hi"}]), "same"));
+        let out = examples_from_feedback(&view.items(), &FeedbackOptions::default());
+        assert_eq!(out.dropped[0].reason, DropReason::BadRoles, "a prompt must end with the user");
+        view.add_completion(completion("r1", chat_prompt("q"), "same"));
+        let out = examples_from_feedback(&view.items(), &FeedbackOptions::default());
+        assert_eq!(out.examples.len(), 1);
+        assert_eq!((out.dropped[0].id.as_str(), out.dropped[0].reason), ("fb-1:pref", DropReason::NoSignal));
+    }
+
+    #[test]
+    fn a_missing_directory_is_an_io_error() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(read_feedback_dir(&dir.path().join("nope")), Err(FinetuneError::Io { .. })));
+        assert!(read_feedback_dir(dir.path()).unwrap().items().is_empty());
+    }
+}

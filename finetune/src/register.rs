@@ -1,0 +1,141 @@
+//! Registering a finished job's adapter through the gateway's admin API (the registry's one
+//! writer, which also tells every replica), pointing `candidate` at it, and the promotion
+//! policy that may move `prod` when the candidate beats it by a configured margin.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::error::FinetuneError;
+use crate::job::JobResult;
+
+/// The gateway's admin API.
+pub struct Gateway {
+    base: String,
+    token: String,
+    client: reqwest::blocking::Client,
+}
+
+/// What registration did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Registered {
+    pub version: u64,
+    pub promoted: bool,
+    /// Why the policy did or did not promote.
+    pub decision: String,
+}
+
+fn reg_err(detail: impl Into<String>) -> FinetuneError {
+    FinetuneError::Registry { detail: detail.into() }
+}
+
+impl Gateway {
+    pub fn new(base: &str, token: &str) -> Result<Self, FinetuneError> {
+        let client = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .map_err(|e| reg_err(e.to_string()))?;
+        Ok(Self { base: base.trim_end_matches('/').to_owned(), token: token.to_owned(), client })
+    }
+
+    fn check(resp: reqwest::blocking::Response) -> Result<Value, FinetuneError> {
+        let status = resp.status();
+        let body: Value = resp.json().unwrap_or(Value::Null);
+        if status.is_success() {
+            Ok(body)
+        } else {
+            let message = body["error"]["message"].as_str().unwrap_or("no message").to_owned();
+            Err(reg_err(format!("the gateway answered {status}: {message}")))
+        }
+    }
+
+    /// The version an alias points at, if the adapter and alias exist.
+    pub fn alias(&self, name: &str, alias: &str) -> Result<Option<u64>, FinetuneError> {
+        let resp = self.client.get(format!("{}/admin/adapters/{name}", self.base)).bearer_auth(&self.token).send().map_err(|e| reg_err(e.to_string()))?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let body = Self::check(resp)?;
+        Ok(body["aliases"][alias]["version"].as_u64())
+    }
+
+    /// Uploads the adapter with its lineage and metrics as a new version of `name`.
+    pub fn upload(&self, name: &str, result: &JobResult, job_id: &str) -> Result<u64, FinetuneError> {
+        let read = |f: &str| -> Result<Vec<u8>, FinetuneError> {
+            let p = result.adapter_dir.join(f);
+            std::fs::read(&p).map_err(|e| FinetuneError::io(&p, e))
+        };
+        let part = |bytes: Vec<u8>, file: &str| reqwest::blocking::multipart::Part::bytes(bytes).file_name(file.to_owned());
+        let form = reqwest::blocking::multipart::Form::new()
+            .part("adapter_config.json", part(read(adapters::peft::CONFIG_FILE)?, "adapter_config.json"))
+            .part("adapter_model.safetensors", part(read(adapters::peft::WEIGHTS_FILE)?, "adapter_model.safetensors"))
+            .part("lineage.json", part(serde_json::to_vec(&result.lineage).unwrap_or_default(), "lineage.json"))
+            .part("metrics.json", part(serde_json::to_vec(&result.metrics).unwrap_or_default(), "metrics.json"))
+            .text("job_id", job_id.to_owned());
+        let resp = self
+            .client
+            .post(format!("{}/admin/adapters/{name}/versions", self.base))
+            .bearer_auth(&self.token)
+            .multipart(form)
+            .send()
+            .map_err(|e| reg_err(e.to_string()))?;
+        Self::check(resp)?["version"].as_u64().ok_or_else(|| reg_err("the gateway's answer names no version"))
+    }
+
+    /// Points `alias` at `version`; with `expected`, only if it still points there.
+    pub fn set_alias(&self, name: &str, alias: &str, version: u64, expected: Option<u64>) -> Result<(), FinetuneError> {
+        let resp = self
+            .client
+            .put(format!("{}/admin/adapters/{name}/aliases/{alias}", self.base))
+            .bearer_auth(&self.token)
+            .json(&serde_json::json!({"version": version, "expected_version": expected}))
+            .send()
+            .map_err(|e| reg_err(e.to_string()))?;
+        Self::check(resp).map(|_| ())
+    }
+
+    /// Registers the result, points `candidate` at it, and applies the promotion policy: with
+    /// `promote_margin`, `prod` moves to the candidate when it beats the version `prod` served
+    /// when the job started (or the base model, when there was none) by the margin — in
+    /// accuracy for classification-style data, otherwise in validation loss. `prod` is moved
+    /// by compare-and-set, so an admin's promotion meanwhile is never overwritten.
+    pub fn register(&self, name: &str, result: &JobResult, job_id: &str, promote_margin: Option<f64>, prod_at_start: Option<u64>) -> Result<Registered, FinetuneError> {
+        let version = self.upload(name, result, job_id)?;
+        self.set_alias(name, "candidate", version, None)?;
+        let (promote, decision) = decide(result, promote_margin);
+        if promote {
+            self.set_alias(name, adapters::registry::DEFAULT_ALIAS, version, prod_at_start)?;
+        }
+        Ok(Registered { version, promoted: promote, decision })
+    }
+}
+
+/// Whether the policy promotes, and why.
+pub fn decide(result: &JobResult, margin: Option<f64>) -> (bool, String) {
+    let Some(margin) = margin else {
+        return (false, "no promotion policy: an admin promotes candidates".into());
+    };
+    let (Some(candidate), Some(incumbent)) = result.candidate_and_incumbent() else {
+        return (false, "no held-out evaluation to decide on".into());
+    };
+    match (candidate.accuracy, incumbent.accuracy) {
+        (Some(c), Some(i)) => {
+            let ok = c >= i + margin;
+            (ok, format!("accuracy {c:.3} vs {} {i:.3} (margin {margin})", incumbent.name))
+        }
+        _ if candidate.val_loss.is_finite() && incumbent.val_loss.is_finite() => {
+            let ok = candidate.val_loss <= incumbent.val_loss - margin;
+            (ok, format!("validation loss {:.4} vs {} {:.4} (margin {margin})", candidate.val_loss, incumbent.name, incumbent.val_loss))
+        }
+        _ => (false, "no comparable metric".into()),
+    }
+}
+
+/// The directory of the version `alias` points at, read from a registry root this process may
+/// only read (the gateway is its writer).
+pub fn alias_dir(registry_root: &Path, name: &str, alias: &str, shape: adapters::BaseModelShape) -> Option<(u64, PathBuf)> {
+    let registry = adapters::Registry::open(registry_root, shape, adapters::Limits::default()).ok()?;
+    let manifest = registry.resolve(name, &adapters::Selector::Alias(alias.to_owned())).ok()?;
+    Some((manifest.version, registry.version_dir(name, manifest.version)))
+}
