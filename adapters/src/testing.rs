@@ -39,6 +39,13 @@ pub fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 /// Writes an HF-layout llama (`config.json`, `model.safetensors`, `tokenizer.json`,
 /// `tokenizer_config.json`) with random weights from `seed` into `dir`.
 pub fn write_tiny_llama(dir: &Path, seed: u64) -> Result<BaseModelShape> {
+    write_tiny_llama_with_head(dir, seed, 0.3)
+}
+
+/// [`write_tiny_llama`] with the LM head's weights drawn from `±head_scale`. Training tests use
+/// a larger head: behind the final RMSNorm, the head's scale bounds how far apart logits can
+/// get, and at 0.3 a tiny model cannot make any token much more likely than the rest.
+pub fn write_tiny_llama_with_head(dir: &Path, seed: u64, head_scale: f32) -> Result<BaseModelShape> {
     let shape = tiny_llama_shape();
     std::fs::create_dir_all(dir).map_err(|e| AdapterError::io(dir, e))?;
     let mut vocab: Vec<String> = vec!["<unk>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
@@ -55,7 +62,7 @@ pub fn write_tiny_llama(dir: &Path, seed: u64) -> Result<BaseModelShape> {
         Ok(())
     };
     add("model.embed_tokens.weight".into(), (vocab_size, h), 1.0)?;
-    add("lm_head.weight".into(), (vocab_size, h), 0.3)?;
+    add("lm_head.weight".into(), (vocab_size, h), head_scale)?;
     for l in 0..shape.num_layers {
         for m in LoraModule::ALL {
             let (inp, out) = shape.dims(m);

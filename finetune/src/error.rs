@@ -29,6 +29,9 @@ pub enum FinetuneError {
     /// Curation dropped every example; the report says why, and the CLI still writes it.
     #[error("curation kept no examples of {} records (dropped: {})", .report.input_records, .report.drop_summary())]
     NothingLeft { report: Box<crate::dataset::CurationReport> },
+    /// Curation kept too few examples to train on (e.g. a file of one record repeated).
+    #[error("curation kept {kept} example(s) of {} records, and training needs at least {need} (dropped: {})", .report.input_records, .report.drop_summary())]
+    TooFewExamples { kept: usize, need: usize, report: Box<crate::dataset::CurationReport> },
     /// A dataset file that is neither a JSON array nor JSONL; `line` is the first bad line.
     #[error("{}: line {line}: {detail}", .path.display())]
     Json { path: PathBuf, line: usize, detail: String },
@@ -48,6 +51,7 @@ impl FinetuneError {
             Self::EmptyDataset => "empty_dataset",
             Self::UnknownFormat { .. } => "unknown_format",
             Self::NothingLeft { .. } => "nothing_left",
+            Self::TooFewExamples { .. } => "too_few_examples",
             Self::Json { .. } => "invalid_json",
         }
     }

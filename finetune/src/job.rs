@@ -21,6 +21,9 @@ use crate::train::config::Stage;
 use crate::train::params::LoraParams;
 use crate::train::trainer::{Item, Outcome, Trainer};
 
+/// Fewer curated examples than this is not a dataset worth an adapter version.
+pub const MIN_EXAMPLES: usize = 4;
+
 /// Where a job's examples come from.
 pub enum Source {
     File(PathBuf),
@@ -200,6 +203,10 @@ pub fn run(input: JobInput, cancel: &(dyn Fn() -> bool + Sync)) -> Result<JobRes
         Err(e) => return Err(e),
     };
     write_report(out, &curated.report)?;
+    let kept = curated.train.len() + curated.val.len();
+    if kept < MIN_EXAMPLES {
+        return Err(FinetuneError::TooFewExamples { kept, need: MIN_EXAMPLES, report: Box::new(curated.report) });
+    }
 
     // Items for the stage.
     let to_items = |examples: &[Example]| -> Result<Vec<(Item, Option<Probe>)>, FinetuneError> {

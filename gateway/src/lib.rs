@@ -19,6 +19,7 @@ pub mod error;
 pub mod feedback;
 pub mod feedback_api;
 pub mod feedback_stream;
+pub mod finetune_api;
 pub mod limits;
 pub mod metrics;
 pub mod openai;

@@ -38,6 +38,11 @@ use crate::openai::{
         crate::feedback_api::create,
         crate::feedback_api::list,
         crate::feedback_api::review,
+        crate::finetune_api::create,
+        crate::finetune_api::list,
+        crate::finetune_api::show,
+        crate::finetune_api::events,
+        crate::finetune_api::cancel,
     ),
     components(schemas(
         ChatCompletionRequest, CompletionRequest, SamplingFields, StopParam, MessageContent, ContentPart, ChatMessage,
@@ -47,6 +52,7 @@ use crate::openai::{
         crate::feedback_api::FeedbackRequest, crate::feedback::FeedbackRecord, crate::feedback::Thumbs,
         crate::feedback_api::FeedbackList, crate::feedback::Reviewed, crate::feedback::ReviewStatus,
         crate::feedback_api::ReviewRequest, crate::feedback_api::ReviewAction,
+        crate::finetune_api::CreateJobRequest, crate::finetune_api::DatasetRequest,
     )),
     modifiers(&Bearer),
     tags(

@@ -35,7 +35,7 @@ pub struct AppState {
     registry: OnceLock<(Arc<adapters::Registry>, AdapterCache)>,
     pub admin_token: Option<String>,
     pub import_root: Option<std::path::PathBuf>,
-    data_dir: std::path::PathBuf,
+    pub(crate) data_dir: std::path::PathBuf,
     adapter_cache_bytes: usize,
     /// `None`: auth switched off explicitly.
     auth: Option<Arc<crate::auth::Authenticator>>,
@@ -622,6 +622,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             .configure(|cfg| routes(cfg, metrics_here))
             .configure(crate::admin::routes)
             .configure(crate::feedback_api::routes)
+            .configure(crate::finetune_api::routes)
             .default_service(web::to(not_found))
     })
     .workers(settings.http_workers)

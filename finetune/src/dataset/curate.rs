@@ -1,9 +1,12 @@
-//! Curation: PII scrubbing, exact and near-duplicate removal, token-length limits, outliers, sampling and a seeded train/validation split, with a report of everything dropped.
+//! Curation: scrub PII, drop duplicates and outliers, split train/validation, report it all.
+//!
+//! Steps run in a fixed order (PII, exact duplicates, near duplicates, token limits, outliers,
+//! `max_samples`, split), and everything depends only on the input and the seed.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::feedback::FeedbackRange;
@@ -11,8 +14,9 @@ use super::pii::{self, PiiCounts};
 use super::{near_dup, DatasetFormat, DropReason, Dropped, Example};
 use crate::error::FinetuneError;
 
-/// What curation keeps and how it splits.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// What curation keeps and how it splits; missing fields take their defaults when read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct CurationConfig {
     /// Most prompt + answer tokens an example may have; longer ones are dropped, not truncated,
     /// so the model never learns a cut-off answer. 0 disables the limit.

@@ -1,4 +1,6 @@
-//! The gateway's feedback (files under `<data_dir>/feedback/`, or stream records) joined with reviews and logged completions, and turned into training examples from admin-accepted records only.
+//! Gateway feedback joined with reviews and logged completions, turned into examples.
+//!
+//! The source is `<data_dir>/feedback/` or stream records; only admin-accepted records train.
 //!
 //! The record types mirror the gateway's JSON but are defined here: this crate never depends
 //! on the gateway. Unknown fields are ignored so the gateway may add some.

@@ -1,4 +1,7 @@
-//! Dataset files (a JSON array or JSONL, told apart by content) in the alpaca, sharegpt, OpenAI messages, preference and KTO layouts, read into normalised examples.
+//! Dataset files (JSON array or JSONL) in the LLaMA-Factory and OpenAI layouts, read into examples.
+//!
+//! Alpaca, sharegpt, OpenAI messages, preference pairs and KTO; the array/JSONL choice and the
+//! layout are both decided by content, never by the file name.
 
 use std::path::Path;
 

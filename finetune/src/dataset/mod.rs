@@ -1,4 +1,7 @@
-//! Training data: dataset files and reviewed feedback become normalised [`Example`]s, which curation turns into a train/validation split with a written report.
+//! Training data: dataset files and reviewed feedback as normalised, curated [`Example`]s.
+//!
+//! [`formats`] and [`feedback`] read the sources, [`curate()`] turns the examples into a
+//! train/validation split with a written report.
 //!
 //! Every record that does not become an example leaves a [`Dropped`] entry with a stable
 //! reason code, so the report can say exactly what was left out and why.

@@ -1,4 +1,6 @@
-//! Near-duplicate detection: MinHash signatures of word 3-gram shingles with LSH banding find candidates in about linear time, and exact Jaccard similarity confirms them.
+//! Near-duplicate detection: MinHash + LSH banding for candidates, exact Jaccard to confirm.
+//!
+//! Shingles are word 3-grams; banding keeps the work about linear in the number of texts.
 
 use std::collections::HashMap;
 

@@ -38,6 +38,8 @@ impl Item {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StepLog {
     pub step: usize,
+    #[serde(default)]
+    pub total_steps: usize,
     pub epoch: f64,
     pub loss: f64,
     pub lr: f64,
@@ -64,6 +66,15 @@ pub struct Outcome {
     pub tokens_per_s: f64,
     pub train_seconds: f64,
     pub resumed_from: Option<usize>,
+    /// The process's peak resident set so far (Linux `VmHWM`), in MiB.
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// Peak resident set of this process in MiB, where the kernel reports it.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 /// What a checkpoint holds besides tensors.
@@ -282,6 +293,7 @@ impl Trainer<'_> {
             state.opt_t = opt.t;
             let mut entry = StepLog {
                 step,
+                total_steps: total,
                 epoch: step as f64 / per_epoch as f64,
                 loss,
                 lr,
@@ -336,6 +348,7 @@ impl Trainer<'_> {
             tokens_per_s: state.tokens as f64 / state.seconds.max(1e-9),
             train_seconds: state.seconds,
             resumed_from,
+            peak_rss_mib: peak_rss_mib(),
         })
     }
 }

@@ -1,0 +1,237 @@
+//! The admin API for training jobs: start one (on reviewed feedback or a dataset file under the
+//! import root), list them, follow one's loss curve (polling or SSE) and cancel it. Jobs live
+//! in the queue the `finetune` sidecar runs (`finetune::jobs`, under `<data_dir>/finetune/`).
+
+use std::time::Duration;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use finetune::args::TrainArgs;
+use finetune::jobs::{DatasetRef, JobStatus, JobStore};
+use serde::Deserialize;
+
+use crate::error::ApiError;
+#[allow(unused_imports)]
+use crate::openai::ErrorResponse;
+use crate::server::{read_json, AppState};
+
+/// The errors every job route answers with.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum JobErrors {
+    #[response(status = 401, description = "Missing or invalid bearer token", example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}}))]
+    Unauthorized(ErrorResponse),
+    #[response(status = 403, description = "Not an admin", example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}}))]
+    NotAdmin(ErrorResponse),
+    #[response(status = 404, description = "No such job", example = json!({"error": {"message": "no training job with id `ftjob-1`", "type": "invalid_request_error", "param": null, "code": "not_found"}}))]
+    Unknown(ErrorResponse),
+}
+
+/// Where a job's examples come from.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DatasetRequest {
+    /// Accepted feedback records.
+    Feedback,
+    /// A dataset file (alpaca, sharegpt, messages, preference or KTO; JSON or JSONL), relative
+    /// to the import root.
+    File { path: String },
+}
+
+/// A training job to queue.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateJobRequest {
+    /// The adapter the result is registered under (as a new version, alias `candidate`).
+    adapter: String,
+    dataset: DatasetRequest,
+    /// Hyper-parameters by their `finetune train` flag names with `_` (`lora_rank`,
+    /// `learning_rate`, `epochs`, `batch_size`, `grad_accum`, `cutoff_len`, `val_ratio`,
+    /// `seed`, `stage`, ...); unset ones keep their defaults.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    params: serde_json::Value,
+    /// Promote the result to `prod` when it beats the current version by this much.
+    #[serde(default)]
+    promote_margin: Option<f64>,
+}
+
+fn store(state: &AppState) -> JobStore {
+    JobStore::under(&state.data_dir)
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::NotFound { message: format!("no training job with id `{id}`") }
+}
+
+/// The status with the step the running job's log has reached.
+fn with_progress(store: &JobStore, mut status: JobStatus) -> JobStatus {
+    if let Some(last) = store.log_after(&status.id, status.step).last() {
+        status.step = last["step"].as_u64().unwrap_or(0) as usize;
+        status.total_steps = last["total_steps"].as_u64().map_or(status.total_steps, |t| t as usize);
+    }
+    status
+}
+
+#[utoipa::path(
+    post,
+    path = "/admin/finetune/jobs",
+    operation_id = "create_finetune_job",
+    tag = "admin",
+    request_body = CreateJobRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Queued; the `finetune` sidecar runs it", body = Object),
+        (status = 400, description = "Invalid job", body = ErrorResponse, example = json!({"error": {"message": "--lora-rank must be in 1..=256, got 0", "type": "invalid_request_error", "param": "params", "code": "invalid_value"}})),
+        JobErrors
+    )
+)]
+pub(crate) async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    crate::admin::authorize(&state, &req)?;
+    let body: CreateJobRequest = read_json(&req, payload, state.body_limit).await?;
+    adapters::registry::validate_adapter_name(&body.adapter).map_err(|e| ApiError::invalid(e.to_string(), Some("adapter".into())))?;
+    let params: TrainArgs = serde_json::from_value(if body.params.is_null() { serde_json::json!({}) } else { body.params })
+        .map_err(|e| ApiError::invalid(format!("params: {e}"), Some("params".into())))?;
+    // Values are checked now; the learning rate's default depends on the model and is set later.
+    params.resolve(0).map_err(|e| ApiError::invalid(e, Some("params".into())))?;
+    if body.promote_margin.is_some_and(|m| !m.is_finite() || m < 0.0) {
+        return Err(ApiError::invalid("promote_margin must be a number >= 0", Some("promote_margin".into())));
+    }
+    let dataset = match body.dataset {
+        DatasetRequest::Feedback => DatasetRef::Feedback,
+        DatasetRequest::File { path } => {
+            let Some(root) = state.import_root.clone() else {
+                return Err(ApiError::Forbidden { message: "dataset files are disabled: set SWITCHYARD_IMPORT_ROOT".into() });
+            };
+            let missing = || ApiError::invalid(format!("no dataset file `{path}` under the import root"), Some("dataset.path".into()));
+            let full = adapters::peft::ensure_within(&root, std::path::Path::new(&path)).map_err(|_| missing())?;
+            if !full.is_file() {
+                return Err(missing());
+            }
+            DatasetRef::File { path: full }
+        }
+    };
+    let who = crate::server::caller(&req).sub;
+    let store = store(&state);
+    let (adapter, margin) = (body.adapter, body.promote_margin);
+    let status = web::block(move || store.create(&adapter, dataset, params, margin, &who))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(HttpResponse::Created().json(status))
+}
+
+#[utoipa::path(
+    get,
+    path = "/admin/finetune/jobs",
+    operation_id = "list_finetune_jobs",
+    tag = "admin",
+    security(("bearer" = [])),
+    responses((status = 200, description = "Every job, newest first", body = Object), JobErrors)
+)]
+pub(crate) async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    crate::admin::authorize(&state, &req)?;
+    let store = store(&state);
+    let data: Vec<JobStatus> = store.list().into_iter().map(|s| with_progress(&store, s)).collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({"object": "list", "data": data})))
+}
+
+#[utoipa::path(
+    get,
+    path = "/admin/finetune/jobs/{id}",
+    operation_id = "show_finetune_job",
+    tag = "admin",
+    params(("id" = String, Path, description = "Job id (`ftjob-…`)")),
+    security(("bearer" = [])),
+    responses((status = 200, description = "The job's state, progress, version and evaluation", body = Object), JobErrors)
+)]
+pub(crate) async fn show(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    crate::admin::authorize(&state, &req)?;
+    let store = store(&state);
+    let id = path.into_inner();
+    let status = store.status(&id).ok_or_else(|| not_found(&id))?;
+    Ok(HttpResponse::Ok().json(with_progress(&store, status)))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    /// Only steps after this one [default: 0].
+    #[serde(default)]
+    after: usize,
+    /// Keep the response open and send each new step as a server-sent event until the job
+    /// ends (`data: [DONE]`).
+    #[serde(default)]
+    stream: bool,
+}
+
+#[utoipa::path(
+    get,
+    path = "/admin/finetune/jobs/{id}/events",
+    operation_id = "finetune_job_events",
+    tag = "admin",
+    params(("id" = String, Path, description = "Job id (`ftjob-…`)"), EventsQuery),
+    security(("bearer" = [])),
+    responses((status = 200, description = "The loss curve: one object per step (step, epoch, loss, lr, grad_norm, tokens_per_s, val_loss when evaluated)", body = Object), JobErrors)
+)]
+pub(crate) async fn events(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>, query: web::Query<EventsQuery>) -> Result<HttpResponse, ApiError> {
+    crate::admin::authorize(&state, &req)?;
+    let store = store(&state);
+    let id = path.into_inner();
+    store.status(&id).ok_or_else(|| not_found(&id))?;
+    if !query.stream {
+        let data = store.log_after(&id, query.after);
+        return Ok(HttpResponse::Ok().json(serde_json::json!({"object": "list", "data": data})));
+    }
+    let body = futures::stream::unfold((store, id, query.after, false), |(store, id, after, done)| async move {
+        if done {
+            return None;
+        }
+        loop {
+            let steps = store.log_after(&id, after);
+            if let Some(last) = steps.last() {
+                let next = last["step"].as_u64().unwrap_or(after as u64) as usize;
+                let text: String = steps.iter().map(|s| format!("data: {s}\n\n")).collect();
+                return Some((Ok::<_, actix_web::Error>(web::Bytes::from(text)), (store, id, next, false)));
+            }
+            if store.status(&id).is_none_or(|s| s.state.is_finished()) {
+                return Some((Ok(web::Bytes::from_static(b"data: [DONE]\n\n")), (store, id, after, true)));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    Ok(HttpResponse::Ok().content_type("text/event-stream").insert_header(("cache-control", "no-cache")).streaming(body))
+}
+
+#[utoipa::path(
+    post,
+    path = "/admin/finetune/jobs/{id}/cancel",
+    operation_id = "cancel_finetune_job",
+    tag = "admin",
+    params(("id" = String, Path, description = "Job id (`ftjob-…`)")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Cancelled (queued) or asked to stop at its next step (running)", body = Object),
+        JobErrors,
+        (status = 409, description = "The job already finished", body = ErrorResponse, example = json!({"error": {"message": "training job `ftjob-1` already finished (succeeded)", "type": "conflict_error", "param": null, "code": "conflict"}}))
+    )
+)]
+pub(crate) async fn cancel(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    crate::admin::authorize(&state, &req)?;
+    let store = store(&state);
+    let id = path.into_inner();
+    match store.cancel(&id) {
+        None => Err(not_found(&id)),
+        Some(Ok(status)) => Ok(HttpResponse::Ok().json(status)),
+        Some(Err(status)) => Err(ApiError::Conflict {
+            message: format!("training job `{id}` already finished ({})", serde_json::to_value(status.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()),
+        }),
+    }
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/admin/finetune/jobs", web::post().to(create))
+        .route("/admin/finetune/jobs", web::get().to(list))
+        .route("/admin/finetune/jobs/{id}", web::get().to(show))
+        .route("/admin/finetune/jobs/{id}/events", web::get().to(events))
+        .route("/admin/finetune/jobs/{id}/cancel", web::post().to(cancel));
+}
