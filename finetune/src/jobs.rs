@@ -121,6 +121,18 @@ impl JobStore {
         self.root.join(id)
     }
 
+    /// Where uploaded datasets are kept (`<data_dir>/finetune/datasets/ds-<hash>`).
+    pub fn datasets_dir(&self) -> PathBuf {
+        self.root.with_file_name("datasets")
+    }
+
+    /// The file of an uploaded dataset, if `id` names one.
+    pub fn dataset_path(&self, id: &str) -> Option<PathBuf> {
+        let ok = id.strip_prefix("ds-").is_some_and(|h| h.len() == 16 && h.chars().all(|c| c.is_ascii_hexdigit()));
+        let path = self.datasets_dir().join(id);
+        (ok && path.is_file()).then_some(path)
+    }
+
     /// Queues a job; returns its status.
     pub fn create(&self, adapter: &str, dataset: DatasetRef, params: TrainArgs, promote_margin: Option<f64>, requested_by: &str) -> Result<JobStatus, FinetuneError> {
         let id = format!("ftjob-{}", uuid::Uuid::new_v4().simple());

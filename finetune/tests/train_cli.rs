@@ -174,3 +174,39 @@ fn bad_datasets_end_with_a_clear_error_and_a_report() {
     let (err, _) = case("bad-flag", &colour_task(10, 3), &["--val-ratio", "2"]);
     assert!(err.contains("--val-ratio"), "{err}");
 }
+
+#[test]
+fn dpo_on_preference_pairs_prefers_the_chosen_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let words: Vec<&str> = FILLER.split(' ').collect();
+    let mut rng = Lcg(9);
+    // Corrections against the answers they replaced: always prefer "yes" to a random word.
+    let rows: String = (0..120)
+        .map(|_| {
+            let prompt: Vec<&str> = (0..5).map(|_| words[rng.next(words.len())]).collect();
+            let rejected = words[rng.next(words.len())];
+            format!("{}\n", serde_json::json!({"instruction": prompt.join(" "), "chosen": "yes", "rejected": rejected}))
+        })
+        .collect();
+    let data = dir.path().join("pairs.jsonl");
+    std::fs::write(&data, rows).unwrap();
+    let out = dir.path().join("dpo");
+    let o = run(&[
+        "--base", model.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
+        "--stage", "dpo", "--learning-rate", "5e-3", "--epochs", "3", "--val-ratio", "0.2", "--dpo-beta", "0.1",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let metrics = json(&out.join("metrics.json"));
+    let row = |name: &str| metrics["eval"].as_array().unwrap().iter().find(|r| r["name"] == name).cloned().unwrap();
+    let (base, candidate) = (row("base"), row("candidate"));
+    // The base model is the reference: its DPO loss is ln 2 and it ranks no pair either way.
+    assert!((base["val_loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-3, "{base}");
+    let (loss, ranked) = (candidate["val_loss"].as_f64().unwrap(), candidate["reward_accuracy"].as_f64().unwrap());
+    eprintln!("DPO held-out: loss {loss:.4} (ln 2 = 0.6931 before), pairs ranked right {ranked:.3}");
+    assert!(loss < 0.3 && ranked >= 0.9, "{candidate}\n{stderr}");
+    assert_eq!(json(&out.join("lineage.json"))["stage"], "dpo");
+    let first: serde_json::Value = serde_json::from_str(std::fs::read_to_string(out.join("train_log.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    assert!(first["loss"].as_f64().unwrap() > 0.6, "DPO starts at ln 2: {first}");
+}

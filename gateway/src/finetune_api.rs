@@ -35,6 +35,8 @@ pub enum DatasetRequest {
     /// A dataset file (alpaca, sharegpt, messages, preference or KTO; JSON or JSONL), relative
     /// to the import root.
     File { path: String },
+    /// A dataset uploaded with `POST /admin/finetune/datasets`.
+    Uploaded { id: String },
 }
 
 /// A training job to queue.
@@ -108,6 +110,10 @@ pub(crate) async fn create(state: web::Data<AppState>, req: HttpRequest, payload
                 return Err(missing());
             }
             DatasetRef::File { path: full }
+        }
+        DatasetRequest::Uploaded { id } => {
+            let path = store(&state).dataset_path(&id).ok_or_else(|| ApiError::invalid(format!("no uploaded dataset `{id}`"), Some("dataset.id".into())))?;
+            DatasetRef::File { path }
         }
     };
     let who = crate::server::caller(&req).sub;
@@ -228,8 +234,68 @@ pub(crate) async fn cancel(state: web::Data<AppState>, req: HttpRequest, path: w
     }
 }
 
+/// Largest dataset upload; datasets are streamed to disk, never held in memory whole.
+const MAX_DATASET_BYTES: usize = 1 << 30;
+
+#[utoipa::path(
+    post,
+    path = "/admin/finetune/datasets",
+    operation_id = "upload_finetune_dataset",
+    tag = "admin",
+    request_body(content = String, content_type = "application/octet-stream", description = "The dataset file as it is: a JSON array or JSONL in the alpaca, sharegpt, messages, preference or KTO layout"),
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Stored: `id` (content-addressed), bytes, detected format, records, examples and records dropped while reading", body = Object),
+        (status = 400, description = "Not a dataset", body = ErrorResponse, example = json!({"error": {"message": "upload: line 2: expected value at line 1 column 1", "type": "invalid_request_error", "param": null, "code": "invalid_json"}})),
+        (status = 413, description = "Over 1 GiB", body = ErrorResponse, example = json!({"error": {"message": "request body is larger than the limit of 1073741824 bytes", "type": "invalid_request_error", "param": null, "code": "payload_too_large"}})),
+        JobErrors
+    )
+)]
+pub(crate) async fn upload(state: web::Data<AppState>, req: HttpRequest, mut payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    use futures::StreamExt;
+    use sha2::Digest;
+    use std::io::Write;
+    crate::admin::authorize(&state, &req)?;
+    let dir = store(&state).datasets_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| ApiError::Internal(format!("datasets directory: {e}")))?;
+    let tmp = dir.join(format!(".upload-{}", uuid::Uuid::new_v4().simple()));
+    let mut file = std::fs::File::create(&tmp).map_err(|e| ApiError::Internal(format!("dataset upload: {e}")))?;
+    let (mut hasher, mut bytes) = (sha2::Sha256::new(), 0usize);
+    let cleanup = |e: ApiError| {
+        let _ = std::fs::remove_file(&tmp);
+        e
+    };
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| cleanup(ApiError::invalid(format!("upload interrupted: {e}"), None)))?;
+        bytes += chunk.len();
+        if bytes > MAX_DATASET_BYTES {
+            return Err(cleanup(ApiError::PayloadTooLarge { limit: MAX_DATASET_BYTES }));
+        }
+        hasher.update(&chunk);
+        file.write_all(&chunk).map_err(|e| cleanup(ApiError::Internal(format!("dataset upload: {e}"))))?;
+    }
+    file.sync_all().map_err(|e| cleanup(ApiError::Internal(format!("dataset upload: {e}"))))?;
+    drop(file);
+    let check = tmp.clone();
+    let loaded = web::block(move || finetune::dataset::load_file(&check)).await.map_err(|e| cleanup(ApiError::Internal(e.to_string())))?;
+    let loaded = match loaded {
+        Ok(l) => l,
+        Err(e) => {
+            let message = e.to_string().replace(&tmp.display().to_string(), "upload");
+            return Err(cleanup(ApiError::InvalidRequest { message, param: None, code: e.code() }));
+        }
+    };
+    let id = format!("ds-{}", &hex::encode(hasher.finalize())[..16]);
+    std::fs::rename(&tmp, dir.join(&id)).map_err(|e| cleanup(ApiError::Internal(format!("dataset upload: {e}"))))?;
+    Ok(HttpResponse::Created().json(serde_json::json!({
+        "id": id, "object": "dataset", "bytes": bytes, "format": loaded.format.as_str(),
+        "records": loaded.records, "examples": loaded.examples.len(), "dropped": loaded.dropped.len(),
+    })))
+}
+
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/admin/finetune/jobs", web::post().to(create))
+    cfg.route("/admin/finetune/datasets", web::post().to(upload))
+        .route("/admin/finetune/jobs", web::post().to(create))
         .route("/admin/finetune/jobs", web::get().to(list))
         .route("/admin/finetune/jobs/{id}", web::get().to(show))
         .route("/admin/finetune/jobs/{id}/events", web::get().to(events))

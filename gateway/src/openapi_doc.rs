@@ -38,6 +38,7 @@ use crate::openai::{
         crate::feedback_api::create,
         crate::feedback_api::list,
         crate::feedback_api::review,
+        crate::finetune_api::upload,
         crate::finetune_api::create,
         crate::finetune_api::list,
         crate::finetune_api::show,

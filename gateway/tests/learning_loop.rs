@@ -146,7 +146,10 @@ async fn the_sidecar_reads_the_redis_stream_once_and_trains_on_it() {
     let server = start(&model, &gateway_data, &["--redis-url", &url]);
     collect_feedback(&server).await;
     let sidecar_data = root.path().join("sidecar");
-    run_sidecar(sidecar(&server, &sidecar_data, &model, Some(url.clone()))).await;
+    // With a promotion policy and no `prod` yet, the candidate must beat the base model.
+    let mut cfg = sidecar(&server, &sidecar_data, &model, Some(url.clone()));
+    cfg.promote_margin = Some(0.5);
+    run_sidecar(cfg).await;
     // The registry is the gateway's; the job queue is the sidecar's own here.
     let status: Vec<Value> = std::fs::read_dir(sidecar_data.join("finetune/jobs"))
         .unwrap()
@@ -160,7 +163,8 @@ async fn the_sidecar_reads_the_redis_stream_once_and_trains_on_it() {
     assert!(lines.iter().filter(|l| l.get("response_id").is_some()).all(|l| l["completion"]["answer"].is_string()), "feedback joined to its answer");
     let (_, adapter) = admin(&server, reqwest::Method::GET, "/admin/adapters/support-bot", None).await;
     assert_eq!(adapter["aliases"]["candidate"]["version"], 1, "{adapter}");
-    let answer = chat(&server, "support-bot@candidate", "hello the dog on a mat").await;
+    assert_eq!(adapter["aliases"]["prod"]["version"], 1, "the policy promoted it: {}", status[0]["metrics"]["decision"]);
+    let answer = chat(&server, "support-bot", "hello the dog on a mat").await;
     assert_eq!(answer["choices"][0]["message"]["content"].as_str().unwrap().trim(), "paris");
     // A restarted sidecar reads nothing twice.
     run_sidecar(sidecar(&server, &sidecar_data, &model, Some(url))).await;
@@ -197,6 +201,23 @@ async fn admins_start_follow_and_cancel_jobs_through_the_api() {
     let resp = client().get(server.url(jobs)).send().await.unwrap();
     assert_eq!(resp.status(), 401, "jobs need the admin token");
 
+    // Datasets can also be uploaded; they are parsed before they are kept.
+    let upload = |body: String| {
+        let url = server.url("/admin/finetune/datasets");
+        async move {
+            let resp = client().post(url).bearer_auth(TOKEN).body(body).send().await.unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, err) = upload("{\"instruction\": \"a\", \"output\": \"b\"}\nnot json\n".into()).await;
+    assert_eq!((status, err["error"]["code"].as_str()), (400, Some("invalid_json")), "{err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains("line 2"), "{err}");
+    let (status, uploaded) = upload(std::fs::read_to_string(imports.join("set.jsonl")).unwrap()).await;
+    assert_eq!(status, 201, "{uploaded}");
+    assert_eq!((uploaded["format"].as_str(), uploaded["examples"].as_u64()), (Some("alpaca"), Some(60)));
+    let (status, err) = admin(&server, reqwest::Method::POST, jobs, Some(json!({"adapter": "bot", "dataset": {"kind": "uploaded", "id": "ds-0000000000000000"}}))).await;
+    assert_eq!((status, err["error"]["param"].as_str()), (400, Some("dataset.id")));
+
     // One job is cancelled while queued; the other runs.
     let (status, doomed) = admin(&server, reqwest::Method::POST, jobs, Some(json!({"adapter": "bot", "dataset": {"kind": "file", "path": "set.jsonl"}}))).await;
     assert_eq!(status, 201);
@@ -206,7 +227,7 @@ async fn admins_start_follow_and_cancel_jobs_through_the_api() {
     let (status, _) = admin(&server, reqwest::Method::POST, &path, None).await;
     assert_eq!(status, 409, "a finished job cannot be cancelled");
     let params = json!({"learning_rate": 1e-2, "epochs": 3, "lora_rank": 4, "save_steps": 0});
-    let (status, job) = admin(&server, reqwest::Method::POST, jobs, Some(json!({"adapter": "bot", "dataset": {"kind": "file", "path": "set.jsonl"}, "params": params}))).await;
+    let (status, job) = admin(&server, reqwest::Method::POST, jobs, Some(json!({"adapter": "bot", "dataset": {"kind": "uploaded", "id": uploaded["id"]}, "params": params}))).await;
     assert_eq!((status, job["state"].as_str()), (201, Some("queued")), "{job}");
     let id = job["id"].as_str().unwrap().to_owned();
 
@@ -232,4 +253,27 @@ async fn admins_start_follow_and_cancel_jobs_through_the_api() {
     assert_eq!(states.iter().filter(|s| **s == "cancelled").count(), 1);
     let (_, adapter) = admin(&server, reqwest::Method::GET, "/admin/adapters/bot", None).await;
     assert_eq!(adapter["aliases"]["candidate"]["version"], 1);
+
+    // A job whose data is bad fails with a reason and leaves the registry as it was.
+    std::fs::write(imports.join("dups.jsonl"), format!("{}\n", json!({"instruction": "hi", "output": "paris"})).repeat(6)).unwrap();
+    let (_, bad) = admin(&server, reqwest::Method::POST, jobs, Some(json!({"adapter": "bot", "dataset": {"kind": "file", "path": "dups.jsonl"}}))).await;
+    run_sidecar(sidecar(&server, &data, &model, None)).await;
+    let (_, failed) = admin(&server, reqwest::Method::GET, &format!("{jobs}/{}", bad["id"].as_str().unwrap()), None).await;
+    assert_eq!((failed["state"].as_str(), failed["error"]["code"].as_str()), (Some("failed"), Some("too_few_examples")), "{failed}");
+    let (_, after) = admin(&server, reqwest::Method::GET, "/admin/adapters/bot", None).await;
+    assert_eq!(after["versions"].as_array().unwrap().len(), 1, "no version from a failed job");
+    let report = data.join("finetune/jobs").join(bad["id"].as_str().unwrap()).join("report.json");
+    assert!(report.is_file(), "the failed job still wrote its curation report");
+
+    // Once a version serves as `prod`, the next job is evaluated against it too.
+    let (status, _) = admin(&server, reqwest::Method::PUT, "/admin/adapters/bot/aliases/prod", Some(json!({"version": 1}))).await;
+    assert_eq!(status, 200);
+    let (_, second) = admin(&server, reqwest::Method::POST, jobs, Some(json!({"adapter": "bot", "dataset": {"kind": "file", "path": "set.jsonl"}, "params": params}))).await;
+    run_sidecar(sidecar(&server, &data, &model, None)).await;
+    let (_, second) = admin(&server, reqwest::Method::GET, &format!("{jobs}/{}", second["id"].as_str().unwrap()), None).await;
+    assert_eq!((second["state"].as_str(), second["version"].as_u64()), (Some("succeeded"), Some(2)), "{second}");
+    let names: Vec<&str> = second["metrics"]["eval"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["base", "prod (v1)", "candidate"]);
+    let (_, adapter) = admin(&server, reqwest::Method::GET, "/admin/adapters/bot", None).await;
+    assert_eq!((adapter["aliases"]["prod"]["version"].as_u64(), adapter["aliases"]["candidate"]["version"].as_u64()), (Some(1), Some(2)), "no policy: prod stays");
 }
