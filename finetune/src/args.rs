@@ -24,8 +24,8 @@ pub struct TrainArgs {
     /// `all` (default: every linear layer of the decoder) or a comma list such as `q_proj,v_proj`.
     #[arg(long)]
     pub lora_target: Option<String>,
-    /// Rank-stabilised LoRA: scale alpha/sqrt(r) instead of alpha/r.
-    #[arg(long)]
+    /// Rank-stabilised LoRA: scale alpha/sqrt(r) instead of alpha/r (`--use-rslora` alone means true).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub use_rslora: Option<bool>,
     /// LoRA+: B matrices learn this many times faster than A (default 1, plain LoRA).
     #[arg(long)]
@@ -140,5 +140,22 @@ mod tests {
         assert_eq!((cfg.lora_rank, cfg.lora_target.len(), cfg.learning_rate), (4, 2, 5e-4));
         assert!(serde_json::from_value::<TrainArgs>(serde_json::json!({"lora_rnak": 4})).is_err(), "typos are refused");
         assert!(TrainArgs { batch_size: Some(0), ..TrainArgs::default() }.resolve(1).unwrap_err().contains("--batch-size"));
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    #[test]
+    fn flags_parse_with_llama_factory_names() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from(["finetune", "--use-rslora", "--lora-target", "q_proj,v_proj", "--grad-accum", "2", "--cutoff-len", "512"]).unwrap();
+        let cfg = cli.args.resolve(1).unwrap();
+        assert!(cfg.use_rslora);
+        assert_eq!((cfg.lora_target.len(), cfg.grad_accum, cfg.cutoff_len), (2, 2, 512));
+        assert!(!Cli::try_parse_from(["finetune", "--use-rslora", "false"]).unwrap().args.resolve(1).unwrap().use_rslora);
+        assert!(Cli::try_parse_from(["finetune", "--lora-rank", "eight"]).is_err());
     }
 }

@@ -210,3 +210,35 @@ fn dpo_on_preference_pairs_prefers_the_chosen_answers() {
     let first: serde_json::Value = serde_json::from_str(std::fs::read_to_string(out.join("train_log.jsonl")).unwrap().lines().next().unwrap()).unwrap();
     assert!(first["loss"].as_f64().unwrap() > 0.6, "DPO starts at ln 2: {first}");
 }
+
+#[test]
+fn a_cancelled_job_checkpoints_and_a_rerun_finishes_it() {
+    use finetune::job::{self, CurateArgs, JobInput, Source};
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let data = dir.path().join("colours.jsonl");
+    std::fs::write(&data, colour_task(60, 4)).unwrap();
+    let out = dir.path().join("out");
+    let input = || JobInput {
+        job_id: "ftjob-1".into(),
+        base: model.clone(),
+        source: Source::File(data.clone()),
+        out: out.clone(),
+        args: finetune::args::TrainArgs { max_steps: Some(20), save_steps: Some(0), ..Default::default() },
+        curate: CurateArgs::default(),
+        init_adapter: None,
+        compare: None,
+        progress: false,
+    };
+    // The admin's cancel arrives while step 6 is due.
+    let checks = std::sync::atomic::AtomicUsize::new(0);
+    let cancel = || checks.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 6;
+    match job::run(input(), &cancel) {
+        Err(finetune::FinetuneError::Cancelled { step }) => assert_eq!(step, 6),
+        other => panic!("expected a cancellation, got {:?}", other.map(|r| r.outcome)),
+    }
+    assert!(out.join("checkpoints/step-6").is_dir(), "a cancelled job keeps its progress");
+    assert!(!out.join("adapter").exists());
+    let done = job::run(input(), &|| false).unwrap();
+    assert_eq!((done.outcome.resumed_from, done.outcome.steps), (Some(6), 20));
+}
