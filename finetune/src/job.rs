@@ -226,9 +226,8 @@ pub fn run(input: JobInput, cancel: &(dyn Fn() -> bool + Sync)) -> Result<JobRes
         }
         Ok(items)
     };
-    let (train_items, train_probes): (Vec<Item>, Vec<Option<Probe>>) = to_items(&curated.train)?.into_iter().unzip();
+    let train_items: Vec<Item> = to_items(&curated.train)?.into_iter().map(|(item, _)| item).collect();
     let (val_items, val_probes): (Vec<Item>, Vec<Option<Probe>>) = to_items(&curated.val)?.into_iter().unzip();
-    drop(train_probes);
     if train_items.is_empty() {
         let wanted = match cfg.stage {
             Stage::Sft => "answers (SFT examples, thumbs up, accepted corrections or desirable KTO records)",
@@ -336,18 +335,20 @@ pub fn run(input: JobInput, cancel: &(dyn Fn() -> bool + Sync)) -> Result<JobRes
 /// Scores both answers of every pair under the reference (the adapter training starts from),
 /// once, before training.
 fn with_reference(model: &Llama, reference: &AdapterWeights, items: Vec<Item>) -> Result<Vec<Item>, FinetuneError> {
-    let mut out = Vec::with_capacity(items.len());
-    for chunk in items.chunks(8) {
-        let seqs: Vec<&Seq> = chunk.iter().flat_map(|i| match i {
-            Item::Pair { chosen, rejected, .. } => vec![chosen, rejected],
-            Item::Sft(s) => vec![s],
-        }).collect();
+    let pairs: Vec<(Seq, Seq)> = items
+        .into_iter()
+        .filter_map(|i| match i {
+            Item::Pair { chosen, rejected, .. } => Some((chosen, rejected)),
+            Item::Sft(_) => None,
+        })
+        .collect();
+    let mut out = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(8) {
+        let seqs: Vec<&Seq> = chunk.iter().flat_map(|(c, r)| [c, r]).collect();
         let batch = Batch::new(&seqs)?;
         let lp = batch.sequence_logprobs(&batch.token_logprobs(model, Some(reference)).map_err(err)?).map_err(err)?.to_vec1::<f32>().map_err(err)?;
-        for (k, item) in chunk.iter().enumerate() {
-            if let Item::Pair { chosen, rejected, .. } = item {
-                out.push(Item::Pair { chosen: chosen.clone(), rejected: rejected.clone(), ref_chosen: lp[2 * k], ref_rejected: lp[2 * k + 1] });
-            }
+        for (k, (chosen, rejected)) in chunk.iter().enumerate() {
+            out.push(Item::Pair { chosen: chosen.clone(), rejected: rejected.clone(), ref_chosen: lp[2 * k], ref_rejected: lp[2 * k + 1] });
         }
     }
     Ok(out)

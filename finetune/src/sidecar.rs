@@ -19,6 +19,8 @@ use crate::register::{self, Gateway};
 pub const STREAM: &str = "switchyard:feedback";
 /// The sidecar's consumer group on it.
 pub const GROUP: &str = "finetune";
+/// The sidecar's consumer name in that group (one sidecar runs jobs at a time).
+pub const CONSUMER: &str = "finetune-sidecar";
 
 /// What the sidecar watches and how it trains.
 pub struct SidecarConfig {
@@ -67,7 +69,9 @@ impl Inbox {
             }
         }
         let client = redis::Client::open(url).map_err(|e| FinetuneError::Config { detail: format!("--redis-url: {e}") })?;
-        let consumer = format!("sidecar-{}", std::process::id());
+        // One stable name: what a crashed sidecar read but never acknowledged stays pending
+        // under it, and the next start reads those entries first.
+        let consumer = CONSUMER.to_owned();
         Ok(Self { path, view, client, consumer })
     }
 
