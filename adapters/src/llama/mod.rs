@@ -17,7 +17,7 @@ use crate::kernels::QMatrix;
 use crate::lora::{AdapterWeights, BaseWeight, LoraLinear, RowGroup};
 use crate::peft::{BaseModelShape, LoraModule};
 
-pub use chat::{ChatModel, ChatTemplate};
+pub use chat::{ChatModel, ChatTemplate, Role};
 pub use load::{load_gguf_tokenizer, GgufMeta};
 pub use runtime::{KvCache, Runtime, SeqInput, Workspace};
 

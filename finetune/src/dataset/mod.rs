@@ -22,24 +22,8 @@ pub use pii::PiiCounts;
 
 use serde::{Deserialize, Serialize};
 
-/// Who speaks a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    System,
-    User,
-    Assistant,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::System => "system",
-            Self::User => "user",
-            Self::Assistant => "assistant",
-        }
-    }
-}
+/// Who speaks a message (the type the serving chat template takes).
+pub use adapters::llama::Role;
 
 /// One turn of a conversation; `content` is already normalised.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

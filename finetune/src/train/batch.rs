@@ -6,7 +6,7 @@ use adapters::lora::AdapterWeights;
 use candle_core::{Device, Tensor, D};
 use tokenizers::Tokenizer;
 
-use crate::dataset::{Message, Role};
+use crate::dataset::Message;
 use crate::error::FinetuneError;
 
 /// A prompt followed by an answer; only the answer's tokens are scored.
@@ -30,17 +30,9 @@ pub struct Encoder<'a> {
     pub eos: u32,
 }
 
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::System => "system",
-        Role::User => "user",
-        Role::Assistant => "assistant",
-    }
-}
-
 impl Encoder<'_> {
     pub fn prompt_ids(&self, prompt: &[Message]) -> Result<Vec<u32>, String> {
-        let text = self.template.render(prompt.iter().map(|m| (role_name(m.role), m.content.as_str())))?;
+        let text = self.template.render(prompt.iter().map(|m| (m.role.as_str(), m.content.as_str())))?;
         let enc = self.tokenizer.encode(text, false).map_err(|e| format!("tokenizer: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }

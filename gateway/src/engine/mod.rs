@@ -27,22 +27,8 @@ pub enum Prompt {
     Text(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    System,
-    User,
-    Assistant,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::System => "system",
-            Role::User => "user",
-            Role::Assistant => "assistant",
-        }
-    }
-}
+/// Who speaks a chat message (shared with the chat template and training).
+pub use adapters::llama::Role;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
