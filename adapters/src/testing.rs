@@ -124,6 +124,29 @@ pub fn write_tiny_llama_with_head(dir: &Path, seed: u64, head_scale: f32) -> Res
 /// Writes a PEFT adapter for `shape` on every module and layer with random non-zero A and B
 /// (or B all zeros when `zero_b`, which makes it a no-op).
 pub fn write_random_adapter(dir: &Path, shape: &BaseModelShape, r: usize, seed: u64, zero_b: bool) -> Result<AdapterConfig> {
+    write_adapter_with(dir, shape, r, seed, |_, part, _| if zero_b && part == LoraPart::B { 0.0 } else { 0.8 })
+}
+
+/// Writes an adapter on every module and layer whose magnitudes are those of a trained one:
+/// A within PEFT's initialisation bound `1/√in`, B within ±0.02 (so `scale·BA` changes the
+/// weights by a few percent rather than swamping them). Benchmarks use it: an adapter that
+/// blows activations up sends them down slow overflow paths no served adapter takes.
+pub fn write_bench_adapter(dir: &Path, shape: &BaseModelShape, r: usize, seed: u64) -> Result<AdapterConfig> {
+    write_adapter_with(dir, shape, r, seed, |_, part, dims| match part {
+        LoraPart::A => 1.0 / (dims[1] as f32).sqrt(),
+        LoraPart::B => 0.02,
+    })
+}
+
+/// An adapter on every module and layer with uniform values of amplitude
+/// `amplitude(key, part, dims)`.
+fn write_adapter_with(
+    dir: &Path,
+    shape: &BaseModelShape,
+    r: usize,
+    seed: u64,
+    amplitude: impl Fn(&LoraTensorKey, LoraPart, &[usize]) -> f32,
+) -> Result<AdapterConfig> {
     let mut config = AdapterConfig::new(r, 2.0 * r as f64, TargetModules::AllLinear);
     config.base_model_name_or_path = Some(shape.name.clone());
     let mut tensors = Vec::new();
@@ -135,7 +158,8 @@ pub fn write_random_adapter(dir: &Path, shape: &BaseModelShape, r: usize, seed: 
                 let dims = shape.expected_shape(&key, r);
                 s += 1;
                 let n = dims[0] * dims[1];
-                let data = if zero_b && part == LoraPart::B { vec![0.0; n] } else { values(n, s, 0.8) };
+                let amp = amplitude(&key, part, &dims);
+                let data = if amp == 0.0 { vec![0.0; n] } else { values(n, s, amp) };
                 tensors.push((key, data, dims.to_vec()));
             }
         }

@@ -132,3 +132,41 @@ fn bad_steps_are_errors_not_panics() {
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
     assert_eq!(small.len(), 0, "a refused step leaves the cache as it was");
 }
+
+#[test]
+fn neighbours_on_one_adapter_share_its_terms_and_stay_exact() {
+    // Four sequences side by side on adapter one (their LoRA terms merge into one per module,
+    // and at ~200 rows the x·Aᵀ products run across the pool), then one on two and one base.
+    let s = setup();
+    let vocab = s.runtime.config.vocab_size;
+    let prompts: Vec<Vec<u32>> = (0..6u32).map(|k| (0..48u32).map(|i| 3 + (i * 7 + k * 11) % (vocab as u32 - 3)).collect()).collect();
+    let adapters = [Some(&s.one), Some(&s.one), Some(&s.one), Some(&s.one), Some(&s.two), None];
+    let mut caches: Vec<KvCache> = (0..6).map(|_| KvCache::new(&s.runtime.config, 64)).collect();
+    let mut ws = Workspace::default();
+    let mut logits = Vec::new();
+    let mut step: Vec<SeqInput<'_>> = caches
+        .iter_mut()
+        .zip(&prompts)
+        .zip(adapters)
+        .map(|((cache, p), adapter)| SeqInput { tokens: p, cache, adapter, logits: true })
+        .collect();
+    s.runtime.forward(&mut ws, &mut step, &mut logits).unwrap();
+    for (k, (p, adapter)) in prompts.iter().zip(adapters).enumerate() {
+        let want = reference(&s.model, p, adapter);
+        assert_close(&logits[k * vocab..(k + 1) * vocab], want.last().unwrap(), &format!("prompt of sequence {k}"));
+    }
+    // One decode token each, in the same grouping.
+    let next: Vec<[u32; 1]> = (0..6u32).map(|k| [5 + k]).collect();
+    let mut step: Vec<SeqInput<'_>> = caches
+        .iter_mut()
+        .zip(&next)
+        .zip(adapters)
+        .map(|((cache, t), adapter)| SeqInput { tokens: t, cache, adapter, logits: true })
+        .collect();
+    s.runtime.forward(&mut ws, &mut step, &mut logits).unwrap();
+    for (k, ((p, t), adapter)) in prompts.iter().zip(&next).zip(adapters).enumerate() {
+        let ids: Vec<u32> = p.iter().copied().chain(t.iter().copied()).collect();
+        let want = reference(&s.model, &ids, adapter);
+        assert_close(&logits[k * vocab..(k + 1) * vocab], want.last().unwrap(), &format!("decode of sequence {k}"));
+    }
+}

@@ -441,7 +441,9 @@ pub struct LowRank<'a> {
     pub panels: &'a [f32],
 }
 
-/// Adds the part of each term that falls in output columns `r0..r1`.
+/// Adds the part of each term that falls in output columns `r0..r1`. Panels wholly inside the
+/// range are added as vectors, one panel at a time over all of the term's rows (so a panel is
+/// read once per tile); the edges of the range go element by element.
 ///
 /// # Safety
 /// As for the tile that wrote those columns (same rows, same columns, same exclusivity).
@@ -452,23 +454,32 @@ unsafe fn add_low_rank(extra: &[LowRank<'_>], r0: usize, r1: usize, out: OutPtr,
             continue;
         }
         let (first, last) = (c0 - e.col0, c1 - e.col0);
-        for i in 0..e.rows {
-            let t = &e.t[i * e.rank..(i + 1) * e.rank];
-            let row = (e.row0 + i) * ldy + e.col0;
-            for p in first / PANEL..last.div_ceil(PANEL) {
-                let panel = &e.panels[p * e.rank * PANEL..(p + 1) * e.rank * PANEL];
+        for p in first / PANEL..last.div_ceil(PANEL) {
+            let panel = &e.panels[p * e.rank * PANEL..(p + 1) * e.rank * PANEL];
+            let whole = p * PANEL >= first && (p + 1) * PANEL <= last;
+            for i in 0..e.rows {
+                let t = &e.t[i * e.rank..(i + 1) * e.rank];
                 let mut acc = [0f32; PANEL];
                 for (j, &tj) in t.iter().enumerate() {
                     for (a, &b) in acc.iter_mut().zip(&panel[j * PANEL..(j + 1) * PANEL]) {
                         *a = tj.mul_add(b, *a);
                     }
                 }
-                for (k, a) in acc.iter().enumerate() {
-                    let c = p * PANEL + k;
-                    if (first..last).contains(&c) {
-                        // SAFETY: column col0 + c of row e.row0 + i belongs to this tile
-                        // (checked in matmul_plus and by the range test above).
-                        unsafe { *out.0.add(row + c) += *a };
+                let at = (e.row0 + i) * ldy + e.col0 + p * PANEL;
+                if whole {
+                    // SAFETY: columns col0 + p·PANEL .. + PANEL of this row lie in r0..r1 (the
+                    // test above) and so belong to this tile.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), PANEL) };
+                    for (d, a) in dst.iter_mut().zip(acc) {
+                        *d += a;
+                    }
+                } else {
+                    for (k, a) in acc.iter().enumerate() {
+                        if (first..last).contains(&(p * PANEL + k)) {
+                            // SAFETY: column col0 + p·PANEL + k of this row belongs to this
+                            // tile (checked in matmul_plus and by the range test).
+                            unsafe { *out.0.add(at + k) += *a };
+                        }
                     }
                 }
             }

@@ -172,15 +172,28 @@ fn silu_mul(gate_up: &[f32], inter: usize, act: &mut [f32]) {
     for (gu, a) in gate_up.chunks_exact(2 * inter).zip(act.chunks_exact_mut(inter)) {
         let (g, u) = gu.split_at(inter);
         for ((o, &g), &u) in a.iter_mut().zip(g).zip(u) {
-            *o = g / (1.0 + (-g).exp()) * u;
+            *o = silu(g) * u;
         }
     }
 }
 
-/// The LoRA terms of one fused matmul: for every sequence with an adapter and every module in
-/// `modules` (with the output column its slice of the fused matrix starts at), `t = x Aᵀ` for
-/// the sequence's rows (computed here, into `bufs`) and `scale·Bᵀ`, which the matmul's tiles
-/// then add in parallel. Pairs that are not frozen are left to [`lora`].
+/// `g·σ(g)` through [`exp_nonpositive`] (vectorizable; libm's `expf` is a call per element, and
+/// a slow one when it overflows): `σ(g) = 1/(1+e^-g)` for `g ≥ 0`, `e^g/(1+e^g)` below.
+#[inline]
+fn silu(g: f32) -> f32 {
+    let e = exp_nonpositive(-g.abs());
+    let sigma = if g >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
+    g * sigma
+}
+
+/// From this many multiply-adds, a matmul's `x Aᵀ` products are spread over the pool (below
+/// it, waking the other threads costs more than the arithmetic).
+const PARALLEL_XA: usize = 1 << 16;
+
+/// The LoRA terms of one fused matmul: for every run of consecutive sequences that share an
+/// adapter and every module in `modules` (with the output column its slice of the fused matrix
+/// starts at), `t = x Aᵀ` for those rows (computed here, into `bufs`) and `scale·Bᵀ`, which
+/// the matmul's tiles then add in parallel. Pairs that are not frozen are left to [`lora`].
 fn low_rank_terms<'a>(
     seqs: &[SeqInput<'a>],
     starts: &[usize],
@@ -190,15 +203,31 @@ fn low_rank_terms<'a>(
     in_dim: usize,
     bufs: &'a mut Vec<Vec<f32>>,
 ) -> Vec<LowRank<'a>> {
-    // (first row, rows, first column, rank, width, scale·Bᵀ panels, A) of every term.
-    type Spec<'a> = (usize, usize, usize, usize, usize, &'a [f32], &'a [f32]);
+    /// One term before its `t` exists.
+    struct Spec<'a> {
+        row0: usize,
+        rows: usize,
+        col0: usize,
+        rank: usize,
+        cols: usize,
+        panels: &'a [f32],
+        a: &'a [f32],
+    }
     let mut specs: Vec<Spec<'a>> = Vec::new();
-    for (s, &start) in seqs.iter().zip(starts) {
-        let Some(adapter) = s.adapter else { continue };
-        for &(module, col0) in modules {
-            if let Some((rank, out, bt, a)) = adapter.pair(layer, module).and_then(|p| p.halves()) {
-                specs.push((start, s.tokens.len(), col0, rank, out, bt, a));
+    for &(module, col0) in modules {
+        let first = specs.len();
+        for (s, &start) in seqs.iter().zip(starts) {
+            let Some(adapter) = s.adapter else { continue };
+            let Some((rank, cols, panels, a)) = adapter.pair(layer, module).and_then(|p| p.halves()) else { continue };
+            // Sequences next to each other on the same adapter share one term, so its A and B
+            // are read once for all their rows.
+            if let Some(last) = specs[first..].last_mut() {
+                if std::ptr::eq(last.a, a) && last.row0 + last.rows == start {
+                    last.rows += s.tokens.len();
+                    continue;
+                }
             }
+            specs.push(Spec { row0: start, rows: s.tokens.len(), col0, rank, cols, panels, a });
         }
     }
     if specs.is_empty() {
@@ -209,15 +238,21 @@ fn low_rank_terms<'a>(
     }
     for (buf, spec) in bufs.iter_mut().zip(&specs) {
         buf.clear();
-        buf.resize(spec.1 * spec.3, 0.0);
+        buf.resize(spec.rows * spec.rank, 0.0);
     }
-    // t = x Aᵀ here, serially: a few dot products per term (spreading them over the pool cost
-    // more than it saved when measured).
-    for (buf, &(row0, rows, _, rank, _, _, a)) in bufs.iter_mut().zip(&specs) {
-        for r in 0..rows {
-            let x = &input[(row0 + r) * in_dim..(row0 + r + 1) * in_dim];
-            for j in 0..rank {
-                buf[r * rank + j] = dot(&a[j * in_dim..(j + 1) * in_dim], x);
+    let work: usize = specs.iter().map(|s| s.rows * s.rank).sum::<usize>() * in_dim;
+    let fill = |spec: &Spec<'_>, row: usize, t: &mut [f32]| {
+        let x = &input[(spec.row0 + row) * in_dim..];
+        x_a_t(x, in_dim, t.len() / spec.rank, spec.a, spec.rank, t);
+    };
+    if work >= PARALLEL_XA {
+        specs.par_iter().zip(bufs.par_iter_mut()).for_each(|(spec, buf)| {
+            buf[..spec.rows * spec.rank].par_chunks_mut(XA_ROWS * spec.rank).enumerate().for_each(|(c, t)| fill(spec, c * XA_ROWS, t));
+        });
+    } else {
+        for (spec, buf) in specs.iter().zip(bufs.iter_mut()) {
+            for (c, t) in buf[..spec.rows * spec.rank].chunks_mut(XA_ROWS * spec.rank).enumerate() {
+                fill(spec, c * XA_ROWS, t);
             }
         }
     }
@@ -225,8 +260,47 @@ fn low_rank_terms<'a>(
     specs
         .into_iter()
         .enumerate()
-        .map(|(i, (row0, rows, col0, rank, cols, panels, _))| LowRank { row0, rows, col0, cols, rank, t: &bufs[i], panels })
+        .map(|(i, s)| LowRank { row0: s.row0, rows: s.rows, col0: s.col0, cols: s.cols, rank: s.rank, t: &bufs[i], panels: s.panels })
         .collect()
+}
+
+/// Activation rows per pass of [`x_a_t`] (each A row is loaded once for all of them).
+const XA_ROWS: usize = 4;
+
+/// `t[i, j] = x[i] · a[j]` for `rows ≤ XA_ROWS` rows of `x` (stride `in_dim`) and the `rank`
+/// rows of `a` (`[rank, in_dim]`).
+fn x_a_t(x: &[f32], in_dim: usize, rows: usize, a: &[f32], rank: usize, t: &mut [f32]) {
+    match rows {
+        1 => x_a_t_rows::<1>(x, in_dim, a, rank, t),
+        2 => x_a_t_rows::<2>(x, in_dim, a, rank, t),
+        3 => x_a_t_rows::<3>(x, in_dim, a, rank, t),
+        _ => x_a_t_rows::<XA_ROWS>(x, in_dim, a, rank, t),
+    }
+}
+
+fn x_a_t_rows<const R: usize>(x: &[f32], in_dim: usize, a: &[f32], rank: usize, t: &mut [f32]) {
+    const LANES: usize = 16;
+    let body = in_dim / LANES * LANES;
+    for j in 0..rank {
+        let aj = &a[j * in_dim..(j + 1) * in_dim];
+        let mut acc = [[0f32; LANES]; R];
+        for k in (0..body).step_by(LANES) {
+            let av: &[f32; LANES] = aj[k..k + LANES].try_into().expect("a whole chunk");
+            for (r, accr) in acc.iter_mut().enumerate() {
+                let xv: &[f32; LANES] = x[r * in_dim + k..r * in_dim + k + LANES].try_into().expect("a whole chunk");
+                for l in 0..LANES {
+                    accr[l] = av[l].mul_add(xv[l], accr[l]);
+                }
+            }
+        }
+        for (r, accr) in acc.iter().enumerate() {
+            let mut total: f32 = accr.iter().sum();
+            for k in body..in_dim {
+                total = aj[k].mul_add(x[r * in_dim + k], total);
+            }
+            t[r * rank + j] = total;
+        }
+    }
 }
 
 /// Adds each sequence's LoRA delta for `module` to its rows of `out` (row stride `ldy`,
@@ -719,6 +793,19 @@ mod tests {
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() < 1e-5, "{x} vs {y}");
         }
+    }
+
+    #[test]
+    fn silu_matches_the_libm_formula() {
+        for i in -20_000..=20_000 {
+            let g = i as f32 * 0.01;
+            let want = (g as f64) / (1.0 + (-(g as f64)).exp());
+            let got = silu(g) as f64;
+            assert!((got - want).abs() <= 1e-6 * want.abs().max(1e-3), "silu({g}) = {got}, want {want}");
+        }
+        // Far tails: no overflow, no NaN.
+        assert_eq!(silu(1000.0), 1000.0);
+        assert!(silu(-1000.0).abs() < 1e-30);
     }
 
     #[test]

@@ -246,6 +246,10 @@ impl Scheduler {
                 }
             }
             decoding = next_decoding;
+            // Sequences on the same adapter side by side: the runtime then reads each adapter's
+            // LoRA weights once per step for all of them (a stable sort keeps arrival order
+            // within an adapter).
+            decoding.sort_by_key(|s| s.job.adapter.as_ref().map_or(0, |a| Arc::as_ptr(a) as usize));
         }
     }
 
