@@ -4,7 +4,9 @@
 # target as a ratio. Switchyard is measured through its HTTP API (streaming, greedy, EOS
 # ignored); llama.cpp in process. Usage: load-tests/engine-bench.sh [OUT_DIR]
 # Env: LLAMACPP_VENV (reuse a venv that has llama-cpp-python), SOAK_SECONDS (a 16-stream run
-# of this length with the resident set sampled every 10 s; 0 skips it).
+# of this length with the resident set sampled every 10 s; 0 skips it), ROUNDS (interleaved
+# repetitions of the compared loads, default 3), LORA_DTYPE (f32 or bf16: the precision adapters
+# are served in, default f32).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-bench-out/engine}"
@@ -15,6 +17,8 @@ port="${PORT:-18091}"
 url="http://127.0.0.1:$port"
 threads=$(nproc)
 soak="${SOAK_SECONDS:-0}"
+rounds="${ROUNDS:-3}"
+lora_dtype="${LORA_DTYPE:-f32}"
 work=$(mktemp -d)
 server=""
 trap '[ -n "$server" ] && kill $server 2>/dev/null; rm -rf "$work"' EXIT
@@ -47,7 +51,7 @@ echo "llama.cpp ($threads threads)..." >&2
 "$venv/bin/python" load-tests/llamacpp_bench.py "$model" "$chat" "$(cat "$work/long600.txt")" "$threads" | tee "$out/llamacpp.json"
 
 "$bin/switchyard-load" --make-adapters "$work/imports" --adapter-count 8 >/dev/null
-"$bin/switchyard" serve --port "$port" --model "$model" --max-concurrent 64 --auth off --threads "$threads" \
+"$bin/switchyard" serve --port "$port" --model "$model" --max-concurrent 64 --auth off --threads "$threads" --lora-dtype "$lora_dtype" \
   --data-dir "$work/data" --import-root "$work/imports" --admin-token bench-token >"$work/stdout" 2>"$work/stderr" &
 server=$!
 for _ in $(seq 240); do grep -q '^switchyard ready' "$work/stdout" 2>/dev/null && break; sleep 0.5; done
@@ -62,12 +66,16 @@ done
 
 load() { "$bin/switchyard-load" --url "$url" --completions "$@"; }
 base=smollm2-135m-instruct
-load --model "$base" --prompt "$chat" --max-tokens 128 --concurrency 1 --requests-per-stream 3 --json "$out/single.json" >/dev/null
-load --model a0 --prompt "$chat" --max-tokens 128 --concurrency 1 --requests-per-stream 3 --json "$out/single-lora.json" >/dev/null
+# The loads that are compared with each other run interleaved, ROUNDS times, and the report
+# takes each one's median: on a shared machine, drift then hits every load alike.
+for r in $(seq "$rounds"); do
+  load --model "$base" --prompt "$chat" --max-tokens 128 --concurrency 1 --requests-per-stream 2 --json "$out/single-$r.json" >/dev/null
+  load --model a0 --prompt "$chat" --max-tokens 128 --concurrency 1 --requests-per-stream 2 --json "$out/single-lora-$r.json" >/dev/null
+  load --model "$base" --prompt "$chat" --max-tokens 128 --concurrency 16 --requests-per-stream 1 --json "$out/sixteen-$r.json" >/dev/null
+  load --model a0 --prompt "$chat" --max-tokens 128 --concurrency 16 --requests-per-stream 1 --json "$out/sixteen-one-$r.json" >/dev/null
+  load --model a0,a1,a2,a3,a4,a5,a6,a7 --prompt "$chat" --max-tokens 128 --concurrency 16 --requests-per-stream 1 --json "$out/sixteen-eight-$r.json" >/dev/null
+done
 load --model "$base" --prompt "$(cat "$work/long600.txt")" --max-tokens 2 --concurrency 1 --requests-per-stream 3 --json "$out/prefill.json" >/dev/null
-load --model "$base" --prompt "$chat" --max-tokens 128 --concurrency 16 --requests-per-stream 1 --json "$out/sixteen.json" >/dev/null
-load --model a0 --prompt "$chat" --max-tokens 128 --concurrency 16 --requests-per-stream 1 --json "$out/sixteen-one.json" >/dev/null
-load --model a0,a1,a2,a3,a4,a5,a6,a7 --prompt "$chat" --max-tokens 128 --concurrency 16 --requests-per-stream 1 --json "$out/sixteen-eight.json" >/dev/null
 # Memory: 16 streams that each fill a 2,048-token context (600 prompt + 1,448 generated).
 load --model "$base" --prompt "$(cat "$work/long600.txt")" --max-tokens 1448 --concurrency 16 --requests-per-stream 1 --json "$out/context-2048.json" >/dev/null
 echo "{\"rss_kb_now\": $(rss VmRSS), \"rss_kb_peak\": $(rss VmHWM)}" >"$out/rss-2048.json"
@@ -83,18 +91,22 @@ if [ "$soak" -gt 0 ]; then
   wait $sampler
 fi
 
-python3 - "$out" "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs) ($threads cores)" <<'PY' | tee "$out/report.md"
-import json, sys, os
-out, cpu = sys.argv[1], sys.argv[2]
+python3 - "$out" "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs) ($threads cores)" "$rounds" "$lora_dtype" <<'PY' | tee "$out/report.md"
+import json, sys, os, statistics
+out, cpu, rounds, lora_dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 j = lambda n: json.load(open(os.path.join(out, n)))
 lc = j("llamacpp.json")
 lvl = lambda n: j(n)["levels"][0]
-single, lora1, prefill = lvl("single.json"), lvl("single-lora.json"), j("prefill.json")
-s16, s16one, s16eight, ctx = lvl("sixteen.json"), lvl("sixteen-one.json"), lvl("sixteen-eight.json"), lvl("context-2048.json")
+def med(name):
+    """Each measure's median over the interleaved rounds."""
+    runs = [lvl(f"{name}-{r}.json") for r in range(1, rounds + 1)]
+    return {k: statistics.median(run[k] for run in runs) for k, v in runs[0].items() if isinstance(v, (int, float))}
+single, lora1, prefill = med("single"), med("single-lora"), j("prefill.json")
+s16, s16one, s16eight, ctx = med("sixteen"), med("sixteen-one"), med("sixteen-eight"), lvl("context-2048.json")
 pre_tok = prefill["prompt_tokens"] / (prefill["levels"][0]["ttft_ms_p50"] / 1e3)
 rows = [
     ("single-stream decode tok/s", single["per_stream_decode_tok_s_mean"], f'llama.cpp {lc["decode_tok_s"]:.1f}', single["per_stream_decode_tok_s_mean"] / lc["decode_tok_s"], ">= 1.0"),
-    (f'time to first token, {j("single.json")["prompt_tokens"]}-token prompt (ms)', single["ttft_ms_p50"], f'llama.cpp {lc["ttft_ms"]:.0f} ({lc["chat_prompt_tokens"]} tokens)', lc["ttft_ms"] / single["ttft_ms_p50"], ">= 1.0 (llama.cpp / ours)"),
+    (f'time to first token, {j("single-1.json")["prompt_tokens"]}-token prompt (ms)', single["ttft_ms_p50"], f'llama.cpp {lc["ttft_ms"]:.0f} ({lc["chat_prompt_tokens"]} tokens)', lc["ttft_ms"] / single["ttft_ms_p50"], ">= 1.0 (llama.cpp / ours)"),
     (f'prefill tok/s, {prefill["prompt_tokens"]}-token prompt', pre_tok, f'llama.cpp {lc["prefill_tok_s"]:.0f} ({lc["long_prompt_tokens"]} tokens)', pre_tok / lc["prefill_tok_s"], ">= 1.0"),
     ("16 streams aggregate tok/s", s16["aggregate_tok_s"], "300", s16["aggregate_tok_s"] / 300, ">= 1.0"),
     ("16 streams slowest stream tok/s", s16["per_stream_decode_tok_s_min"], f'mean {s16["per_stream_decode_tok_s_mean"]:.1f}', s16["per_stream_decode_tok_s_min"] / s16["per_stream_decode_tok_s_mean"], "> 0 (no starvation)"),
@@ -103,7 +115,7 @@ rows = [
     ("one adapter vs base, 16 streams (aggregate tok/s)", s16one["aggregate_tok_s"], f'base {s16["aggregate_tok_s"]:.1f}', s16one["aggregate_tok_s"] / s16["aggregate_tok_s"], ">= 0.9"),
     ("8 adapters vs 1 adapter, 16 streams (aggregate tok/s)", s16eight["aggregate_tok_s"], f'one adapter {s16one["aggregate_tok_s"]:.1f}', s16eight["aggregate_tok_s"] / s16one["aggregate_tok_s"], ">= 0.85"),
 ]
-print(f"CPU: {cpu}. llama.cpp: llama-cpp-python 0.3.36, {lc['threads']} threads, in process. Switchyard: candle engine over HTTP, greedy, 128 generated tokens, EOS ignored.\n")
+print(f"CPU: {cpu}. llama.cpp: llama-cpp-python 0.3.36, {lc['threads']} threads, in process. Switchyard: candle engine over HTTP, greedy, 128 generated tokens, EOS ignored; its figures are medians of {rounds} interleaved rounds; adapters (rank 8, all seven modules) served in {lora_dtype}.\n")
 print("| measure | Switchyard | compared with | ratio | target |\n|---|---:|---|---:|---|")
 for name, ours, other, ratio, target in rows:
     r = "" if ratio is None else f"{ratio:.2f}"

@@ -111,8 +111,68 @@ struct Frozen {
     /// scale·Bᵀ in panels of [`PANEL`] output columns, each `[r][PANEL]` (zero-padded): the
     /// runtime adds a panel's columns with one contiguous read.
     b_panels: Vec<f32>,
+    /// With [`LoraDtype::Bf16`]: `a_v` and `b_panels` rounded to bf16 (bit patterns), which
+    /// the runtime reads instead (half the bytes per token).
+    bf16: Option<(Vec<u16>, Vec<u16>)>,
     rank: usize,
     out: usize,
+}
+
+/// The precision the serving runtime reads a pair's A and scale·B in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoraDtype {
+    /// f32: exactly the merged-weight result (the default).
+    #[default]
+    F32,
+    /// bf16 (rounded to nearest even, as vLLM serves adapters in a bf16 model's dtype): half
+    /// the memory traffic per token; the delta's elements move by at most 2⁻⁹ relative.
+    Bf16,
+}
+
+impl std::str::FromStr for LoraDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" | "float32" => Ok(Self::F32),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            other => Err(format!("unknown LoRA dtype {other:?}; expected f32 or bf16")),
+        }
+    }
+}
+
+/// The bf16 bit pattern nearest to `v` (ties to even; NaN stays NaN).
+pub fn to_bf16_bits(v: f32) -> u16 {
+    half::bf16::from_f32(v).to_bits()
+}
+
+/// A pair's served weights, in the precision chosen at load.
+#[derive(Debug, Clone, Copy)]
+pub enum Served<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl Served<'_> {
+    /// Address of the data: equal for two views of the same weights.
+    pub fn as_ptr(&self) -> *const u8 {
+        match self {
+            Served::F32(v) => v.as_ptr().cast(),
+            Served::Bf16(v) => v.as_ptr().cast(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Served::F32(v) => v.len(),
+            Served::Bf16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Output columns per panel of a served pair's `scale·Bᵀ` (one 8-lane vector).
@@ -160,6 +220,11 @@ impl LoraPair {
 
     /// A pair that will only be served: its transposed, scaled form is computed once here.
     pub fn frozen(a: Tensor, b: Tensor, scale: f64) -> candle_core::Result<Self> {
+        Self::frozen_as(a, b, scale, LoraDtype::F32)
+    }
+
+    /// [`Self::frozen`], with the runtime reading the served halves in `dtype`.
+    pub fn frozen_as(a: Tensor, b: Tensor, scale: f64, dtype: LoraDtype) -> candle_core::Result<Self> {
         let at = a.t()?.contiguous()?;
         let bt = (b.t()?.contiguous()? * scale)?;
         let (rank, out) = bt.dims2()?;
@@ -172,7 +237,10 @@ impl LoraPair {
                 b_panels[((c / PANEL) * rank + j) * PANEL + c % PANEL] = bt_v[j * out + c];
             }
         }
-        Ok(Self { a, b, scale, frozen: Some(Frozen { at, bt, at_v, bt_v, a_v, b_panels, rank, out }), dropout: None })
+        let bf16 = (dtype == LoraDtype::Bf16).then(|| {
+            (a_v.iter().map(|&v| to_bf16_bits(v)).collect(), b_panels.iter().map(|&v| to_bf16_bits(v)).collect())
+        });
+        Ok(Self { a, b, scale, frozen: Some(Frozen { at, bt, at_v, bt_v, a_v, b_panels, bf16, rank, out }), dropout: None })
     }
 
     /// `scale · (x Aᵀ) Bᵀ` for `x` of shape `[.., in]`.
@@ -229,9 +297,12 @@ impl LoraPair {
     /// (`[rank, in]`),
     /// so callers can compute `t = x Aᵀ` themselves and add `t · scale·Bᵀ` where it suits them
     /// (the runtime folds the second half into the base matmul's tiles).
-    pub fn halves(&self) -> Option<(usize, usize, &[f32], &[f32])> {
+    pub fn halves(&self) -> Option<(usize, usize, Served<'_>, Served<'_>)> {
         let f = self.frozen.as_ref()?;
-        Some((f.rank, f.out, &f.b_panels, &f.a_v))
+        Some(match &f.bf16 {
+            Some((a, b)) => (f.rank, f.out, Served::Bf16(b), Served::Bf16(a)),
+            None => (f.rank, f.out, Served::F32(&f.b_panels), Served::F32(&f.a_v)),
+        })
     }
 
     /// `scale · B A`, the dense `[out, in]` change this pair makes to the base weight.
@@ -329,6 +400,11 @@ impl AdapterWeights {
 
     /// Loads a PEFT directory that already passed validation against `shape`.
     pub fn load_peft_dir(dir: &Path, shape: &BaseModelShape, device: &Device) -> Result<Self> {
+        Self::load_peft_dir_as(dir, shape, device, LoraDtype::F32)
+    }
+
+    /// [`Self::load_peft_dir`], served in `dtype`.
+    pub fn load_peft_dir_as(dir: &Path, shape: &BaseModelShape, device: &Device, dtype: LoraDtype) -> Result<Self> {
         let config_bytes = std::fs::read(dir.join(CONFIG_FILE)).map_err(|e| AdapterError::io(dir.join(CONFIG_FILE), e))?;
         let config = AdapterConfig::from_json(&config_bytes)?;
         let scale = config.scale();
@@ -351,7 +427,7 @@ impl AdapterWeights {
             let b = b_parts
                 .remove(&(layer, module))
                 .ok_or_else(|| AdapterError::invalid(format!("layer {layer} {} has lora_A without lora_B", module.name())))?;
-            let pair = LoraPair::frozen(a, b, scale)
+            let pair = LoraPair::frozen_as(a, b, scale, dtype)
                 .map_err(|e| AdapterError::invalid(format!("layer {layer} {}: {e}", module.name())))?;
             pairs.push((layer, module, pair));
         }

@@ -170,3 +170,52 @@ fn neighbours_on_one_adapter_share_its_terms_and_stay_exact() {
         assert_close(&logits[k * vocab..(k + 1) * vocab], want.last().unwrap(), &format!("decode of sequence {k}"));
     }
 }
+
+#[test]
+fn bf16_served_weights_are_exact_for_bf16_values_and_close_otherwise() {
+    use adapters::lora::{to_bf16_bits, LoraDtype, LoraPair};
+    use adapters::peft::LoraModule;
+    let s = setup();
+    let layers = s.runtime.config.num_layers;
+    let round = |t: &Tensor| {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let r: Vec<f32> = v.iter().map(|&x| f32::from_bits((to_bf16_bits(x) as u32) << 16)).collect();
+        Tensor::from_vec(r, t.shape(), &Device::Cpu).unwrap()
+    };
+    // Adapter one with its values rounded to bf16, served in both precisions, and adapter one
+    // itself served in bf16.
+    let build = |rounded: bool, dtype: LoraDtype| {
+        let mut pairs = Vec::new();
+        for layer in 0..layers {
+            for module in LoraModule::ALL {
+                if let Some(p) = s.one.pair(layer, module) {
+                    let (a, b) = if rounded { (round(&p.a), round(&p.b)) } else { (p.a.clone(), p.b.clone()) };
+                    pairs.push((layer, module, LoraPair::frozen_as(a, b, p.scale, dtype).unwrap()));
+                }
+            }
+        }
+        AdapterWeights::from_pairs(layers, pairs)
+    };
+    let (exact_f32, exact_bf16, rounded_on_load) =
+        (build(true, LoraDtype::F32), build(true, LoraDtype::Bf16), build(false, LoraDtype::Bf16));
+    let ids = [1u32, 40, 41, 42, 5, 6, 7, 2, 9, 10];
+    let run = |adapter: &AdapterWeights| {
+        let mut cache = KvCache::new(&s.runtime.config, ids.len());
+        let (mut ws, mut logits) = (Workspace::default(), Vec::new());
+        // The prompt but its last token, then that token alone: prefill and decode paths.
+        let mut step = [SeqInput { tokens: &ids[..ids.len() - 1], cache: &mut cache, adapter: Some(adapter), logits: false }];
+        s.runtime.forward(&mut ws, &mut step, &mut logits).unwrap();
+        let mut step = [SeqInput { tokens: &ids[ids.len() - 1..], cache: &mut cache, adapter: Some(adapter), logits: true }];
+        s.runtime.forward(&mut ws, &mut step, &mut logits).unwrap();
+        logits
+    };
+    let want = reference(&s.model, &ids, Some(&exact_f32));
+    assert_close(&run(&exact_f32), want.last().unwrap(), "bf16 values served in f32");
+    assert_close(&run(&exact_bf16), want.last().unwrap(), "bf16 values served in bf16");
+    // Rounding f32 weights on load moves the logits, but only as far as rounding the weights
+    // beforehand does.
+    let got = run(&rounded_on_load);
+    let full = reference(&s.model, &ids, Some(&s.one));
+    let moved = want.last().unwrap().iter().zip(full.last().unwrap()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert_close(&got, want.last().unwrap(), &format!("f32 weights rounded on load (rounding moved the reference by {moved})"));
+}

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use adapters::lora::AdapterWeights;
+use adapters::lora::{AdapterWeights, LoraDtype};
 use adapters::BaseModelShape;
 use parking_lot::Mutex;
 
@@ -16,6 +16,8 @@ pub struct AdapterCache {
     budget: usize,
     metrics: Arc<Metrics>,
     shape: BaseModelShape,
+    /// Precision the runtime reads loaded versions in.
+    dtype: LoraDtype,
     inner: Mutex<Inner>,
 }
 
@@ -27,8 +29,8 @@ struct Inner {
 }
 
 impl AdapterCache {
-    pub fn new(budget: usize, shape: BaseModelShape, metrics: Arc<Metrics>) -> Self {
-        Self { budget, metrics, shape, inner: Mutex::new(Inner::default()) }
+    pub fn new(budget: usize, shape: BaseModelShape, dtype: LoraDtype, metrics: Arc<Metrics>) -> Self {
+        Self { budget, metrics, shape, dtype, inner: Mutex::new(Inner::default()) }
     }
 
     /// The loaded weights of `name@version`, reading `dir` on a miss.
@@ -46,9 +48,9 @@ impl AdapterCache {
         }
         self.metrics.adapter_cache.with_label_values(&["miss"]).inc();
         let started = std::time::Instant::now();
-        let shape = self.shape.clone();
+        let (shape, dtype) = (self.shape.clone(), self.dtype);
         let weights = tokio::task::spawn_blocking(move || {
-            AdapterWeights::load_peft_dir(&dir, &shape, &candle_core::Device::Cpu)
+            AdapterWeights::load_peft_dir_as(&dir, &shape, &candle_core::Device::Cpu, dtype)
         })
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;

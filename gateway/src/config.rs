@@ -178,6 +178,11 @@ pub struct ServeArgs {
     /// Memory budget for loaded adapter versions, in MiB [default: 512].
     #[arg(long, env = "SWITCHYARD_ADAPTER_CACHE_MB")]
     pub adapter_cache_mb: Option<usize>,
+    /// Precision the candle engine reads adapters' LoRA weights in: `f32` (exactly the merged
+    /// weights) or `bf16` (half the memory traffic, as vLLM serves a bf16 model's adapters)
+    /// [default: f32].
+    #[arg(long, env = "SWITCHYARD_LORA_DTYPE")]
+    pub lora_dtype: Option<adapters::lora::LoraDtype>,
     /// Authentication: `on` (the default) or `off` (explicitly; start-up warns loudly).
     #[arg(long, env = "SWITCHYARD_AUTH")]
     pub auth: Option<AuthMode>,
@@ -255,6 +260,7 @@ pub struct Settings {
     pub admin_token: Option<String>,
     pub import_root: Option<PathBuf>,
     pub adapter_cache_bytes: usize,
+    pub lora_dtype: adapters::lora::LoraDtype,
     pub redis: Option<redis::Client>,
     pub shutdown_timeout: u64,
     pub limits: crate::limits::Limits,
@@ -298,6 +304,7 @@ impl ServeArgs {
             admin_token: self.admin_token.or(file.admin_token).filter(|t| !t.is_empty()),
             import_root: self.import_root.or(file.import_root),
             adapter_cache_bytes: self.adapter_cache_mb.or(file.adapter_cache_mb).unwrap_or(512) << 20,
+            lora_dtype: self.lora_dtype.or(file.lora_dtype).unwrap_or_default(),
             shutdown_timeout: self.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(30),
             limits: crate::limits::Limits {
                 rpm: self.rate_limit_rpm.or(file.rate_limit_rpm).unwrap_or(0),

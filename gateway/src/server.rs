@@ -37,6 +37,7 @@ pub struct AppState {
     pub import_root: Option<std::path::PathBuf>,
     pub(crate) data_dir: std::path::PathBuf,
     adapter_cache_bytes: usize,
+    lora_dtype: adapters::lora::LoraDtype,
     /// `None`: auth switched off explicitly.
     auth: Option<Arc<crate::auth::Authenticator>>,
     pub limiter: Arc<Limiter>,
@@ -67,6 +68,7 @@ impl AppState {
             import_root: settings.import_root.clone(),
             data_dir: settings.data_dir.clone(),
             adapter_cache_bytes: settings.adapter_cache_bytes,
+            lora_dtype: settings.lora_dtype,
             announcer: OnceLock::new(),
             auth: settings.auth.clone(),
             limiter: Arc::new(Limiter::new(settings.limits, settings.redis.clone(), settings.redis_failure, metrics.clone())),
@@ -86,7 +88,7 @@ impl AppState {
             let mut shape = shape.clone();
             shape.name = self.model_id.clone();
             let registry = adapters::Registry::open(self.data_dir.join("registry"), shape.clone(), adapters::Limits::default())?;
-            let _ = self.registry.set((Arc::new(registry), AdapterCache::new(self.adapter_cache_bytes, shape, self.metrics.clone())));
+            let _ = self.registry.set((Arc::new(registry), AdapterCache::new(self.adapter_cache_bytes, shape, self.lora_dtype, self.metrics.clone())));
         }
         let _ = self.engine.set(engine);
         Ok(())

@@ -15,7 +15,7 @@ use candle_core::Device;
 use half::f16;
 use rayon::prelude::*;
 
-use crate::lora::PANEL;
+use crate::lora::{Served, PANEL};
 
 /// Elements per GGML block for the packed formats here.
 pub const BLOCK: usize = 32;
@@ -438,7 +438,27 @@ pub struct LowRank<'a> {
     /// `[rows, rank]`, row-major.
     pub t: &'a [f32],
     /// Panel `p` (columns `p·8 .. p·8 + 8`) is `[rank][8]`, zero-padded past `cols`.
-    pub panels: &'a [f32],
+    pub panels: Served<'a>,
+}
+
+/// An element of served LoRA weights, widened to f32 in registers.
+pub trait Weight: Copy + Send + Sync {
+    fn f32(self) -> f32;
+}
+
+impl Weight for f32 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+/// A bf16 bit pattern: its f32 value is the same bits shifted up (exact).
+impl Weight for u16 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        f32::from_bits((self as u32) << 16)
+    }
 }
 
 /// Adds the part of each term that falls in output columns `r0..r1`. Panels wholly inside the
@@ -449,37 +469,51 @@ pub struct LowRank<'a> {
 /// As for the tile that wrote those columns (same rows, same columns, same exclusivity).
 unsafe fn add_low_rank(extra: &[LowRank<'_>], r0: usize, r1: usize, out: OutPtr, ldy: usize) {
     for e in extra {
-        let (c0, c1) = (r0.max(e.col0), r1.min(e.col0 + e.cols));
-        if c0 >= c1 {
-            continue;
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match e.panels {
+                Served::F32(p) => add_term(e, p, r0, r1, out, ldy),
+                Served::Bf16(p) => add_term(e, p, r0, r1, out, ldy),
+            }
         }
-        let (first, last) = (c0 - e.col0, c1 - e.col0);
-        for p in first / PANEL..last.div_ceil(PANEL) {
-            let panel = &e.panels[p * e.rank * PANEL..(p + 1) * e.rank * PANEL];
-            let whole = p * PANEL >= first && (p + 1) * PANEL <= last;
-            for i in 0..e.rows {
-                let t = &e.t[i * e.rank..(i + 1) * e.rank];
-                let mut acc = [0f32; PANEL];
-                for (j, &tj) in t.iter().enumerate() {
-                    for (a, &b) in acc.iter_mut().zip(&panel[j * PANEL..(j + 1) * PANEL]) {
-                        *a = tj.mul_add(b, *a);
-                    }
+    }
+}
+
+/// One term of [`add_low_rank`], its panels read as `W`.
+///
+/// # Safety
+/// As for [`add_low_rank`].
+unsafe fn add_term<W: Weight>(e: &LowRank<'_>, panels: &[W], r0: usize, r1: usize, out: OutPtr, ldy: usize) {
+    let (c0, c1) = (r0.max(e.col0), r1.min(e.col0 + e.cols));
+    if c0 >= c1 {
+        return;
+    }
+    let (first, last) = (c0 - e.col0, c1 - e.col0);
+    for p in first / PANEL..last.div_ceil(PANEL) {
+        let panel = &panels[p * e.rank * PANEL..(p + 1) * e.rank * PANEL];
+        let whole = p * PANEL >= first && (p + 1) * PANEL <= last;
+        for i in 0..e.rows {
+            let t = &e.t[i * e.rank..(i + 1) * e.rank];
+            let mut acc = [0f32; PANEL];
+            for (j, &tj) in t.iter().enumerate() {
+                for (a, &b) in acc.iter_mut().zip(&panel[j * PANEL..(j + 1) * PANEL]) {
+                    *a = tj.mul_add(b.f32(), *a);
                 }
-                let at = (e.row0 + i) * ldy + e.col0 + p * PANEL;
-                if whole {
-                    // SAFETY: columns col0 + p·PANEL .. + PANEL of this row lie in r0..r1 (the
-                    // test above) and so belong to this tile.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), PANEL) };
-                    for (d, a) in dst.iter_mut().zip(acc) {
-                        *d += a;
-                    }
-                } else {
-                    for (k, a) in acc.iter().enumerate() {
-                        if (first..last).contains(&(p * PANEL + k)) {
-                            // SAFETY: column col0 + p·PANEL + k of this row belongs to this
-                            // tile (checked in matmul_plus and by the range test).
-                            unsafe { *out.0.add(at + k) += *a };
-                        }
+            }
+            let at = (e.row0 + i) * ldy + e.col0 + p * PANEL;
+            if whole {
+                // SAFETY: columns col0 + p·PANEL .. + PANEL of this row lie in r0..r1 (the
+                // test above) and so belong to this tile.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), PANEL) };
+                for (d, a) in dst.iter_mut().zip(acc) {
+                    *d += a;
+                }
+            } else {
+                for (k, a) in acc.iter().enumerate() {
+                    if (first..last).contains(&(p * PANEL + k)) {
+                        // SAFETY: column col0 + p·PANEL + k of this row belongs to this tile
+                        // (checked in matmul_plus and by the range test).
+                        unsafe { *out.0.add(at + k) += *a };
                     }
                 }
             }

@@ -11,8 +11,8 @@ use rayon::prelude::*;
 
 use super::{Llama, LlamaConfig};
 use crate::error::{AdapterError, Result};
-use crate::kernels::{axpy, dot, LowRank, QMatrix};
-use crate::lora::{AdapterWeights, BaseWeight, LoraPair};
+use crate::kernels::{axpy, dot, LowRank, QMatrix, Weight};
+use crate::lora::{AdapterWeights, BaseWeight, LoraPair, Served};
 use crate::peft::LoraModule;
 
 /// Query tokens per attention task during prefill.
@@ -210,8 +210,8 @@ fn low_rank_terms<'a>(
         col0: usize,
         rank: usize,
         cols: usize,
-        panels: &'a [f32],
-        a: &'a [f32],
+        panels: Served<'a>,
+        a: Served<'a>,
     }
     let mut specs: Vec<Spec<'a>> = Vec::new();
     for &(module, col0) in modules {
@@ -222,7 +222,7 @@ fn low_rank_terms<'a>(
             // Sequences next to each other on the same adapter share one term, so its A and B
             // are read once for all their rows.
             if let Some(last) = specs[first..].last_mut() {
-                if std::ptr::eq(last.a, a) && last.row0 + last.rows == start {
+                if std::ptr::eq(last.a.as_ptr(), a.as_ptr()) && last.row0 + last.rows == start {
                     last.rows += s.tokens.len();
                     continue;
                 }
@@ -269,23 +269,31 @@ const XA_ROWS: usize = 4;
 
 /// `t[i, j] = x[i] · a[j]` for `rows ≤ XA_ROWS` rows of `x` (stride `in_dim`) and the `rank`
 /// rows of `a` (`[rank, in_dim]`).
-fn x_a_t(x: &[f32], in_dim: usize, rows: usize, a: &[f32], rank: usize, t: &mut [f32]) {
-    match rows {
-        1 => x_a_t_rows::<1>(x, in_dim, a, rank, t),
-        2 => x_a_t_rows::<2>(x, in_dim, a, rank, t),
-        3 => x_a_t_rows::<3>(x, in_dim, a, rank, t),
-        _ => x_a_t_rows::<XA_ROWS>(x, in_dim, a, rank, t),
+fn x_a_t(x: &[f32], in_dim: usize, rows: usize, a: Served<'_>, rank: usize, t: &mut [f32]) {
+    match a {
+        Served::F32(a) => x_a_t_as(x, in_dim, rows, a, rank, t),
+        Served::Bf16(a) => x_a_t_as(x, in_dim, rows, a, rank, t),
     }
 }
 
-fn x_a_t_rows<const R: usize>(x: &[f32], in_dim: usize, a: &[f32], rank: usize, t: &mut [f32]) {
+fn x_a_t_as<W: Weight>(x: &[f32], in_dim: usize, rows: usize, a: &[W], rank: usize, t: &mut [f32]) {
+    match rows {
+        1 => x_a_t_rows::<1, W>(x, in_dim, a, rank, t),
+        2 => x_a_t_rows::<2, W>(x, in_dim, a, rank, t),
+        3 => x_a_t_rows::<3, W>(x, in_dim, a, rank, t),
+        _ => x_a_t_rows::<XA_ROWS, W>(x, in_dim, a, rank, t),
+    }
+}
+
+fn x_a_t_rows<const R: usize, W: Weight>(x: &[f32], in_dim: usize, a: &[W], rank: usize, t: &mut [f32]) {
     const LANES: usize = 16;
     let body = in_dim / LANES * LANES;
     for j in 0..rank {
         let aj = &a[j * in_dim..(j + 1) * in_dim];
         let mut acc = [[0f32; LANES]; R];
         for k in (0..body).step_by(LANES) {
-            let av: &[f32; LANES] = aj[k..k + LANES].try_into().expect("a whole chunk");
+            let chunk: &[W; LANES] = aj[k..k + LANES].try_into().expect("a whole chunk");
+            let av: [f32; LANES] = std::array::from_fn(|l| chunk[l].f32());
             for (r, accr) in acc.iter_mut().enumerate() {
                 let xv: &[f32; LANES] = x[r * in_dim + k..r * in_dim + k + LANES].try_into().expect("a whole chunk");
                 for l in 0..LANES {
@@ -296,7 +304,7 @@ fn x_a_t_rows<const R: usize>(x: &[f32], in_dim: usize, a: &[f32], rank: usize, 
         for (r, accr) in acc.iter().enumerate() {
             let mut total: f32 = accr.iter().sum();
             for k in body..in_dim {
-                total = aj[k].mul_add(x[r * in_dim + k], total);
+                total = aj[k].f32().mul_add(x[r * in_dim + k], total);
             }
             t[r * rank + j] = total;
         }

@@ -35,6 +35,9 @@ struct Args {
     /// LoRA rank of the generated adapters (all seven modules, every layer).
     #[arg(long, default_value_t = 8)]
     rank: usize,
+    /// Precision the adapters are served in: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    lora_dtype: adapters::lora::LoraDtype,
     /// Loads to run: base, one, eight (for profiling one of them alone).
     #[arg(long, value_delimiter = ',', default_value = "base,one,eight")]
     loads: Vec<String>,
@@ -117,7 +120,7 @@ fn main() -> Result<()> {
     for i in 0..8 {
         let path = dir.join(format!("a{i}"));
         adapters::testing::write_bench_adapter(&path, &shape, args.rank, 1000 + i)?;
-        owned.push(AdapterWeights::load_peft_dir(&path, &shape, &Device::Cpu)?);
+        owned.push(AdapterWeights::load_peft_dir_as(&path, &shape, &Device::Cpu, args.lora_dtype)?);
     }
     let _ = std::fs::remove_dir_all(&dir);
     let loads: Vec<Load> = [("base", Load::Base), ("one", Load::OneAdapter), ("eight", Load::EightAdapters)]
@@ -127,10 +130,11 @@ fn main() -> Result<()> {
         .collect();
     let mut rows = Vec::new();
     println!(
-        "Runtime::forward, {} threads, {:?} kernels, rank-{} adapters on all modules; {} steps x {} rounds (median)\n",
+        "Runtime::forward, {} threads, {:?} kernels, rank-{} adapters on all modules served in {:?}; {} steps x {} rounds (median)\n",
         rt.threads(),
         adapters::kernels::isa(),
         args.rank,
+        args.lora_dtype,
         args.steps,
         args.rounds
     );
