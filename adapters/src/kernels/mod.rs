@@ -270,13 +270,7 @@ impl QMatrix {
     /// task that wrote them (so a LoRA delta's `B` half runs in parallel with no extra pass).
     pub fn matmul_plus(&self, x: &[f32], n: usize, y: &mut [f32], ldy: usize, extra: &[LowRank<'_>]) {
         assert!(x.len() >= n * self.cols, "matmul input is shorter than n rows");
-        for e in extra {
-            assert!(e.row0 + e.rows <= n && e.col0 + e.cols <= self.rows, "low-rank term outside the output");
-            assert!(
-                e.t.len() >= e.rows * e.rank && e.panels.len() >= e.cols.div_ceil(PANEL) * e.rank * PANEL,
-                "low-rank term too short"
-            );
-        }
+        check_terms(extra, n, self.rows);
         assert!(ldy >= self.rows && (n == 0 || y.len() >= (n - 1) * ldy + self.rows), "matmul output too short");
         if n == 0 {
             return;
@@ -301,6 +295,53 @@ impl QMatrix {
                     add_low_rank(extra, r0, r1, out, ldy);
                 }
             });
+        }
+    }
+
+    /// [`Self::matmul_plus`] for terms whose `t` is still to be computed: `prepare` works them
+    /// out as one more task of the matmul's parallel region, so one thread computes `x·Aᵀ`
+    /// while the others start on the tiles (rather than all but one waiting for it). A tile
+    /// that finishes before the terms exist leaves its part of them to the caller's thread,
+    /// after the region. Batches too large for the fused kernels compute the terms first.
+    pub fn matmul_plus_prepared<'t, F>(&self, x: &[f32], n: usize, y: &mut [f32], ldy: usize, prepare: F)
+    where
+        F: FnOnce() -> Vec<LowRank<'t>> + Send,
+    {
+        if n > FUSED_MAX || n == 0 {
+            let terms = prepare();
+            return self.matmul_plus(x, n, y, ldy, &terms);
+        }
+        assert!(x.len() >= n * self.cols, "matmul input is shorter than n rows");
+        assert!(ldy >= self.rows && y.len() >= (n - 1) * ldy + self.rows, "matmul output too short");
+        let out = OutPtr(y.as_mut_ptr());
+        let tile = fused_tile(self.rows);
+        let tiles = self.rows.div_ceil(tile);
+        let prepare = std::sync::Mutex::new(Some(prepare));
+        let terms: std::sync::OnceLock<Vec<LowRank<'t>>> = std::sync::OnceLock::new();
+        let pending = std::sync::Mutex::new(Vec::new());
+        // Task 0 prepares; rayon runs a range from its start on the calling thread while the
+        // other threads take its far end, so the terms are worked out first.
+        (0..=tiles).into_par_iter().for_each(|i| {
+            if i == 0 {
+                let f = prepare.lock().unwrap_or_else(|e| e.into_inner()).take().expect("the terms are prepared once");
+                let ready = f();
+                check_terms(&ready, n, self.rows);
+                let _ = terms.set(ready);
+                return;
+            }
+            let (r0, r1) = ((i - 1) * tile, (i * tile).min(self.rows));
+            // SAFETY: tiles cover disjoint column ranges of `y`, inside the bounds checked above.
+            unsafe { self.fused_tile(x, n, r0, r1, out, ldy) };
+            match terms.get() {
+                // SAFETY: as above; the terms were checked against the output's shape.
+                Some(ready) => unsafe { add_low_rank(ready, r0, r1, out, ldy) },
+                None => pending.lock().unwrap_or_else(|e| e.into_inner()).push((r0, r1)),
+            }
+        });
+        let ready = terms.get().expect("the preparing task ran");
+        for (r0, r1) in pending.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            // SAFETY: the region is over, so this thread alone writes `y`; same bounds.
+            unsafe { add_low_rank(ready, r0, r1, out, ldy) };
         }
     }
 
@@ -439,6 +480,17 @@ pub struct LowRank<'a> {
     pub t: &'a [f32],
     /// Panel `p` (columns `p·8 .. p·8 + 8`) is `[rank][8]`, zero-padded past `cols`.
     pub panels: Served<'a>,
+}
+
+/// Panics unless every term lies inside an `[n, rows]` output and has the data it claims.
+fn check_terms(extra: &[LowRank<'_>], n: usize, rows: usize) {
+    for e in extra {
+        assert!(e.row0 + e.rows <= n && e.col0 + e.cols <= rows, "low-rank term outside the output");
+        assert!(
+            e.t.len() >= e.rows * e.rank && e.panels.len() >= e.cols.div_ceil(PANEL) * e.rank * PANEL,
+            "low-rank term too short"
+        );
+    }
 }
 
 /// An element of served LoRA weights, widened to f32 in registers.

@@ -175,3 +175,36 @@ fn avx2_tiles_match_the_reference() {
         assert_close(&y, &want, "avx2 tile");
     }
 }
+
+#[test]
+fn prepared_low_rank_terms_add_what_ready_ones_add() {
+    // A Q4_1 matrix with two low-rank terms (f32 and bf16 panels) on different rows and
+    // columns, some columns not a multiple of the panel width; the terms computed inside the
+    // region must give bit for bit what terms handed over ready give.
+    let (rows, cols, rank) = (300, 64, 3);
+    let m = QMatrix::from_q4_1_bytes(&q4_1_blocks(rows, cols, 5), rows, cols);
+    let panel_len = |c: usize| c.div_ceil(PANEL) * rank * PANEL;
+    let p32: Vec<f32> = activations(1, panel_len(101)).iter().map(|v| v * 0.1).collect();
+    let p16: Vec<u16> = activations(1, panel_len(77)).iter().map(|v| crate::lora::to_bf16_bits(v * 0.1)).collect();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    for n in [1, 2, 4, 9, 40] {
+        let x = activations(n, cols);
+        let t: Vec<f32> = activations(n, rank).iter().map(|v| v * 0.5).collect();
+        let terms = || {
+            vec![
+                LowRank { row0: 0, rows: n, col0: 7, cols: 101, rank, t: &t, panels: Served::F32(&p32) },
+                LowRank { row0: n / 2, rows: n - n / 2, col0: 200, cols: 77, rank, t: &t[(n / 2) * rank..], panels: Served::Bf16(&p16) },
+            ]
+        };
+        let ldy = rows + 1;
+        let (mut ready, mut prepared) = (vec![0f32; n * ldy], vec![0f32; n * ldy]);
+        pool.install(|| {
+            m.matmul_plus(&x, n, &mut ready, ldy, &terms());
+            m.matmul_plus_prepared(&x, n, &mut prepared, ldy, terms);
+        });
+        assert_eq!(ready, prepared, "n = {n}");
+        let mut plain = vec![0f32; n * ldy];
+        m.matmul(&x, n, &mut plain, ldy);
+        assert_ne!(ready, plain, "n = {n}: the terms added nothing");
+    }
+}

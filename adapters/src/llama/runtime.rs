@@ -264,6 +264,34 @@ fn low_rank_terms<'a>(
         .collect()
 }
 
+/// Up to this many rows in a step, the LoRA `x·Aᵀ` products are computed as one task of the
+/// base matmul's parallel region ([`QMatrix::matmul_plus_prepared`]) instead of before it.
+const PREPARED_ROWS: usize = 4;
+
+/// `out = input · Wᵀ` plus the frozen LoRA terms of `modules` for every sequence.
+#[allow(clippy::too_many_arguments)]
+fn lora_matmul(
+    w: &QMatrix,
+    seqs: &[SeqInput<'_>],
+    starts: &[usize],
+    layer: usize,
+    modules: &[(LoraModule, usize)],
+    input: &[f32],
+    in_dim: usize,
+    n: usize,
+    out: &mut [f32],
+    ldy: usize,
+    bufs: &mut Vec<Vec<f32>>,
+    prepared: bool,
+) {
+    if prepared {
+        w.matmul_plus_prepared(input, n, out, ldy, || low_rank_terms(seqs, starts, layer, modules, input, in_dim, bufs));
+    } else {
+        let terms = low_rank_terms(seqs, starts, layer, modules, input, in_dim, bufs);
+        w.matmul_plus(input, n, out, ldy, &terms);
+    }
+}
+
 /// Activation rows per pass of [`x_a_t`] (each A row is loaded once for all of them).
 const XA_ROWS: usize = 4;
 
@@ -638,11 +666,12 @@ impl Runtime {
         grow(&mut ws.act, n * inter);
         let half = hd / 2;
 
+        // A decode step of a few rows works out its LoRA `x·Aᵀ` inside each matmul's region.
+        let prepared = n <= PREPARED_ROWS && seqs.iter().any(|s| s.adapter.is_some());
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention.
             rms_norm(&ws.x[..n * hs], &layer.attn_norm, eps, &mut ws.h[..n * hs]);
-            let terms = low_rank_terms(seqs, &starts, l, &[(LoraModule::QProj, 0), (LoraModule::KProj, dq), (LoraModule::VProj, dq + dkv)], &ws.h, hs, &mut ws.lora_t);
-            layer.qkv.matmul_plus(&ws.h, n, &mut ws.qkv, wqkv, &terms);
+            lora_matmul(&layer.qkv, seqs, &starts, l, &[(LoraModule::QProj, 0), (LoraModule::KProj, dq), (LoraModule::VProj, dq + dkv)], &ws.h, hs, n, &mut ws.qkv, wqkv, &mut ws.lora_t, prepared);
             lora(seqs, &starts, l, LoraModule::QProj, &ws.h, hs, &mut ws.qkv, wqkv, 0);
             lora(seqs, &starts, l, LoraModule::KProj, &ws.h, hs, &mut ws.qkv, wqkv, dq);
             lora(seqs, &starts, l, LoraModule::VProj, &ws.h, hs, &mut ws.qkv, wqkv, dq + dkv);
@@ -663,21 +692,18 @@ impl Runtime {
                 }
             }
             self.attention(l, seqs, &starts, &ws.qkv, wqkv, &mut ws.att);
-            let terms = low_rank_terms(seqs, &starts, l, &[(LoraModule::OProj, 0)], &ws.att, dq, &mut ws.lora_t);
-            layer.o.matmul_plus(&ws.att, n, &mut ws.tmp, hs, &terms);
+            lora_matmul(&layer.o, seqs, &starts, l, &[(LoraModule::OProj, 0)], &ws.att, dq, n, &mut ws.tmp, hs, &mut ws.lora_t, prepared);
             lora(seqs, &starts, l, LoraModule::OProj, &ws.att, dq, &mut ws.tmp, hs, 0);
             for (xv, tv) in ws.x[..n * hs].iter_mut().zip(&ws.tmp[..n * hs]) {
                 *xv += tv;
             }
             // Feed-forward.
             rms_norm(&ws.x[..n * hs], &layer.ffn_norm, eps, &mut ws.h[..n * hs]);
-            let terms = low_rank_terms(seqs, &starts, l, &[(LoraModule::GateProj, 0), (LoraModule::UpProj, inter)], &ws.h, hs, &mut ws.lora_t);
-            layer.gate_up.matmul_plus(&ws.h, n, &mut ws.gate_up, 2 * inter, &terms);
+            lora_matmul(&layer.gate_up, seqs, &starts, l, &[(LoraModule::GateProj, 0), (LoraModule::UpProj, inter)], &ws.h, hs, n, &mut ws.gate_up, 2 * inter, &mut ws.lora_t, prepared);
             lora(seqs, &starts, l, LoraModule::GateProj, &ws.h, hs, &mut ws.gate_up, 2 * inter, 0);
             lora(seqs, &starts, l, LoraModule::UpProj, &ws.h, hs, &mut ws.gate_up, 2 * inter, inter);
             silu_mul(&ws.gate_up[..n * 2 * inter], inter, &mut ws.act[..n * inter]);
-            let terms = low_rank_terms(seqs, &starts, l, &[(LoraModule::DownProj, 0)], &ws.act, inter, &mut ws.lora_t);
-            layer.down.matmul_plus(&ws.act, n, &mut ws.tmp, hs, &terms);
+            lora_matmul(&layer.down, seqs, &starts, l, &[(LoraModule::DownProj, 0)], &ws.act, inter, n, &mut ws.tmp, hs, &mut ws.lora_t, prepared);
             lora(seqs, &starts, l, LoraModule::DownProj, &ws.act, inter, &mut ws.tmp, hs, 0);
             for (xv, tv) in ws.x[..n * hs].iter_mut().zip(&ws.tmp[..n * hs]) {
                 *xv += tv;
