@@ -6,7 +6,7 @@
 # Env: LLAMACPP_VENV (reuse a venv that has llama-cpp-python), SOAK_SECONDS (a 16-stream run
 # of this length with the resident set sampled every 10 s; 0 skips it), ROUNDS (interleaved
 # repetitions of the compared loads, default 3), LORA_DTYPE (f32 or bf16: the precision adapters
-# are served in, default f32).
+# are served in, default bf16 like the gateway).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-bench-out/engine}"
@@ -18,7 +18,7 @@ url="http://127.0.0.1:$port"
 threads=$(nproc)
 soak="${SOAK_SECONDS:-0}"
 rounds="${ROUNDS:-3}"
-lora_dtype="${LORA_DTYPE:-f32}"
+lora_dtype="${LORA_DTYPE:-bf16}"
 work=$(mktemp -d)
 server=""
 trap '[ -n "$server" ] && kill $server 2>/dev/null; rm -rf "$work"' EXIT

@@ -122,7 +122,8 @@ struct Frozen {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LoraDtype {
-    /// f32: exactly the merged-weight result (the default).
+    /// f32: exactly the merged-weight result (the library's default; the gateway serves bf16
+    /// unless told `--lora-dtype f32`).
     #[default]
     F32,
     /// bf16 (rounded to nearest even, as vLLM serves adapters in a bf16 model's dtype): half

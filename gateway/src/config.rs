@@ -178,9 +178,10 @@ pub struct ServeArgs {
     /// Memory budget for loaded adapter versions, in MiB [default: 512].
     #[arg(long, env = "SWITCHYARD_ADAPTER_CACHE_MB")]
     pub adapter_cache_mb: Option<usize>,
-    /// Precision the candle engine reads adapters' LoRA weights in: `f32` (exactly the merged
-    /// weights) or `bf16` (half the memory traffic, as vLLM serves a bf16 model's adapters)
-    /// [default: f32].
+    /// Precision the candle engine reads adapters' LoRA weights in: `bf16` (half the memory
+    /// traffic; like vLLM and LoRAX, which serve adapters in a half-precision model dtype; the
+    /// rounding is far below the 4-bit base's own) or `f32` (exactly the merged weights)
+    /// [default: bf16].
     #[arg(long, env = "SWITCHYARD_LORA_DTYPE")]
     pub lora_dtype: Option<adapters::lora::LoraDtype>,
     /// Authentication: `on` (the default) or `off` (explicitly; start-up warns loudly).
@@ -304,7 +305,7 @@ impl ServeArgs {
             admin_token: self.admin_token.or(file.admin_token).filter(|t| !t.is_empty()),
             import_root: self.import_root.or(file.import_root),
             adapter_cache_bytes: self.adapter_cache_mb.or(file.adapter_cache_mb).unwrap_or(512) << 20,
-            lora_dtype: self.lora_dtype.or(file.lora_dtype).unwrap_or_default(),
+            lora_dtype: self.lora_dtype.or(file.lora_dtype).unwrap_or(adapters::lora::LoraDtype::Bf16),
             shutdown_timeout: self.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(30),
             limits: crate::limits::Limits {
                 rpm: self.rate_limit_rpm.or(file.rate_limit_rpm).unwrap_or(0),
@@ -405,6 +406,24 @@ mod tests {
         let args = ServeArgs { config: Some(path), port: Some(9100), auth: Some(AuthMode::Off), ..Default::default() };
         let s = args.into_settings().unwrap();
         assert_eq!((s.port, s.max_concurrent), (9100, 3));
+    }
+
+    #[test]
+    fn lora_dtype_defaults_to_bf16_and_takes_f32_from_flag_or_file() {
+        use adapters::lora::LoraDtype;
+        let off = || ServeArgs { auth: Some(AuthMode::Off), ..Default::default() };
+        assert_eq!(off().into_settings().unwrap().lora_dtype, LoraDtype::Bf16);
+        let flag = ServeArgs { lora_dtype: Some("f32".parse().unwrap()), ..off() };
+        assert_eq!(flag.into_settings().unwrap().lora_dtype, LoraDtype::F32);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(&path, "lora_dtype = \"f32\"\n").unwrap();
+        assert_eq!(ServeArgs { config: Some(path.clone()), ..off() }.into_settings().unwrap().lora_dtype, LoraDtype::F32);
+        std::fs::write(&path, "lora_dtype = \"fp8\"\n").unwrap();
+        let err = ServeArgs { config: Some(path), ..off() }.into_settings().unwrap_err();
+        assert!(err.contains("fp8") || err.contains("lora_dtype"), "{err}");
+        let err = "fp8".parse::<LoraDtype>().unwrap_err();
+        assert!(err.contains("expected f32 or bf16"), "{err}");
     }
 
     #[test]
