@@ -108,14 +108,20 @@ struct Frozen {
     bt_v: Vec<f32>,
     /// A as stored, `[r, in]` row-major: one long dot product per rank for the runtime.
     a_v: Vec<f32>,
-    /// scale·Bᵀ in panels of [`PANEL`] output columns, each `[r][PANEL]` (zero-padded): the
-    /// runtime adds a panel's columns with one contiguous read.
-    b_panels: Vec<f32>,
-    /// With [`LoraDtype::Bf16`]: `a_v` and `b_panels` rounded to bf16 (bit patterns), which
-    /// the runtime reads instead (half the bytes per token).
-    bf16: Option<(Vec<u16>, Vec<u16>)>,
+    /// What the runtime reads: scale·Bᵀ in panels of [`PANEL`] output columns, each
+    /// `[r][PANEL]` (zero-padded), so a panel's columns are added with one contiguous read;
+    /// with bf16, A too.
+    served: ServedHalves,
     rank: usize,
     out: usize,
+}
+
+/// A served pair's halves in the precision chosen at load (f32 reads A from `a_v`).
+#[derive(Debug, Clone)]
+enum ServedHalves {
+    F32 { b_panels: Vec<f32> },
+    /// Bit patterns of A and of the panels, rounded to bf16.
+    Bf16 { a: Vec<u16>, b_panels: Vec<u16> },
 }
 
 /// The precision the serving runtime reads a pair's A and scale·B in.
@@ -238,10 +244,14 @@ impl LoraPair {
                 b_panels[((c / PANEL) * rank + j) * PANEL + c % PANEL] = bt_v[j * out + c];
             }
         }
-        let bf16 = (dtype == LoraDtype::Bf16).then(|| {
-            (a_v.iter().map(|&v| to_bf16_bits(v)).collect(), b_panels.iter().map(|&v| to_bf16_bits(v)).collect())
-        });
-        Ok(Self { a, b, scale, frozen: Some(Frozen { at, bt, at_v, bt_v, a_v, b_panels, bf16, rank, out }), dropout: None })
+        let served = match dtype {
+            LoraDtype::F32 => ServedHalves::F32 { b_panels },
+            LoraDtype::Bf16 => ServedHalves::Bf16 {
+                a: a_v.iter().map(|&v| to_bf16_bits(v)).collect(),
+                b_panels: b_panels.iter().map(|&v| to_bf16_bits(v)).collect(),
+            },
+        };
+        Ok(Self { a, b, scale, frozen: Some(Frozen { at, bt, at_v, bt_v, a_v, served, rank, out }), dropout: None })
     }
 
     /// `scale · (x Aᵀ) Bᵀ` for `x` of shape `[.., in]`.
@@ -300,9 +310,9 @@ impl LoraPair {
     /// (the runtime folds the second half into the base matmul's tiles).
     pub fn halves(&self) -> Option<(usize, usize, Served<'_>, Served<'_>)> {
         let f = self.frozen.as_ref()?;
-        Some(match &f.bf16 {
-            Some((a, b)) => (f.rank, f.out, Served::Bf16(b), Served::Bf16(a)),
-            None => (f.rank, f.out, Served::F32(&f.b_panels), Served::F32(&f.a_v)),
+        Some(match &f.served {
+            ServedHalves::Bf16 { a, b_panels } => (f.rank, f.out, Served::Bf16(b_panels), Served::Bf16(a)),
+            ServedHalves::F32 { b_panels } => (f.rank, f.out, Served::F32(b_panels), Served::F32(&f.a_v)),
         })
     }
 
