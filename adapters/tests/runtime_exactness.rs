@@ -1,7 +1,9 @@
 //! The serving runtime computes what the candle reference computes: per position, per
 //! adapter, with mixed prompt chunks and decode tokens in one step.
 
-use adapters::llama::{KvCache, Llama, Runtime, SeqInput, Workspace};
+use std::sync::Arc;
+
+use adapters::llama::{KvCache, Llama, PrefixCache, Runtime, SeqInput, Workspace};
 use adapters::lora::AdapterWeights;
 use adapters::testing::{write_random_adapter, write_tiny_llama};
 use candle_core::{Device, Tensor};
@@ -218,4 +220,106 @@ fn bf16_served_weights_are_exact_for_bf16_values_and_close_otherwise() {
     let full = reference(&s.model, &ids, Some(&s.one));
     let moved = want.last().unwrap().iter().zip(full.last().unwrap()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert_close(&got, want.last().unwrap(), &format!("f32 weights rounded on load (rounding moved the reference by {moved})"));
+}
+
+/// Feeds `tokens` to `cache` in one step and returns the last position's logits.
+fn feed(s: &Setup, cache: &mut KvCache, tokens: &[u32], adapter: Option<&AdapterWeights>) -> Vec<f32> {
+    let (mut ws, mut logits) = (Workspace::default(), Vec::new());
+    let mut step = [SeqInput { tokens, cache, adapter, logits: true }];
+    s.runtime.forward(&mut ws, &mut step, &mut logits).unwrap();
+    logits
+}
+
+#[test]
+fn a_restored_prefix_gives_the_logits_of_the_whole_prompt() {
+    let s = setup();
+    let one = Arc::new(s.one.clone());
+    let system = [1u32, 40, 41, 42, 5, 6, 7, 2];
+    let question: Vec<u32> = system.iter().copied().chain([9, 10, 11]).collect();
+    let cfg = &s.runtime.config;
+    let mut prefixes = PrefixCache::new(64 << 20);
+    let mut first = KvCache::new(cfg, 16);
+    feed(&s, &mut first, &system, Some(&*one));
+    prefixes.store(&system, Some(&one), &first);
+    assert_eq!(prefixes.len(), 1);
+    assert_eq!(prefixes.bytes(), system.len() * first.bytes_per_token());
+
+    // The longer prompt copies the shared 8 positions and computes only its own 3.
+    let mut second = KvCache::new(cfg, 16);
+    assert_eq!(prefixes.reusable(&question, Some(&one)), system.len());
+    assert_eq!(prefixes.restore(&question, Some(&one), &mut second), system.len());
+    assert_eq!(second.len(), system.len());
+    let got = feed(&s, &mut second, &question[system.len()..], Some(&*one));
+    let want = reference(&s.model, &question, Some(&s.one));
+    assert_close(&got, want.last().unwrap(), "restored prefix, then the rest");
+    // Decoding on from the restored cache stays exact too.
+    let got = feed(&s, &mut second, &[12], Some(&*one));
+    let longer: Vec<u32> = question.iter().copied().chain([12]).collect();
+    assert_close(&got, reference(&s.model, &longer, Some(&s.one)).last().unwrap(), "decode after a restore");
+
+    // The same prompt again: everything but its last token comes from the cache.
+    let mut again = KvCache::new(cfg, 16);
+    assert_eq!(prefixes.restore(&system, Some(&one), &mut again), system.len() - 1);
+    let got = feed(&s, &mut again, &system[system.len() - 1..], Some(&*one));
+    assert_close(&got, reference(&s.model, &system, Some(&s.one)).last().unwrap(), "same prompt again");
+
+    // Keys and values computed under an adapter never serve the base or another adapter.
+    let two = Arc::new(s.two.clone());
+    let mut other = KvCache::new(cfg, 16);
+    assert_eq!(prefixes.restore(&question, None, &mut other), 0);
+    assert_eq!(prefixes.restore(&question, Some(&two), &mut other), 0);
+    assert!(other.is_empty());
+}
+
+#[test]
+fn the_prefix_cache_keeps_to_its_budget_and_forgets_dropped_adapters() {
+    let s = setup();
+    let cfg = &s.runtime.config;
+    let prompt = |first: u32| -> Vec<u32> { (first..first + 6).collect() };
+    let mut probe = KvCache::new(cfg, 6);
+    feed(&s, &mut probe, &prompt(1), None);
+    let entry = 6 * probe.bytes_per_token();
+    // Room for two six-token prompts.
+    let mut prefixes = PrefixCache::new(2 * entry);
+    let cached = |p: &[u32]| {
+        let mut c = KvCache::new(cfg, 6);
+        feed(&s, &mut c, p, None);
+        c
+    };
+    let (a, b, c) = (prompt(1), prompt(20), prompt(40));
+    prefixes.store(&a, None, &cached(&a));
+    prefixes.store(&b, None, &cached(&b));
+    assert_eq!((prefixes.len(), prefixes.bytes()), (2, 2 * entry));
+    // Touch a, so b is the least recently used when c arrives.
+    assert_eq!(prefixes.reusable(&a, None), 5);
+    let mut scratch = KvCache::new(cfg, 6);
+    assert_eq!(prefixes.restore(&a, None, &mut scratch), 5);
+    prefixes.store(&c, None, &cached(&c));
+    assert_eq!((prefixes.len(), prefixes.bytes()), (2, 2 * entry));
+    assert_eq!(prefixes.reusable(&b, None), 0, "the least recently used entry went first");
+    assert_eq!(prefixes.reusable(&a, None), 5);
+    assert_eq!(prefixes.reusable(&c, None), 5);
+    // A longer sequence replaces the entry it extends rather than adding beside it.
+    let mut grown = KvCache::new(cfg, 8);
+    feed(&s, &mut grown, &c, None);
+    feed(&s, &mut grown, &[50, 51], None);
+    let c_long: Vec<u32> = c.iter().copied().chain([50, 51]).collect();
+    let mut roomy = PrefixCache::new(64 << 20);
+    roomy.store(&c, None, &cached(&c));
+    roomy.store(&c_long, None, &grown);
+    assert_eq!((roomy.len(), roomy.bytes()), (1, 8 * probe.bytes_per_token()));
+    // A sequence bigger than half the budget is not kept.
+    let mut tight = PrefixCache::new(entry);
+    tight.store(&a, None, &cached(&a));
+    assert!(tight.is_empty());
+    // Entries of an adapter no one holds any more go at the next store.
+    let one = Arc::new(s.one.clone());
+    let mut under = KvCache::new(cfg, 6);
+    feed(&s, &mut under, &b, Some(&*one));
+    roomy.store(&b, Some(&one), &under);
+    assert_eq!(roomy.len(), 2);
+    drop(one);
+    roomy.store(&a, None, &cached(&a));
+    assert_eq!(roomy.len(), 2, "the dropped adapter's entry is gone, a is in");
+    assert_eq!(roomy.reusable(&b, None), 0);
 }

@@ -184,6 +184,11 @@ pub struct ServeArgs {
     /// [default: bf16].
     #[arg(long, env = "SWITCHYARD_LORA_DTYPE")]
     pub lora_dtype: Option<adapters::lora::LoraDtype>,
+    /// Memory for the candle engine's prompt prefix cache, in MiB: prompts that start like a
+    /// recent prompt or conversation (same adapter version) copy those keys and values
+    /// instead of computing them; 0 turns it off [default: 128].
+    #[arg(long, env = "SWITCHYARD_PREFIX_CACHE_MB")]
+    pub prefix_cache_mb: Option<usize>,
     /// Authentication: `on` (the default) or `off` (explicitly; start-up warns loudly).
     #[arg(long, env = "SWITCHYARD_AUTH")]
     pub auth: Option<AuthMode>,
@@ -262,6 +267,7 @@ pub struct Settings {
     pub import_root: Option<PathBuf>,
     pub adapter_cache_bytes: usize,
     pub lora_dtype: adapters::lora::LoraDtype,
+    pub prefix_cache_bytes: usize,
     pub redis: Option<redis::Client>,
     pub shutdown_timeout: u64,
     pub limits: crate::limits::Limits,
@@ -306,6 +312,7 @@ impl ServeArgs {
             import_root: self.import_root.or(file.import_root),
             adapter_cache_bytes: self.adapter_cache_mb.or(file.adapter_cache_mb).unwrap_or(512) << 20,
             lora_dtype: self.lora_dtype.or(file.lora_dtype).unwrap_or(adapters::lora::LoraDtype::Bf16),
+            prefix_cache_bytes: self.prefix_cache_mb.or(file.prefix_cache_mb).unwrap_or(128) << 20,
             shutdown_timeout: self.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(30),
             limits: crate::limits::Limits {
                 rpm: self.rate_limit_rpm.or(file.rate_limit_rpm).unwrap_or(0),

@@ -10,6 +10,8 @@ use prometheus::{
 pub struct EngineMetrics {
     pub batch_size: Histogram,
     pub queue_depth: IntGauge,
+    /// Bytes of keys and values the prefix cache holds.
+    pub prefix_cache_bytes: IntGauge,
 }
 
 pub struct Metrics {
@@ -19,6 +21,7 @@ pub struct Metrics {
     pub active_generations: IntGauge,
     pub prompt_tokens: IntCounterVec,
     pub completion_tokens: IntCounterVec,
+    pub cached_prompt_tokens: IntCounterVec,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
     pub rejected_concurrency: IntCounterVec,
@@ -54,6 +57,11 @@ impl Metrics {
         .expect("metric definition is valid");
         let completion_tokens = IntCounterVec::new(
             Opts::new("switchyard_completion_tokens_total", "Completion tokens generated, by model"),
+            &["model"],
+        )
+        .expect("metric definition is valid");
+        let cached_prompt_tokens = IntCounterVec::new(
+            Opts::new("switchyard_cached_prompt_tokens_total", "Prompt tokens served from the prefix cache instead of computed, by model"),
             &["model"],
         )
         .expect("metric definition is valid");
@@ -100,6 +108,8 @@ impl Metrics {
             .expect("metric definition is valid"),
             queue_depth: IntGauge::new("switchyard_queue_depth", "Admitted requests waiting for their prompt to be processed")
                 .expect("metric definition is valid"),
+            prefix_cache_bytes: IntGauge::new("switchyard_prefix_cache_bytes", "Bytes of prompt keys and values the prefix cache holds")
+                .expect("metric definition is valid"),
         };
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -107,6 +117,7 @@ impl Metrics {
             Box::new(active_generations.clone()),
             Box::new(prompt_tokens.clone()),
             Box::new(completion_tokens.clone()),
+            Box::new(cached_prompt_tokens.clone()),
             Box::new(time_to_first_token.clone()),
             Box::new(inter_token_latency.clone()),
             Box::new(rejected_concurrency.clone()),
@@ -116,6 +127,7 @@ impl Metrics {
             Box::new(redis_errors.clone()),
             Box::new(engine.batch_size.clone()),
             Box::new(engine.queue_depth.clone()),
+            Box::new(engine.prefix_cache_bytes.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -126,6 +138,7 @@ impl Metrics {
             active_generations,
             prompt_tokens,
             completion_tokens,
+            cached_prompt_tokens,
             time_to_first_token,
             inter_token_latency,
             rejected_concurrency,

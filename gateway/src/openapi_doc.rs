@@ -9,7 +9,7 @@ use crate::openai::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatMessage, ChunkDelta, CompletionChoice, CompletionRequest, CompletionResponse, ContentPart, ErrorDetail,
     ErrorResponse, MessageContent, ModelCard, ModelList, SamplingFields, StopParam, StreamOptions, TokenizeRequest,
-    TokenizeResponse, Usage,
+    TokenizeResponse, Usage, PromptTokensDetails,
 };
 
 #[derive(OpenApi)]
@@ -47,7 +47,7 @@ use crate::openai::{
     ),
     components(schemas(
         ChatCompletionRequest, CompletionRequest, SamplingFields, StopParam, MessageContent, ContentPart, ChatMessage,
-        StreamOptions, ChatCompletionResponse, ChatChoice, AssistantMessage, Usage, ChatCompletionChunk,
+        StreamOptions, ChatCompletionResponse, ChatChoice, AssistantMessage, Usage, PromptTokensDetails, ChatCompletionChunk,
         ChatChunkChoice, ChunkDelta, CompletionResponse, CompletionChoice, ModelList, ModelCard, TokenizeRequest,
         TokenizeResponse, ErrorResponse, ErrorDetail, crate::admin::ImportRequest, crate::admin::PromoteRequest,
         crate::feedback_api::FeedbackRequest, crate::feedback::FeedbackRecord, crate::feedback::Thumbs,

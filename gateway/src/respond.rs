@@ -154,8 +154,8 @@ pub async fn whole(envelope: Envelope, mut run: Running) -> Result<HttpResponse,
                 }
                 text.push_str(&d)
             }
-            Event::Finished { reason, completion_tokens } => {
-                let usage = Usage::new(run.generation.prompt_tokens, completion_tokens);
+            Event::Finished { reason, completion_tokens, cached_tokens } => {
+                let usage = Usage::new(run.generation.prompt_tokens, completion_tokens).with_cached(cached_tokens);
                 count_tokens(&run, &usage);
                 run.log_completion(&envelope, &text, reason.as_str(), &usage);
                 let body = match envelope.kind {
@@ -203,6 +203,9 @@ fn count_tokens(run: &Running, usage: &Usage) {
     }
     run.metrics.prompt_tokens.with_label_values(&[&run.model]).inc_by(usage.prompt_tokens as u64);
     run.metrics.completion_tokens.with_label_values(&[&run.model]).inc_by(usage.completion_tokens as u64);
+    if let Some(details) = &usage.prompt_tokens_details {
+        run.metrics.cached_prompt_tokens.with_label_values(&[&run.model]).inc_by(details.cached_tokens as u64);
+    }
 }
 
 /// Where an SSE answer is in its life.
@@ -264,8 +267,8 @@ pub fn streamed(envelope: Envelope, run: Running, include_usage: bool) -> HttpRe
                     let frame = s.envelope.chunk(Some(d), false, None, None);
                     return Some((Ok(sse(&frame)), s));
                 }
-                Event::Finished { reason, completion_tokens } => {
-                    let usage = Usage::new(s.run.generation.prompt_tokens, completion_tokens);
+                Event::Finished { reason, completion_tokens, cached_tokens } => {
+                    let usage = Usage::new(s.run.generation.prompt_tokens, completion_tokens).with_cached(cached_tokens);
                     count_tokens(&s.run, &usage);
                     s.run.log_completion(&s.envelope, &s.text, reason.as_str(), &usage);
                     s.phase = Phase::Done;

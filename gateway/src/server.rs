@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
 
 use crate::config::{EngineKind, Settings};
-use crate::engine::candle::CandleEngine;
+use crate::engine::candle::{CandleEngine, CandleOptions};
 use crate::engine::mistral::{MistralEngine, ModelSource};
 use crate::adapter_cache::AdapterCache;
 use crate::auth::{Principal, Role};
@@ -679,9 +679,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     tokio::spawn(async move {
         let loaded: anyhow::Result<Arc<dyn Engine>> = match settings.engine {
             EngineKind::Candle => {
-                let (path, id, cap) = (settings.model_path.clone(), settings.model_id.clone(), settings.context_len);
-                let (threads, metrics) = (settings.threads, loader_state.metrics.engine.clone());
-                tokio::task::spawn_blocking(move || CandleEngine::load(&path, id, cap, threads, metrics))
+                let (path, id) = (settings.model_path.clone(), settings.model_id.clone());
+                let options = CandleOptions {
+                    context_cap: settings.context_len,
+                    threads: settings.threads,
+                    prefix_cache_bytes: settings.prefix_cache_bytes,
+                };
+                let metrics = loader_state.metrics.engine.clone();
+                tokio::task::spawn_blocking(move || CandleEngine::load(&path, id, options, metrics))
                     .await
                     .map_err(anyhow::Error::from)
                     .and_then(|r| r)

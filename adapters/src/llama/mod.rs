@@ -6,6 +6,7 @@
 
 mod chat;
 mod load;
+mod prefix;
 mod runtime;
 
 use candle_core::{Device, IndexOp, Tensor, D};
@@ -19,6 +20,7 @@ use crate::peft::{BaseModelShape, LoraModule};
 
 pub use chat::{ChatModel, ChatTemplate, Role};
 pub use load::{load_gguf_tokenizer, GgufMeta};
+pub use prefix::{shared_prefix, PrefixCache};
 pub use runtime::{KvCache, Runtime, SeqInput, Workspace};
 
 /// Tokens of KV cache a sequence grows by at a time.

@@ -57,6 +57,7 @@ pub struct KvCache {
     len: usize,
     capacity: usize,
     kv_dim: usize,
+    layers: usize,
 }
 
 impl KvCache {
@@ -65,7 +66,44 @@ impl KvCache {
     pub fn new(config: &LlamaConfig, capacity: usize) -> Self {
         let kv_dim = config.num_kv_heads * config.head_dim;
         let n = config.num_layers * capacity * kv_dim;
-        Self { k: vec![0.0; n], v: vec![0.0; n], len: 0, capacity, kv_dim }
+        Self { k: vec![0.0; n], v: vec![0.0; n], len: 0, capacity, kv_dim, layers: config.num_layers }
+    }
+
+    /// Bytes one position's keys and values take over all layers.
+    pub fn bytes_per_token(&self) -> usize {
+        2 * self.layers * self.kv_dim * std::mem::size_of::<f32>()
+    }
+
+    /// A cache holding exactly this one's first `len` positions, with room for no more.
+    ///
+    /// # Panics
+    /// If `len` exceeds the positions this cache holds.
+    pub fn prefix(&self, len: usize) -> KvCache {
+        let n = self.layers * len * self.kv_dim;
+        let mut out = KvCache { k: vec![0.0; n], v: vec![0.0; n], len: 0, capacity: len, kv_dim: self.kv_dim, layers: self.layers };
+        out.copy_prefix_from(self, len);
+        out
+    }
+
+    /// Makes this empty cache's first `len` positions those of `src`, as if the same tokens
+    /// had been fed to it: keys and values at a position depend only on the tokens up to it.
+    ///
+    /// # Panics
+    /// If this cache is not empty, the two were made for different models, `src` holds fewer
+    /// than `len` positions or this cache has no room for them.
+    pub fn copy_prefix_from(&mut self, src: &KvCache, len: usize) {
+        assert!(self.len == 0, "a prefix is copied only into an empty cache");
+        assert!(self.layers == src.layers && self.kv_dim == src.kv_dim, "caches of different models");
+        assert!(len <= src.len && len <= self.capacity, "prefix of {len} positions does not fit");
+        for layer in 0..self.layers {
+            let (d, s, n) = (self.at(layer, 0), src.at(layer, 0), len * self.kv_dim);
+            self.v[d..d + n].copy_from_slice(&src.v[s..s + n]);
+            for j in 0..self.kv_dim {
+                let (d, s) = (self.key_row(layer, j), src.key_row(layer, j));
+                self.k[d..d + len].copy_from_slice(&src.k[s..s + len]);
+            }
+        }
+        self.len = len;
     }
 
     /// Tokens in the cache (the position of the next token).

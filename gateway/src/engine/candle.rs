@@ -10,7 +10,7 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use adapters::llama::{ChatModel, ChatTemplate, KvCache, Runtime, SeqInput, Workspace};
+use adapters::llama::{shared_prefix, ChatModel, ChatTemplate, KvCache, PrefixCache, Runtime, SeqInput, Workspace};
 use adapters::lora::AdapterWeights;
 use adapters::BaseModelShape;
 use async_trait::async_trait;
@@ -24,6 +24,17 @@ use super::{
     fit_to_context, Engine, EngineError, Event, FinishReason, Generation, GenerationRequest, ModelInfo, Prompt,
     Sampling,
 };
+
+/// How the candle engine runs, beyond the model file.
+#[derive(Debug, Clone, Default)]
+pub struct CandleOptions {
+    /// Cap on the model's context length.
+    pub context_cap: Option<usize>,
+    /// Threads for the matmuls (0: every core).
+    pub threads: usize,
+    /// Memory for the prompt prefix cache, in bytes (0: off).
+    pub prefix_cache_bytes: usize,
+}
 
 pub struct CandleEngine {
     info: ModelInfo,
@@ -45,10 +56,16 @@ struct Job {
 
 /// A sequence the scheduler is running.
 struct Seq {
+    /// `job.tokens` is the prompt, then every sampled token once it is fed: the tokens whose
+    /// keys and values `cache` holds, in order.
     job: Job,
     cache: KvCache,
     /// Prompt tokens already in the cache.
     fed: usize,
+    /// Prompt tokens copied from the prefix cache rather than computed.
+    cached: usize,
+    /// Prompt tokens this step feeds (0: none this step).
+    take: usize,
     /// The last sampled token, fed at the next step.
     next: u32,
     generated: usize,
@@ -61,13 +78,8 @@ struct Seq {
 
 impl CandleEngine {
     /// Loads a GGUF file or an HF directory and starts the scheduler thread.
-    pub fn load(
-        path: &Path,
-        id: String,
-        context_cap: Option<usize>,
-        threads: usize,
-        metrics: EngineMetrics,
-    ) -> anyhow::Result<Self> {
+    pub fn load(path: &Path, id: String, options: CandleOptions, metrics: EngineMetrics) -> anyhow::Result<Self> {
+        let CandleOptions { context_cap, threads, prefix_cache_bytes } = options;
         let ChatModel { model, tokenizer, template, eos_ids: eos } = ChatModel::load(path)?;
         // Packed weights and SIMD kernels with f32 activations (the candle `Llama` stays the
         // reference and the training model; it is dropped here).
@@ -84,7 +96,10 @@ impl CandleEngine {
             .name("candle-scheduler".into())
             .spawn({
                 let metrics = metrics.clone();
-                move || Scheduler { runtime, tokenizer: thread_tokenizer, eos, context_len, rx, metrics }.run()
+                move || {
+                    let prefixes = PrefixCache::new(prefix_cache_bytes);
+                    Scheduler { runtime, tokenizer: thread_tokenizer, eos, context_len, rx, metrics, prefixes }.run()
+                }
             })?;
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         Ok(Self { info: ModelInfo { id, context_len, created }, tokenizer, template, shape, jobs, metrics })
@@ -155,14 +170,19 @@ struct Scheduler {
     context_len: usize,
     rx: std_mpsc::Receiver<Job>,
     metrics: EngineMetrics,
+    prefixes: PrefixCache,
 }
+
+/// A prompt waits a step for an earlier prompt that finishes this step, rather than computing
+/// the same leading tokens beside it, when that saves at least this many tokens.
+const PREFIX_WAIT_MIN: usize = 16;
 
 /// Prompt tokens fed per step, across all sequences still reading their prompts. Bounds how
 /// long running streams wait for a newcomer's prompt (chunked prefill).
 const PREFILL_BUDGET: usize = 256;
 
 impl Scheduler {
-    fn run(self) {
+    fn run(mut self) {
         let mut ws = Workspace::default();
         let mut logits = Vec::new();
         // Sequences still reading their prompts, oldest first, and sequences decoding.
@@ -186,19 +206,10 @@ impl Scheduler {
             reading.retain(|s| !s.job.events.is_closed());
 
             // This step: every decoding sequence's last token, then prompt chunks up to the budget.
-            let mut budget = PREFILL_BUDGET;
-            let mut chunks = Vec::new();
-            for seq in reading.iter() {
-                if budget == 0 {
-                    break;
-                }
-                let take = (seq.job.tokens.len() - seq.fed).min(budget);
-                budget -= take;
-                chunks.push(take);
-            }
-            self.metrics.batch_size.observe((decoding.len() + chunks.len()) as f64);
+            let chunks = self.plan_prompts(&mut reading);
+            self.metrics.batch_size.observe((decoding.len() + chunks) as f64);
             let result = {
-                let mut inputs: Vec<SeqInput<'_>> = Vec::with_capacity(decoding.len() + chunks.len());
+                let mut inputs: Vec<SeqInput<'_>> = Vec::with_capacity(decoding.len() + chunks);
                 for seq in decoding.iter_mut() {
                     let Seq { job, cache, next, .. } = seq;
                     inputs.push(SeqInput {
@@ -208,49 +219,100 @@ impl Scheduler {
                         logits: true,
                     });
                 }
-                for (seq, &take) in reading.iter_mut().zip(&chunks) {
-                    let Seq { job, cache, fed, .. } = seq;
+                for seq in reading.iter_mut().filter(|s| s.take > 0) {
+                    let Seq { job, cache, fed, take, .. } = seq;
                     inputs.push(SeqInput {
-                        tokens: &job.tokens[*fed..*fed + take],
+                        tokens: &job.tokens[*fed..*fed + *take],
                         cache,
                         adapter: job.adapter.as_deref(),
-                        logits: *fed + take == job.tokens.len(),
+                        logits: *fed + *take == job.tokens.len(),
                     });
                 }
                 self.runtime.forward(&mut ws, &mut inputs, &mut logits)
             };
             if let Err(e) = result {
                 tracing::error!(error = %e, "engine step failed; failing its sequences");
-                for seq in decoding.drain(..).chain(reading.drain(..chunks.len())) {
+                let (failed, waiting): (Vec<Seq>, Vec<Seq>) = reading.drain(..).partition(|s| s.take > 0);
+                reading = waiting.into();
+                for seq in decoding.drain(..).chain(failed) {
                     let _ = seq.job.events.send(Event::Failed(e.to_string()));
                 }
                 continue;
             }
             let vocab = self.runtime.config.vocab_size;
-            let mut rows = logits.chunks_exact(vocab);
-            let mut next_decoding = Vec::with_capacity(decoding.len() + chunks.len());
+            let mut rows = logits.chunks_exact_mut(vocab);
+            let mut next_decoding = Vec::with_capacity(decoding.len() + chunks);
             for seq in decoding.drain(..) {
-                if let Some(seq) = rows.next().and_then(|l| self.advance(seq, l.to_vec())) {
+                if let Some(seq) = rows.next().and_then(|l| self.advance(seq, l)) {
                     next_decoding.push(seq);
                 }
             }
-            for take in chunks {
-                let Some(mut seq) = reading.pop_front() else { break };
-                seq.fed += take;
+            let mut still_reading = VecDeque::with_capacity(reading.len());
+            for mut seq in reading.drain(..) {
+                if seq.take == 0 {
+                    still_reading.push_back(seq);
+                    continue;
+                }
+                seq.fed += std::mem::take(&mut seq.take);
                 if seq.fed < seq.job.tokens.len() {
-                    reading.push_front(seq);
-                    break; // Only the last chunk of a step can stop mid-prompt.
+                    still_reading.push_back(seq);
+                    continue;
                 }
-                if let Some(seq) = rows.next().and_then(|l| self.advance(seq, l.to_vec())) {
+                // The whole prompt is in: later prompts that start the same way copy it.
+                self.prefixes.store(&seq.job.tokens, seq.job.adapter.as_ref(), &seq.cache);
+                if let Some(seq) = rows.next().and_then(|l| self.advance(seq, l)) {
                     next_decoding.push(seq);
                 }
             }
+            reading = still_reading;
+            self.metrics.prefix_cache_bytes.set(self.prefixes.bytes() as i64);
             decoding = next_decoding;
             // Sequences on the same adapter side by side: the runtime then reads each adapter's
             // LoRA weights once per step for all of them (a stable sort keeps arrival order
             // within an adapter).
             decoding.sort_by_key(|s| s.job.adapter.as_ref().map_or(0, |a| Arc::as_ptr(a) as usize));
         }
+    }
+
+    /// Sets each reading sequence's `take` for this step, oldest first, within the prefill
+    /// budget, and returns how many take part. A prompt that has not started first copies
+    /// what the prefix cache holds of it; one that shares more with an earlier prompt that
+    /// completes this step waits one step and copies that instead of computing it twice.
+    fn plan_prompts(&mut self, reading: &mut VecDeque<Seq>) -> usize {
+        let mut budget = PREFILL_BUDGET;
+        let mut chunks = 0;
+        for i in 0..reading.len() {
+            let (earlier, rest) = reading.make_contiguous().split_at_mut(i);
+            let seq = &mut rest[0];
+            seq.take = 0;
+            if budget == 0 {
+                continue;
+            }
+            if seq.fed == 0 && self.prefixes.is_enabled() {
+                let adapter = seq.job.adapter.as_ref();
+                let from_cache = self.prefixes.reusable(&seq.job.tokens, adapter);
+                let limit = seq.job.tokens.len() - 1;
+                let from_earlier = earlier
+                    .iter()
+                    .filter(|e| e.take > 0 && e.fed + e.take == e.job.tokens.len() && same_adapter(e, seq))
+                    .filter(|e| self.prefixes.would_keep(e.job.tokens.len(), &e.cache))
+                    .map(|e| shared_prefix(&e.job.tokens, &seq.job.tokens).min(limit))
+                    .max()
+                    .unwrap_or(0);
+                if from_earlier >= from_cache + PREFIX_WAIT_MIN {
+                    continue;
+                }
+                if from_cache > 0 {
+                    let n = self.prefixes.restore(&seq.job.tokens, adapter, &mut seq.cache);
+                    seq.fed = n;
+                    seq.cached = n;
+                }
+            }
+            seq.take = (seq.job.tokens.len() - seq.fed).min(budget);
+            budget -= seq.take;
+            chunks += 1;
+        }
+        chunks
     }
 
     /// A sequence for a job, with its KV cache sized once for the prompt and the whole budget.
@@ -261,6 +323,8 @@ impl Scheduler {
             cache: KvCache::new(&self.runtime.config, capacity),
             job,
             fed: 0,
+            cached: 0,
+            take: 0,
             next: 0,
             generated: 0,
             counts: HashMap::new(),
@@ -270,23 +334,41 @@ impl Scheduler {
         }
     }
 
-    /// Samples from `logits`, emits the text, and keeps the sequence if it goes on.
-    fn advance(&self, mut seq: Seq, mut logits: Vec<f32>) -> Option<Seq> {
+    /// Samples from `logits`, emits the text, and keeps the sequence if it goes on. A
+    /// sequence that ends leaves its conversation so far in the prefix cache (the next turn
+    /// of a chat starts with it).
+    fn advance(&mut self, mut seq: Seq, logits: &mut [f32]) -> Option<Seq> {
+        if self.sample(&mut seq, logits) {
+            seq.job.tokens.push(seq.next);
+            return Some(seq);
+        }
+        self.prefixes.store(&seq.job.tokens, seq.job.adapter.as_ref(), &seq.cache);
+        None
+    }
+
+    /// Samples the next token into `seq.next` and emits its text; false when the sequence
+    /// is done (its last event sent) or its client went away.
+    fn sample(&self, seq: &mut Seq, logits: &mut [f32]) -> bool {
         let banned: &[u32] = if seq.job.sampling.ignore_eos { &self.eos } else { &[] };
         let position = seq.cache.len();
-        let token = choose(&mut logits, &seq.job.sampling, seq.job.seed, position, &seq.counts, banned);
+        let token = choose(logits, &seq.job.sampling, seq.job.seed, position, &seq.counts, banned);
         seq.generated += 1;
         *seq.counts.entry(token).or_default() += 1;
+        let finished = |seq: &Seq, reason: FinishReason| Event::Finished {
+            reason,
+            completion_tokens: seq.generated,
+            cached_tokens: seq.cached,
+        };
         let finish = |seq: &mut Seq, reason: FinishReason| {
             let tail = seq.stop.finish();
             if !tail.is_empty() {
                 let _ = seq.job.events.send(Event::Delta(tail));
             }
-            let _ = seq.job.events.send(Event::Finished { reason, completion_tokens: seq.generated });
+            let _ = seq.job.events.send(finished(seq, reason));
         };
         if self.eos.contains(&token) && !seq.job.sampling.ignore_eos {
-            finish(&mut seq, FinishReason::Stop);
-            return None;
+            finish(seq, FinishReason::Stop);
+            return false;
         }
         let piece = tokenizers::tokenizer::step_decode_stream(
             &self.tokenizer,
@@ -301,20 +383,29 @@ impl Scheduler {
         .unwrap_or_default();
         let filtered = seq.stop.push(&piece);
         if !filtered.text.is_empty() && seq.job.events.send(Event::Delta(filtered.text)).is_err() {
-            return None; // The client went away: drop the sequence and its cache.
+            return false; // The client went away: drop the sequence and its cache.
         }
         if filtered.stopped {
-            let _ = seq.job.events.send(Event::Finished { reason: FinishReason::Stop, completion_tokens: seq.generated });
-            return None;
+            let _ = seq.job.events.send(finished(seq, FinishReason::Stop));
+            return false;
         }
         if seq.generated >= seq.job.max_tokens || seq.cache.len() + 1 >= self.context_len {
-            finish(&mut seq, FinishReason::Length);
-            return None;
+            finish(seq, FinishReason::Length);
+            return false;
         }
         if seq.job.events.is_closed() {
-            return None;
+            return false;
         }
         seq.next = token;
-        Some(seq)
+        true
+    }
+}
+
+/// Whether two sequences run on the same adapter version (or both on the base).
+fn same_adapter(a: &Seq, b: &Seq) -> bool {
+    match (&a.job.adapter, &b.job.adapter) {
+        (None, None) => true,
+        (Some(x), Some(y)) => Arc::ptr_eq(x, y),
+        _ => false,
     }
 }

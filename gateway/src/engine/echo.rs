@@ -55,7 +55,7 @@ impl Engine for EchoEngine {
             let _ = events.send(Event::Delta(if i == 0 { w.clone() } else { format!(" {w}") }));
         }
         let reason = if take < words.len() { FinishReason::Length } else { FinishReason::Stop };
-        let _ = events.send(Event::Finished { reason, completion_tokens: take });
+        let _ = events.send(Event::Finished { reason, completion_tokens: take, cached_tokens: 0 });
         Ok(Generation { prompt_tokens, events: rx })
     }
 }

@@ -247,6 +247,7 @@ impl Engine for MistralEngine {
                                 events.push(Event::Finished {
                                     reason: FinishReason::Stop,
                                     completion_tokens: steps.load(Ordering::Relaxed),
+                                    cached_tokens: 0,
                                 });
                                 break;
                             }
@@ -267,6 +268,7 @@ impl Engine for MistralEngine {
                                 events.push(Event::Finished {
                                     reason,
                                     completion_tokens: steps.load(Ordering::Relaxed),
+                                    cached_tokens: 0,
                                 });
                             }
                         }

@@ -101,7 +101,9 @@ pub enum Event {
     /// New text (may be empty when a token completes no character).
     Delta(String),
     /// The last event of a successful generation.
-    Finished { reason: FinishReason, completion_tokens: usize },
+    /// `cached_tokens`: prompt tokens whose keys and values came from the prefix cache
+    /// rather than being computed.
+    Finished { reason: FinishReason, completion_tokens: usize, cached_tokens: usize },
     /// The generation failed after it started; no event follows.
     Failed(String),
 }

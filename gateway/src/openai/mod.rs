@@ -108,11 +108,25 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    /// As OpenAI reports it: how many prompt tokens were served from the prompt (prefix)
+    /// cache instead of being computed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: usize,
 }
 
 impl Usage {
     pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
-        Self { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+        Self { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens, prompt_tokens_details: None }
+    }
+
+    /// With `prompt_tokens_details.cached_tokens`, as generations report it.
+    pub fn with_cached(self, cached_tokens: usize) -> Self {
+        Self { prompt_tokens_details: Some(PromptTokensDetails { cached_tokens }), ..self }
     }
 }
 
