@@ -280,6 +280,7 @@ impl QMatrix {
             let tile = fused_tile(self.rows);
             (0..self.rows.div_ceil(tile)).into_par_iter().for_each(|t| {
                 let (r0, r1) = (t * tile, ((t + 1) * tile).min(self.rows));
+                prefetch_low_rank(extra, r0, r1);
                 // SAFETY: tiles cover disjoint column ranges of `y`, inside the bounds checked above.
                 unsafe {
                     self.fused_tile(x, n, r0, r1, out, ldy);
@@ -330,6 +331,9 @@ impl QMatrix {
                 return;
             }
             let (r0, r1) = ((i - 1) * tile, (i * tile).min(self.rows));
+            if let Some(ready) = terms.get() {
+                prefetch_low_rank(ready, r0, r1);
+            }
             // SAFETY: tiles cover disjoint column ranges of `y`, inside the bounds checked above.
             unsafe { self.fused_tile(x, n, r0, r1, out, ldy) };
             match terms.get() {
@@ -531,6 +535,10 @@ unsafe fn add_low_rank(extra: &[LowRank<'_>], r0: usize, r1: usize, out: OutPtr,
     }
 }
 
+/// Largest rank whose panels [`add_term`] widens to f32 once for all of a term's rows (on
+/// the stack); larger ranks widen each element where it is used.
+const WIDE_RANK: usize = 128;
+
 /// One term of [`add_low_rank`], its panels read as `W`.
 ///
 /// # Safety
@@ -541,17 +549,12 @@ unsafe fn add_term<W: Weight>(e: &LowRank<'_>, panels: &[W], r0: usize, r1: usiz
         return;
     }
     let (first, last) = (c0 - e.col0, c1 - e.col0);
+    let rank = e.rank;
+    let mut wide = [0f32; PANEL * WIDE_RANK];
     for p in first / PANEL..last.div_ceil(PANEL) {
-        let panel = &panels[p * e.rank * PANEL..(p + 1) * e.rank * PANEL];
+        let panel = &panels[p * rank * PANEL..(p + 1) * rank * PANEL];
         let whole = p * PANEL >= first && (p + 1) * PANEL <= last;
-        for i in 0..e.rows {
-            let t = &e.t[i * e.rank..(i + 1) * e.rank];
-            let mut acc = [0f32; PANEL];
-            for (j, &tj) in t.iter().enumerate() {
-                for (a, &b) in acc.iter_mut().zip(&panel[j * PANEL..(j + 1) * PANEL]) {
-                    *a = tj.mul_add(b.f32(), *a);
-                }
-            }
+        let add = |i: usize, acc: &[f32; PANEL]| {
             let at = (e.row0 + i) * ldy + e.col0 + p * PANEL;
             if whole {
                 // SAFETY: columns col0 + p·PANEL .. + PANEL of this row lie in r0..r1 (the
@@ -569,6 +572,97 @@ unsafe fn add_term<W: Weight>(e: &LowRank<'_>, panels: &[W], r0: usize, r1: usiz
                     }
                 }
             }
+        };
+        if rank > WIDE_RANK {
+            for i in 0..e.rows {
+                let t = &e.t[i * rank..(i + 1) * rank];
+                let mut acc = [0f32; PANEL];
+                for (j, &tj) in t.iter().enumerate() {
+                    for (a, &b) in acc.iter_mut().zip(&panel[j * PANEL..(j + 1) * PANEL]) {
+                        *a = tj.mul_add(b.f32(), *a);
+                    }
+                }
+                add(i, &acc);
+            }
+            continue;
+        }
+        // The panel widened once for every row of the term, then four rows at a time (four
+        // independent FMA chains per panel row).
+        let wide = &mut wide[..rank * PANEL];
+        for (w, &b) in wide.iter_mut().zip(panel) {
+            *w = b.f32();
+        }
+        let mut i = 0;
+        while i + 4 <= e.rows {
+            let acc = panel_rows::<4>(&e.t[i * rank..(i + 4) * rank], rank, wide);
+            for (k, a) in acc.iter().enumerate() {
+                add(i + k, a);
+            }
+            i += 4;
+        }
+        while i < e.rows {
+            let [acc] = panel_rows::<1>(&e.t[i * rank..(i + 1) * rank], rank, wide);
+            add(i, &acc);
+            i += 1;
+        }
+    }
+}
+
+/// `Σ_j t[r, j] · wide[j, ..]` for `R` rows of `t` against one widened panel; even and odd
+/// `j` go to separate accumulators so that a single row has two FMA chains, not one.
+#[inline(always)]
+fn panel_rows<const R: usize>(t: &[f32], rank: usize, wide: &[f32]) -> [[f32; PANEL]; R] {
+    let mut even = [[0f32; PANEL]; R];
+    let mut odd = [[0f32; PANEL]; R];
+    let mut j = 0;
+    while j + 2 <= rank {
+        let (w0, w1) = (&wide[j * PANEL..(j + 1) * PANEL], &wide[(j + 1) * PANEL..(j + 2) * PANEL]);
+        for r in 0..R {
+            let (t0, t1) = (t[r * rank + j], t[r * rank + j + 1]);
+            for l in 0..PANEL {
+                even[r][l] = t0.mul_add(w0[l], even[r][l]);
+                odd[r][l] = t1.mul_add(w1[l], odd[r][l]);
+            }
+        }
+        j += 2;
+    }
+    if j < rank {
+        let w0 = &wide[j * PANEL..(j + 1) * PANEL];
+        for r in 0..R {
+            let t0 = t[r * rank + j];
+            for l in 0..PANEL {
+                even[r][l] = t0.mul_add(w0[l], even[r][l]);
+            }
+        }
+    }
+    for r in 0..R {
+        for l in 0..PANEL {
+            even[r][l] += odd[r][l];
+        }
+    }
+    even
+}
+
+/// Asks for the cache lines of each term's panels that output columns `r0..r1` will read,
+/// before the tile's base kernel runs: they then arrive while it works rather than when
+/// [`add_low_rank`] needs them.
+fn prefetch_low_rank(extra: &[LowRank<'_>], r0: usize, r1: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for e in extra {
+        let (c0, c1) = (r0.max(e.col0), r1.min(e.col0 + e.cols));
+        if c0 >= c1 {
+            continue;
+        }
+        let (p0, p1) = ((c0 - e.col0) / PANEL, (c1 - e.col0).div_ceil(PANEL));
+        let (base, size) = match e.panels {
+            Served::F32(p) => (p.as_ptr().cast::<u8>(), 4),
+            Served::Bf16(p) => (p.as_ptr().cast::<u8>(), 2),
+        };
+        let (from, to) = (p0 * e.rank * PANEL * size, p1 * e.rank * PANEL * size);
+        for at in (from..to).step_by(64) {
+            // SAFETY: a prefetch is only a hint; the address lies inside the panels (checked
+            // against the term's columns in check_terms).
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(base.add(at).cast()) };
         }
     }
 }

@@ -302,6 +302,35 @@ fn low_rank_terms<'a>(
         .collect()
 }
 
+/// Asks for the A halves of `modules` in `layer` of every adapter in the step to be brought
+/// into L2 ahead of their matmul. On a few rows `x·Aᵀ` is a short pass over A that would
+/// otherwise wait on memory at the start of each matmul, with the other threads' tiles
+/// running ahead of it.
+fn prefetch_a(seqs: &[SeqInput<'_>], layer: usize, modules: &[LoraModule]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut last: Option<*const AdapterWeights> = None;
+        for adapter in seqs.iter().filter_map(|s| s.adapter) {
+            if last == Some(adapter as *const _) {
+                continue;
+            }
+            last = Some(adapter as *const _);
+            for &module in modules {
+                let Some((_, _, _, a)) = adapter.pair(layer, module).and_then(|p| p.halves()) else { continue };
+                let bytes = match a {
+                    Served::F32(v) => v.len() * 4,
+                    Served::Bf16(v) => v.len() * 2,
+                };
+                let base = a.as_ptr();
+                for at in (0..bytes).step_by(64) {
+                    // SAFETY: a prefetch is only a hint, and the address lies inside `a`.
+                    unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(base.add(at).cast()) };
+                }
+            }
+        }
+    }
+}
+
 /// Up to this many rows in a step, the LoRA `x·Aᵀ` products are computed as one task of the
 /// base matmul's parallel region ([`QMatrix::matmul_plus_prepared`]) instead of before it.
 const PREPARED_ROWS: usize = 4;
@@ -705,11 +734,16 @@ impl Runtime {
         let half = hd / 2;
 
         // A decode step of a few rows works out its LoRA `x·Aᵀ` inside each matmul's region.
-        let prepared = n <= PREPARED_ROWS && seqs.iter().any(|s| s.adapter.is_some());
+        let adapted = seqs.iter().any(|s| s.adapter.is_some());
+        let prepared = n <= PREPARED_ROWS && adapted;
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention.
             rms_norm(&ws.x[..n * hs], &layer.attn_norm, eps, &mut ws.h[..n * hs]);
             lora_matmul(&layer.qkv, seqs, &starts, l, &[(LoraModule::QProj, 0), (LoraModule::KProj, dq), (LoraModule::VProj, dq + dkv)], &ws.h, hs, n, &mut ws.qkv, wqkv, &mut ws.lora_t, prepared);
+            if adapted {
+                // The rest of this layer's A halves travel to L2 while attention runs.
+                prefetch_a(seqs, l, &[LoraModule::OProj, LoraModule::GateProj, LoraModule::UpProj, LoraModule::DownProj]);
+            }
             lora(seqs, &starts, l, LoraModule::QProj, &ws.h, hs, &mut ws.qkv, wqkv, 0);
             lora(seqs, &starts, l, LoraModule::KProj, &ws.h, hs, &mut ws.qkv, wqkv, dq);
             lora(seqs, &starts, l, LoraModule::VProj, &ws.h, hs, &mut ws.qkv, wqkv, dq + dkv);
@@ -738,6 +772,9 @@ impl Runtime {
             // Feed-forward.
             rms_norm(&ws.x[..n * hs], &layer.ffn_norm, eps, &mut ws.h[..n * hs]);
             lora_matmul(&layer.gate_up, seqs, &starts, l, &[(LoraModule::GateProj, 0), (LoraModule::UpProj, inter)], &ws.h, hs, n, &mut ws.gate_up, 2 * inter, &mut ws.lora_t, prepared);
+            if adapted {
+                prefetch_a(seqs, l + 1, &[LoraModule::QProj, LoraModule::KProj, LoraModule::VProj]);
+            }
             lora(seqs, &starts, l, LoraModule::GateProj, &ws.h, hs, &mut ws.gate_up, 2 * inter, 0);
             lora(seqs, &starts, l, LoraModule::UpProj, &ws.h, hs, &mut ws.gate_up, 2 * inter, inter);
             silu_mul(&ws.gate_up[..n * 2 * inter], inter, &mut ws.act[..n * inter]);
