@@ -113,7 +113,8 @@ async fn adapters_never_share_prefixes_and_concurrent_twins_compute_once() {
 
     // Sixteen identical new prompts at once: one computes the prompt, the others wait a step
     // and copy it; all answer alike.
-    let fresh = messages(&[("user", "Write one sentence about the sea at night.")]);
+    // (A system prompt of their own, so that nothing of theirs is cached beforehand.)
+    let fresh = json!([{"role": "system", "content": "You write short poems."}, {"role": "user", "content": "Write one line about the sea at night."}]);
     let answers = futures::future::join_all((0..16).map(|_| chat(&server, MODEL_ID, &fresh))).await;
     let n = prompt_tokens(&answers[0]);
     let copied = answers.iter().filter(|a| cached(a) == n - 1).count();
