@@ -500,12 +500,21 @@ fn check_terms(extra: &[LowRank<'_>], n: usize, rows: usize) {
 /// An element of served LoRA weights, widened to f32 in registers.
 pub trait Weight: Copy + Send + Sync {
     fn f32(self) -> f32;
+
+    /// `values` as f32: the slice itself when it already is, else widened into `buf`
+    /// (which must be at least as long).
+    fn widened<'a>(values: &'a [Self], buf: &'a mut [std::mem::MaybeUninit<f32>]) -> &'a [f32];
 }
 
 impl Weight for f32 {
     #[inline(always)]
     fn f32(self) -> f32 {
         self
+    }
+
+    #[inline(always)]
+    fn widened<'a>(values: &'a [f32], _: &'a mut [std::mem::MaybeUninit<f32>]) -> &'a [f32] {
+        values
     }
 }
 
@@ -514,6 +523,17 @@ impl Weight for u16 {
     #[inline(always)]
     fn f32(self) -> f32 {
         f32::from_bits((self as u32) << 16)
+    }
+
+    #[inline(always)]
+    fn widened<'a>(values: &'a [u16], buf: &'a mut [std::mem::MaybeUninit<f32>]) -> &'a [f32] {
+        let buf = &mut buf[..values.len()];
+        for (w, &v) in buf.iter_mut().zip(values) {
+            w.write(v.f32());
+        }
+        // SAFETY: every element of `buf` was written just above, and MaybeUninit<f32> has
+        // f32's layout.
+        unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<f32>(), buf.len()) }
     }
 }
 
@@ -550,7 +570,8 @@ unsafe fn add_term<W: Weight>(e: &LowRank<'_>, panels: &[W], r0: usize, r1: usiz
     }
     let (first, last) = (c0 - e.col0, c1 - e.col0);
     let rank = e.rank;
-    let mut wide = [0f32; PANEL * WIDE_RANK];
+    // Not zeroed: only the widened part of a panel is ever read.
+    let mut wide = [std::mem::MaybeUninit::<f32>::uninit(); PANEL * WIDE_RANK];
     for p in first / PANEL..last.div_ceil(PANEL) {
         let panel = &panels[p * rank * PANEL..(p + 1) * rank * PANEL];
         let whole = p * PANEL >= first && (p + 1) * PANEL <= last;
@@ -588,10 +609,7 @@ unsafe fn add_term<W: Weight>(e: &LowRank<'_>, panels: &[W], r0: usize, r1: usiz
         }
         // The panel widened once for every row of the term, then four rows at a time (four
         // independent FMA chains per panel row).
-        let wide = &mut wide[..rank * PANEL];
-        for (w, &b) in wide.iter_mut().zip(panel) {
-            *w = b.f32();
-        }
+        let wide = W::widened(panel, &mut wide);
         let mut i = 0;
         while i + 4 <= e.rows {
             let acc = panel_rows::<4>(&e.t[i * rank..(i + 4) * rank], rank, wide);

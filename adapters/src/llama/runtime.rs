@@ -302,10 +302,29 @@ fn low_rank_terms<'a>(
         .collect()
 }
 
+/// [`low_rank_terms`], then the A halves of the next matmul's terms on their way to L2.
+#[allow(clippy::too_many_arguments)]
+fn terms_then_prefetch<'a>(
+    seqs: &[SeqInput<'a>],
+    starts: &[usize],
+    layer: usize,
+    modules: &[(LoraModule, usize)],
+    input: &[f32],
+    in_dim: usize,
+    bufs: &'a mut Vec<Vec<f32>>,
+    next: (usize, &[LoraModule]),
+) -> Vec<LowRank<'a>> {
+    let terms = low_rank_terms(seqs, starts, layer, modules, input, in_dim, bufs);
+    if !terms.is_empty() {
+        prefetch_a(seqs, next.0, next.1);
+    }
+    terms
+}
+
 /// Asks for the A halves of `modules` in `layer` of every adapter in the step to be brought
-/// into L2 ahead of their matmul. On a few rows `x·Aᵀ` is a short pass over A that would
-/// otherwise wait on memory at the start of each matmul, with the other threads' tiles
-/// running ahead of it.
+/// into L2 ahead of their matmul (the next one), by the thread that has just worked out this
+/// matmul's `x·Aᵀ` while the others run its tiles. On a few rows `x·Aᵀ` is a short pass over
+/// A that would otherwise wait on memory at the start of each matmul.
 fn prefetch_a(seqs: &[SeqInput<'_>], layer: usize, modules: &[LoraModule]) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -335,7 +354,8 @@ fn prefetch_a(seqs: &[SeqInput<'_>], layer: usize, modules: &[LoraModule]) {
 /// base matmul's parallel region ([`QMatrix::matmul_plus_prepared`]) instead of before it.
 const PREPARED_ROWS: usize = 4;
 
-/// `out = input · Wᵀ` plus the frozen LoRA terms of `modules` for every sequence.
+/// `out = input · Wᵀ` plus the frozen LoRA terms of `modules` for every sequence; `next`
+/// names the layer and modules of the following LoRA matmul, whose A halves are prefetched.
 #[allow(clippy::too_many_arguments)]
 fn lora_matmul(
     w: &QMatrix,
@@ -350,11 +370,12 @@ fn lora_matmul(
     ldy: usize,
     bufs: &mut Vec<Vec<f32>>,
     prepared: bool,
+    next: (usize, &[LoraModule]),
 ) {
     if prepared {
-        w.matmul_plus_prepared(input, n, out, ldy, || low_rank_terms(seqs, starts, layer, modules, input, in_dim, bufs));
+        w.matmul_plus_prepared(input, n, out, ldy, || terms_then_prefetch(seqs, starts, layer, modules, input, in_dim, bufs, next));
     } else {
-        let terms = low_rank_terms(seqs, starts, layer, modules, input, in_dim, bufs);
+        let terms = terms_then_prefetch(seqs, starts, layer, modules, input, in_dim, bufs, next);
         w.matmul_plus(input, n, out, ldy, &terms);
     }
 }
@@ -734,16 +755,11 @@ impl Runtime {
         let half = hd / 2;
 
         // A decode step of a few rows works out its LoRA `x·Aᵀ` inside each matmul's region.
-        let adapted = seqs.iter().any(|s| s.adapter.is_some());
-        let prepared = n <= PREPARED_ROWS && adapted;
+        let prepared = n <= PREPARED_ROWS && seqs.iter().any(|s| s.adapter.is_some());
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention.
             rms_norm(&ws.x[..n * hs], &layer.attn_norm, eps, &mut ws.h[..n * hs]);
-            lora_matmul(&layer.qkv, seqs, &starts, l, &[(LoraModule::QProj, 0), (LoraModule::KProj, dq), (LoraModule::VProj, dq + dkv)], &ws.h, hs, n, &mut ws.qkv, wqkv, &mut ws.lora_t, prepared);
-            if adapted {
-                // The rest of this layer's A halves travel to L2 while attention runs.
-                prefetch_a(seqs, l, &[LoraModule::OProj, LoraModule::GateProj, LoraModule::UpProj, LoraModule::DownProj]);
-            }
+            lora_matmul(&layer.qkv, seqs, &starts, l, &[(LoraModule::QProj, 0), (LoraModule::KProj, dq), (LoraModule::VProj, dq + dkv)], &ws.h, hs, n, &mut ws.qkv, wqkv, &mut ws.lora_t, prepared, (l, &[LoraModule::OProj]));
             lora(seqs, &starts, l, LoraModule::QProj, &ws.h, hs, &mut ws.qkv, wqkv, 0);
             lora(seqs, &starts, l, LoraModule::KProj, &ws.h, hs, &mut ws.qkv, wqkv, dq);
             lora(seqs, &starts, l, LoraModule::VProj, &ws.h, hs, &mut ws.qkv, wqkv, dq + dkv);
@@ -764,21 +780,18 @@ impl Runtime {
                 }
             }
             self.attention(l, seqs, &starts, &ws.qkv, wqkv, &mut ws.att);
-            lora_matmul(&layer.o, seqs, &starts, l, &[(LoraModule::OProj, 0)], &ws.att, dq, n, &mut ws.tmp, hs, &mut ws.lora_t, prepared);
+            lora_matmul(&layer.o, seqs, &starts, l, &[(LoraModule::OProj, 0)], &ws.att, dq, n, &mut ws.tmp, hs, &mut ws.lora_t, prepared, (l, &[LoraModule::GateProj, LoraModule::UpProj]));
             lora(seqs, &starts, l, LoraModule::OProj, &ws.att, dq, &mut ws.tmp, hs, 0);
             for (xv, tv) in ws.x[..n * hs].iter_mut().zip(&ws.tmp[..n * hs]) {
                 *xv += tv;
             }
             // Feed-forward.
             rms_norm(&ws.x[..n * hs], &layer.ffn_norm, eps, &mut ws.h[..n * hs]);
-            lora_matmul(&layer.gate_up, seqs, &starts, l, &[(LoraModule::GateProj, 0), (LoraModule::UpProj, inter)], &ws.h, hs, n, &mut ws.gate_up, 2 * inter, &mut ws.lora_t, prepared);
-            if adapted {
-                prefetch_a(seqs, l + 1, &[LoraModule::QProj, LoraModule::KProj, LoraModule::VProj]);
-            }
+            lora_matmul(&layer.gate_up, seqs, &starts, l, &[(LoraModule::GateProj, 0), (LoraModule::UpProj, inter)], &ws.h, hs, n, &mut ws.gate_up, 2 * inter, &mut ws.lora_t, prepared, (l, &[LoraModule::DownProj]));
             lora(seqs, &starts, l, LoraModule::GateProj, &ws.h, hs, &mut ws.gate_up, 2 * inter, 0);
             lora(seqs, &starts, l, LoraModule::UpProj, &ws.h, hs, &mut ws.gate_up, 2 * inter, inter);
             silu_mul(&ws.gate_up[..n * 2 * inter], inter, &mut ws.act[..n * inter]);
-            lora_matmul(&layer.down, seqs, &starts, l, &[(LoraModule::DownProj, 0)], &ws.act, inter, n, &mut ws.tmp, hs, &mut ws.lora_t, prepared);
+            lora_matmul(&layer.down, seqs, &starts, l, &[(LoraModule::DownProj, 0)], &ws.act, inter, n, &mut ws.tmp, hs, &mut ws.lora_t, prepared, (l + 1, &[LoraModule::QProj, LoraModule::KProj, LoraModule::VProj]));
             lora(seqs, &starts, l, LoraModule::DownProj, &ws.act, inter, &mut ws.tmp, hs, 0);
             for (xv, tv) in ws.x[..n * hs].iter_mut().zip(&ws.tmp[..n * hs]) {
                 *xv += tv;
