@@ -232,6 +232,7 @@ const PARALLEL_XA: usize = 1 << 16;
 /// adapter and every module in `modules` (with the output column its slice of the fused matrix
 /// starts at), `t = x Aᵀ` for those rows (computed here, into `bufs`) and `scale·Bᵀ`, which
 /// the matmul's tiles then add in parallel. Pairs that are not frozen are left to [`lora`].
+/// `next` names the layer and modules of the following LoRA matmul (see [`prefetch_a`]).
 fn low_rank_terms<'a>(
     seqs: &[SeqInput<'a>],
     starts: &[usize],
@@ -240,6 +241,7 @@ fn low_rank_terms<'a>(
     input: &[f32],
     in_dim: usize,
     bufs: &'a mut Vec<Vec<f32>>,
+    next: (usize, &[LoraModule]),
 ) -> Vec<LowRank<'a>> {
     /// One term before its `t` exists.
     struct Spec<'a> {
@@ -271,6 +273,9 @@ fn low_rank_terms<'a>(
     if specs.is_empty() {
         return Vec::new();
     }
+    // The next matmul's A halves travel to L2 while this thread works and the others run
+    // this matmul's tiles.
+    prefetch_a(seqs, next.0, next.1);
     while bufs.len() < specs.len() {
         bufs.push(Vec::new());
     }
@@ -300,25 +305,6 @@ fn low_rank_terms<'a>(
         .enumerate()
         .map(|(i, s)| LowRank { row0: s.row0, rows: s.rows, col0: s.col0, cols: s.cols, rank: s.rank, t: &bufs[i], panels: s.panels })
         .collect()
-}
-
-/// [`low_rank_terms`], then the A halves of the next matmul's terms on their way to L2.
-#[allow(clippy::too_many_arguments)]
-fn terms_then_prefetch<'a>(
-    seqs: &[SeqInput<'a>],
-    starts: &[usize],
-    layer: usize,
-    modules: &[(LoraModule, usize)],
-    input: &[f32],
-    in_dim: usize,
-    bufs: &'a mut Vec<Vec<f32>>,
-    next: (usize, &[LoraModule]),
-) -> Vec<LowRank<'a>> {
-    let terms = low_rank_terms(seqs, starts, layer, modules, input, in_dim, bufs);
-    if !terms.is_empty() {
-        prefetch_a(seqs, next.0, next.1);
-    }
-    terms
 }
 
 /// Asks for the A halves of `modules` in `layer` of every adapter in the step to be brought
@@ -373,9 +359,9 @@ fn lora_matmul(
     next: (usize, &[LoraModule]),
 ) {
     if prepared {
-        w.matmul_plus_prepared(input, n, out, ldy, || terms_then_prefetch(seqs, starts, layer, modules, input, in_dim, bufs, next));
+        w.matmul_plus_prepared(input, n, out, ldy, || low_rank_terms(seqs, starts, layer, modules, input, in_dim, bufs, next));
     } else {
-        let terms = terms_then_prefetch(seqs, starts, layer, modules, input, in_dim, bufs, next);
+        let terms = low_rank_terms(seqs, starts, layer, modules, input, in_dim, bufs, next);
         w.matmul_plus(input, n, out, ldy, &terms);
     }
 }
