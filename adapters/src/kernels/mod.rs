@@ -665,22 +665,32 @@ fn panel_rows<const R: usize>(t: &[f32], rank: usize, wide: &[f32]) -> [[f32; PA
 /// before the tile's base kernel runs: they then arrive while it works rather than when
 /// [`add_low_rank`] needs them.
 fn prefetch_low_rank(extra: &[LowRank<'_>], r0: usize, r1: usize) {
-    #[cfg(target_arch = "x86_64")]
     for e in extra {
         let (c0, c1) = (r0.max(e.col0), r1.min(e.col0 + e.cols));
-        if c0 >= c1 {
-            continue;
+        if c0 < c1 {
+            let (p0, p1) = ((c0 - e.col0) / PANEL, (c1 - e.col0).div_ceil(PANEL));
+            prefetch::<{ PREFETCH_L1 }>(e.panels, p0 * e.rank * PANEL..p1 * e.rank * PANEL);
         }
-        let (p0, p1) = ((c0 - e.col0) / PANEL, (c1 - e.col0).div_ceil(PANEL));
-        let (base, size) = match e.panels {
-            Served::F32(p) => (p.as_ptr().cast::<u8>(), 4),
-            Served::Bf16(p) => (p.as_ptr().cast::<u8>(), 2),
+    }
+}
+
+/// Prefetch hints for [`prefetch`]: into L1, or into L2 only (x86's `_MM_HINT_T0`, `_T1`).
+pub const PREFETCH_L1: i32 = 3;
+pub const PREFETCH_L2: i32 = 2;
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(PREFETCH_L1 == std::arch::x86_64::_MM_HINT_T0 && PREFETCH_L2 == std::arch::x86_64::_MM_HINT_T1);
+
+/// Asks for the cache lines of elements `range` of `w` (a hint: no-op off x86-64).
+pub fn prefetch<const HINT: i32>(w: Served<'_>, range: std::ops::Range<usize>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (base, size, len) = match w {
+            Served::F32(v) => (v.as_ptr().cast::<u8>(), 4, v.len()),
+            Served::Bf16(v) => (v.as_ptr().cast::<u8>(), 2, v.len()),
         };
-        let (from, to) = (p0 * e.rank * PANEL * size, p1 * e.rank * PANEL * size);
-        for at in (from..to).step_by(64) {
-            // SAFETY: a prefetch is only a hint; the address lies inside the panels (checked
-            // against the term's columns in check_terms).
-            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(base.add(at).cast()) };
+        for at in (range.start.min(len) * size..range.end.min(len) * size).step_by(64) {
+            // SAFETY: a prefetch is only a hint, and the address lies inside `w`.
+            unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(base.add(at).cast()) };
         }
     }
 }

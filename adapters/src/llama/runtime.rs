@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::{Llama, LlamaConfig};
 use crate::error::{AdapterError, Result};
-use crate::kernels::{axpy, dot, LowRank, QMatrix, Weight};
+use crate::kernels::{axpy, dot, prefetch, LowRank, QMatrix, Weight, PREFETCH_L2};
 use crate::lora::{AdapterWeights, BaseWeight, LoraPair, Served};
 use crate::peft::LoraModule;
 
@@ -312,25 +312,15 @@ fn low_rank_terms<'a>(
 /// matmul's `x·Aᵀ` while the others run its tiles. On a few rows `x·Aᵀ` is a short pass over
 /// A that would otherwise wait on memory at the start of each matmul.
 fn prefetch_a(seqs: &[SeqInput<'_>], layer: usize, modules: &[LoraModule]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let mut last: Option<*const AdapterWeights> = None;
-        for adapter in seqs.iter().filter_map(|s| s.adapter) {
-            if last == Some(adapter as *const _) {
-                continue;
-            }
-            last = Some(adapter as *const _);
-            for &module in modules {
-                let Some((_, _, _, a)) = adapter.pair(layer, module).and_then(|p| p.halves()) else { continue };
-                let bytes = match a {
-                    Served::F32(v) => v.len() * 4,
-                    Served::Bf16(v) => v.len() * 2,
-                };
-                let base = a.as_ptr();
-                for at in (0..bytes).step_by(64) {
-                    // SAFETY: a prefetch is only a hint, and the address lies inside `a`.
-                    unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(base.add(at).cast()) };
-                }
+    let mut last: Option<*const AdapterWeights> = None;
+    for adapter in seqs.iter().filter_map(|s| s.adapter) {
+        if last == Some(adapter as *const _) {
+            continue;
+        }
+        last = Some(adapter as *const _);
+        for &module in modules {
+            if let Some((_, _, _, a)) = adapter.pair(layer, module).and_then(|p| p.halves()) {
+                prefetch::<{ PREFETCH_L2 }>(a, 0..a.len());
             }
         }
     }
