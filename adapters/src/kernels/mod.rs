@@ -299,12 +299,17 @@ impl QMatrix {
         }
     }
 
-    /// [`Self::matmul_plus`] for terms whose `t` is still to be computed: `prepare` works them
-    /// out as one more task of the matmul's parallel region, so one thread computes `x·Aᵀ`
-    /// while the others start on the tiles (rather than all but one waiting for it). A tile
-    /// that finishes before the terms exist leaves its part of them to the caller's thread,
-    /// after the region. Batches too large for the fused kernels compute the terms first.
-    pub fn matmul_plus_prepared<'t, F>(&self, x: &[f32], n: usize, y: &mut [f32], ldy: usize, prepare: F)
+    /// [`Self::matmul_plus`] for terms whose `t` is still to be computed: one task of the
+    /// matmul's parallel region runs `prepare` (which works out `x·Aᵀ`) and then the terms'
+    /// whole contribution, `t·Bᵀ`, into `delta`, while the other threads start on the tiles;
+    /// the caller's thread adds `delta` to `y` after the region. So the tiles run the base
+    /// kernel alone, and the LoRA work is one pass over A and one over B on one thread rather
+    /// than a piece of B per tile (for a decode step of a few rows, each piece was too small
+    /// to pay for itself). Batches too large for the fused kernels go through
+    /// [`Self::matmul_plus`] with the terms computed first. Terms must not overlap (they never
+    /// do: each is one module's columns for one run of sequences' rows); the sums are then
+    /// bit for bit those of `matmul_plus`.
+    pub fn matmul_plus_prepared<'t, F>(&self, x: &[f32], n: usize, y: &mut [f32], ldy: usize, delta: &mut Vec<f32>, prepare: F)
     where
         F: FnOnce() -> Vec<LowRank<'t>> + Send,
     {
@@ -317,35 +322,36 @@ impl QMatrix {
         let out = OutPtr(y.as_mut_ptr());
         let tile = fused_tile(self.rows);
         let tiles = self.rows.div_ceil(tile);
-        let prepare = std::sync::Mutex::new(Some(prepare));
-        let terms: std::sync::OnceLock<Vec<LowRank<'t>>> = std::sync::OnceLock::new();
-        let pending = std::sync::Mutex::new(Vec::new());
+        let prepare = std::sync::Mutex::new(Some((prepare, delta)));
+        let done: std::sync::Mutex<Option<(Vec<LowRank<'t>>, &mut Vec<f32>)>> = std::sync::Mutex::new(None);
         // Task 0 prepares; rayon runs a range from its start on the calling thread while the
         // other threads take its far end, so the terms are worked out first.
         (0..=tiles).into_par_iter().for_each(|i| {
             if i == 0 {
-                let f = prepare.lock().unwrap_or_else(|e| e.into_inner()).take().expect("the terms are prepared once");
-                let ready = f();
-                check_terms(&ready, n, self.rows);
-                let _ = terms.set(ready);
+                let (f, delta) = prepare.lock().unwrap_or_else(|e| e.into_inner()).take().expect("the terms are prepared once");
+                let terms = f();
+                check_terms(&terms, n, self.rows);
+                let cover = terms.iter().map(|e| (e.row0 + e.rows) * ldy).max().unwrap_or(0);
+                delta.clear();
+                delta.resize(cover, 0.0);
+                // SAFETY: the terms lie inside an [n, rows] output (checked), and `delta` holds
+                // every row they touch at stride `ldy`; this task alone owns it.
+                unsafe { add_low_rank(&terms, 0, self.rows, OutPtr(delta.as_mut_ptr()), ldy) };
+                *done.lock().unwrap_or_else(|e| e.into_inner()) = Some((terms, delta));
                 return;
             }
             let (r0, r1) = ((i - 1) * tile, (i * tile).min(self.rows));
-            if let Some(ready) = terms.get() {
-                prefetch_low_rank(ready, r0, r1);
-            }
             // SAFETY: tiles cover disjoint column ranges of `y`, inside the bounds checked above.
             unsafe { self.fused_tile(x, n, r0, r1, out, ldy) };
-            match terms.get() {
-                // SAFETY: as above; the terms were checked against the output's shape.
-                Some(ready) => unsafe { add_low_rank(ready, r0, r1, out, ldy) },
-                None => pending.lock().unwrap_or_else(|e| e.into_inner()).push((r0, r1)),
-            }
         });
-        let ready = terms.get().expect("the preparing task ran");
-        for (r0, r1) in pending.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            // SAFETY: the region is over, so this thread alone writes `y`; same bounds.
-            unsafe { add_low_rank(ready, r0, r1, out, ldy) };
+        let (terms, delta) = done.into_inner().unwrap_or_else(|e| e.into_inner()).expect("the preparing task ran");
+        for e in &terms {
+            for row in e.row0..e.row0 + e.rows {
+                let at = row * ldy + e.col0..row * ldy + e.col0 + e.cols;
+                for (d, v) in y[at.clone()].iter_mut().zip(&delta[at]) {
+                    *d += v;
+                }
+            }
         }
     }
 

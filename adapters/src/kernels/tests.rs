@@ -198,9 +198,11 @@ fn prepared_low_rank_terms_add_what_ready_ones_add() {
         };
         let ldy = rows + 1;
         let (mut ready, mut prepared) = (vec![0f32; n * ldy], vec![0f32; n * ldy]);
+        // A delta buffer left over from a larger call must not leak into this one.
+        let mut delta = vec![1.0f32; 3 * n * ldy];
         pool.install(|| {
             m.matmul_plus(&x, n, &mut ready, ldy, &terms());
-            m.matmul_plus_prepared(&x, n, &mut prepared, ldy, terms);
+            m.matmul_plus_prepared(&x, n, &mut prepared, ldy, &mut delta, terms);
         });
         assert_eq!(ready, prepared, "n = {n}");
         let mut plain = vec![0f32; n * ldy];

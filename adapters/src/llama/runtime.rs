@@ -155,6 +155,9 @@ pub struct Workspace {
     last: Vec<f32>,
     /// `x Aᵀ` of each LoRA term of the current matmul.
     lora_t: Vec<Vec<f32>>,
+    /// `t·Bᵀ` of the current matmul's LoRA terms, on a decode step of a few rows
+    /// ([`QMatrix::matmul_plus_prepared`]).
+    lora_delta: Vec<f32>,
 }
 
 fn grow(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
@@ -232,7 +235,7 @@ const PARALLEL_XA: usize = 1 << 16;
 /// adapter and every module in `modules` (with the output column its slice of the fused matrix
 /// starts at), `t = x Aᵀ` for those rows (computed here, into `bufs`) and `scale·Bᵀ`, which
 /// the matmul's tiles then add in parallel. Pairs that are not frozen are left to [`lora`].
-/// `next` names the layer and modules of the following LoRA matmul (see [`prefetch_a`]).
+/// `next` names the layer and modules of the following LoRA matmul (see [`prefetch_next`]).
 fn low_rank_terms<'a>(
     seqs: &[SeqInput<'a>],
     starts: &[usize],
@@ -273,9 +276,9 @@ fn low_rank_terms<'a>(
     if specs.is_empty() {
         return Vec::new();
     }
-    // The next matmul's A halves travel to L2 while this thread works and the others run
-    // this matmul's tiles.
-    prefetch_a(seqs, next.0, next.1);
+    // The next matmul's A and B halves travel to L2 while this thread works and the others
+    // run this matmul's tiles.
+    prefetch_next(seqs, next.0, next.1);
     while bufs.len() < specs.len() {
         bufs.push(Vec::new());
     }
@@ -307,11 +310,11 @@ fn low_rank_terms<'a>(
         .collect()
 }
 
-/// Asks for the A halves of `modules` in `layer` of every adapter in the step to be brought
-/// into L2 ahead of their matmul (the next one), by the thread that has just worked out this
-/// matmul's `x·Aᵀ` while the others run its tiles. On a few rows `x·Aᵀ` is a short pass over
-/// A that would otherwise wait on memory at the start of each matmul.
-fn prefetch_a(seqs: &[SeqInput<'_>], layer: usize, modules: &[LoraModule]) {
+/// Asks for the A and B halves of `modules` in `layer` of every adapter in the step to be
+/// brought into L2 ahead of their matmul (the next one), by the thread that has just worked
+/// out this matmul's LoRA terms while the others run its tiles. On a few rows the LoRA work
+/// is a short pass over A and one over B, which would otherwise wait on memory.
+fn prefetch_next(seqs: &[SeqInput<'_>], layer: usize, modules: &[LoraModule]) {
     let mut last: Option<*const AdapterWeights> = None;
     for adapter in seqs.iter().filter_map(|s| s.adapter) {
         if last == Some(adapter as *const _) {
@@ -319,8 +322,9 @@ fn prefetch_a(seqs: &[SeqInput<'_>], layer: usize, modules: &[LoraModule]) {
         }
         last = Some(adapter as *const _);
         for &module in modules {
-            if let Some((_, _, _, a)) = adapter.pair(layer, module).and_then(|p| p.halves()) {
+            if let Some((_, _, b, a)) = adapter.pair(layer, module).and_then(|p| p.halves()) {
                 prefetch::<{ PREFETCH_L2 }>(a, 0..a.len());
+                prefetch::<{ PREFETCH_L2 }>(b, 0..b.len());
             }
         }
     }
@@ -345,11 +349,12 @@ fn lora_matmul(
     out: &mut [f32],
     ldy: usize,
     bufs: &mut Vec<Vec<f32>>,
+    delta: &mut Vec<f32>,
     prepared: bool,
     next: (usize, &[LoraModule]),
 ) {
     if prepared {
-        w.matmul_plus_prepared(input, n, out, ldy, || low_rank_terms(seqs, starts, layer, modules, input, in_dim, bufs, next));
+        w.matmul_plus_prepared(input, n, out, ldy, delta, || low_rank_terms(seqs, starts, layer, modules, input, in_dim, bufs, next));
     } else {
         let terms = low_rank_terms(seqs, starts, layer, modules, input, in_dim, bufs, next);
         w.matmul_plus(input, n, out, ldy, &terms);
@@ -735,7 +740,7 @@ impl Runtime {
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention.
             rms_norm(&ws.x[..n * hs], &layer.attn_norm, eps, &mut ws.h[..n * hs]);
-            lora_matmul(&layer.qkv, seqs, &starts, l, &[(LoraModule::QProj, 0), (LoraModule::KProj, dq), (LoraModule::VProj, dq + dkv)], &ws.h, hs, n, &mut ws.qkv, wqkv, &mut ws.lora_t, prepared, (l, &[LoraModule::OProj]));
+            lora_matmul(&layer.qkv, seqs, &starts, l, &[(LoraModule::QProj, 0), (LoraModule::KProj, dq), (LoraModule::VProj, dq + dkv)], &ws.h, hs, n, &mut ws.qkv, wqkv, &mut ws.lora_t, &mut ws.lora_delta, prepared, (l, &[LoraModule::OProj]));
             lora(seqs, &starts, l, LoraModule::QProj, &ws.h, hs, &mut ws.qkv, wqkv, 0);
             lora(seqs, &starts, l, LoraModule::KProj, &ws.h, hs, &mut ws.qkv, wqkv, dq);
             lora(seqs, &starts, l, LoraModule::VProj, &ws.h, hs, &mut ws.qkv, wqkv, dq + dkv);
@@ -756,18 +761,18 @@ impl Runtime {
                 }
             }
             self.attention(l, seqs, &starts, &ws.qkv, wqkv, &mut ws.att);
-            lora_matmul(&layer.o, seqs, &starts, l, &[(LoraModule::OProj, 0)], &ws.att, dq, n, &mut ws.tmp, hs, &mut ws.lora_t, prepared, (l, &[LoraModule::GateProj, LoraModule::UpProj]));
+            lora_matmul(&layer.o, seqs, &starts, l, &[(LoraModule::OProj, 0)], &ws.att, dq, n, &mut ws.tmp, hs, &mut ws.lora_t, &mut ws.lora_delta, prepared, (l, &[LoraModule::GateProj, LoraModule::UpProj]));
             lora(seqs, &starts, l, LoraModule::OProj, &ws.att, dq, &mut ws.tmp, hs, 0);
             for (xv, tv) in ws.x[..n * hs].iter_mut().zip(&ws.tmp[..n * hs]) {
                 *xv += tv;
             }
             // Feed-forward.
             rms_norm(&ws.x[..n * hs], &layer.ffn_norm, eps, &mut ws.h[..n * hs]);
-            lora_matmul(&layer.gate_up, seqs, &starts, l, &[(LoraModule::GateProj, 0), (LoraModule::UpProj, inter)], &ws.h, hs, n, &mut ws.gate_up, 2 * inter, &mut ws.lora_t, prepared, (l, &[LoraModule::DownProj]));
+            lora_matmul(&layer.gate_up, seqs, &starts, l, &[(LoraModule::GateProj, 0), (LoraModule::UpProj, inter)], &ws.h, hs, n, &mut ws.gate_up, 2 * inter, &mut ws.lora_t, &mut ws.lora_delta, prepared, (l, &[LoraModule::DownProj]));
             lora(seqs, &starts, l, LoraModule::GateProj, &ws.h, hs, &mut ws.gate_up, 2 * inter, 0);
             lora(seqs, &starts, l, LoraModule::UpProj, &ws.h, hs, &mut ws.gate_up, 2 * inter, inter);
             silu_mul(&ws.gate_up[..n * 2 * inter], inter, &mut ws.act[..n * inter]);
-            lora_matmul(&layer.down, seqs, &starts, l, &[(LoraModule::DownProj, 0)], &ws.act, inter, n, &mut ws.tmp, hs, &mut ws.lora_t, prepared, (l + 1, &[LoraModule::QProj, LoraModule::KProj, LoraModule::VProj]));
+            lora_matmul(&layer.down, seqs, &starts, l, &[(LoraModule::DownProj, 0)], &ws.act, inter, n, &mut ws.tmp, hs, &mut ws.lora_t, &mut ws.lora_delta, prepared, (l + 1, &[LoraModule::QProj, LoraModule::KProj, LoraModule::VProj]));
             lora(seqs, &starts, l, LoraModule::DownProj, &ws.act, inter, &mut ws.tmp, hs, 0);
             for (xv, tv) in ws.x[..n * hs].iter_mut().zip(&ws.tmp[..n * hs]) {
                 *xv += tv;

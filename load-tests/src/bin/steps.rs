@@ -138,8 +138,8 @@ fn main() -> Result<()> {
         args.steps,
         args.rounds
     );
-    println!("| streams | load | tok/s (median) | min | max | ratio |");
-    println!("|---:|---|---:|---:|---:|---|");
+    println!("| streams | load | tok/s (median) | min | max | ratio | paired ratio |");
+    println!("|---:|---|---:|---:|---:|---|---:|");
     for &streams in &args.streams {
         let mut samples: Vec<Vec<f64>> = vec![Vec::new(); loads.len()];
         // One untimed pass per load warms caches and the allocator.
@@ -156,6 +156,22 @@ fn main() -> Result<()> {
                 }
             }
         }
+        // Each round's ratio to the load it is compared with, measured moments apart: on a
+        // machine whose speed drifts, their median is steadier than a ratio of medians.
+        let paired = |li: usize, against: Load| -> Option<f64> {
+            let bi = loads.iter().position(|&x| x == against)?;
+            let mut r: Vec<f64> = samples[li].iter().zip(&samples[bi]).map(|(a, b)| a / b).collect();
+            Some(median(&mut r))
+        };
+        let pairs: Vec<Option<f64>> = loads
+            .iter()
+            .enumerate()
+            .map(|(li, &load)| match load {
+                Load::Base => None,
+                Load::OneAdapter => paired(li, Load::Base),
+                Load::EightAdapters => paired(li, Load::OneAdapter),
+            })
+            .collect();
         let meds: Vec<f64> = samples.iter_mut().map(|s| median(s)).collect();
         let med = |l: Load| loads.iter().position(|&x| x == l).map(|i| meds[i]);
         for (li, &load) in loads.iter().enumerate() {
@@ -165,9 +181,10 @@ fn main() -> Result<()> {
                 (Load::EightAdapters, _, Some(one)) => format!("{:.3} of one adapter", meds[li] / one),
                 _ => String::new(),
             };
-            println!("| {streams} | {} | {:.1} | {:.1} | {:.1} | {ratio} |", load.name(), meds[li], s[0], s[s.len() - 1]);
+            let pair = pairs[li].map(|p| format!("{p:.3}")).unwrap_or_default();
+            println!("| {streams} | {} | {:.1} | {:.1} | {:.1} | {ratio} | {pair} |", load.name(), meds[li], s[0], s[s.len() - 1]);
             rows.push(serde_json::json!({
-                "streams": streams, "load": load.name(), "tok_s_median": meds[li], "samples": s,
+                "streams": streams, "load": load.name(), "tok_s_median": meds[li], "paired_ratio": pairs[li], "samples": s,
             }));
         }
     }
