@@ -180,6 +180,14 @@ impl Served<'_> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Element `i` as f32 (exact for bf16).
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            Served::F32(v) => v[i],
+            Served::Bf16(v) => f32::from_bits((v[i] as u32) << 16),
+        }
+    }
 }
 
 /// Output columns per panel of a served pair's `scale·Bᵀ` (one 8-lane vector).

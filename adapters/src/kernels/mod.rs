@@ -667,6 +667,78 @@ fn panel_rows<const R: usize>(t: &[f32], rank: usize, wide: &[f32]) -> [[f32; PA
     even
 }
 
+/// Activation rows per pass of [`x_a_t`] (each A row is loaded once for all of them).
+pub const XA_ROWS: usize = 4;
+
+/// `t[i, j] = x[i] · a[j]` for `rows ≤ XA_ROWS` rows of `x` (stride `in_dim`) and the `rank`
+/// rows of `a` (`[rank, in_dim]`): a LoRA term's `x·Aᵀ`.
+pub fn x_a_t(x: &[f32], in_dim: usize, rows: usize, a: Served<'_>, rank: usize, t: &mut [f32]) {
+    assert!(
+        (1..=XA_ROWS).contains(&rows) && x.len() >= rows * in_dim && a.len() >= rank * in_dim && t.len() >= rows * rank,
+        "x·Aᵀ operands do not match their shapes"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 {
+        // SAFETY: AVX-512 was detected; the lengths were checked above.
+        unsafe {
+            match a {
+                Served::F32(a) => x86::x_a_t_f32_avx512(x, in_dim, rows, a, rank, t),
+                Served::Bf16(a) => x86::x_a_t_bf16_avx512(x, in_dim, rows, a, rank, t),
+            }
+        }
+        let body = in_dim / 16 * 16;
+        if body < in_dim {
+            for r in 0..rows {
+                for j in 0..rank {
+                    let tail = (body..in_dim).fold(t[r * rank + j], |acc, k| a.get(j * in_dim + k).mul_add(x[r * in_dim + k], acc));
+                    t[r * rank + j] = tail;
+                }
+            }
+        }
+        return;
+    }
+    match a {
+        Served::F32(a) => x_a_t_as(x, in_dim, rows, a, rank, t),
+        Served::Bf16(a) => x_a_t_as(x, in_dim, rows, a, rank, t),
+    }
+}
+
+fn x_a_t_as<W: Weight>(x: &[f32], in_dim: usize, rows: usize, a: &[W], rank: usize, t: &mut [f32]) {
+    match rows {
+        1 => x_a_t_rows::<1, W>(x, in_dim, a, rank, t),
+        2 => x_a_t_rows::<2, W>(x, in_dim, a, rank, t),
+        3 => x_a_t_rows::<3, W>(x, in_dim, a, rank, t),
+        _ => x_a_t_rows::<XA_ROWS, W>(x, in_dim, a, rank, t),
+    }
+}
+
+/// The portable [`x_a_t`]: sixteen lanes per row, summed at the end.
+fn x_a_t_rows<const R: usize, W: Weight>(x: &[f32], in_dim: usize, a: &[W], rank: usize, t: &mut [f32]) {
+    const LANES: usize = 16;
+    let body = in_dim / LANES * LANES;
+    for j in 0..rank {
+        let aj = &a[j * in_dim..(j + 1) * in_dim];
+        let mut acc = [[0f32; LANES]; R];
+        for k in (0..body).step_by(LANES) {
+            let chunk: &[W; LANES] = aj[k..k + LANES].try_into().expect("a whole chunk");
+            let av: [f32; LANES] = std::array::from_fn(|l| chunk[l].f32());
+            for (r, accr) in acc.iter_mut().enumerate() {
+                let xv: &[f32; LANES] = x[r * in_dim + k..r * in_dim + k + LANES].try_into().expect("a whole chunk");
+                for l in 0..LANES {
+                    accr[l] = av[l].mul_add(xv[l], accr[l]);
+                }
+            }
+        }
+        for (r, accr) in acc.iter().enumerate() {
+            let mut total: f32 = accr.iter().sum();
+            for k in body..in_dim {
+                total = aj[k].f32().mul_add(x[r * in_dim + k], total);
+            }
+            t[r * rank + j] = total;
+        }
+    }
+}
+
 /// Asks for the cache lines of each term's panels that output columns `r0..r1` will read,
 /// before the tile's base kernel runs: they then arrive while it works rather than when
 /// [`add_low_rank`] needs them.

@@ -210,3 +210,27 @@ fn prepared_low_rank_terms_add_what_ready_ones_add() {
         assert_ne!(ready, plain, "n = {n}: the terms added nothing");
     }
 }
+
+#[test]
+fn x_a_t_matches_a_float64_dot_product() {
+    // Widths with and without a tail past a multiple of 16, odd and even ranks, every row
+    // count, A in f32 and bf16: against the same products summed in f64.
+    for (in_dim, rank) in [(64, 8), (70, 3), (576, 1), (15, 2)] {
+        let a32: Vec<f32> = activations(1, rank * in_dim).iter().map(|v| v * 0.3).collect();
+        let a16: Vec<u16> = a32.iter().map(|&v| crate::lora::to_bf16_bits(v)).collect();
+        for rows in 1..=XA_ROWS {
+            let x = activations(rows, in_dim);
+            for a in [Served::F32(&a32), Served::Bf16(&a16)] {
+                let mut t = vec![f32::NAN; rows * rank];
+                x_a_t(&x, in_dim, rows, a, rank, &mut t);
+                for r in 0..rows {
+                    for j in 0..rank {
+                        let want: f64 = (0..in_dim).map(|k| a.get(j * in_dim + k) as f64 * x[r * in_dim + k] as f64).sum();
+                        let got = t[r * rank + j] as f64;
+                        assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "in {in_dim}, rank {rank}, rows {rows}: {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -435,3 +435,100 @@ pub unsafe fn q8_0_tile_pairs_avx512(q: &[i8], d: &[f32], nb: usize, r0: usize, 
     // SAFETY: forwarded from the caller.
     unsafe { tile_pairs_avx512(w, nb, r0, r1, x, n, out, ldy, |r| q8_0_tile_avx512(q, d, &[], nb, r, r + 1, x, n, out, ldy)) }
 }
+
+/// `J` rows of A (from `j`) against `R` rows of `x`, over the first `in_dim / 16 · 16`
+/// columns; `a(row, k)` gives A's elements `k..k + 16` of `row` as f32. Each activation load
+/// feeds `J` FMAs.
+///
+/// # Safety
+/// AVX-512F/BW; `x` holds `R` rows of `in_dim` floats, `a` is valid for those rows and
+/// columns, and `t` for `t[r · rank + j + i]` with `r < R`, `i < J`.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn x_a_t_block<const R: usize, const J: usize>(a: &impl Fn(usize, usize) -> __m512, j: usize, x: *const f32, in_dim: usize, rank: usize, t: *mut f32) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); R]; J];
+        for k in (0..in_dim / 16 * 16).step_by(16) {
+            let av: [__m512; J] = std::array::from_fn(|i| a(j + i, k));
+            for r in 0..R {
+                let xv = _mm512_loadu_ps(x.add(r * in_dim + k));
+                for i in 0..J {
+                    acc[i][r] = _mm512_fmadd_ps(av[i], xv, acc[i][r]);
+                }
+            }
+        }
+        for (i, rows) in acc.iter().enumerate() {
+            for (r, &v) in rows.iter().enumerate() {
+                *t.add(r * rank + j + i) = _mm512_reduce_add_ps(v);
+            }
+        }
+    }
+}
+
+/// Every row of A against `R` rows of `x`, two A rows at a time.
+///
+/// # Safety
+/// As for [`x_a_t_block`], for all `rank` rows of A.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn x_a_t_rows<const R: usize>(a: impl Fn(usize, usize) -> __m512, x: *const f32, in_dim: usize, rank: usize, t: *mut f32) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let mut j = 0;
+        while j + 2 <= rank {
+            x_a_t_block::<R, 2>(&a, j, x, in_dim, rank, t);
+            j += 2;
+        }
+        if j < rank {
+            x_a_t_block::<R, 1>(&a, j, x, in_dim, rank, t);
+        }
+    }
+}
+
+/// `t[r · rank + j] = x[r] · a[j]` over the first `in_dim / 16 · 16` columns (the caller adds
+/// the rest), for `rows ≤ 4` rows of `x`; A is `[rank, in_dim]`, f32.
+///
+/// # Safety
+/// AVX-512F/BW; `x` holds `rows` rows of `in_dim` floats, `a` `rank · in_dim` and `t`
+/// `rows · rank`.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn x_a_t_f32_avx512(x: &[f32], in_dim: usize, rows: usize, a: &[f32], rank: usize, t: &mut [f32]) {
+    debug_assert!(x.len() >= rows * in_dim && a.len() >= rank * in_dim && t.len() >= rows * rank);
+    let (ap, xp, tp) = (a.as_ptr(), x.as_ptr(), t.as_mut_ptr());
+    // SAFETY: the loads stay inside A's `rank` rows, as the caller guarantees.
+    let load = |j: usize, k: usize| unsafe { _mm512_loadu_ps(ap.add(j * in_dim + k)) };
+    // SAFETY: forwarded from the caller.
+    unsafe { x_a_t_any(load, xp, in_dim, rows, rank, tp) }
+}
+
+/// [`x_a_t_f32_avx512`] for A held as bf16 bit patterns (widened exactly in registers).
+///
+/// # Safety
+/// As for [`x_a_t_f32_avx512`].
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn x_a_t_bf16_avx512(x: &[f32], in_dim: usize, rows: usize, a: &[u16], rank: usize, t: &mut [f32]) {
+    debug_assert!(x.len() >= rows * in_dim && a.len() >= rank * in_dim && t.len() >= rows * rank);
+    let (ap, xp, tp) = (a.as_ptr(), x.as_ptr(), t.as_mut_ptr());
+    // SAFETY: as above; 16 bf16 values are 32 bytes.
+    let load = |j: usize, k: usize| unsafe {
+        let raw = _mm256_loadu_si256(ap.add(j * in_dim + k) as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16))
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe { x_a_t_any(load, xp, in_dim, rows, rank, tp) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn x_a_t_any(load: impl Fn(usize, usize) -> __m512, x: *const f32, in_dim: usize, rows: usize, rank: usize, t: *mut f32) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match rows {
+            1 => x_a_t_rows::<1>(load, x, in_dim, rank, t),
+            2 => x_a_t_rows::<2>(load, x, in_dim, rank, t),
+            3 => x_a_t_rows::<3>(load, x, in_dim, rank, t),
+            _ => x_a_t_rows::<4>(load, x, in_dim, rank, t),
+        }
+    }
+}

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::{Llama, LlamaConfig};
 use crate::error::{AdapterError, Result};
-use crate::kernels::{axpy, dot, prefetch, LowRank, QMatrix, Weight, PREFETCH_L2};
+use crate::kernels::{axpy, dot, prefetch, x_a_t, LowRank, QMatrix, PREFETCH_L2, XA_ROWS};
 use crate::lora::{AdapterWeights, BaseWeight, LoraPair, Served};
 use crate::peft::LoraModule;
 
@@ -358,53 +358,6 @@ fn lora_matmul(
     } else {
         let terms = low_rank_terms(seqs, starts, layer, modules, input, in_dim, bufs, next);
         w.matmul_plus(input, n, out, ldy, &terms);
-    }
-}
-
-/// Activation rows per pass of [`x_a_t`] (each A row is loaded once for all of them).
-const XA_ROWS: usize = 4;
-
-/// `t[i, j] = x[i] · a[j]` for `rows ≤ XA_ROWS` rows of `x` (stride `in_dim`) and the `rank`
-/// rows of `a` (`[rank, in_dim]`).
-fn x_a_t(x: &[f32], in_dim: usize, rows: usize, a: Served<'_>, rank: usize, t: &mut [f32]) {
-    match a {
-        Served::F32(a) => x_a_t_as(x, in_dim, rows, a, rank, t),
-        Served::Bf16(a) => x_a_t_as(x, in_dim, rows, a, rank, t),
-    }
-}
-
-fn x_a_t_as<W: Weight>(x: &[f32], in_dim: usize, rows: usize, a: &[W], rank: usize, t: &mut [f32]) {
-    match rows {
-        1 => x_a_t_rows::<1, W>(x, in_dim, a, rank, t),
-        2 => x_a_t_rows::<2, W>(x, in_dim, a, rank, t),
-        3 => x_a_t_rows::<3, W>(x, in_dim, a, rank, t),
-        _ => x_a_t_rows::<XA_ROWS, W>(x, in_dim, a, rank, t),
-    }
-}
-
-fn x_a_t_rows<const R: usize, W: Weight>(x: &[f32], in_dim: usize, a: &[W], rank: usize, t: &mut [f32]) {
-    const LANES: usize = 16;
-    let body = in_dim / LANES * LANES;
-    for j in 0..rank {
-        let aj = &a[j * in_dim..(j + 1) * in_dim];
-        let mut acc = [[0f32; LANES]; R];
-        for k in (0..body).step_by(LANES) {
-            let chunk: &[W; LANES] = aj[k..k + LANES].try_into().expect("a whole chunk");
-            let av: [f32; LANES] = std::array::from_fn(|l| chunk[l].f32());
-            for (r, accr) in acc.iter_mut().enumerate() {
-                let xv: &[f32; LANES] = x[r * in_dim + k..r * in_dim + k + LANES].try_into().expect("a whole chunk");
-                for l in 0..LANES {
-                    accr[l] = av[l].mul_add(xv[l], accr[l]);
-                }
-            }
-        }
-        for (r, accr) in acc.iter().enumerate() {
-            let mut total: f32 = accr.iter().sum();
-            for k in body..in_dim {
-                total = aj[k].f32().mul_add(x[r * in_dim + k], total);
-            }
-            t[r * rank + j] = total;
-        }
     }
 }
 
