@@ -624,10 +624,16 @@ unsafe fn add_term<W: Weight>(e: &LowRank<'_>, panels: &[W], r0: usize, r1: usiz
             }
             i += 4;
         }
-        while i < e.rows {
-            let [acc] = panel_rows::<1>(&e.t[i * rank..(i + 1) * rank], rank, wide);
-            add(i, &acc);
-            i += 1;
+        // The last one to three rows in one pass (a term of two rows is common: two streams
+        // on one adapter among several).
+        let rest: &[[f32; PANEL]] = match e.rows - i {
+            0 => &[],
+            1 => &panel_rows::<1>(&e.t[i * rank..(i + 1) * rank], rank, wide),
+            2 => &panel_rows::<2>(&e.t[i * rank..(i + 2) * rank], rank, wide),
+            _ => &panel_rows::<3>(&e.t[i * rank..(i + 3) * rank], rank, wide),
+        };
+        for (k, a) in rest.iter().enumerate() {
+            add(i + k, a);
         }
     }
 }
