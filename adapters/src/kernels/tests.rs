@@ -187,7 +187,7 @@ fn prepared_low_rank_terms_add_what_ready_ones_add() {
     let p32: Vec<f32> = activations(1, panel_len(101)).iter().map(|v| v * 0.1).collect();
     let p16: Vec<u16> = activations(1, panel_len(77)).iter().map(|v| crate::lora::to_bf16_bits(v * 0.1)).collect();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-    for n in [1, 2, 4, 9, 40] {
+    for n in [1, 2, 3, 4, 7, 9, 40] {
         let x = activations(n, cols);
         let t: Vec<f32> = activations(n, rank).iter().map(|v| v * 0.5).collect();
         let terms = || {
