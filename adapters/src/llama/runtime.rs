@@ -834,20 +834,22 @@ mod tests {
             rope_theta: 10_000.0,
             max_position: 64,
         };
-        let mut cache = KvCache::new(&cfg, 40);
+        let mut cache = KvCache::new(&cfg, 120);
         let vals = crate::testing::values(cache.k.len(), 5, 1.0);
         cache.k.copy_from_slice(&vals);
         let vals = crate::testing::values(cache.v.len(), 6, 1.0);
         cache.v.copy_from_slice(&vals);
         let q = crate::testing::values(3 * 64, 7, 1.0);
-        // 37 keys: two whole blocks of 16 and a tail.
-        let view = GroupView { cache: &cache, layer: 1, group: 0, keys: 37, hd: 64 };
-        let (mut a, mut b) = (vec![0f32; 192], vec![0f32; 192]);
-        let mut scratch = Vec::new();
-        view.attend::<3, 64>(&q, 0.125, &mut scratch, &mut a);
-        view.attend_any(3, &q, 0.125, &mut scratch, &mut b);
-        for (x, y) in a.iter().zip(&b) {
-            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        // 37 keys: two whole blocks of 16 and a tail; 100: six blocks and a tail.
+        for keys in [37, 100] {
+            let view = GroupView { cache: &cache, layer: 1, group: 0, keys, hd: 64 };
+            let (mut a, mut b) = (vec![0f32; 192], vec![0f32; 192]);
+            let mut scratch = Vec::new();
+            view.attend::<3, 64>(&q, 0.125, &mut scratch, &mut a);
+            view.attend_any(3, &q, 0.125, &mut scratch, &mut b);
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() < 1e-5, "{keys} keys: {x} vs {y}");
+            }
         }
     }
 
