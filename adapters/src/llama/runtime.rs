@@ -234,7 +234,8 @@ const PARALLEL_XA: usize = 1 << 16;
 /// The LoRA terms of one fused matmul: for every run of consecutive sequences that share an
 /// adapter and every module in `modules` (with the output column its slice of the fused matrix
 /// starts at), `t = x Aᵀ` for those rows (computed here, into `bufs`) and `scale·Bᵀ`, which
-/// the matmul's tiles then add in parallel. Pairs that are not frozen are left to [`lora`].
+/// the matmul adds (in its tiles, or in one task on a step of a few rows: see
+/// [`QMatrix::matmul_plus_prepared`]). Pairs that are not frozen are left to [`lora`].
 /// `next` names the layer and modules of the following LoRA matmul (see [`prefetch_next`]).
 fn low_rank_terms<'a>(
     seqs: &[SeqInput<'a>],
@@ -330,12 +331,14 @@ fn prefetch_next(seqs: &[SeqInput<'_>], layer: usize, modules: &[LoraModule]) {
     }
 }
 
-/// Up to this many rows in a step, the LoRA `x·Aᵀ` products are computed as one task of the
-/// base matmul's parallel region ([`QMatrix::matmul_plus_prepared`]) instead of before it.
+/// Up to this many rows in a step, the whole LoRA delta (`x·Aᵀ`, then `t·Bᵀ`) is computed as
+/// one task of the base matmul's parallel region ([`QMatrix::matmul_plus_prepared`]) instead
+/// of before it and in its tiles.
 const PREPARED_ROWS: usize = 4;
 
 /// `out = input · Wᵀ` plus the frozen LoRA terms of `modules` for every sequence; `next`
-/// names the layer and modules of the following LoRA matmul, whose A halves are prefetched.
+/// names the layer and modules of the following LoRA matmul, whose A and B halves are
+/// prefetched.
 #[allow(clippy::too_many_arguments)]
 fn lora_matmul(
     w: &QMatrix,
@@ -688,7 +691,7 @@ impl Runtime {
         grow(&mut ws.act, n * inter);
         let half = hd / 2;
 
-        // A decode step of a few rows works out its LoRA `x·Aᵀ` inside each matmul's region.
+        // A decode step of a few rows works out its whole LoRA delta inside each matmul's region.
         let prepared = n <= PREPARED_ROWS && seqs.iter().any(|s| s.adapter.is_some());
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention.
