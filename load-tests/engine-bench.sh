@@ -34,8 +34,11 @@ venv="${LLAMACPP_VENV:-}"
 if [ -z "$venv" ]; then
   venv="$work/venv"
   python3 -m venv "$venv"
-  # The native build's AMX path crashes on these machines; this is the build the issue names.
-  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF" \
+  # The native build's AMX path crashes on these machines; this is the build the issue names,
+  # except that AVX-512 is turned off on a CPU without it (an AVX2-only EPYC would die of SIGILL).
+  avx512=ON
+  grep -qw avx512f /proc/cpuinfo || avx512=OFF
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=$avx512 -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF" \
     "$venv/bin/pip" install -q llama-cpp-python==0.3.36 numpy
 fi
 
