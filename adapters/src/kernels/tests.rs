@@ -213,9 +213,10 @@ fn prepared_low_rank_terms_add_what_ready_ones_add() {
 
 #[test]
 fn x_a_t_matches_a_float64_dot_product() {
-    // Widths with and without a tail past a multiple of 16, odd and even ranks, every row
-    // count, A in f32 and bf16: against the same products summed in f64.
-    for (in_dim, rank) in [(64, 8), (70, 3), (576, 1), (15, 2)] {
+    // Widths with and without a tail past a multiple of 8 or 16 (the AVX2 and AVX-512 steps),
+    // narrower than one step, odd and even ranks, every row count, A in f32 and bf16: against
+    // the same products summed in f64.
+    for (in_dim, rank) in [(64, 8), (70, 3), (576, 1), (15, 2), (12, 5), (7, 2)] {
         let a32: Vec<f32> = activations(1, rank * in_dim).iter().map(|v| v * 0.3).collect();
         let a16: Vec<u16> = a32.iter().map(|&v| crate::lora::to_bf16_bits(v)).collect();
         for rows in 1..=XA_ROWS {

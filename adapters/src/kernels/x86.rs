@@ -532,3 +532,96 @@ unsafe fn x_a_t_any(load: impl Fn(usize, usize) -> __m512, x: *const f32, in_dim
         }
     }
 }
+
+/// The AVX2 [`x_a_t_block`]: `J` rows of A against `R` rows of `x`, eight columns a step;
+/// `a(row, k)` gives A's elements `k..k + 8` of `row` as f32.
+///
+/// # Safety
+/// AVX2 and FMA; as for [`x_a_t_block`].
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn x_a_t_block_avx2<const R: usize, const J: usize>(a: &impl Fn(usize, usize) -> __m256, j: usize, x: *const f32, in_dim: usize, rank: usize, t: *mut f32) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); R]; J];
+        for k in (0..in_dim / 8 * 8).step_by(8) {
+            let av: [__m256; J] = std::array::from_fn(|i| a(j + i, k));
+            for r in 0..R {
+                let xv = _mm256_loadu_ps(x.add(r * in_dim + k));
+                for i in 0..J {
+                    acc[i][r] = _mm256_fmadd_ps(av[i], xv, acc[i][r]);
+                }
+            }
+        }
+        for (i, rows) in acc.iter().enumerate() {
+            for (r, &v) in rows.iter().enumerate() {
+                *t.add(r * rank + j + i) = hsum256(v);
+            }
+        }
+    }
+}
+
+/// Every row of A against `R` rows of `x`, two A rows at a time (AVX2).
+///
+/// # Safety
+/// As for [`x_a_t_block_avx2`], for all `rank` rows of A.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn x_a_t_rows_avx2<const R: usize>(a: impl Fn(usize, usize) -> __m256, x: *const f32, in_dim: usize, rank: usize, t: *mut f32) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let mut j = 0;
+        while j + 2 <= rank {
+            x_a_t_block_avx2::<R, 2>(&a, j, x, in_dim, rank, t);
+            j += 2;
+        }
+        if j < rank {
+            x_a_t_block_avx2::<R, 1>(&a, j, x, in_dim, rank, t);
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn x_a_t_any_avx2(load: impl Fn(usize, usize) -> __m256, x: *const f32, in_dim: usize, rows: usize, rank: usize, t: *mut f32) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match rows {
+            1 => x_a_t_rows_avx2::<1>(load, x, in_dim, rank, t),
+            2 => x_a_t_rows_avx2::<2>(load, x, in_dim, rank, t),
+            3 => x_a_t_rows_avx2::<3>(load, x, in_dim, rank, t),
+            _ => x_a_t_rows_avx2::<4>(load, x, in_dim, rank, t),
+        }
+    }
+}
+
+/// [`x_a_t_f32_avx512`] with AVX2: the first `in_dim / 8 · 8` columns (the caller adds the rest).
+///
+/// # Safety
+/// AVX2 and FMA; otherwise as for [`x_a_t_f32_avx512`].
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn x_a_t_f32_avx2(x: &[f32], in_dim: usize, rows: usize, a: &[f32], rank: usize, t: &mut [f32]) {
+    debug_assert!(x.len() >= rows * in_dim && a.len() >= rank * in_dim && t.len() >= rows * rank);
+    let (ap, xp, tp) = (a.as_ptr(), x.as_ptr(), t.as_mut_ptr());
+    // SAFETY: the loads stay inside A's `rank` rows, as the caller guarantees.
+    let load = |j: usize, k: usize| unsafe { _mm256_loadu_ps(ap.add(j * in_dim + k)) };
+    // SAFETY: forwarded from the caller.
+    unsafe { x_a_t_any_avx2(load, xp, in_dim, rows, rank, tp) }
+}
+
+/// [`x_a_t_f32_avx2`] for A held as bf16 bit patterns (widened exactly in registers).
+///
+/// # Safety
+/// As for [`x_a_t_f32_avx2`].
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn x_a_t_bf16_avx2(x: &[f32], in_dim: usize, rows: usize, a: &[u16], rank: usize, t: &mut [f32]) {
+    debug_assert!(x.len() >= rows * in_dim && a.len() >= rank * in_dim && t.len() >= rows * rank);
+    let (ap, xp, tp) = (a.as_ptr(), x.as_ptr(), t.as_mut_ptr());
+    // SAFETY: as above; 8 bf16 values are 16 bytes.
+    let load = |j: usize, k: usize| unsafe {
+        let raw = _mm_loadu_si128(ap.add(j * in_dim + k) as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe { x_a_t_any_avx2(load, xp, in_dim, rows, rank, tp) }
+}
