@@ -34,8 +34,8 @@ const PAIR_ROWS: usize = 4;
 /// Rows per fused kernel call on this machine.
 fn fused_group() -> usize {
     match isa() {
-        Isa::Avx512 => FUSED_ROWS,
-        _ => 4,
+        Isa::Avx512 | Isa::Avx2 => FUSED_ROWS,
+        Isa::Portable => 4,
     }
 }
 
@@ -227,9 +227,12 @@ impl QMatrix {
                 let b0 = r0 * cols / BLOCK;
                 let b1 = r1 * cols / BLOCK;
                 #[cfg(target_arch = "x86_64")]
-                if isa() == Isa::Avx512 {
-                    // SAFETY: AVX-512 was detected; the slices cover blocks b0..b1 and `out`.
-                    return unsafe { x86::dequant_q4_1_avx512(&qs[b0 * 16..b1 * 16], &d[b0..b1], &m[b0..b1], out) };
+                match isa() {
+                    // SAFETY: the ISA was detected; the slices cover blocks b0..b1 and `out`.
+                    Isa::Avx512 => return unsafe { x86::dequant_q4_1_avx512(&qs[b0 * 16..b1 * 16], &d[b0..b1], &m[b0..b1], out) },
+                    // SAFETY: as above.
+                    Isa::Avx2 => return unsafe { x86::dequant_q4_1_avx2(&qs[b0 * 16..b1 * 16], &d[b0..b1], &m[b0..b1], out) },
+                    Isa::Portable => {}
                 }
                 for (i, dst) in out.chunks_exact_mut(BLOCK).enumerate() {
                     let b = b0 + i;
@@ -245,9 +248,12 @@ impl QMatrix {
                 let b0 = r0 * cols / BLOCK;
                 let b1 = r1 * cols / BLOCK;
                 #[cfg(target_arch = "x86_64")]
-                if isa() == Isa::Avx512 {
+                match isa() {
                     // SAFETY: as above.
-                    return unsafe { x86::dequant_q8_0_avx512(&qs[b0 * BLOCK..b1 * BLOCK], &d[b0..b1], out) };
+                    Isa::Avx512 => return unsafe { x86::dequant_q8_0_avx512(&qs[b0 * BLOCK..b1 * BLOCK], &d[b0..b1], out) },
+                    // SAFETY: as above.
+                    Isa::Avx2 => return unsafe { x86::dequant_q8_0_avx2(&qs[b0 * BLOCK..b1 * BLOCK], &d[b0..b1], out) },
+                    Isa::Portable => {}
                 }
                 for (i, dst) in out.chunks_exact_mut(BLOCK).enumerate() {
                     let b = b0 + i;

@@ -68,6 +68,51 @@ pub unsafe fn dequant_q8_0_avx512(q: &[i8], d: &[f32], out: &mut [f32]) {
     }
 }
 
+/// [`dequant_q4_1_avx512`] with AVX2: the same `q·d + m`, multiplied and added separately.
+///
+/// # Safety
+/// The CPU must support AVX2; `q` holds `d.len()` blocks of 16 bytes, `m` and `out` match `d`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dequant_q4_1_avx2(q: &[u8], d: &[f32], m: &[f32], out: &mut [f32]) {
+    debug_assert!(q.len() >= d.len() * 16 && m.len() >= d.len() && out.len() >= d.len() * BLOCK);
+    // SAFETY: every pointer stays inside the slices, as the caller guarantees.
+    unsafe {
+        let mask = _mm_set1_epi8(0x0F);
+        let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
+        for b in 0..d.len() {
+            let raw = _mm_loadu_si128(qp.add(b * 16) as *const __m128i);
+            let (lo, hi) = (_mm_and_si128(raw, mask), _mm_and_si128(_mm_srli_epi16(raw, 4), mask));
+            let (db, mb) = (_mm256_set1_ps(*d.get_unchecked(b)), _mm256_set1_ps(*m.get_unchecked(b)));
+            let w = |v: __m128i| _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), db), mb);
+            let o = op.add(b * BLOCK);
+            _mm256_storeu_ps(o, w(lo));
+            _mm256_storeu_ps(o.add(8), w(_mm_srli_si128(lo, 8)));
+            _mm256_storeu_ps(o.add(16), w(hi));
+            _mm256_storeu_ps(o.add(24), w(_mm_srli_si128(hi, 8)));
+        }
+    }
+}
+
+/// [`dequant_q8_0_avx512`] with AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2; `q` holds `d.len() * 32` values and `out` as many floats.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dequant_q8_0_avx2(q: &[i8], d: &[f32], out: &mut [f32]) {
+    debug_assert!(q.len() >= d.len() * BLOCK && out.len() >= d.len() * BLOCK);
+    // SAFETY: as above.
+    unsafe {
+        let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
+        for b in 0..d.len() {
+            let db = _mm256_set1_ps(*d.get_unchecked(b));
+            for e in (0..BLOCK).step_by(8) {
+                let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qp.add(b * BLOCK + e) as *const __m128i)));
+                _mm256_storeu_ps(op.add(b * BLOCK + e), _mm256_mul_ps(v, db));
+            }
+        }
+    }
+}
+
 /// # Safety
 /// The CPU must support AVX2 and FMA; `q` holds `d.len()` blocks of 16 bytes and `x` holds
 /// `n` rows of `cols = d.len() * 32` floats.
@@ -76,11 +121,51 @@ pub unsafe fn q4_1_avx2(q: &[u8], d: &[f32], m: &[f32], x: &[f32], cols: usize, 
     debug_assert!(q.len() >= d.len() * 16 && x.len() >= n * cols && cols >= d.len() * BLOCK);
     // SAFETY: forwarded from the caller.
     unsafe {
-        match n {
-            1 => q4_1_avx2_n::<1>(q, d, m, x, cols, acc),
-            2 => q4_1_avx2_n::<2>(q, d, m, x, cols, acc),
-            3 => q4_1_avx2_n::<3>(q, d, m, x, cols, acc),
-            _ => q4_1_avx2_n::<4>(q, d, m, x, cols, acc),
+        dispatch_rows!(q4_1_avx2_n, q, d, m, x, cols, acc; n)
+    }
+}
+
+/// Accumulators per activation row in the AVX2 kernels: an FMA's result is ready only some
+/// cycles after it issues, so one chain per row would leave the FMA units idle at one or two
+/// rows; with at least eight chains in flight they stay busy (sixteen registers bound it).
+const fn avx2_chains(n: usize) -> usize {
+    match n {
+        0..=2 => 4,
+        3..=4 => 2,
+        _ => 1,
+    }
+}
+
+/// One weight row (block `b` as four vectors of exact weights from `w(b)`) against `N`
+/// activation rows; the block's quarters go round the row's chains.
+///
+/// # Safety
+/// AVX2 and FMA; `w` must be valid for `nb` blocks; `x` holds N rows of `cols` floats.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn row_avx2<const N: usize>(w: impl Fn(usize) -> [__m256; 4], nb: usize, x: &[f32], cols: usize, acc: &mut [f32; FUSED_ROWS]) {
+    debug_assert!(x.len() >= N * cols && cols >= nb * BLOCK);
+    let chains = const { avx2_chains(N) };
+    // SAFETY: the loads stay inside N rows of `cols` floats.
+    unsafe {
+        let mut sums = [[_mm256_setzero_ps(); 4]; N];
+        let xp = x.as_ptr();
+        for b in 0..nb {
+            let wb = w(b);
+            for (i, s) in sums.iter_mut().enumerate() {
+                let xb = xp.add(i * cols + b * BLOCK);
+                for (quarter, wq) in wb.iter().enumerate() {
+                    let c = quarter % chains;
+                    s[c] = _mm256_fmadd_ps(*wq, _mm256_loadu_ps(xb.add(quarter * 8)), s[c]);
+                }
+            }
+        }
+        for (a, s) in acc.iter_mut().zip(sums) {
+            let mut total = s[0];
+            for v in &s[1..chains] {
+                total = _mm256_add_ps(total, *v);
+            }
+            *a = hsum256(total);
         }
     }
 }
@@ -88,32 +173,21 @@ pub unsafe fn q4_1_avx2(q: &[u8], d: &[f32], m: &[f32], x: &[f32], cols: usize, 
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn q4_1_avx2_n<const N: usize>(q: &[u8], d: &[f32], m: &[f32], x: &[f32], cols: usize, acc: &mut [f32; FUSED_ROWS]) {
-    // SAFETY: every pointer below stays inside `q` (16 bytes per block), `d`/`m` (one per
-    // block) and `x` (N rows of `cols` floats), as the caller guarantees.
-    unsafe {
+    let (qp, dp, mp) = (q.as_ptr(), d.as_ptr(), m.as_ptr());
+    // SAFETY: the caller passes whole rows: d.len() blocks of 16 bytes behind `q`, one `d`
+    // and `m` per block.
+    let block = |b: usize| unsafe {
         let mask = _mm_set1_epi8(0x0F);
-        let mut sums = [_mm256_setzero_ps(); N];
-        let (qp, xp) = (q.as_ptr(), x.as_ptr());
-        for b in 0..d.len() {
-            let raw = _mm_loadu_si128(qp.add(b * 16) as *const __m128i);
-            let lo = _mm_and_si128(raw, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-            let (db, mb) = (_mm256_set1_ps(*d.get_unchecked(b)), _mm256_set1_ps(*m.get_unchecked(b)));
-            // The exact dequantized weights (q·d + m, not fused), shared by every row.
-            let w = |v: __m128i| _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), db), mb);
-            let (w0, w1, w2, w3) = (w(lo), w(_mm_srli_si128(lo, 8)), w(hi), w(_mm_srli_si128(hi, 8)));
-            for (i, s) in sums.iter_mut().enumerate() {
-                let xb = xp.add(i * cols + b * BLOCK);
-                *s = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), *s);
-                *s = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb.add(8)), *s);
-                *s = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb.add(16)), *s);
-                *s = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb.add(24)), *s);
-            }
-        }
-        for (a, s) in acc.iter_mut().zip(sums) {
-            *a = hsum256(s);
-        }
-    }
+        let raw = _mm_loadu_si128(qp.add(b * 16) as *const __m128i);
+        let lo = _mm_and_si128(raw, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+        let (db, mb) = (_mm256_set1_ps(*dp.add(b)), _mm256_set1_ps(*mp.add(b)));
+        // The exact dequantized weights (q·d + m, not fused), shared by every row.
+        let w = |v: __m128i| _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), db), mb);
+        [w(lo), w(_mm_srli_si128(lo, 8)), w(hi), w(_mm_srli_si128(hi, 8))]
+    };
+    // SAFETY: as above.
+    unsafe { row_avx2::<N>(block, d.len(), x, cols, acc) }
 }
 
 /// # Safety
@@ -210,41 +284,23 @@ pub unsafe fn q8_0_avx2(q: &[i8], d: &[f32], x: &[f32], cols: usize, n: usize, a
     debug_assert!(q.len() >= d.len() * BLOCK && x.len() >= n * cols);
     // SAFETY: forwarded from the caller.
     unsafe {
-        match n {
-            1 => q8_0_avx2_n::<1>(q, d, x, cols, acc),
-            2 => q8_0_avx2_n::<2>(q, d, x, cols, acc),
-            3 => q8_0_avx2_n::<3>(q, d, x, cols, acc),
-            _ => q8_0_avx2_n::<4>(q, d, x, cols, acc),
-        }
+        dispatch_rows!(q8_0_avx2_n, q, d, x, cols, acc; n)
     }
 }
 
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn q8_0_avx2_n<const N: usize>(q: &[i8], d: &[f32], x: &[f32], cols: usize, acc: &mut [f32; FUSED_ROWS]) {
-    // SAFETY: every pointer stays inside `q` and `x`, as the caller guarantees.
-    unsafe {
-        let mut sums = [_mm256_setzero_ps(); N];
-        let (qp, xp) = (q.as_ptr(), x.as_ptr());
-        for b in 0..d.len() {
-            let qb = qp.add(b * BLOCK);
-            let db = _mm256_set1_ps(*d.get_unchecked(b));
-            let w = |o: usize| {
-                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qb.add(o) as *const __m128i))), db)
-            };
-            let (w0, w1, w2, w3) = (w(0), w(8), w(16), w(24));
-            for (i, s) in sums.iter_mut().enumerate() {
-                let xb = xp.add(i * cols + b * BLOCK);
-                *s = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), *s);
-                *s = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb.add(8)), *s);
-                *s = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb.add(16)), *s);
-                *s = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb.add(24)), *s);
-            }
-        }
-        for (a, s) in acc.iter_mut().zip(sums) {
-            *a = hsum256(s);
-        }
-    }
+    let (qp, dp) = (q.as_ptr(), d.as_ptr());
+    // SAFETY: the caller passes whole rows: d.len() blocks of 32 values behind `q`.
+    let block = |b: usize| unsafe {
+        let qb = qp.add(b * BLOCK);
+        let db = _mm256_set1_ps(*dp.add(b));
+        let w = |o: usize| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qb.add(o) as *const __m128i))), db);
+        [w(0), w(8), w(16), w(24)]
+    };
+    // SAFETY: as above.
+    unsafe { row_avx2::<N>(block, d.len(), x, cols, acc) }
 }
 
 /// # Safety
@@ -311,13 +367,13 @@ tile_kernel!(
     |qr, dr, mr, xg, cols, acc, gn| { let _ = mr; dispatch_rows!(q8_0_avx512_n, qr, dr, xg, cols, &mut acc; gn) }, i8, BLOCK, false
 );
 tile_kernel!(
-    /// Q4_1 rows against up to `n` activation rows, four at a time.
-    q4_1_tile_avx2, "avx2,fma", 4,
+    /// Q4_1 rows against up to `n` activation rows, eight at a time.
+    q4_1_tile_avx2, "avx2,fma", FUSED_ROWS,
     |qr, dr, mr, xg, cols, acc, gn| q4_1_avx2(qr, dr, mr, xg, cols, gn, &mut acc), u8, 16, true
 );
 tile_kernel!(
-    /// Q8_0 rows against up to `n` activation rows, four at a time (`m` is unused).
-    q8_0_tile_avx2, "avx2,fma", 4,
+    /// Q8_0 rows against up to `n` activation rows, eight at a time (`m` is unused).
+    q8_0_tile_avx2, "avx2,fma", FUSED_ROWS,
     |qr, dr, mr, xg, cols, acc, gn| { let _ = mr; q8_0_avx2(qr, dr, xg, cols, gn, &mut acc) }, i8, BLOCK, false
 );
 
