@@ -378,8 +378,14 @@ impl QMatrix {
                     (Packed::Q4_1 { d, m, qs }, Isa::Avx512) if n < PAIR_ROWS => x86::q4_1_tile_avx512(qs, d, m, nb, r0, r1, x, n, out.0, ldy),
                     (Packed::Q4_1 { d, m, qs }, Isa::Avx512) => x86::q4_1_tile_pairs_avx512(qs, d, m, nb, r0, r1, x, n, out.0, ldy),
                     (Packed::Q8_0 { d, qs }, Isa::Avx512) if n < PAIR_ROWS => x86::q8_0_tile_avx512(qs, d, &[], nb, r0, r1, x, n, out.0, ldy),
+                    (Packed::Q4_1 { d, m, qs }, Isa::Avx2) if n <= x86::SCALED_ROWS && nb <= x86::SCALED_BLOCKS => {
+                        x86::q4_1_tile_scaled_avx2(qs, d, m, nb, r0, r1, x, n, out.0, ldy)
+                    }
                     (Packed::Q4_1 { d, m, qs }, Isa::Avx2) => x86::q4_1_tile_avx2(qs, d, m, nb, r0, r1, x, n, out.0, ldy),
                     (Packed::Q8_0 { d, qs }, Isa::Avx512) => x86::q8_0_tile_pairs_avx512(qs, d, nb, r0, r1, x, n, out.0, ldy),
+                    (Packed::Q8_0 { d, qs }, Isa::Avx2) if n <= x86::SCALED_ROWS && nb <= x86::SCALED_BLOCKS => {
+                        x86::q8_0_tile_scaled_avx2(qs, d, nb, r0, r1, x, n, out.0, ldy)
+                    }
                     (Packed::Q8_0 { d, qs }, Isa::Avx2) => x86::q8_0_tile_avx2(qs, d, &[], nb, r0, r1, x, n, out.0, ldy),
                     _ => self.fused_tile_portable(x, n, r0, r1, out, ldy),
                 }

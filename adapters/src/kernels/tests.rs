@@ -173,6 +173,20 @@ fn avx2_tiles_match_the_reference() {
             }
         }
         assert_close(&y, &want, "avx2 tile");
+        // The scaled kernels for one to three rows (block sums times scales).
+        for n in 1..=x86::SCALED_ROWS {
+            let want = reference(&m.to_dense(), &x, rows, cols, n);
+            let mut y = vec![0f32; n * rows];
+            // SAFETY: as above, with n ≤ SCALED_ROWS and three blocks a row.
+            unsafe {
+                match &m.packed {
+                    Packed::Q4_1 { d, m: mins, qs } => x86::q4_1_tile_scaled_avx2(qs, d, mins, nb, 0, rows, &x, n, y.as_mut_ptr(), rows),
+                    Packed::Q8_0 { d, qs } => x86::q8_0_tile_scaled_avx2(qs, d, nb, 0, rows, &x, n, y.as_mut_ptr(), rows),
+                    Packed::F32(_) => unreachable!("packed matrices only"),
+                }
+            }
+            assert_close(&y, &want, &format!("avx2 scaled tile, n = {n}"));
+        }
     }
 }
 

@@ -334,23 +334,26 @@ macro_rules! tile_kernel {
         #[allow(clippy::too_many_arguments)]
         pub unsafe fn $name(q: &[$q], d: &[f32], m: &[f32], nb: usize, r0: usize, r1: usize, x: &[f32], n: usize, out: *mut f32, ldy: usize) {
             let $cols = nb * BLOCK;
-            for r in r0..r1 {
-                let $qr = &q[r * nb * $qrow..(r + 1) * nb * $qrow];
-                let $dr = &d[r * nb..(r + 1) * nb];
-                let $mr = if $has_m { &m[r * nb..(r + 1) * nb] } else { m };
-                let mut g0 = 0;
-                while g0 < n {
-                    let $gn = (n - g0).min($group);
+            // Groups outside, weight rows inside: a group's activations (up to 48 KB for 8
+            // rows of 1,536) stay in L1 while the tile's weights stream past them, rather than
+            // every group being reloaded from L2 for each weight row.
+            let mut g0 = 0;
+            while g0 < n {
+                let $gn = (n - g0).min($group);
+                let $xg = &x[g0 * $cols..];
+                for r in r0..r1 {
+                    let $qr = &q[r * nb * $qrow..(r + 1) * nb * $qrow];
+                    let $dr = &d[r * nb..(r + 1) * nb];
+                    let $mr = if $has_m { &m[r * nb..(r + 1) * nb] } else { m };
                     let mut $acc = [0f32; FUSED_ROWS];
-                    let $xg = &x[g0 * $cols..];
                     // SAFETY: forwarded from the caller.
                     unsafe { $call };
                     for (i, a) in $acc.iter().enumerate().take($gn) {
                         // SAFETY: forwarded from the caller.
                         unsafe { *out.add((g0 + i) * ldy + r) = *a };
                     }
-                    g0 += $gn;
                 }
+                g0 += $gn;
             }
         }
     };
@@ -680,4 +683,177 @@ pub unsafe fn x_a_t_bf16_avx2(x: &[f32], in_dim: usize, rows: usize, a: &[u16], 
     };
     // SAFETY: forwarded from the caller.
     unsafe { x_a_t_any_avx2(load, xp, in_dim, rows, rank, tp) }
+}
+
+/// Most activation rows the scaled AVX2 kernels take: above it, turning each block into its
+/// exact weights once for all rows costs less than scaling every row's block sum.
+pub const SCALED_ROWS: usize = 3;
+/// Most blocks per weight row they take (the activations' block sums live on the stack).
+pub const SCALED_BLOCKS: usize = 256;
+
+/// The sum of each block of 32 activations, `sx[i · nb + b]`, for `N` rows.
+///
+/// # Safety
+/// AVX2; `x` holds `N` rows of `nb · 32` floats and `N · nb ≤ sx.len()`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn block_sums<const N: usize>(x: *const f32, nb: usize, sx: &mut [f32]) {
+    debug_assert!(N * nb <= sx.len());
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        for i in 0..N {
+            for b in 0..nb {
+                let xb = x.add((i * nb + b) * BLOCK);
+                let v = _mm256_add_ps(
+                    _mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb.add(8))),
+                    _mm256_add_ps(_mm256_loadu_ps(xb.add(16)), _mm256_loadu_ps(xb.add(24))),
+                );
+                *sx.get_unchecked_mut(i * nb + b) = hsum256(v);
+            }
+        }
+    }
+}
+
+/// `Σ a[k]·b[k]` over `len` floats.
+///
+/// # Safety
+/// AVX2 and FMA; both pointers are valid for `len` floats.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dot_avx2(a: *const f32, b: *const f32, len: usize) -> f32 {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let mut v = _mm256_setzero_ps();
+        let body = len / 8 * 8;
+        for k in (0..body).step_by(8) {
+            v = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(k)), _mm256_loadu_ps(b.add(k)), v);
+        }
+        (body..len).fold(hsum256(v), |s, k| (*a.add(k)).mul_add(*b.add(k), s))
+    }
+}
+
+/// One weight row against `N` activation rows as `Σ_b d_b·(q_b·x_b) + Σ_b m_b·s_b`, where
+/// `q(b)` gives block `b`'s integer codes as four vectors of floats and `s_b` is the block's
+/// activation sum. The same sum as `Σ (q·d + m)·x`, rounded differently (like any change of
+/// summation order), and about half the arithmetic per block: one or two decode rows are
+/// bound by that arithmetic, not by the weights' bytes.
+///
+/// # Safety
+/// AVX2 and FMA; `q`, `d` (and `m`) are valid for `nb` blocks, `x` holds `N` rows of
+/// `nb · 32` floats and `sx` their block sums when `m` is given.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn row_scaled<const N: usize>(q: &impl Fn(usize) -> [__m256; 4], d: *const f32, m: Option<*const f32>, nb: usize, x: *const f32, sx: &[f32]) -> [f32; N] {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        // Two chains per row (even and odd blocks), so the scaling FMAs overlap.
+        let mut sums = [[_mm256_setzero_ps(); 2]; N];
+        let mut block = |b: usize, c: usize| {
+            let w = q(b);
+            let db = _mm256_set1_ps(*d.add(b));
+            for (i, s) in sums.iter_mut().enumerate() {
+                let xb = x.add((i * nb + b) * BLOCK);
+                let mut t = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
+                t = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb.add(8)), t);
+                t = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb.add(16)), t);
+                t = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb.add(24)), t);
+                s[c] = _mm256_fmadd_ps(db, t, s[c]);
+            }
+        };
+        let mut b = 0;
+        while b + 2 <= nb {
+            block(b, 0);
+            block(b + 1, 1);
+            b += 2;
+        }
+        if b < nb {
+            block(b, 0);
+        }
+        std::array::from_fn(|i| {
+            let total = hsum256(_mm256_add_ps(sums[i][0], sums[i][1]));
+            match m {
+                Some(m) => total + dot_avx2(m, sx.as_ptr().add(i * nb), nb),
+                None => total,
+            }
+        })
+    }
+}
+
+/// Rows `r0..r1` of a packed matrix against `N ≤ SCALED_ROWS` activation rows with
+/// [`row_scaled`]; `q(r, b)` gives row `r`'s block `b` as integer codes.
+///
+/// # Safety
+/// AVX2 and FMA; `nb ≤ SCALED_BLOCKS`; otherwise as for the tile kernels.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_scaled<const N: usize>(q: impl Fn(usize, usize) -> [__m256; 4], d: &[f32], m: Option<&[f32]>, nb: usize, r0: usize, r1: usize, x: &[f32], out: *mut f32, ldy: usize) {
+    debug_assert!(nb <= SCALED_BLOCKS && x.len() >= N * nb * BLOCK);
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let mut sx = [0f32; SCALED_ROWS * SCALED_BLOCKS];
+        if m.is_some() {
+            block_sums::<N>(x.as_ptr(), nb, &mut sx);
+        }
+        for r in r0..r1 {
+            let qr = |b: usize| q(r, b);
+            let ys = row_scaled::<N>(&qr, d.as_ptr().add(r * nb), m.map(|m| m.as_ptr().add(r * nb)), nb, x.as_ptr(), &sx);
+            for (i, y) in ys.iter().enumerate() {
+                *out.add(i * ldy + r) = *y;
+            }
+        }
+    }
+}
+
+/// Q4_1 rows `r0..r1` against `n ≤ SCALED_ROWS` activation rows (see [`row_scaled`]).
+///
+/// # Safety
+/// AVX2 and FMA; `n ≤ SCALED_ROWS`, `nb ≤ SCALED_BLOCKS`; otherwise as for the tile kernels.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn q4_1_tile_scaled_avx2(q: &[u8], d: &[f32], m: &[f32], nb: usize, r0: usize, r1: usize, x: &[f32], n: usize, out: *mut f32, ldy: usize) {
+    debug_assert!(q.len() >= r1 * nb * 16 && m.len() >= r1 * nb);
+    let qp = q.as_ptr();
+    // SAFETY: the caller passes whole rows: 16 bytes per block.
+    let codes = |r: usize, b: usize| unsafe {
+        let mask = _mm_set1_epi8(0x0F);
+        let raw = _mm_loadu_si128(qp.add((r * nb + b) * 16) as *const __m128i);
+        let lo = _mm_and_si128(raw, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+        let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+        [f(lo), f(_mm_srli_si128(lo, 8)), f(hi), f(_mm_srli_si128(hi, 8))]
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match n {
+            1 => tile_scaled::<1>(codes, d, Some(m), nb, r0, r1, x, out, ldy),
+            2 => tile_scaled::<2>(codes, d, Some(m), nb, r0, r1, x, out, ldy),
+            _ => tile_scaled::<3>(codes, d, Some(m), nb, r0, r1, x, out, ldy),
+        }
+    }
+}
+
+/// Q8_0 rows `r0..r1` against `n ≤ SCALED_ROWS` activation rows (`Σ_b d_b·(q_b·x_b)`).
+///
+/// # Safety
+/// As for [`q4_1_tile_scaled_avx2`], with 32 codes per block.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn q8_0_tile_scaled_avx2(q: &[i8], d: &[f32], nb: usize, r0: usize, r1: usize, x: &[f32], n: usize, out: *mut f32, ldy: usize) {
+    debug_assert!(q.len() >= r1 * nb * BLOCK);
+    let qp = q.as_ptr();
+    // SAFETY: the caller passes whole rows: 32 codes per block.
+    let codes = |r: usize, b: usize| unsafe {
+        let qb = qp.add((r * nb + b) * BLOCK);
+        let f = |o: usize| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qb.add(o) as *const __m128i)));
+        [f(0), f(8), f(16), f(24)]
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match n {
+            1 => tile_scaled::<1>(codes, d, None, nb, r0, r1, x, out, ldy),
+            2 => tile_scaled::<2>(codes, d, None, nb, r0, r1, x, out, ldy),
+            _ => tile_scaled::<3>(codes, d, None, nb, r0, r1, x, out, ldy),
+        }
+    }
 }
