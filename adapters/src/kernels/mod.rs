@@ -5,7 +5,9 @@
 //! products, and on SmolLM2-135M that rounding alone moves logits by ~0.2 and can change
 //! greedy answers. Here the weights are dequantized in registers to exactly the values
 //! `QTensor::dequantize` gives, so the only difference from a dense f32 matmul is the order of
-//! the additions.
+//! the additions. (The AVX2 kernels for one to three rows factor each block's scale and
+//! minimum out of its sum instead, `d·Σq·x + m·Σx`: the same sum, rounded differently, with
+//! half the arithmetic per block.)
 
 #[cfg(target_arch = "x86_64")]
 mod x86;
