@@ -68,27 +68,81 @@ pub unsafe fn dequant_q8_0_avx512(q: &[i8], d: &[f32], out: &mut [f32]) {
     }
 }
 
-/// [`dequant_q4_1_avx512`] with AVX2: the same `q·d + m`, multiplied and added separately.
+/// Block `b`'s 32 Q4_1 codes (0 to 15) as floats, elements 0..8, 8..16, 16..24 and 24..32.
+///
+/// # Safety
+/// AVX2; block `b` exists behind `q` (16 bytes a block).
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn q4_1_codes_avx2(q: *const u8, b: usize) -> [__m256; 4] {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let mask = _mm_set1_epi8(0x0F);
+        let raw = _mm_loadu_si128(q.add(b * 16) as *const __m128i);
+        let lo = _mm_and_si128(raw, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+        let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+        [f(lo), f(_mm_srli_si128(lo, 8)), f(hi), f(_mm_srli_si128(hi, 8))]
+    }
+}
+
+/// Block `b` of a Q4_1 matrix as its exact weights, `q·d + m` multiplied and added separately
+/// (so they equal the scalar and candle's dequantization bit for bit).
+///
+/// # Safety
+/// AVX2; block `b` exists behind `q`, `d` and `m`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn q4_1_block_avx2(q: *const u8, d: *const f32, m: *const f32, b: usize) -> [__m256; 4] {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let (db, mb) = (_mm256_set1_ps(*d.add(b)), _mm256_set1_ps(*m.add(b)));
+        q4_1_codes_avx2(q, b).map(|v| _mm256_add_ps(_mm256_mul_ps(v, db), mb))
+    }
+}
+
+/// Block `b`'s 32 Q8_0 codes as floats.
+///
+/// # Safety
+/// AVX2; block `b` exists behind `q` (32 codes a block).
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn q8_0_codes_avx2(q: *const i8, b: usize) -> [__m256; 4] {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let qb = q.add(b * BLOCK);
+        let f = |o: usize| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qb.add(o) as *const __m128i)));
+        [f(0), f(8), f(16), f(24)]
+    }
+}
+
+/// Block `b` of a Q8_0 matrix as its exact weights, `q·d`.
+///
+/// # Safety
+/// AVX2; block `b` exists behind `q` and `d`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn q8_0_block_avx2(q: *const i8, d: *const f32, b: usize) -> [__m256; 4] {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let db = _mm256_set1_ps(*d.add(b));
+        q8_0_codes_avx2(q, b).map(|v| _mm256_mul_ps(v, db))
+    }
+}
+
+/// [`dequant_q4_1_avx512`] with AVX2.
 ///
 /// # Safety
 /// The CPU must support AVX2; `q` holds `d.len()` blocks of 16 bytes, `m` and `out` match `d`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn dequant_q4_1_avx2(q: &[u8], d: &[f32], m: &[f32], out: &mut [f32]) {
     debug_assert!(q.len() >= d.len() * 16 && m.len() >= d.len() && out.len() >= d.len() * BLOCK);
-    // SAFETY: every pointer stays inside the slices, as the caller guarantees.
-    unsafe {
-        let mask = _mm_set1_epi8(0x0F);
-        let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
-        for b in 0..d.len() {
-            let raw = _mm_loadu_si128(qp.add(b * 16) as *const __m128i);
-            let (lo, hi) = (_mm_and_si128(raw, mask), _mm_and_si128(_mm_srli_epi16(raw, 4), mask));
-            let (db, mb) = (_mm256_set1_ps(*d.get_unchecked(b)), _mm256_set1_ps(*m.get_unchecked(b)));
-            let w = |v: __m128i| _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), db), mb);
-            let o = op.add(b * BLOCK);
-            _mm256_storeu_ps(o, w(lo));
-            _mm256_storeu_ps(o.add(8), w(_mm_srli_si128(lo, 8)));
-            _mm256_storeu_ps(o.add(16), w(hi));
-            _mm256_storeu_ps(o.add(24), w(_mm_srli_si128(hi, 8)));
+    for b in 0..d.len() {
+        // SAFETY: block b and its 32 outputs lie inside the slices, as the caller guarantees.
+        unsafe {
+            for (e, v) in q4_1_block_avx2(q.as_ptr(), d.as_ptr(), m.as_ptr(), b).into_iter().enumerate() {
+                _mm256_storeu_ps(out.as_mut_ptr().add(b * BLOCK + e * 8), v);
+            }
         }
     }
 }
@@ -100,14 +154,11 @@ pub unsafe fn dequant_q4_1_avx2(q: &[u8], d: &[f32], m: &[f32], out: &mut [f32])
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn dequant_q8_0_avx2(q: &[i8], d: &[f32], out: &mut [f32]) {
     debug_assert!(q.len() >= d.len() * BLOCK && out.len() >= d.len() * BLOCK);
-    // SAFETY: as above.
-    unsafe {
-        let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
-        for b in 0..d.len() {
-            let db = _mm256_set1_ps(*d.get_unchecked(b));
-            for e in (0..BLOCK).step_by(8) {
-                let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qp.add(b * BLOCK + e) as *const __m128i)));
-                _mm256_storeu_ps(op.add(b * BLOCK + e), _mm256_mul_ps(v, db));
+    for b in 0..d.len() {
+        // SAFETY: as above.
+        unsafe {
+            for (e, v) in q8_0_block_avx2(q.as_ptr(), d.as_ptr(), b).into_iter().enumerate() {
+                _mm256_storeu_ps(out.as_mut_ptr().add(b * BLOCK + e * 8), v);
             }
         }
     }
@@ -175,19 +226,8 @@ unsafe fn row_avx2<const N: usize>(w: impl Fn(usize) -> [__m256; 4], nb: usize, 
 unsafe fn q4_1_avx2_n<const N: usize>(q: &[u8], d: &[f32], m: &[f32], x: &[f32], cols: usize, acc: &mut [f32; FUSED_ROWS]) {
     let (qp, dp, mp) = (q.as_ptr(), d.as_ptr(), m.as_ptr());
     // SAFETY: the caller passes whole rows: d.len() blocks of 16 bytes behind `q`, one `d`
-    // and `m` per block.
-    let block = |b: usize| unsafe {
-        let mask = _mm_set1_epi8(0x0F);
-        let raw = _mm_loadu_si128(qp.add(b * 16) as *const __m128i);
-        let lo = _mm_and_si128(raw, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-        let (db, mb) = (_mm256_set1_ps(*dp.add(b)), _mm256_set1_ps(*mp.add(b)));
-        // The exact dequantized weights (q·d + m, not fused), shared by every row.
-        let w = |v: __m128i| _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), db), mb);
-        [w(lo), w(_mm_srli_si128(lo, 8)), w(hi), w(_mm_srli_si128(hi, 8))]
-    };
-    // SAFETY: as above.
-    unsafe { row_avx2::<N>(block, d.len(), x, cols, acc) }
+    // and `m` per block. The exact weights are shared by every row.
+    unsafe { row_avx2::<N>(|b| q4_1_block_avx2(qp, dp, mp, b), d.len(), x, cols, acc) }
 }
 
 /// # Safety
@@ -293,14 +333,7 @@ pub unsafe fn q8_0_avx2(q: &[i8], d: &[f32], x: &[f32], cols: usize, n: usize, a
 unsafe fn q8_0_avx2_n<const N: usize>(q: &[i8], d: &[f32], x: &[f32], cols: usize, acc: &mut [f32; FUSED_ROWS]) {
     let (qp, dp) = (q.as_ptr(), d.as_ptr());
     // SAFETY: the caller passes whole rows: d.len() blocks of 32 values behind `q`.
-    let block = |b: usize| unsafe {
-        let qb = qp.add(b * BLOCK);
-        let db = _mm256_set1_ps(*dp.add(b));
-        let w = |o: usize| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qb.add(o) as *const __m128i))), db);
-        [w(0), w(8), w(16), w(24)]
-    };
-    // SAFETY: as above.
-    unsafe { row_avx2::<N>(block, d.len(), x, cols, acc) }
+    unsafe { row_avx2::<N>(|b| q8_0_block_avx2(qp, dp, b), d.len(), x, cols, acc) }
 }
 
 /// # Safety
@@ -495,195 +528,119 @@ pub unsafe fn q8_0_tile_pairs_avx512(q: &[i8], d: &[f32], nb: usize, r0: usize, 
     unsafe { tile_pairs_avx512(w, nb, r0, r1, x, n, out, ldy, |r| q8_0_tile_avx512(q, d, &[], nb, r, r + 1, x, n, out, ldy)) }
 }
 
-/// `J` rows of A (from `j`) against `R` rows of `x`, over the first `in_dim / 16 · 16`
-/// columns; `a(row, k)` gives A's elements `k..k + 16` of `row` as f32. Each activation load
-/// feeds `J` FMAs.
-///
-/// # Safety
-/// AVX-512F/BW; `x` holds `R` rows of `in_dim` floats, `a` is valid for those rows and
-/// columns, and `t` for `t[r · rank + j + i]` with `r < R`, `i < J`.
-#[target_feature(enable = "avx512f,avx512bw")]
-#[inline]
-unsafe fn x_a_t_block<const R: usize, const J: usize>(a: &impl Fn(usize, usize) -> __m512, j: usize, x: *const f32, in_dim: usize, rank: usize, t: *mut f32) {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        let mut acc = [[_mm512_setzero_ps(); R]; J];
-        for k in (0..in_dim / 16 * 16).step_by(16) {
-            let av: [__m512; J] = std::array::from_fn(|i| a(j + i, k));
-            for r in 0..R {
-                let xv = _mm512_loadu_ps(x.add(r * in_dim + k));
-                for i in 0..J {
-                    acc[i][r] = _mm512_fmadd_ps(av[i], xv, acc[i][r]);
+/// The `x·Aᵀ` kernels for one instruction set: `$block::<R, J>` takes `J` rows of A (from
+/// `j`) against `R` rows of `x` over the first `in_dim / LANES · LANES` columns, where
+/// `a(row, k)` gives A's elements `k..k + LANES` of `row` as f32 (each activation load feeds
+/// `J` FMAs); `$rows::<R>` takes every row of A, two at a time; `$any` picks `R` from `rows`.
+/// Their safety contract: the CPU has `$feat`; `x` holds `R` rows of `in_dim` floats, `a` is
+/// valid for A's `rank` rows and those columns, and `t` for `t[r · rank + j]`, `r < R`.
+macro_rules! x_a_t_kernels {
+    ($feat:literal, $v:ty, $lanes:expr, $zero:path, $loadx:path, $fma:path, $reduce:path, $block:ident, $rows:ident, $any:ident,
+     $f32_name:ident, $bf16_name:ident, |$p:ident| $widen:expr) => {
+        /// `t[r · rank + j] = x[r] · a[j]` over the first `in_dim / LANES · LANES` columns
+        /// (the caller adds the rest), for `rows ≤ 4` rows of `x`; A is `[rank, in_dim]`, f32.
+        ///
+        /// # Safety
+        /// The CPU has the kernel's features; `x` holds `rows` rows of `in_dim` floats, `a`
+        /// `rank · in_dim` and `t` `rows · rank`.
+        #[target_feature(enable = $feat)]
+        pub unsafe fn $f32_name(x: &[f32], in_dim: usize, rows: usize, a: &[f32], rank: usize, t: &mut [f32]) {
+            debug_assert!(x.len() >= rows * in_dim && a.len() >= rank * in_dim && t.len() >= rows * rank);
+            let (ap, xp, tp) = (a.as_ptr(), x.as_ptr(), t.as_mut_ptr());
+            // SAFETY: the loads stay inside A's `rank` rows, as the caller guarantees.
+            let load = |j: usize, k: usize| unsafe { $loadx(ap.add(j * in_dim + k)) };
+            // SAFETY: forwarded from the caller.
+            unsafe { $any(load, xp, in_dim, rows, rank, tp) }
+        }
+
+        /// The same for A held as bf16 bit patterns (widened exactly in registers).
+        ///
+        /// # Safety
+        /// As for the f32 version.
+        #[target_feature(enable = $feat)]
+        pub unsafe fn $bf16_name(x: &[f32], in_dim: usize, rows: usize, a: &[u16], rank: usize, t: &mut [f32]) {
+            debug_assert!(x.len() >= rows * in_dim && a.len() >= rank * in_dim && t.len() >= rows * rank);
+            let (ap, xp, tp) = (a.as_ptr(), x.as_ptr(), t.as_mut_ptr());
+            // SAFETY: as above; `$widen` reads LANES bf16 values from `$p`.
+            let load = |j: usize, k: usize| unsafe {
+                let $p = ap.add(j * in_dim + k);
+                $widen
+            };
+            // SAFETY: forwarded from the caller.
+            unsafe { $any(load, xp, in_dim, rows, rank, tp) }
+        }
+
+        /// # Safety
+        /// See [`x_a_t_kernels`].
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn $block<const R: usize, const J: usize>(a: &impl Fn(usize, usize) -> $v, j: usize, x: *const f32, in_dim: usize, rank: usize, t: *mut f32) {
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                let mut acc = [[$zero(); R]; J];
+                for k in (0..in_dim / $lanes * $lanes).step_by($lanes) {
+                    let av: [$v; J] = std::array::from_fn(|i| a(j + i, k));
+                    for r in 0..R {
+                        let xv = $loadx(x.add(r * in_dim + k));
+                        for i in 0..J {
+                            acc[i][r] = $fma(av[i], xv, acc[i][r]);
+                        }
+                    }
+                }
+                for (i, rows) in acc.iter().enumerate() {
+                    for (r, &v) in rows.iter().enumerate() {
+                        *t.add(r * rank + j + i) = $reduce(v);
+                    }
                 }
             }
         }
-        for (i, rows) in acc.iter().enumerate() {
-            for (r, &v) in rows.iter().enumerate() {
-                *t.add(r * rank + j + i) = _mm512_reduce_add_ps(v);
-            }
-        }
-    }
-}
 
-/// Every row of A against `R` rows of `x`, two A rows at a time.
-///
-/// # Safety
-/// As for [`x_a_t_block`], for all `rank` rows of A.
-#[target_feature(enable = "avx512f,avx512bw")]
-#[inline]
-unsafe fn x_a_t_rows<const R: usize>(a: impl Fn(usize, usize) -> __m512, x: *const f32, in_dim: usize, rank: usize, t: *mut f32) {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        let mut j = 0;
-        while j + 2 <= rank {
-            x_a_t_block::<R, 2>(&a, j, x, in_dim, rank, t);
-            j += 2;
-        }
-        if j < rank {
-            x_a_t_block::<R, 1>(&a, j, x, in_dim, rank, t);
-        }
-    }
-}
-
-/// `t[r · rank + j] = x[r] · a[j]` over the first `in_dim / 16 · 16` columns (the caller adds
-/// the rest), for `rows ≤ 4` rows of `x`; A is `[rank, in_dim]`, f32.
-///
-/// # Safety
-/// AVX-512F/BW; `x` holds `rows` rows of `in_dim` floats, `a` `rank · in_dim` and `t`
-/// `rows · rank`.
-#[target_feature(enable = "avx512f,avx512bw")]
-pub unsafe fn x_a_t_f32_avx512(x: &[f32], in_dim: usize, rows: usize, a: &[f32], rank: usize, t: &mut [f32]) {
-    debug_assert!(x.len() >= rows * in_dim && a.len() >= rank * in_dim && t.len() >= rows * rank);
-    let (ap, xp, tp) = (a.as_ptr(), x.as_ptr(), t.as_mut_ptr());
-    // SAFETY: the loads stay inside A's `rank` rows, as the caller guarantees.
-    let load = |j: usize, k: usize| unsafe { _mm512_loadu_ps(ap.add(j * in_dim + k)) };
-    // SAFETY: forwarded from the caller.
-    unsafe { x_a_t_any(load, xp, in_dim, rows, rank, tp) }
-}
-
-/// [`x_a_t_f32_avx512`] for A held as bf16 bit patterns (widened exactly in registers).
-///
-/// # Safety
-/// As for [`x_a_t_f32_avx512`].
-#[target_feature(enable = "avx512f,avx512bw")]
-pub unsafe fn x_a_t_bf16_avx512(x: &[f32], in_dim: usize, rows: usize, a: &[u16], rank: usize, t: &mut [f32]) {
-    debug_assert!(x.len() >= rows * in_dim && a.len() >= rank * in_dim && t.len() >= rows * rank);
-    let (ap, xp, tp) = (a.as_ptr(), x.as_ptr(), t.as_mut_ptr());
-    // SAFETY: as above; 16 bf16 values are 32 bytes.
-    let load = |j: usize, k: usize| unsafe {
-        let raw = _mm256_loadu_si256(ap.add(j * in_dim + k) as *const __m256i);
-        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16))
-    };
-    // SAFETY: forwarded from the caller.
-    unsafe { x_a_t_any(load, xp, in_dim, rows, rank, tp) }
-}
-
-#[target_feature(enable = "avx512f,avx512bw")]
-#[inline]
-unsafe fn x_a_t_any(load: impl Fn(usize, usize) -> __m512, x: *const f32, in_dim: usize, rows: usize, rank: usize, t: *mut f32) {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        match rows {
-            1 => x_a_t_rows::<1>(load, x, in_dim, rank, t),
-            2 => x_a_t_rows::<2>(load, x, in_dim, rank, t),
-            3 => x_a_t_rows::<3>(load, x, in_dim, rank, t),
-            _ => x_a_t_rows::<4>(load, x, in_dim, rank, t),
-        }
-    }
-}
-
-/// The AVX2 [`x_a_t_block`]: `J` rows of A against `R` rows of `x`, eight columns a step;
-/// `a(row, k)` gives A's elements `k..k + 8` of `row` as f32.
-///
-/// # Safety
-/// AVX2 and FMA; as for [`x_a_t_block`].
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn x_a_t_block_avx2<const R: usize, const J: usize>(a: &impl Fn(usize, usize) -> __m256, j: usize, x: *const f32, in_dim: usize, rank: usize, t: *mut f32) {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        let mut acc = [[_mm256_setzero_ps(); R]; J];
-        for k in (0..in_dim / 8 * 8).step_by(8) {
-            let av: [__m256; J] = std::array::from_fn(|i| a(j + i, k));
-            for r in 0..R {
-                let xv = _mm256_loadu_ps(x.add(r * in_dim + k));
-                for i in 0..J {
-                    acc[i][r] = _mm256_fmadd_ps(av[i], xv, acc[i][r]);
+        /// # Safety
+        /// See [`x_a_t_kernels`].
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn $rows<const R: usize>(a: impl Fn(usize, usize) -> $v, x: *const f32, in_dim: usize, rank: usize, t: *mut f32) {
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                let mut j = 0;
+                while j + 2 <= rank {
+                    $block::<R, 2>(&a, j, x, in_dim, rank, t);
+                    j += 2;
+                }
+                if j < rank {
+                    $block::<R, 1>(&a, j, x, in_dim, rank, t);
                 }
             }
         }
-        for (i, rows) in acc.iter().enumerate() {
-            for (r, &v) in rows.iter().enumerate() {
-                *t.add(r * rank + j + i) = hsum256(v);
+
+        /// # Safety
+        /// See [`x_a_t_kernels`], with `R = rows.min(4)`.
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn $any(load: impl Fn(usize, usize) -> $v, x: *const f32, in_dim: usize, rows: usize, rank: usize, t: *mut f32) {
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                match rows {
+                    1 => $rows::<1>(load, x, in_dim, rank, t),
+                    2 => $rows::<2>(load, x, in_dim, rank, t),
+                    3 => $rows::<3>(load, x, in_dim, rank, t),
+                    _ => $rows::<4>(load, x, in_dim, rank, t),
+                }
             }
         }
-    }
-}
-
-/// Every row of A against `R` rows of `x`, two A rows at a time (AVX2).
-///
-/// # Safety
-/// As for [`x_a_t_block_avx2`], for all `rank` rows of A.
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn x_a_t_rows_avx2<const R: usize>(a: impl Fn(usize, usize) -> __m256, x: *const f32, in_dim: usize, rank: usize, t: *mut f32) {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        let mut j = 0;
-        while j + 2 <= rank {
-            x_a_t_block_avx2::<R, 2>(&a, j, x, in_dim, rank, t);
-            j += 2;
-        }
-        if j < rank {
-            x_a_t_block_avx2::<R, 1>(&a, j, x, in_dim, rank, t);
-        }
-    }
-}
-
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn x_a_t_any_avx2(load: impl Fn(usize, usize) -> __m256, x: *const f32, in_dim: usize, rows: usize, rank: usize, t: *mut f32) {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        match rows {
-            1 => x_a_t_rows_avx2::<1>(load, x, in_dim, rank, t),
-            2 => x_a_t_rows_avx2::<2>(load, x, in_dim, rank, t),
-            3 => x_a_t_rows_avx2::<3>(load, x, in_dim, rank, t),
-            _ => x_a_t_rows_avx2::<4>(load, x, in_dim, rank, t),
-        }
-    }
-}
-
-/// [`x_a_t_f32_avx512`] with AVX2: the first `in_dim / 8 · 8` columns (the caller adds the rest).
-///
-/// # Safety
-/// AVX2 and FMA; otherwise as for [`x_a_t_f32_avx512`].
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn x_a_t_f32_avx2(x: &[f32], in_dim: usize, rows: usize, a: &[f32], rank: usize, t: &mut [f32]) {
-    debug_assert!(x.len() >= rows * in_dim && a.len() >= rank * in_dim && t.len() >= rows * rank);
-    let (ap, xp, tp) = (a.as_ptr(), x.as_ptr(), t.as_mut_ptr());
-    // SAFETY: the loads stay inside A's `rank` rows, as the caller guarantees.
-    let load = |j: usize, k: usize| unsafe { _mm256_loadu_ps(ap.add(j * in_dim + k)) };
-    // SAFETY: forwarded from the caller.
-    unsafe { x_a_t_any_avx2(load, xp, in_dim, rows, rank, tp) }
-}
-
-/// [`x_a_t_f32_avx2`] for A held as bf16 bit patterns (widened exactly in registers).
-///
-/// # Safety
-/// As for [`x_a_t_f32_avx2`].
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn x_a_t_bf16_avx2(x: &[f32], in_dim: usize, rows: usize, a: &[u16], rank: usize, t: &mut [f32]) {
-    debug_assert!(x.len() >= rows * in_dim && a.len() >= rank * in_dim && t.len() >= rows * rank);
-    let (ap, xp, tp) = (a.as_ptr(), x.as_ptr(), t.as_mut_ptr());
-    // SAFETY: as above; 8 bf16 values are 16 bytes.
-    let load = |j: usize, k: usize| unsafe {
-        let raw = _mm_loadu_si128(ap.add(j * in_dim + k) as *const __m128i);
-        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
     };
-    // SAFETY: forwarded from the caller.
-    unsafe { x_a_t_any_avx2(load, xp, in_dim, rows, rank, tp) }
 }
+
+x_a_t_kernels!(
+    "avx512f,avx512bw", __m512, 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_reduce_add_ps,
+    x_a_t_block, x_a_t_rows, x_a_t_any, x_a_t_f32_avx512, x_a_t_bf16_avx512,
+    |p| _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)), 16))
+);
+x_a_t_kernels!(
+    "avx2,fma", __m256, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps, hsum256,
+    x_a_t_block_avx2, x_a_t_rows_avx2, x_a_t_any_avx2, x_a_t_f32_avx2, x_a_t_bf16_avx2,
+    |p| _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)), 16))
+);
 
 /// Most activation rows the scaled AVX2 kernels take: above it, turning each block into its
 /// exact weights once for all rows costs less than scaling every row's block sum.
@@ -815,14 +772,7 @@ pub unsafe fn q4_1_tile_scaled_avx2(q: &[u8], d: &[f32], m: &[f32], nb: usize, r
     debug_assert!(q.len() >= r1 * nb * 16 && m.len() >= r1 * nb);
     let qp = q.as_ptr();
     // SAFETY: the caller passes whole rows: 16 bytes per block.
-    let codes = |r: usize, b: usize| unsafe {
-        let mask = _mm_set1_epi8(0x0F);
-        let raw = _mm_loadu_si128(qp.add((r * nb + b) * 16) as *const __m128i);
-        let lo = _mm_and_si128(raw, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-        let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
-        [f(lo), f(_mm_srli_si128(lo, 8)), f(hi), f(_mm_srli_si128(hi, 8))]
-    };
+    let codes = |r: usize, b: usize| unsafe { q4_1_codes_avx2(qp, r * nb + b) };
     // SAFETY: forwarded from the caller.
     unsafe {
         match n {
@@ -843,11 +793,7 @@ pub unsafe fn q8_0_tile_scaled_avx2(q: &[i8], d: &[f32], nb: usize, r0: usize, r
     debug_assert!(q.len() >= r1 * nb * BLOCK);
     let qp = q.as_ptr();
     // SAFETY: the caller passes whole rows: 32 codes per block.
-    let codes = |r: usize, b: usize| unsafe {
-        let qb = qp.add((r * nb + b) * BLOCK);
-        let f = |o: usize| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qb.add(o) as *const __m128i)));
-        [f(0), f(8), f(16), f(24)]
-    };
+    let codes = |r: usize, b: usize| unsafe { q8_0_codes_avx2(qp, r * nb + b) };
     // SAFETY: forwarded from the caller.
     unsafe {
         match n {
