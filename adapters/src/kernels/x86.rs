@@ -648,15 +648,17 @@ pub const SCALED_ROWS: usize = 3;
 /// Most blocks per weight row they take (the activations' block sums live on the stack).
 pub const SCALED_BLOCKS: usize = 256;
 
-/// The sum of each block of 32 activations, `sx[i · nb + b]`, for `N` rows.
+/// The sum of each block of 32 activations, `sx[i · nb + b]`, for `N` rows, written into the
+/// first `N · nb` elements of `buf` (which need not be initialized) and returned.
 ///
 /// # Safety
-/// AVX2; `x` holds `N` rows of `nb · 32` floats and `N · nb ≤ sx.len()`.
+/// AVX2; `x` holds `N` rows of `nb · 32` floats and `N · nb ≤ buf.len()`.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn block_sums<const N: usize>(x: *const f32, nb: usize, sx: &mut [f32]) {
-    debug_assert!(N * nb <= sx.len());
-    // SAFETY: forwarded from the caller.
+unsafe fn block_sums<const N: usize>(x: *const f32, nb: usize, buf: &mut [std::mem::MaybeUninit<f32>]) -> &[f32] {
+    debug_assert!(N * nb <= buf.len());
+    // SAFETY: forwarded from the caller; every element of the returned slice is written first,
+    // and MaybeUninit<f32> has f32's layout.
     unsafe {
         for i in 0..N {
             for b in 0..nb {
@@ -665,9 +667,10 @@ unsafe fn block_sums<const N: usize>(x: *const f32, nb: usize, sx: &mut [f32]) {
                     _mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb.add(8))),
                     _mm256_add_ps(_mm256_loadu_ps(xb.add(16)), _mm256_loadu_ps(xb.add(24))),
                 );
-                *sx.get_unchecked_mut(i * nb + b) = hsum256(v);
+                buf.get_unchecked_mut(i * nb + b).write(hsum256(v));
             }
         }
+        std::slice::from_raw_parts(buf.as_ptr().cast::<f32>(), N * nb)
     }
 }
 
@@ -748,13 +751,12 @@ unsafe fn tile_scaled<const N: usize>(q: impl Fn(usize, usize) -> [__m256; 4], d
     debug_assert!(nb <= SCALED_BLOCKS && x.len() >= N * nb * BLOCK);
     // SAFETY: forwarded from the caller.
     unsafe {
-        let mut sx = [0f32; SCALED_ROWS * SCALED_BLOCKS];
-        if m.is_some() {
-            block_sums::<N>(x.as_ptr(), nb, &mut sx);
-        }
+        // Not zeroed: only the block sums written for this tile are read (none without `m`).
+        let mut buf = [std::mem::MaybeUninit::<f32>::uninit(); SCALED_ROWS * SCALED_BLOCKS];
+        let sx: &[f32] = if m.is_some() { block_sums::<N>(x.as_ptr(), nb, &mut buf) } else { &[] };
         for r in r0..r1 {
             let qr = |b: usize| q(r, b);
-            let ys = row_scaled::<N>(&qr, d.as_ptr().add(r * nb), m.map(|m| m.as_ptr().add(r * nb)), nb, x.as_ptr(), &sx);
+            let ys = row_scaled::<N>(&qr, d.as_ptr().add(r * nb), m.map(|m| m.as_ptr().add(r * nb)), nb, x.as_ptr(), sx);
             for (i, y) in ys.iter().enumerate() {
                 *out.add(i * ldy + r) = *y;
             }
