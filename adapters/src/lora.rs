@@ -183,9 +183,10 @@ impl Served<'_> {
 
     /// Element `i` as f32 (exact for bf16).
     pub fn get(&self, i: usize) -> f32 {
+        use crate::kernels::Weight;
         match self {
             Served::F32(v) => v[i],
-            Served::Bf16(v) => f32::from_bits((v[i] as u32) << 16),
+            Served::Bf16(v) => v[i].f32(),
         }
     }
 }

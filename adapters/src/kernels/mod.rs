@@ -700,16 +700,14 @@ pub fn x_a_t(x: &[f32], in_dim: usize, rows: usize, a: Served<'_>, rank: usize, 
     #[cfg(target_arch = "x86_64")]
     if isa() != Isa::Portable {
         // SAFETY: the ISA was detected; the lengths were checked above.
-        let lanes = unsafe {
+        let body = unsafe {
             match (a, isa()) {
                 (Served::F32(a), Isa::Avx512) => x86::x_a_t_f32_avx512(x, in_dim, rows, a, rank, t),
                 (Served::Bf16(a), Isa::Avx512) => x86::x_a_t_bf16_avx512(x, in_dim, rows, a, rank, t),
                 (Served::F32(a), _) => x86::x_a_t_f32_avx2(x, in_dim, rows, a, rank, t),
                 (Served::Bf16(a), _) => x86::x_a_t_bf16_avx2(x, in_dim, rows, a, rank, t),
             }
-            if isa() == Isa::Avx512 { 16 } else { 8 }
         };
-        let body = in_dim / lanes * lanes;
         if body < in_dim {
             for r in 0..rows {
                 for j in 0..rank {

@@ -537,20 +537,22 @@ pub unsafe fn q8_0_tile_pairs_avx512(q: &[i8], d: &[f32], nb: usize, r0: usize, 
 macro_rules! x_a_t_kernels {
     ($feat:literal, $v:ty, $lanes:expr, $zero:path, $loadx:path, $fma:path, $reduce:path, $block:ident, $rows:ident, $any:ident,
      $f32_name:ident, $bf16_name:ident, |$p:ident| $widen:expr) => {
-        /// `t[r · rank + j] = x[r] · a[j]` over the first `in_dim / LANES · LANES` columns
-        /// (the caller adds the rest), for `rows ≤ 4` rows of `x`; A is `[rank, in_dim]`, f32.
+        /// `t[r · rank + j] = x[r] · a[j]` over the first `in_dim / LANES · LANES` columns,
+        /// which it returns (the caller adds the rest), for `rows ≤ 4` rows of `x`; A is
+        /// `[rank, in_dim]`, f32.
         ///
         /// # Safety
         /// The CPU has the kernel's features; `x` holds `rows` rows of `in_dim` floats, `a`
         /// `rank · in_dim` and `t` `rows · rank`.
         #[target_feature(enable = $feat)]
-        pub unsafe fn $f32_name(x: &[f32], in_dim: usize, rows: usize, a: &[f32], rank: usize, t: &mut [f32]) {
+        pub unsafe fn $f32_name(x: &[f32], in_dim: usize, rows: usize, a: &[f32], rank: usize, t: &mut [f32]) -> usize {
             debug_assert!(x.len() >= rows * in_dim && a.len() >= rank * in_dim && t.len() >= rows * rank);
             let (ap, xp, tp) = (a.as_ptr(), x.as_ptr(), t.as_mut_ptr());
             // SAFETY: the loads stay inside A's `rank` rows, as the caller guarantees.
             let load = |j: usize, k: usize| unsafe { $loadx(ap.add(j * in_dim + k)) };
             // SAFETY: forwarded from the caller.
-            unsafe { $any(load, xp, in_dim, rows, rank, tp) }
+            unsafe { $any(load, xp, in_dim, rows, rank, tp) };
+            in_dim / $lanes * $lanes
         }
 
         /// The same for A held as bf16 bit patterns (widened exactly in registers).
@@ -558,7 +560,7 @@ macro_rules! x_a_t_kernels {
         /// # Safety
         /// As for the f32 version.
         #[target_feature(enable = $feat)]
-        pub unsafe fn $bf16_name(x: &[f32], in_dim: usize, rows: usize, a: &[u16], rank: usize, t: &mut [f32]) {
+        pub unsafe fn $bf16_name(x: &[f32], in_dim: usize, rows: usize, a: &[u16], rank: usize, t: &mut [f32]) -> usize {
             debug_assert!(x.len() >= rows * in_dim && a.len() >= rank * in_dim && t.len() >= rows * rank);
             let (ap, xp, tp) = (a.as_ptr(), x.as_ptr(), t.as_mut_ptr());
             // SAFETY: as above; `$widen` reads LANES bf16 values from `$p`.
@@ -567,7 +569,8 @@ macro_rules! x_a_t_kernels {
                 $widen
             };
             // SAFETY: forwarded from the caller.
-            unsafe { $any(load, xp, in_dim, rows, rank, tp) }
+            unsafe { $any(load, xp, in_dim, rows, rank, tp) };
+            in_dim / $lanes * $lanes
         }
 
         /// # Safety
