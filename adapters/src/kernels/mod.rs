@@ -22,7 +22,7 @@ use crate::lora::{Served, PANEL};
 /// Elements per GGML block for the packed formats here.
 pub const BLOCK: usize = 32;
 
-/// Most activation rows one fused kernel call takes (AVX-512; AVX2 and portable take 4).
+/// Most activation rows one fused kernel call takes (AVX-512 and AVX2; portable takes 4).
 const FUSED_ROWS: usize = 8;
 
 /// Up to this many activation rows (a decode batch), the fused dequantize-and-dot kernels run,
@@ -377,6 +377,12 @@ impl QMatrix {
                 match (&self.packed, isa()) {
                     // A decode batch of a few rows is bound by reading the weights; larger ones by
                     // arithmetic, where sharing each activation load between two weight rows pays.
+                    (Packed::Q4_1 { d, m, qs }, Isa::Avx512) if n <= x86::SCALED_ROWS_AVX512 && nb <= x86::SCALED_BLOCKS => {
+                        x86::q4_1_tile_scaled_avx512(qs, d, m, nb, r0, r1, x, n, out.0, ldy)
+                    }
+                    (Packed::Q8_0 { d, qs }, Isa::Avx512) if n <= x86::SCALED_ROWS_AVX512 && nb <= x86::SCALED_BLOCKS => {
+                        x86::q8_0_tile_scaled_avx512(qs, d, nb, r0, r1, x, n, out.0, ldy)
+                    }
                     (Packed::Q4_1 { d, m, qs }, Isa::Avx512) if n < PAIR_ROWS => x86::q4_1_tile_avx512(qs, d, m, nb, r0, r1, x, n, out.0, ldy),
                     (Packed::Q4_1 { d, m, qs }, Isa::Avx512) => x86::q4_1_tile_pairs_avx512(qs, d, m, nb, r0, r1, x, n, out.0, ldy),
                     (Packed::Q8_0 { d, qs }, Isa::Avx512) if n < PAIR_ROWS => x86::q8_0_tile_avx512(qs, d, &[], nb, r0, r1, x, n, out.0, ldy),

@@ -190,6 +190,35 @@ fn avx2_tiles_match_the_reference() {
     }
 }
 
+/// The AVX-512 scaled kernels for one to three rows (the dispatcher uses them for one or two)
+/// against the reference, odd block counts included.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx512_scaled_tiles_match_the_reference() {
+    if isa() != Isa::Avx512 {
+        return;
+    }
+    let (rows, cols) = (9, 96);
+    let nb = cols / BLOCK;
+    for m in [QMatrix::from_q4_1_bytes(&q4_1_blocks(rows, cols, 11), rows, cols), QMatrix::from_q8_0_bytes(&q8_0_blocks(rows, cols, 12), rows, cols)] {
+        for n in 1..=x86::SCALED_ROWS {
+            let x = activations(n, cols);
+            let want = reference(&m.to_dense(), &x, rows, cols, n);
+            let mut y = vec![0f32; n * rows];
+            // SAFETY: AVX-512 was detected; the slices are the whole matrix, n ≤ SCALED_ROWS,
+            // three blocks a row, and `y` is n × rows.
+            unsafe {
+                match &m.packed {
+                    Packed::Q4_1 { d, m: mins, qs } => x86::q4_1_tile_scaled_avx512(qs, d, mins, nb, 0, rows, &x, n, y.as_mut_ptr(), rows),
+                    Packed::Q8_0 { d, qs } => x86::q8_0_tile_scaled_avx512(qs, d, nb, 0, rows, &x, n, y.as_mut_ptr(), rows),
+                    Packed::F32(_) => unreachable!("packed matrices only"),
+                }
+            }
+            assert_close(&y, &want, &format!("avx512 scaled tile, n = {n}"));
+        }
+    }
+}
+
 #[test]
 fn prepared_low_rank_terms_add_what_ready_ones_add() {
     // A Q4_1 matrix with two low-rank terms (f32 and bf16 panels) on different rows and

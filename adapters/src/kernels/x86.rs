@@ -2,8 +2,9 @@
 //!
 //! Each kernel walks one weight row block by block, turns the block into its exact f32
 //! weights once (the same `q·d + m` a dense dequantization gives), and multiplies them against
-//! up to eight (AVX-512) or four (AVX2) activation rows with FMAs, so one pass over the packed
-//! weights serves every row of a decode batch.
+//! up to eight activation rows with FMAs, so one pass over the packed weights serves every row
+//! of a decode batch. For one to three rows, the scaled kernels instead multiply the integer
+//! codes and scale each block's sum (see [`scaled_kernels`]).
 
 use std::arch::x86_64::*;
 
@@ -239,6 +240,23 @@ pub unsafe fn q4_1_avx512(q: &[u8], d: &[f32], m: &[f32], x: &[f32], cols: usize
     unsafe { dispatch_rows!(q4_1_avx512_n, q, d, m, x, cols, acc; n) }
 }
 
+/// Block `i`'s 32 Q4_1 codes (0 to 15) as two vectors of floats.
+///
+/// # Safety
+/// AVX-512F/BW; block `i` exists behind `q` (16 bytes a block).
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn q4_1_codes_avx512(q: *const u8, i: usize) -> [__m512; 2] {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let mask = _mm_set1_epi8(0x0F);
+        let raw = _mm_loadu_si128(q.add(i * 16) as *const __m128i);
+        let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask)));
+        let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), mask)));
+        [lo, hi]
+    }
+}
+
 /// Block `i` of a Q4_1 matrix as two vectors of exact weights (`q·d + m`, not fused).
 ///
 /// # Safety
@@ -248,12 +266,24 @@ pub unsafe fn q4_1_avx512(q: &[u8], d: &[f32], m: &[f32], x: &[f32], cols: usize
 unsafe fn q4_1_block(q: *const u8, d: *const f32, m: *const f32, i: usize) -> (__m512, __m512) {
     // SAFETY: forwarded from the caller.
     unsafe {
-        let mask = _mm_set1_epi8(0x0F);
-        let raw = _mm_loadu_si128(q.add(i * 16) as *const __m128i);
         let (db, mb) = (_mm512_set1_ps(*d.add(i)), _mm512_set1_ps(*m.add(i)));
-        let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask)));
-        let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), mask)));
+        let [lo, hi] = q4_1_codes_avx512(q, i);
         (_mm512_add_ps(_mm512_mul_ps(lo, db), mb), _mm512_add_ps(_mm512_mul_ps(hi, db), mb))
+    }
+}
+
+/// Block `i`'s 32 Q8_0 codes as two vectors of floats.
+///
+/// # Safety
+/// AVX-512F/BW; block `i` exists behind `q` (32 codes a block).
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn q8_0_codes_avx512(q: *const i8, i: usize) -> [__m512; 2] {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let qb = q.add(i * BLOCK);
+        let f = |o: usize| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qb.add(o) as *const __m128i)));
+        [f(0), f(16)]
     }
 }
 
@@ -267,10 +297,8 @@ unsafe fn q8_0_block(q: *const i8, d: *const f32, i: usize) -> (__m512, __m512) 
     // SAFETY: forwarded from the caller.
     unsafe {
         let db = _mm512_set1_ps(*d.add(i));
-        let qb = q.add(i * BLOCK);
-        let w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qb as *const __m128i))), db);
-        let w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qb.add(16) as *const __m128i))), db);
-        (w0, w1)
+        let [w0, w1] = q8_0_codes_avx512(q, i);
+        (_mm512_mul_ps(w0, db), _mm512_mul_ps(w1, db))
     }
 }
 
@@ -645,9 +673,12 @@ x_a_t_kernels!(
     |p| _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)), 16))
 );
 
-/// Most activation rows the scaled AVX2 kernels take: above it, turning each block into its
-/// exact weights once for all rows costs less than scaling every row's block sum.
+/// Most activation rows the scaled kernels take: above it, turning each block into its exact
+/// weights once for all rows costs less than scaling every row's block sum.
 pub const SCALED_ROWS: usize = 3;
+/// Most activation rows the dispatcher hands the AVX-512 scaled kernels: three rows measured
+/// 6% slower there than the exact-weight kernel, one and two rows 12% and 5% faster.
+pub const SCALED_ROWS_AVX512: usize = 2;
 /// Most blocks per weight row they take (the activations' block sums live on the stack).
 pub const SCALED_BLOCKS: usize = 256;
 
@@ -695,116 +726,133 @@ unsafe fn dot_avx2(a: *const f32, b: *const f32, len: usize) -> f32 {
     }
 }
 
-/// One weight row against `N` activation rows as `Σ_b d_b·(q_b·x_b) + Σ_b m_b·s_b`, where
-/// `q(b)` gives block `b`'s integer codes as four vectors of floats and `s_b` is the block's
-/// activation sum. The same sum as `Σ (q·d + m)·x`, rounded differently (like any change of
-/// summation order), and about half the arithmetic per block: one or two decode rows are
-/// bound by that arithmetic, not by the weights' bytes.
-///
-/// # Safety
-/// AVX2 and FMA; `q`, `d` (and `m`) are valid for `nb` blocks, `x` holds `N` rows of
-/// `nb · 32` floats and `sx` their block sums when `m` is given.
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn row_scaled<const N: usize>(q: &impl Fn(usize) -> [__m256; 4], d: *const f32, m: Option<*const f32>, nb: usize, x: *const f32, sx: &[f32]) -> [f32; N] {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        // Two chains per row (even and odd blocks), so the scaling FMAs overlap.
-        let mut sums = [[_mm256_setzero_ps(); 2]; N];
-        let mut block = |b: usize, c: usize| {
-            let w = q(b);
-            let db = _mm256_set1_ps(*d.add(b));
-            for (i, s) in sums.iter_mut().enumerate() {
-                let xb = x.add((i * nb + b) * BLOCK);
-                let mut t = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
-                t = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb.add(8)), t);
-                t = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb.add(16)), t);
-                t = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb.add(24)), t);
-                s[c] = _mm256_fmadd_ps(db, t, s[c]);
-            }
-        };
-        let mut b = 0;
-        while b + 2 <= nb {
-            block(b, 0);
-            block(b + 1, 1);
-            b += 2;
-        }
-        if b < nb {
-            block(b, 0);
-        }
-        std::array::from_fn(|i| {
-            let total = hsum256(_mm256_add_ps(sums[i][0], sums[i][1]));
-            match m {
-                Some(m) => total + dot_avx2(m, sx.as_ptr().add(i * nb), nb),
-                None => total,
-            }
-        })
-    }
-}
-
-/// Rows `r0..r1` of a packed matrix against `N ≤ SCALED_ROWS` activation rows with
-/// [`row_scaled`]; `q(r, b)` gives row `r`'s block `b` as integer codes.
-///
-/// # Safety
-/// AVX2 and FMA; `nb ≤ SCALED_BLOCKS`; otherwise as for the tile kernels.
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_scaled<const N: usize>(q: impl Fn(usize, usize) -> [__m256; 4], d: &[f32], m: Option<&[f32]>, nb: usize, r0: usize, r1: usize, x: &[f32], out: *mut f32, ldy: usize) {
-    debug_assert!(nb <= SCALED_BLOCKS && x.len() >= N * nb * BLOCK);
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        // Not zeroed: only the block sums written for this tile are read (none without `m`).
-        let mut buf = [std::mem::MaybeUninit::<f32>::uninit(); SCALED_ROWS * SCALED_BLOCKS];
-        let sx: &[f32] = if m.is_some() { block_sums::<N>(x.as_ptr(), nb, &mut buf) } else { &[] };
-        for r in r0..r1 {
-            let qr = |b: usize| q(r, b);
-            let ys = row_scaled::<N>(&qr, d.as_ptr().add(r * nb), m.map(|m| m.as_ptr().add(r * nb)), nb, x.as_ptr(), sx);
-            for (i, y) in ys.iter().enumerate() {
-                *out.add(i * ldy + r) = *y;
+/// The scaled kernels for one instruction set, for decode steps of one to [`SCALED_ROWS`]
+/// rows. `$row::<N>` takes one weight row against `N` activation rows as
+/// `Σ_b d_b·(q_b·x_b) + Σ_b m_b·s_b`, where `q(b)` gives block `b`'s integer codes as
+/// `32 / LANES` vectors of floats and `s_b` is the block's activation sum: the same sum as
+/// `Σ (q·d + m)·x`, rounded differently (like any change of summation order; activations are
+/// never rounded), with about half the arithmetic per block, which is what one to three decode
+/// rows are bound by. `$tile::<N>` runs it over rows `r0..r1` with the block sums computed
+/// once; `$q4_1` and `$q8_0` pick `N` for their format.
+/// Their safety contract: the CPU has `$feat`; `q`, `d` (and `m`) hold rows `r0..r1` of a
+/// matrix with `nb ≤ SCALED_BLOCKS` blocks per row, `x` holds `n ≤ SCALED_ROWS` rows of
+/// `nb · 32` floats, and `out` is valid for `out[i · ldy + r]` for every `i < n` and `r` in
+/// `r0..r1`, which no other thread touches meanwhile.
+macro_rules! scaled_kernels {
+    ($feat:literal, $v:ty, $lanes:expr, $zero:path, $load:path, $mul:path, $fma:path, $set1:path, $add:path, $reduce:path,
+     $q4_codes:ident, $q8_codes:ident, $row:ident, $tile:ident, $q4_1:ident, $q8_0:ident) => {
+        /// # Safety
+        /// See [`scaled_kernels`]; `sx` holds the block sums when `m` is given.
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn $row<const N: usize>(q: &impl Fn(usize) -> [$v; BLOCK / $lanes], d: *const f32, m: Option<*const f32>, nb: usize, x: *const f32, sx: &[f32]) -> [f32; N] {
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                // Two chains per row (even and odd blocks), so the scaling FMAs overlap.
+                let mut sums = [[$zero(); 2]; N];
+                let mut block = |b: usize, c: usize| {
+                    let w = q(b);
+                    let db = $set1(*d.add(b));
+                    for (i, s) in sums.iter_mut().enumerate() {
+                        let xb = x.add((i * nb + b) * BLOCK);
+                        let mut t = $mul(w[0], $load(xb));
+                        for (k, wk) in w.iter().enumerate().skip(1) {
+                            t = $fma(*wk, $load(xb.add(k * $lanes)), t);
+                        }
+                        s[c] = $fma(db, t, s[c]);
+                    }
+                };
+                let mut b = 0;
+                while b + 2 <= nb {
+                    block(b, 0);
+                    block(b + 1, 1);
+                    b += 2;
+                }
+                if b < nb {
+                    block(b, 0);
+                }
+                std::array::from_fn(|i| {
+                    let total = $reduce($add(sums[i][0], sums[i][1]));
+                    match m {
+                        Some(m) => total + dot_avx2(m, sx.as_ptr().add(i * nb), nb),
+                        None => total,
+                    }
+                })
             }
         }
-    }
+
+        /// # Safety
+        /// See [`scaled_kernels`]; `q(r, b)` is valid for the tile's rows and blocks.
+        #[target_feature(enable = $feat)]
+        #[inline]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $tile<const N: usize>(q: impl Fn(usize, usize) -> [$v; BLOCK / $lanes], d: &[f32], m: Option<&[f32]>, nb: usize, r0: usize, r1: usize, x: &[f32], out: *mut f32, ldy: usize) {
+            debug_assert!(nb <= SCALED_BLOCKS && x.len() >= N * nb * BLOCK);
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                // Not zeroed: only the block sums written for this tile are read (none without `m`).
+                let mut buf = [std::mem::MaybeUninit::<f32>::uninit(); SCALED_ROWS * SCALED_BLOCKS];
+                let sx: &[f32] = if m.is_some() { block_sums::<N>(x.as_ptr(), nb, &mut buf) } else { &[] };
+                for r in r0..r1 {
+                    let qr = |b: usize| q(r, b);
+                    let ys = $row::<N>(&qr, d.as_ptr().add(r * nb), m.map(|m| m.as_ptr().add(r * nb)), nb, x.as_ptr(), sx);
+                    for (i, y) in ys.iter().enumerate() {
+                        *out.add(i * ldy + r) = *y;
+                    }
+                }
+            }
+        }
+
+        /// Q4_1 rows `r0..r1` against `n ≤ SCALED_ROWS` activation rows.
+        ///
+        /// # Safety
+        /// See [`scaled_kernels`].
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe fn $q4_1(q: &[u8], d: &[f32], m: &[f32], nb: usize, r0: usize, r1: usize, x: &[f32], n: usize, out: *mut f32, ldy: usize) {
+            debug_assert!(q.len() >= r1 * nb * 16 && m.len() >= r1 * nb);
+            let qp = q.as_ptr();
+            // SAFETY: the caller passes whole rows: 16 bytes per block.
+            let codes = |r: usize, b: usize| unsafe { $q4_codes(qp, r * nb + b) };
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                match n {
+                    1 => $tile::<1>(codes, d, Some(m), nb, r0, r1, x, out, ldy),
+                    2 => $tile::<2>(codes, d, Some(m), nb, r0, r1, x, out, ldy),
+                    _ => $tile::<3>(codes, d, Some(m), nb, r0, r1, x, out, ldy),
+                }
+            }
+        }
+
+        /// Q8_0 rows `r0..r1` against `n ≤ SCALED_ROWS` activation rows (`Σ_b d_b·(q_b·x_b)`).
+        ///
+        /// # Safety
+        /// See [`scaled_kernels`], with 32 codes per block.
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe fn $q8_0(q: &[i8], d: &[f32], nb: usize, r0: usize, r1: usize, x: &[f32], n: usize, out: *mut f32, ldy: usize) {
+            debug_assert!(q.len() >= r1 * nb * BLOCK);
+            let qp = q.as_ptr();
+            // SAFETY: the caller passes whole rows: 32 codes per block.
+            let codes = |r: usize, b: usize| unsafe { $q8_codes(qp, r * nb + b) };
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                match n {
+                    1 => $tile::<1>(codes, d, None, nb, r0, r1, x, out, ldy),
+                    2 => $tile::<2>(codes, d, None, nb, r0, r1, x, out, ldy),
+                    _ => $tile::<3>(codes, d, None, nb, r0, r1, x, out, ldy),
+                }
+            }
+        }
+    };
 }
 
-/// Q4_1 rows `r0..r1` against `n ≤ SCALED_ROWS` activation rows (see [`row_scaled`]).
-///
-/// # Safety
-/// AVX2 and FMA; `n ≤ SCALED_ROWS`, `nb ≤ SCALED_BLOCKS`; otherwise as for the tile kernels.
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn q4_1_tile_scaled_avx2(q: &[u8], d: &[f32], m: &[f32], nb: usize, r0: usize, r1: usize, x: &[f32], n: usize, out: *mut f32, ldy: usize) {
-    debug_assert!(q.len() >= r1 * nb * 16 && m.len() >= r1 * nb);
-    let qp = q.as_ptr();
-    // SAFETY: the caller passes whole rows: 16 bytes per block.
-    let codes = |r: usize, b: usize| unsafe { q4_1_codes_avx2(qp, r * nb + b) };
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        match n {
-            1 => tile_scaled::<1>(codes, d, Some(m), nb, r0, r1, x, out, ldy),
-            2 => tile_scaled::<2>(codes, d, Some(m), nb, r0, r1, x, out, ldy),
-            _ => tile_scaled::<3>(codes, d, Some(m), nb, r0, r1, x, out, ldy),
-        }
-    }
-}
-
-/// Q8_0 rows `r0..r1` against `n ≤ SCALED_ROWS` activation rows (`Σ_b d_b·(q_b·x_b)`).
-///
-/// # Safety
-/// As for [`q4_1_tile_scaled_avx2`], with 32 codes per block.
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn q8_0_tile_scaled_avx2(q: &[i8], d: &[f32], nb: usize, r0: usize, r1: usize, x: &[f32], n: usize, out: *mut f32, ldy: usize) {
-    debug_assert!(q.len() >= r1 * nb * BLOCK);
-    let qp = q.as_ptr();
-    // SAFETY: the caller passes whole rows: 32 codes per block.
-    let codes = |r: usize, b: usize| unsafe { q8_0_codes_avx2(qp, r * nb + b) };
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        match n {
-            1 => tile_scaled::<1>(codes, d, None, nb, r0, r1, x, out, ldy),
-            2 => tile_scaled::<2>(codes, d, None, nb, r0, r1, x, out, ldy),
-            _ => tile_scaled::<3>(codes, d, None, nb, r0, r1, x, out, ldy),
-        }
-    }
-}
+scaled_kernels!(
+    "avx2,fma", __m256, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_fmadd_ps, _mm256_set1_ps, _mm256_add_ps, hsum256,
+    q4_1_codes_avx2, q8_0_codes_avx2, row_scaled_avx2, tile_scaled_avx2, q4_1_tile_scaled_avx2, q8_0_tile_scaled_avx2
+);
+scaled_kernels!(
+    "avx512f,avx512bw", __m512, 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_mul_ps, _mm512_fmadd_ps, _mm512_set1_ps, _mm512_add_ps,
+    _mm512_reduce_add_ps, q4_1_codes_avx512, q8_0_codes_avx512, row_scaled_avx512, tile_scaled_avx512, q4_1_tile_scaled_avx512,
+    q8_0_tile_scaled_avx512
+);
