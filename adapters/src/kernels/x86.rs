@@ -741,43 +741,45 @@ unsafe fn dot_avx2(a: *const f32, b: *const f32, len: usize) -> f32 {
 macro_rules! scaled_kernels {
     ($feat:literal, $v:ty, $lanes:expr, $zero:path, $load:path, $mul:path, $fma:path, $set1:path, $add:path, $reduce:path,
      $q4_codes:ident, $q8_codes:ident, $row:ident, $tile:ident, $q4_1:ident, $q8_0:ident) => {
+        /// Weight row `r` (block `b` from `q(r, b)`, its scale `d[r · nb + b]`) against `N`
+        /// activation rows. Plain loops, no closures: a generic helper taking one (such as
+        /// `array::from_fn`) is compiled without AVX-512 and so cannot inline it.
+        ///
         /// # Safety
         /// See [`scaled_kernels`]; `sx` holds the block sums when `m` is given.
         #[target_feature(enable = $feat)]
         #[inline]
-        unsafe fn $row<const N: usize>(q: &impl Fn(usize) -> [$v; BLOCK / $lanes], d: *const f32, m: Option<*const f32>, nb: usize, x: *const f32, sx: &[f32]) -> [f32; N] {
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $row<const N: usize>(q: &impl Fn(usize, usize) -> [$v; BLOCK / $lanes], r: usize, d: *const f32, m: Option<*const f32>, nb: usize, x: *const f32, sx: &[f32], y: &mut [f32; N]) {
             // SAFETY: forwarded from the caller.
             unsafe {
                 // Two chains per row (even and odd blocks), so the scaling FMAs overlap.
                 let mut sums = [[$zero(); 2]; N];
-                let mut block = |b: usize, c: usize| {
-                    let w = q(b);
-                    let db = $set1(*d.add(b));
-                    for (i, s) in sums.iter_mut().enumerate() {
-                        let xb = x.add((i * nb + b) * BLOCK);
-                        let mut t = $mul(w[0], $load(xb));
-                        for (k, wk) in w.iter().enumerate().skip(1) {
-                            t = $fma(*wk, $load(xb.add(k * $lanes)), t);
-                        }
-                        s[c] = $fma(db, t, s[c]);
-                    }
-                };
                 let mut b = 0;
-                while b + 2 <= nb {
-                    block(b, 0);
-                    block(b + 1, 1);
+                while b < nb {
+                    for c in 0..2 {
+                        if b + c == nb {
+                            break;
+                        }
+                        let w = q(r, b + c);
+                        let db = $set1(*d.add(r * nb + b + c));
+                        for (i, s) in sums.iter_mut().enumerate() {
+                            let xb = x.add((i * nb + b + c) * BLOCK);
+                            let mut t = $mul(w[0], $load(xb));
+                            for (l, wl) in w.iter().enumerate().skip(1) {
+                                t = $fma(*wl, $load(xb.add(l * $lanes)), t);
+                            }
+                            s[c] = $fma(db, t, s[c]);
+                        }
+                    }
                     b += 2;
                 }
-                if b < nb {
-                    block(b, 0);
-                }
-                std::array::from_fn(|i| {
-                    let total = $reduce($add(sums[i][0], sums[i][1]));
-                    match m {
-                        Some(m) => total + dot_avx2(m, sx.as_ptr().add(i * nb), nb),
-                        None => total,
+                for (i, (s, y)) in sums.iter().zip(y.iter_mut()).enumerate() {
+                    *y = $reduce($add(s[0], s[1]));
+                    if let Some(m) = m {
+                        *y += dot_avx2(m.add(r * nb), sx.as_ptr().add(i * nb), nb);
                     }
-                })
+                }
             }
         }
 
@@ -793,9 +795,10 @@ macro_rules! scaled_kernels {
                 // Not zeroed: only the block sums written for this tile are read (none without `m`).
                 let mut buf = [std::mem::MaybeUninit::<f32>::uninit(); SCALED_ROWS * SCALED_BLOCKS];
                 let sx: &[f32] = if m.is_some() { block_sums::<N>(x.as_ptr(), nb, &mut buf) } else { &[] };
+                let (dp, mp) = (d.as_ptr(), m.map(|m| m.as_ptr()));
                 for r in r0..r1 {
-                    let qr = |b: usize| q(r, b);
-                    let ys = $row::<N>(&qr, d.as_ptr().add(r * nb), m.map(|m| m.as_ptr().add(r * nb)), nb, x.as_ptr(), sx);
+                    let mut ys = [0f32; N];
+                    $row::<N>(&q, r, dp, mp, nb, x.as_ptr(), sx, &mut ys);
                     for (i, y) in ys.iter().enumerate() {
                         *out.add(i * ldy + r) = *y;
                     }
