@@ -601,24 +601,14 @@ unsafe fn add_term<W: Weight>(e: &LowRank<'_>, panels: &[W], r0: usize, r1: usiz
     for p in first / PANEL..last.div_ceil(PANEL) {
         let panel = &panels[p * rank * PANEL..(p + 1) * rank * PANEL];
         let whole = p * PANEL >= first && (p + 1) * PANEL <= last;
+        // Output columns of this panel that belong to the tile (all of them unless it is the
+        // range's edge).
+        let cols = if whole { 0..PANEL } else { first.max(p * PANEL) - p * PANEL..last.min((p + 1) * PANEL) - p * PANEL };
         let add = |i: usize, acc: &[f32; PANEL]| {
             let at = (e.row0 + i) * ldy + e.col0 + p * PANEL;
-            if whole {
-                // SAFETY: columns col0 + p·PANEL .. + PANEL of this row lie in r0..r1 (the
-                // test above) and so belong to this tile.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), PANEL) };
-                for (d, a) in dst.iter_mut().zip(acc) {
-                    *d += a;
-                }
-            } else {
-                for (k, a) in acc.iter().enumerate() {
-                    if (first..last).contains(&(p * PANEL + k)) {
-                        // SAFETY: column col0 + p·PANEL + k of this row belongs to this tile
-                        // (checked in matmul_plus and by the range test).
-                        unsafe { *out.0.add(at + k) += *a };
-                    }
-                }
-            }
+            // SAFETY: columns col0 + p·PANEL + cols of this row lie in r0..r1 (the range test
+            // above) and so belong to this tile.
+            unsafe { add_panel(out.0.add(at), acc, cols.clone()) };
         };
         if rank > WIDE_RANK {
             for i in 0..e.rows {
@@ -654,6 +644,26 @@ unsafe fn add_term<W: Weight>(e: &LowRank<'_>, panels: &[W], r0: usize, r1: usiz
         };
         for (k, a) in rest.iter().enumerate() {
             add(i + k, a);
+        }
+    }
+}
+
+/// `dst[k] += acc[k]` for `k` in `cols`.
+///
+/// # Safety
+/// `dst` is valid for those elements, which no other thread touches meanwhile.
+#[inline(always)]
+unsafe fn add_panel(dst: *mut f32, acc: &[f32; PANEL], cols: std::ops::Range<usize>) {
+    if cols.len() == PANEL {
+        // SAFETY: forwarded from the caller.
+        let dst = unsafe { &mut *dst.cast::<[f32; PANEL]>() };
+        for (d, a) in dst.iter_mut().zip(acc) {
+            *d += a;
+        }
+    } else {
+        for k in cols {
+            // SAFETY: forwarded from the caller.
+            unsafe { *dst.add(k) += acc[k] };
         }
     }
 }
