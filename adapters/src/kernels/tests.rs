@@ -150,73 +150,66 @@ fn concatenated_rows_multiply_like_the_parts() {
     }
 }
 
-/// The AVX2 tile kernels (used where AVX-512 is missing) against the reference, on any CPU
-/// that has AVX2, including ones that would pick AVX-512.
+/// Runs a tile kernel, `run(packed, nb, rows, x, n, y)`, over the whole of a 9 × 96 matrix
+/// of each packed format (three blocks a row, an odd count) for every `n` in `ns`, and checks
+/// its `[n, rows]` output against the reference.
+#[cfg(target_arch = "x86_64")]
+fn check_tile_kernel(what: &str, ns: std::ops::RangeInclusive<usize>, run: impl Fn(&Packed, usize, usize, &[f32], usize, &mut [f32])) {
+    let (rows, cols) = (9, 96);
+    for m in [QMatrix::from_q4_1_bytes(&q4_1_blocks(rows, cols, 9), rows, cols), QMatrix::from_q8_0_bytes(&q8_0_blocks(rows, cols, 10), rows, cols)] {
+        for n in ns.clone() {
+            let x = activations(n, cols);
+            let want = reference(&m.to_dense(), &x, rows, cols, n);
+            let mut y = vec![0f32; n * rows];
+            run(&m.packed, cols / BLOCK, rows, &x, n, &mut y);
+            assert_close(&y, &want, &format!("{what}, n = {n}"));
+        }
+    }
+}
+
+/// The AVX2 tile kernels (used where AVX-512 is missing), and the scaled ones for one to three
+/// rows, against the reference, on any CPU that has AVX2, including ones that would pick
+/// AVX-512.
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn avx2_tiles_match_the_reference() {
     if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
         return;
     }
-    let (rows, cols, n) = (9, 96, 6);
-    let nb = cols / BLOCK;
-    let x = activations(n, cols);
-    for m in [QMatrix::from_q4_1_bytes(&q4_1_blocks(rows, cols, 9), rows, cols), QMatrix::from_q8_0_bytes(&q8_0_blocks(rows, cols, 10), rows, cols)] {
-        let want = reference(&m.to_dense(), &x, rows, cols, n);
-        let mut y = vec![0f32; n * rows];
-        // SAFETY: AVX2 and FMA were detected; the slices are the whole matrix and `y` is n × rows.
-        unsafe {
-            match &m.packed {
-                Packed::Q4_1 { d, m: mins, qs } => x86::q4_1_tile_avx2(qs, d, mins, nb, 0, rows, &x, n, y.as_mut_ptr(), rows),
-                Packed::Q8_0 { d, qs } => x86::q8_0_tile_avx2(qs, d, &[], nb, 0, rows, &x, n, y.as_mut_ptr(), rows),
-                Packed::F32(_) => unreachable!("packed matrices only"),
-            }
+    // SAFETY (both closures): AVX2 and FMA were detected; the slices are the whole matrix and
+    // `y` is n × rows; the scaled kernels get n ≤ SCALED_ROWS and three blocks a row.
+    check_tile_kernel("avx2 tile", 6..=6, |packed, nb, rows, x, n, y| unsafe {
+        match packed {
+            Packed::Q4_1 { d, m, qs } => x86::q4_1_tile_avx2(qs, d, m, nb, 0, rows, x, n, y.as_mut_ptr(), rows),
+            Packed::Q8_0 { d, qs } => x86::q8_0_tile_avx2(qs, d, &[], nb, 0, rows, x, n, y.as_mut_ptr(), rows),
+            Packed::F32(_) => unreachable!("packed matrices only"),
         }
-        assert_close(&y, &want, "avx2 tile");
-        // The scaled kernels for one to three rows (block sums times scales).
-        for n in 1..=x86::SCALED_ROWS {
-            let want = reference(&m.to_dense(), &x, rows, cols, n);
-            let mut y = vec![0f32; n * rows];
-            // SAFETY: as above, with n ≤ SCALED_ROWS and three blocks a row.
-            unsafe {
-                match &m.packed {
-                    Packed::Q4_1 { d, m: mins, qs } => x86::q4_1_tile_scaled_avx2(qs, d, mins, nb, 0, rows, &x, n, y.as_mut_ptr(), rows),
-                    Packed::Q8_0 { d, qs } => x86::q8_0_tile_scaled_avx2(qs, d, nb, 0, rows, &x, n, y.as_mut_ptr(), rows),
-                    Packed::F32(_) => unreachable!("packed matrices only"),
-                }
-            }
-            assert_close(&y, &want, &format!("avx2 scaled tile, n = {n}"));
+    });
+    check_tile_kernel("avx2 scaled tile", 1..=x86::SCALED_ROWS, |packed, nb, rows, x, n, y| unsafe {
+        match packed {
+            Packed::Q4_1 { d, m, qs } => x86::q4_1_tile_scaled_avx2(qs, d, m, nb, 0, rows, x, n, y.as_mut_ptr(), rows),
+            Packed::Q8_0 { d, qs } => x86::q8_0_tile_scaled_avx2(qs, d, nb, 0, rows, x, n, y.as_mut_ptr(), rows),
+            Packed::F32(_) => unreachable!("packed matrices only"),
         }
-    }
+    });
 }
 
 /// The AVX-512 scaled kernels for one to three rows (the dispatcher uses them for one or two)
-/// against the reference, odd block counts included.
+/// against the reference.
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn avx512_scaled_tiles_match_the_reference() {
     if isa() != Isa::Avx512 {
         return;
     }
-    let (rows, cols) = (9, 96);
-    let nb = cols / BLOCK;
-    for m in [QMatrix::from_q4_1_bytes(&q4_1_blocks(rows, cols, 11), rows, cols), QMatrix::from_q8_0_bytes(&q8_0_blocks(rows, cols, 12), rows, cols)] {
-        for n in 1..=x86::SCALED_ROWS {
-            let x = activations(n, cols);
-            let want = reference(&m.to_dense(), &x, rows, cols, n);
-            let mut y = vec![0f32; n * rows];
-            // SAFETY: AVX-512 was detected; the slices are the whole matrix, n ≤ SCALED_ROWS,
-            // three blocks a row, and `y` is n × rows.
-            unsafe {
-                match &m.packed {
-                    Packed::Q4_1 { d, m: mins, qs } => x86::q4_1_tile_scaled_avx512(qs, d, mins, nb, 0, rows, &x, n, y.as_mut_ptr(), rows),
-                    Packed::Q8_0 { d, qs } => x86::q8_0_tile_scaled_avx512(qs, d, nb, 0, rows, &x, n, y.as_mut_ptr(), rows),
-                    Packed::F32(_) => unreachable!("packed matrices only"),
-                }
-            }
-            assert_close(&y, &want, &format!("avx512 scaled tile, n = {n}"));
+    // SAFETY: AVX-512 was detected; otherwise as for the AVX2 scaled kernels above.
+    check_tile_kernel("avx512 scaled tile", 1..=x86::SCALED_ROWS, |packed, nb, rows, x, n, y| unsafe {
+        match packed {
+            Packed::Q4_1 { d, m, qs } => x86::q4_1_tile_scaled_avx512(qs, d, m, nb, 0, rows, x, n, y.as_mut_ptr(), rows),
+            Packed::Q8_0 { d, qs } => x86::q8_0_tile_scaled_avx512(qs, d, nb, 0, rows, x, n, y.as_mut_ptr(), rows),
+            Packed::F32(_) => unreachable!("packed matrices only"),
         }
-    }
+    });
 }
 
 #[test]
