@@ -375,8 +375,9 @@ impl QMatrix {
             // caller vouches for `out`.
             let done = unsafe {
                 match (&self.packed, isa()) {
-                    // A decode batch of a few rows is bound by reading the weights; larger ones by
-                    // arithmetic, where sharing each activation load between two weight rows pays.
+                    // One to a few rows: the scaled kernels (half the arithmetic per block, which is
+                    // what so few rows are bound by); up to three rows, one weight row per pass;
+                    // more rows, two weight rows per pass, sharing each activation load.
                     (Packed::Q4_1 { d, m, qs }, Isa::Avx512) if n <= x86::SCALED_ROWS_AVX512 && nb <= x86::SCALED_BLOCKS => {
                         x86::q4_1_tile_scaled_avx512(qs, d, m, nb, r0, r1, x, n, out.0, ldy)
                     }

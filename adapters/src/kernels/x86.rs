@@ -728,7 +728,7 @@ unsafe fn dot_avx2(a: *const f32, b: *const f32, len: usize) -> f32 {
 
 /// The scaled kernels for one instruction set, for decode steps of one to [`SCALED_ROWS`]
 /// rows. `$row::<N>` takes one weight row against `N` activation rows as
-/// `Σ_b d_b·(q_b·x_b) + Σ_b m_b·s_b`, where `q(b)` gives block `b`'s integer codes as
+/// `Σ_b d_b·(q_b·x_b) + Σ_b m_b·s_b`, where `q(r, b)` gives its block `b`'s integer codes as
 /// `32 / LANES` vectors of floats and `s_b` is the block's activation sum: the same sum as
 /// `Σ (q·d + m)·x`, rounded differently (like any change of summation order; activations are
 /// never rounded), with about half the arithmetic per block, which is what one to three decode
