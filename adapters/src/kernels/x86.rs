@@ -36,15 +36,11 @@ pub unsafe fn dequant_q4_1_avx512(q: &[u8], d: &[f32], m: &[f32], out: &mut [f32
     debug_assert!(q.len() >= d.len() * 16 && m.len() >= d.len() && out.len() >= d.len() * BLOCK);
     // SAFETY: every pointer stays inside the slices, as the caller guarantees.
     unsafe {
-        let mask = _mm_set1_epi8(0x0F);
-        let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
+        let op = out.as_mut_ptr();
         for b in 0..d.len() {
-            let raw = _mm_loadu_si128(qp.add(b * 16) as *const __m128i);
-            let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask)));
-            let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), mask)));
-            let (db, mb) = (_mm512_set1_ps(*d.get_unchecked(b)), _mm512_set1_ps(*m.get_unchecked(b)));
-            _mm512_storeu_ps(op.add(b * BLOCK), _mm512_add_ps(_mm512_mul_ps(lo, db), mb));
-            _mm512_storeu_ps(op.add(b * BLOCK + 16), _mm512_add_ps(_mm512_mul_ps(hi, db), mb));
+            let (lo, hi) = q4_1_block(q.as_ptr(), d.as_ptr(), m.as_ptr(), b);
+            _mm512_storeu_ps(op.add(b * BLOCK), lo);
+            _mm512_storeu_ps(op.add(b * BLOCK + 16), hi);
         }
     }
 }
@@ -58,13 +54,11 @@ pub unsafe fn dequant_q8_0_avx512(q: &[i8], d: &[f32], out: &mut [f32]) {
     debug_assert!(q.len() >= d.len() * BLOCK && out.len() >= d.len() * BLOCK);
     // SAFETY: as above.
     unsafe {
-        let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
+        let op = out.as_mut_ptr();
         for b in 0..d.len() {
-            let db = _mm512_set1_ps(*d.get_unchecked(b));
-            for h in 0..2 {
-                let v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qp.add(b * BLOCK + h * 16) as *const __m128i)));
-                _mm512_storeu_ps(op.add(b * BLOCK + h * 16), _mm512_mul_ps(v, db));
-            }
+            let (lo, hi) = q8_0_block(q.as_ptr(), d.as_ptr(), b);
+            _mm512_storeu_ps(op.add(b * BLOCK), lo);
+            _mm512_storeu_ps(op.add(b * BLOCK + 16), hi);
         }
     }
 }
