@@ -184,6 +184,13 @@ pub struct ServeArgs {
     /// [default: bf16].
     #[arg(long, env = "SWITCHYARD_LORA_DTYPE")]
     pub lora_dtype: Option<adapters::lora::LoraDtype>,
+    /// What the candle engine's decode steps multiply the 4- and 8-bit weights against: `f32`
+    /// (exact: a dense matmul up to the order of additions) or `q8` (activations rounded to 8
+    /// bits per block of 32 and integer dot products, as llama.cpp does: faster batches on
+    /// CPUs without AVX-512, but logits move by a few tenths and greedy answers can change)
+    /// [default: f32].
+    #[arg(long, env = "SWITCHYARD_ACTIVATIONS")]
+    pub activations: Option<adapters::kernels::Activations>,
     /// Memory for the candle engine's prompt prefix cache, in MiB: prompts that start like a
     /// recent prompt or conversation (same adapter version) copy those keys and values
     /// instead of computing them; 0 turns it off [default: 128].
@@ -268,6 +275,7 @@ pub struct Settings {
     pub adapter_cache_bytes: usize,
     pub lora_dtype: adapters::lora::LoraDtype,
     pub prefix_cache_bytes: usize,
+    pub activations: adapters::kernels::Activations,
     pub redis: Option<redis::Client>,
     pub shutdown_timeout: u64,
     pub limits: crate::limits::Limits,
@@ -313,6 +321,7 @@ impl ServeArgs {
             adapter_cache_bytes: self.adapter_cache_mb.or(file.adapter_cache_mb).unwrap_or(512) << 20,
             lora_dtype: self.lora_dtype.or(file.lora_dtype).unwrap_or(adapters::lora::LoraDtype::Bf16),
             prefix_cache_bytes: self.prefix_cache_mb.or(file.prefix_cache_mb).unwrap_or(128) << 20,
+            activations: self.activations.or(file.activations).unwrap_or_default(),
             shutdown_timeout: self.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(30),
             limits: crate::limits::Limits {
                 rpm: self.rate_limit_rpm.or(file.rate_limit_rpm).unwrap_or(0),
@@ -431,6 +440,24 @@ mod tests {
         assert!(err.contains("fp8") || err.contains("lora_dtype"), "{err}");
         let err = "fp8".parse::<LoraDtype>().unwrap_err();
         assert!(err.contains("expected f32 or bf16"), "{err}");
+    }
+
+    #[test]
+    fn activations_default_to_exact_f32_and_take_q8_from_flag_or_file() {
+        use adapters::kernels::Activations;
+        let off = || ServeArgs { auth: Some(AuthMode::Off), ..Default::default() };
+        assert_eq!(off().into_settings().unwrap().activations, Activations::F32);
+        let flag = ServeArgs { activations: Some("q8".parse().unwrap()), ..off() };
+        assert_eq!(flag.into_settings().unwrap().activations, Activations::Q8);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(&path, "activations = \"q8\"\n").unwrap();
+        assert_eq!(ServeArgs { config: Some(path.clone()), ..off() }.into_settings().unwrap().activations, Activations::Q8);
+        std::fs::write(&path, "activations = \"int4\"\n").unwrap();
+        let err = ServeArgs { config: Some(path), ..off() }.into_settings().unwrap_err();
+        assert!(err.contains("int4") || err.contains("activations"), "{err}");
+        let err = "int4".parse::<Activations>().unwrap_err();
+        assert!(err.contains("expected f32 or q8"), "{err}");
     }
 
     #[test]

@@ -684,6 +684,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                     context_cap: settings.context_len,
                     threads: settings.threads,
                     prefix_cache_bytes: settings.prefix_cache_bytes,
+                    activations: settings.activations,
                 };
                 let metrics = loader_state.metrics.engine.clone();
                 tokio::task::spawn_blocking(move || CandleEngine::load(&path, id, options, metrics))

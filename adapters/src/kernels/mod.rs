@@ -7,10 +7,15 @@
 //! `QTensor::dequantize` gives, so the only difference from a dense f32 matmul is the order of
 //! the additions. (The AVX2 kernels for one to three rows factor each block's scale and
 //! minimum out of its sum instead, `d·Σq·x + m·Σx`: the same sum, rounded differently, with
-//! half the arithmetic per block.)
+//! half the arithmetic per block.) Rounding activations to 8 bits, as llama.cpp does, is an
+//! opt-in per matrix ([`Activations::Q8`], see `q8.rs`) for machines whose batches are bound
+//! by the f32 arithmetic.
 
+mod q8;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+
+pub use q8::Activations;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
@@ -61,6 +66,8 @@ pub struct QMatrix {
     rows: usize,
     cols: usize,
     packed: Packed,
+    /// What the fused kernels multiply packed weights against (prompts always take f32).
+    activations: Activations,
 }
 
 /// Which instruction set the kernels use on this machine.
@@ -95,7 +102,7 @@ impl QMatrix {
     /// A dense matrix from row-major data.
     pub fn dense(data: Vec<f32>, rows: usize, cols: usize) -> Self {
         assert_eq!(data.len(), rows * cols, "dense matrix data does not match its shape");
-        Self { rows, cols, packed: Packed::F32(data) }
+        Self { rows, cols, packed: Packed::F32(data), activations: Activations::F32 }
     }
 
     /// Keeps Q4_1 and Q8_0 packed; any other GGML type is dequantized to f32.
@@ -124,7 +131,7 @@ impl QMatrix {
             m.push(f16::from_le_bytes([b[2], b[3]]).to_f32());
             qs.extend_from_slice(&b[4..20]);
         }
-        Self { rows, cols, packed: Packed::Q4_1 { d, m, qs } }
+        Self { rows, cols, packed: Packed::Q4_1 { d, m, qs }, activations: Activations::F32 }
     }
 
     /// Repacks GGML Q8_0 blocks (`f16 d, [i8; 32]`, 34 bytes each).
@@ -137,11 +144,72 @@ impl QMatrix {
             d.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
             qs.extend(b[2..34].iter().map(|&v| v as i8));
         }
-        Self { rows, cols, packed: Packed::Q8_0 { d, qs } }
+        Self { rows, cols, packed: Packed::Q8_0 { d, qs }, activations: Activations::F32 }
     }
 
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// Chooses what decode steps (up to 32 rows) multiply this matrix's packed weights
+    /// against; dense matrices and prompts always take f32.
+    pub fn set_activations(&mut self, activations: Activations) {
+        self.activations = activations;
+    }
+
+    /// The matrix's codes for the 8-bit kernels, when it is packed and set to take them.
+    fn q8_codes(&self) -> Option<q8::Codes<'_>> {
+        match (&self.packed, self.activations) {
+            (Packed::Q4_1 { d, m, qs }, Activations::Q8) => Some(q8::Codes::Q4_1 { q: qs, d, m }),
+            (Packed::Q8_0 { d, qs }, Activations::Q8) => Some(q8::Codes::Q8_0 { q: qs, d }),
+            _ => None,
+        }
+    }
+
+    /// `x` rounded to 8 bits, in the calling thread's reused buffer, when the fused kernels
+    /// take 8-bit activations; hand it back with [`Self::give_back`].
+    fn rounded(&self, x: &[f32], n: usize) -> Option<q8::Q8Rows> {
+        self.q8_codes()?;
+        let mut rows = Q8_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        rows.quantize(x, n, self.cols / BLOCK);
+        Some(rows)
+    }
+
+    fn give_back(rows: Option<q8::Q8Rows>) {
+        if let Some(rows) = rows {
+            Q8_SCRATCH.with(|s| *s.borrow_mut() = rows);
+        }
+    }
+
+    /// A fused tile with `x` or, when given, its 8-bit rounding.
+    ///
+    /// # Safety
+    /// As for [`Self::fused_tile`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn decode_tile(&self, x: &[f32], xq: Option<&q8::Q8Rows>, n: usize, r0: usize, r1: usize, out: OutPtr, ldy: usize) {
+        match (xq, self.q8_codes()) {
+            (Some(xq), Some(codes)) => {
+                let nb = self.cols / BLOCK;
+                #[cfg(target_arch = "x86_64")]
+                if matches!(isa(), Isa::Avx2 | Isa::Avx512) {
+                    // SAFETY: AVX2 was detected; the caller vouches for rows r0..r1 and `out`.
+                    return unsafe { q8::avx2::tile(codes, nb, r0, r1, xq, n, out.0, ldy) };
+                }
+                let mut acc = [0f32; FUSED_ROWS];
+                for g0 in (0..n).step_by(FUSED_ROWS) {
+                    let gn = FUSED_ROWS.min(n - g0);
+                    for r in r0..r1 {
+                        q8::row_portable(codes, r, nb, xq, g0, gn, &mut acc);
+                        for (i, a) in acc.iter().enumerate().take(gn) {
+                            // SAFETY: the caller guarantees this element is ours.
+                            unsafe { *out.0.add((g0 + i) * ldy + r) = *a };
+                        }
+                    }
+                }
+            }
+            // SAFETY: forwarded from the caller.
+            _ => unsafe { self.fused_tile(x, n, r0, r1, out, ldy) },
+        }
     }
 
     pub fn cols(&self) -> usize {
@@ -197,7 +265,7 @@ impl QMatrix {
                     Packed::F32(v)
                 }
             };
-            return QMatrix { rows, cols, packed };
+            return QMatrix { rows, cols, packed, activations: parts[0].activations };
         }
         let mut v = Vec::with_capacity(rows * cols);
         for p in parts {
@@ -286,15 +354,17 @@ impl QMatrix {
         let out = OutPtr(y.as_mut_ptr());
         if n <= FUSED_MAX {
             let tile = fused_tile(self.rows);
+            let xq = self.rounded(x, n);
             (0..self.rows.div_ceil(tile)).into_par_iter().for_each(|t| {
                 let (r0, r1) = (t * tile, ((t + 1) * tile).min(self.rows));
                 prefetch_low_rank(extra, r0, r1);
                 // SAFETY: tiles cover disjoint column ranges of `y`, inside the bounds checked above.
                 unsafe {
-                    self.fused_tile(x, n, r0, r1, out, ldy);
+                    self.decode_tile(x, xq.as_ref(), n, r0, r1, out, ldy);
                     add_low_rank(extra, r0, r1, out, ldy);
                 }
             });
+            Self::give_back(xq);
         } else {
             (0..self.rows.div_ceil(GEMM_TILE)).into_par_iter().for_each(|t| {
                 let (r0, r1) = (t * GEMM_TILE, ((t + 1) * GEMM_TILE).min(self.rows));
@@ -330,6 +400,7 @@ impl QMatrix {
         let out = OutPtr(y.as_mut_ptr());
         let tile = fused_tile(self.rows);
         let tiles = self.rows.div_ceil(tile);
+        let xq = self.rounded(x, n);
         let prepare = std::sync::Mutex::new(Some((prepare, delta)));
         let done: std::sync::Mutex<Option<(Vec<LowRank<'t>>, &mut Vec<f32>)>> = std::sync::Mutex::new(None);
         // Task 0 prepares; rayon runs a range from its start on the calling thread while the
@@ -350,8 +421,9 @@ impl QMatrix {
             }
             let (r0, r1) = ((i - 1) * tile, (i * tile).min(self.rows));
             // SAFETY: tiles cover disjoint column ranges of `y`, inside the bounds checked above.
-            unsafe { self.fused_tile(x, n, r0, r1, out, ldy) };
+            unsafe { self.decode_tile(x, xq.as_ref(), n, r0, r1, out, ldy) };
         });
+        Self::give_back(xq);
         let (terms, delta) = done.into_inner().unwrap_or_else(|e| e.into_inner()).expect("the preparing task ran");
         for e in &terms {
             for row in e.row0..e.row0 + e.rows {
@@ -814,6 +886,9 @@ pub fn prefetch<const HINT: i32>(w: Served<'_>, range: std::ops::Range<usize>) {
 thread_local! {
     /// A dequantized weight tile per worker thread, reused across calls.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A matmul's activations rounded to 8 bits, on the thread that calls it (taken out
+    /// for the call, so a nested matmul would simply start a buffer of its own).
+    static Q8_SCRATCH: std::cell::RefCell<q8::Q8Rows> = std::cell::RefCell::new(q8::Q8Rows::default());
 }
 
 #[derive(Clone, Copy)]

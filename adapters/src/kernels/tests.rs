@@ -271,3 +271,100 @@ fn x_a_t_matches_a_float64_dot_product() {
         }
     }
 }
+
+/// What the 8-bit path computes, in f64: with `xq` the rounded activations,
+/// `Σ_b dw·dx·Σ qw·qx (+ m·s for Q4_1)`.
+fn q8_reference(m: &QMatrix, xq: &q8::Q8Rows, n: usize) -> Vec<f32> {
+    let (rows, nb) = (m.rows(), m.cols() / BLOCK);
+    let mut y = vec![0f32; n * rows];
+    for i in 0..n {
+        for r in 0..rows {
+            let mut total = 0f64;
+            for b in 0..nb {
+                let (wb, xb) = (r * nb + b, i * nb + b);
+                let xs = &xq.q[xb * BLOCK..(xb + 1) * BLOCK];
+                let dx = xq.d[xb] as f64;
+                total += match &m.packed {
+                    Packed::Q4_1 { d, m, qs } => {
+                        let q = &qs[wb * 16..wb * 16 + 16];
+                        let dot: i64 = (0..16).map(|j| (q[j] & 15) as i64 * xs[j] as i64 + (q[j] >> 4) as i64 * xs[j + 16] as i64).sum();
+                        d[wb] as f64 * dx * dot as f64 + m[wb] as f64 * xq.s[xb] as f64
+                    }
+                    Packed::Q8_0 { d, qs } => {
+                        let dot: i64 = qs[wb * BLOCK..(wb + 1) * BLOCK].iter().zip(xs).map(|(&a, &b)| a as i64 * b as i64).sum();
+                        d[wb] as f64 * dx * dot as f64
+                    }
+                    Packed::F32(_) => unreachable!("dense matrices take f32 activations"),
+                };
+            }
+            y[i * rows + r] = total as f32;
+        }
+    }
+    y
+}
+
+#[test]
+fn q8_rounding_is_the_same_on_every_instruction_set_and_within_half_a_step() {
+    let (n, cols) = (3, 160);
+    let mut x = activations(n, cols);
+    x[32..64].iter_mut().for_each(|v| *v = 0.0); // an all-zero block rounds to d = 0
+    x[70] = 1e-30;
+    let mut rows = q8::Q8Rows::default();
+    rows.quantize(&x, n, cols / BLOCK);
+    for b in 0..n * cols / BLOCK {
+        let mut q = [0i8; BLOCK];
+        let (d, s) = q8::quantize_block(&x[b * BLOCK..(b + 1) * BLOCK], &mut q);
+        assert_eq!((rows.d[b].to_bits(), rows.s[b].to_bits()), (d.to_bits(), s.to_bits()), "block {b}: scales");
+        assert_eq!(&rows.q[b * BLOCK..(b + 1) * BLOCK], &q, "block {b}: codes");
+        for (j, &v) in x[b * BLOCK..(b + 1) * BLOCK].iter().enumerate() {
+            assert!((v - d * q[j] as f32).abs() <= d * 0.5001 + f32::MIN_POSITIVE, "block {b}, element {j}: {v} rounds to {}", d * q[j] as f32);
+        }
+        assert_eq!(s, d * q.iter().map(|&v| v as i32).sum::<i32>() as f32);
+    }
+    assert_eq!(rows.d[1], 0.0);
+    assert!(rows.q[32..64].iter().all(|&v| v == 0));
+}
+
+#[test]
+fn q8_matmul_matches_its_integer_reference_and_stays_near_f32() {
+    for (mut m, what) in [
+        (QMatrix::from_q4_1_bytes(&q4_1_blocks(67, 96, 11), 67, 96), "q4_1"),
+        (QMatrix::from_q8_0_bytes(&q8_0_blocks(45, 128, 12), 45, 128), "q8_0"),
+    ] {
+        let (rows, cols) = (m.rows(), m.cols());
+        let dense = m.to_dense();
+        m.set_activations(Activations::Q8);
+        for n in [1, 2, 3, 4, 5, 8, 9, 17, 32, 33] {
+            let x = activations(n, cols);
+            let ldy = rows + 2;
+            let mut y = vec![f32::NAN; n * ldy];
+            m.matmul(&x, n, &mut y, ldy);
+            let got: Vec<f32> = (0..n).flat_map(|i| y[i * ldy..i * ldy + rows].to_vec()).collect();
+            let exact = reference(&dense, &x, rows, cols, n);
+            if n > FUSED_MAX {
+                // Prompts always take the f32 GEMM.
+                assert_close(&got, &exact, &format!("{what}, n = {n} (a prompt)"));
+                continue;
+            }
+            let mut xq = q8::Q8Rows::default();
+            xq.quantize(&x, n, cols / BLOCK);
+            assert_close(&got, &q8_reference(&m, &xq, n), &format!("{what} with 8-bit activations, n = {n}"));
+            let mut portable = vec![0f32; n * rows];
+            let codes = m.q8_codes().expect("packed and set to q8");
+            let mut acc = [0f32; FUSED_ROWS];
+            for g0 in (0..n).step_by(FUSED_ROWS) {
+                let gn = FUSED_ROWS.min(n - g0);
+                for r in 0..rows {
+                    q8::row_portable(codes, r, cols / BLOCK, &xq, g0, gn, &mut acc);
+                    (0..gn).for_each(|i| portable[(g0 + i) * rows + r] = acc[i]);
+                }
+            }
+            assert_close(&portable, &got, &format!("{what}: portable against this CPU's kernel, n = {n}"));
+            // The rounding is small next to the sums: within 1% of the exact result's size.
+            let err: f64 = got.iter().zip(&exact).map(|(g, e)| ((g - e) as f64).powi(2)).sum::<f64>().sqrt();
+            let size: f64 = exact.iter().map(|e| (*e as f64).powi(2)).sum::<f64>().sqrt();
+            assert!(err <= 0.01 * size, "{what}, n = {n}: 8-bit activations moved the result by {err} (size {size})");
+            assert!((0..n).all(|i| y[i * ldy + rows..(i + 1) * ldy].iter().all(|v| v.is_nan())), "{what}: wrote past the row");
+        }
+    }
+}

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::{Llama, LlamaConfig};
 use crate::error::{AdapterError, Result};
-use crate::kernels::{axpy, dot, prefetch, x_a_t, LowRank, QMatrix, PREFETCH_L2, XA_ROWS};
+use crate::kernels::{axpy, dot, prefetch, x_a_t, Activations, LowRank, QMatrix, PREFETCH_L2, XA_ROWS};
 use crate::lora::{AdapterWeights, BaseWeight, LoraPair, Served};
 use crate::peft::LoraModule;
 
@@ -622,6 +622,17 @@ impl Runtime {
             layers,
             pool,
         })
+    }
+
+    /// Chooses what every packed matrix's decode steps multiply against (see
+    /// [`Activations`]); the default, f32, is exact up to the order of additions.
+    pub fn set_activations(&mut self, activations: Activations) {
+        for layer in &mut self.layers {
+            for w in [&mut layer.qkv, &mut layer.o, &mut layer.gate_up, &mut layer.down] {
+                w.set_activations(activations);
+            }
+        }
+        self.lm_head.set_activations(activations);
     }
 
     /// Bytes of weights held.

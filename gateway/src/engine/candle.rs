@@ -34,6 +34,8 @@ pub struct CandleOptions {
     pub threads: usize,
     /// Memory for the prompt prefix cache, in bytes (0: off).
     pub prefix_cache_bytes: usize,
+    /// What decode steps multiply the packed weights against (f32: exact).
+    pub activations: adapters::kernels::Activations,
 }
 
 pub struct CandleEngine {
@@ -79,14 +81,15 @@ struct Seq {
 impl CandleEngine {
     /// Loads a GGUF file or an HF directory and starts the scheduler thread.
     pub fn load(path: &Path, id: String, options: CandleOptions, metrics: EngineMetrics) -> anyhow::Result<Self> {
-        let CandleOptions { context_cap, threads, prefix_cache_bytes } = options;
+        let CandleOptions { context_cap, threads, prefix_cache_bytes, activations } = options;
         let ChatModel { model, tokenizer, template, eos_ids: eos } = ChatModel::load(path)?;
-        // Packed weights and SIMD kernels with f32 activations (the candle `Llama` stays the
-        // reference and the training model; it is dropped here).
-        let runtime = Runtime::from_llama(&model, threads)?;
+        // Packed weights and SIMD kernels, with f32 activations unless told otherwise (the
+        // candle `Llama` stays the reference and the training model; it is dropped here).
+        let mut runtime = Runtime::from_llama(&model, threads)?;
+        runtime.set_activations(activations);
         drop(model);
         release_freed_memory();
-        tracing::info!(weight_bytes = runtime.weight_bytes(), threads = runtime.threads(), isa = ?adapters::kernels::isa(), "candle engine packed");
+        tracing::info!(weight_bytes = runtime.weight_bytes(), threads = runtime.threads(), isa = ?adapters::kernels::isa(), ?activations, "candle engine packed");
         let context_len = context_cap.map_or(runtime.config.max_position, |c| c.min(runtime.config.max_position));
         let shape = runtime.config.shape(&id);
         let tokenizer = Arc::new(tokenizer);

@@ -38,6 +38,9 @@ struct Args {
     /// Precision the adapters are served in: f32 or bf16.
     #[arg(long, default_value = "f32")]
     lora_dtype: adapters::lora::LoraDtype,
+    /// What the decode matmuls multiply the packed weights against: f32 (exact) or q8.
+    #[arg(long, default_value = "f32")]
+    activations: adapters::kernels::Activations,
     /// Loads to run: base, one, eight (for profiling one of them alone).
     #[arg(long, value_delimiter = ',', default_value = "base,one,eight")]
     loads: Vec<String>,
@@ -112,7 +115,8 @@ fn median(v: &mut [f64]) -> f64 {
 fn main() -> Result<()> {
     let args = Args::parse();
     let (llama, _, _) = Llama::from_gguf(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
-    let rt = Runtime::from_llama(&llama, args.threads)?;
+    let mut rt = Runtime::from_llama(&llama, args.threads)?;
+    rt.set_activations(args.activations);
     let shape = rt.config.shape("bench");
     drop(llama);
     let dir = tempdir()?;
@@ -130,9 +134,10 @@ fn main() -> Result<()> {
         .collect();
     let mut rows = Vec::new();
     println!(
-        "Runtime::forward, {} threads, {:?} kernels, rank-{} adapters on all modules served in {:?}; {} steps x {} rounds (median)\n",
+        "Runtime::forward, {} threads, {:?} kernels, {:?} activations, rank-{} adapters on all modules served in {:?}; {} steps x {} rounds (median)\n",
         rt.threads(),
         adapters::kernels::isa(),
+        args.activations,
         args.rank,
         args.lora_dtype,
         args.steps,
