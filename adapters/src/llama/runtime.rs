@@ -46,10 +46,12 @@ pub struct Runtime {
 }
 
 /// One sequence's keys and values for every layer, allocated once for its whole length.
-/// Values: `[layer][position][kv_head · head_dim]`. Keys are stored transposed,
-/// `[layer][kv_head][head_dim][position]`, so a query's scores over all positions are
-/// `head_dim` vector updates along positions rather than one short dot product (and one
-/// horizontal sum) per position.
+/// Values: `[layer][position][kv_head · head_dim]`. Keys are stored transposed within blocks
+/// of 16 positions, `[layer][position / 16][kv_head · head_dim][16]`, so a query's scores over
+/// 16 positions are `head_dim` vector updates along positions rather than one short dot
+/// product (and one horizontal sum) per position, and read one contiguous run of memory
+/// (fully transposed rows put each component a whole context apart, one stream per
+/// component, which the prefetchers could not follow).
 #[derive(Debug)]
 pub struct KvCache {
     k: Vec<f32>,
@@ -66,7 +68,8 @@ impl KvCache {
     pub fn new(config: &LlamaConfig, capacity: usize) -> Self {
         let kv_dim = config.num_kv_heads * config.head_dim;
         let n = config.num_layers * capacity * kv_dim;
-        Self { k: vec![0.0; n], v: vec![0.0; n], len: 0, capacity, kv_dim, layers: config.num_layers }
+        let nk = config.num_layers * capacity.div_ceil(KEY_BLOCK) * KEY_BLOCK * kv_dim;
+        Self { k: vec![0.0; nk], v: vec![0.0; n], len: 0, capacity, kv_dim, layers: config.num_layers }
     }
 
     /// Bytes one position's keys and values take over all layers.
@@ -80,7 +83,8 @@ impl KvCache {
     /// If `len` exceeds the positions this cache holds.
     pub fn prefix(&self, len: usize) -> KvCache {
         let n = self.layers * len * self.kv_dim;
-        let mut out = KvCache { k: vec![0.0; n], v: vec![0.0; n], len: 0, capacity: len, kv_dim: self.kv_dim, layers: self.layers };
+        let nk = self.layers * len.div_ceil(KEY_BLOCK) * KEY_BLOCK * self.kv_dim;
+        let mut out = KvCache { k: vec![0.0; nk], v: vec![0.0; n], len: 0, capacity: len, kv_dim: self.kv_dim, layers: self.layers };
         out.copy_prefix_from(self, len);
         out
     }
@@ -98,10 +102,10 @@ impl KvCache {
         for layer in 0..self.layers {
             let (d, s, n) = (self.at(layer, 0), src.at(layer, 0), len * self.kv_dim);
             self.v[d..d + n].copy_from_slice(&src.v[s..s + n]);
-            for j in 0..self.kv_dim {
-                let (d, s) = (self.key_row(layer, j), src.key_row(layer, j));
-                self.k[d..d + len].copy_from_slice(&src.k[s..s + len]);
-            }
+            // Whole blocks of positions: past `len`, the copy holds whatever `src` had there,
+            // which nothing reads before this cache writes those positions itself.
+            let (d, s, n) = (self.key_block(layer, 0), src.key_block(layer, 0), len.div_ceil(KEY_BLOCK) * KEY_BLOCK * self.kv_dim);
+            self.k[d..d + n].copy_from_slice(&src.k[s..s + n]);
         }
         self.len = len;
     }
@@ -124,10 +128,15 @@ impl KvCache {
         (layer * self.capacity + pos) * self.kv_dim
     }
 
-    /// Offset of key component `j` of a layer's positions (all of them, contiguous) in `k`;
-    /// `j` runs over `kv_head · head_dim`.
-    fn key_row(&self, layer: usize, j: usize) -> usize {
-        (layer * self.kv_dim + j) * self.capacity
+    /// Offset in `k` of a layer's block `pb` of [`KEY_BLOCK`] positions: for each key
+    /// component `j` (over `kv_head · head_dim`), those positions' values, contiguous.
+    fn key_block(&self, layer: usize, pb: usize) -> usize {
+        (layer * self.capacity.div_ceil(KEY_BLOCK) + pb) * self.kv_dim * KEY_BLOCK
+    }
+
+    /// Offset in `k` of key component `j` at position `pos`.
+    fn key_at(&self, layer: usize, j: usize, pos: usize) -> usize {
+        self.key_block(layer, pos / KEY_BLOCK) + j * KEY_BLOCK + pos % KEY_BLOCK
     }
 }
 
@@ -420,9 +429,11 @@ struct GroupView<'a> {
 const KEY_BLOCK: usize = 16;
 
 impl GroupView<'_> {
-    fn key_row(&self, d: usize) -> &[f32] {
-        let kr = self.cache.key_row(self.layer, self.group * self.hd + d);
-        &self.cache.k[kr..kr + self.keys]
+    /// This group's keys at positions `pb·16 .. pb·16 + 16`: component `d`'s 16 values at
+    /// `d·16` (one contiguous run of `head_dim · 16` floats).
+    fn key_block(&self, pb: usize) -> &[f32] {
+        let at = self.cache.key_block(self.layer, pb) + self.group * self.hd * KEY_BLOCK;
+        &self.cache.k[at..at + self.hd * KEY_BLOCK]
     }
 
     fn value(&self, p: usize) -> &[f32] {
@@ -443,12 +454,12 @@ impl GroupView<'_> {
                 *v = q[r * HD + d] * scale;
             }
         }
-        let rows: [&[f32]; HD] = std::array::from_fn(|d| self.key_row(d));
         let mut p0 = 0;
         while p0 + KEY_BLOCK <= keys {
             let mut acc = [[0f32; KEY_BLOCK]; R];
-            for (d, krow) in rows.iter().enumerate() {
-                let k: &[f32; KEY_BLOCK] = krow[p0..p0 + KEY_BLOCK].try_into().expect("a whole block");
+            let kb = self.key_block(p0 / KEY_BLOCK);
+            for d in 0..HD {
+                let k: &[f32; KEY_BLOCK] = kb[d * KEY_BLOCK..(d + 1) * KEY_BLOCK].try_into().expect("a whole block");
                 for r in 0..R {
                     let qd = qs[r][d];
                     for l in 0..KEY_BLOCK {
@@ -461,9 +472,12 @@ impl GroupView<'_> {
             }
             p0 += KEY_BLOCK;
         }
-        for p in p0..keys {
-            for r in 0..R {
-                scores[r * keys + p] = (0..HD).map(|d| qs[r][d] * rows[d][p]).sum();
+        if p0 < keys {
+            let kb = self.key_block(p0 / KEY_BLOCK);
+            for p in p0..keys {
+                for r in 0..R {
+                    scores[r * keys + p] = (0..HD).map(|d| qs[r][d] * kb[d * KEY_BLOCK + p - p0]).sum();
+                }
             }
         }
         let mut inv = [0f32; R];
@@ -500,10 +514,12 @@ impl GroupView<'_> {
         }
         let sc = &mut scores[..rep * keys];
         sc.fill(0.0);
-        for d in 0..hd {
-            let krow = self.key_row(d);
-            for (r, head) in sc.chunks_exact_mut(keys).enumerate() {
-                axpy(q[r * hd + d] * scale, krow, head);
+        for p0 in (0..keys).step_by(KEY_BLOCK) {
+            let (kb, width) = (self.key_block(p0 / KEY_BLOCK), KEY_BLOCK.min(keys - p0));
+            for d in 0..hd {
+                for (r, head) in sc.chunks_exact_mut(keys).enumerate() {
+                    axpy(q[r * hd + d] * scale, &kb[d * KEY_BLOCK..d * KEY_BLOCK + width], &mut head[p0..p0 + width]);
+                }
             }
         }
         let inv: Vec<f32> = sc.chunks_exact_mut(keys).map(|head| 1.0 / softmax_numerators(head)).collect();
@@ -722,8 +738,8 @@ impl Runtime {
                     let at = s.cache.at(l, pos);
                     s.cache.v[at..at + dkv].copy_from_slice(&row[dq + dkv..]);
                     for (j, &kv) in row[dq..dq + dkv].iter().enumerate() {
-                        let kr = s.cache.key_row(l, j);
-                        s.cache.k[kr + pos] = kv;
+                        let at = s.cache.key_at(l, j, pos);
+                        s.cache.k[at] = kv;
                     }
                 }
             }
