@@ -146,6 +146,7 @@ pub(super) mod avx2 {
 
     use std::arch::x86_64::*;
 
+    use super::super::x86::{avx2_chains, hsum256};
     use super::super::{BLOCK, FUSED_ROWS};
     use super::{dt_at, Codes, Q8Rows};
 
@@ -209,15 +210,6 @@ pub(super) mod avx2 {
         _mm_cvtsi128_si32(s)
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
-
     /// Lane `k` of each 128-bit half of `v`, everywhere.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -227,16 +219,6 @@ pub(super) mod avx2 {
             1 => _mm256_shuffle_ps(v, v, 0x55),
             2 => _mm256_shuffle_ps(v, v, 0xAA),
             _ => _mm256_shuffle_ps(v, v, 0xFF),
-        }
-    }
-
-    /// Independent accumulators per activation row, so that few rows still keep several
-    /// FMAs in flight.
-    const fn chains(n: usize) -> usize {
-        match n {
-            0..=2 => 4,
-            3..=4 => 2,
-            _ => 1,
         }
     }
 
@@ -251,7 +233,8 @@ pub(super) mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn row<const N: usize, const Q4: bool>(w: Codes<'_>, r: usize, nb: usize, x: &Q8Rows, g0: usize, acc: &mut [f32; FUSED_ROWS]) {
-        let ch = const { chains(N) };
+        // As many independent chains per row as the f32 kernels keep.
+        let ch = const { avx2_chains(N) };
         let (qp, dp, mp): (*const u8, *const f32, *const f32) = match w {
             Codes::Q4_1 { q, d, m } => (q.as_ptr(), d.as_ptr(), m.as_ptr()),
             Codes::Q8_0 { q, d } => (q.as_ptr().cast(), d.as_ptr(), std::ptr::null()),
@@ -293,7 +276,7 @@ pub(super) mod avx2 {
                         tail = (*m.add(b)).mul_add(*xs.add(b), tail);
                     }
                 }
-                acc[i] = hsum(total) + tail;
+                acc[i] = hsum256(total) + tail;
             }
         }
     }

@@ -174,7 +174,7 @@ pub unsafe fn q4_1_avx2(q: &[u8], d: &[f32], m: &[f32], x: &[f32], cols: usize, 
 /// Accumulators per activation row in the AVX2 kernels: an FMA's result is ready only some
 /// cycles after it issues, so one chain per row would leave the FMA units idle at one or two
 /// rows; with at least eight chains in flight they stay busy (sixteen registers bound it).
-const fn avx2_chains(n: usize) -> usize {
+pub(super) const fn avx2_chains(n: usize) -> usize {
     match n {
         0..=2 => 4,
         3..=4 => 2,
@@ -368,7 +368,8 @@ pub unsafe fn q8_0_avx512(q: &[i8], d: &[f32], x: &[f32], cols: usize, n: usize,
 }
 
 #[target_feature(enable = "avx2,fma")]
-fn hsum256(v: __m256) -> f32 {
+#[inline]
+pub(super) fn hsum256(v: __m256) -> f32 {
     let hi = _mm256_extractf128_ps(v, 1);
     let s = _mm_add_ps(_mm256_castps256_ps128(v), hi);
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
