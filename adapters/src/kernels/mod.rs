@@ -188,25 +188,8 @@ impl QMatrix {
     #[allow(clippy::too_many_arguments)]
     unsafe fn decode_tile(&self, x: &[f32], xq: Option<&q8::Q8Rows>, n: usize, r0: usize, r1: usize, out: OutPtr, ldy: usize) {
         match (xq, self.q8_codes()) {
-            (Some(xq), Some(codes)) => {
-                let nb = self.cols / BLOCK;
-                #[cfg(target_arch = "x86_64")]
-                if matches!(isa(), Isa::Avx2 | Isa::Avx512) {
-                    // SAFETY: AVX2 was detected; the caller vouches for rows r0..r1 and `out`.
-                    return unsafe { q8::avx2::tile(codes, nb, r0, r1, xq, n, out.0, ldy) };
-                }
-                let mut acc = [0f32; FUSED_ROWS];
-                for g0 in (0..n).step_by(FUSED_ROWS) {
-                    let gn = FUSED_ROWS.min(n - g0);
-                    for r in r0..r1 {
-                        q8::row_portable(codes, r, nb, xq, g0, gn, &mut acc);
-                        for (i, a) in acc.iter().enumerate().take(gn) {
-                            // SAFETY: the caller guarantees this element is ours.
-                            unsafe { *out.0.add((g0 + i) * ldy + r) = *a };
-                        }
-                    }
-                }
-            }
+            // SAFETY: forwarded from the caller.
+            (Some(xq), Some(codes)) => unsafe { q8::tile(codes, self.cols / BLOCK, r0, r1, xq, n, out.0, ldy) },
             // SAFETY: forwarded from the caller.
             _ => unsafe { self.fused_tile(x, n, r0, r1, out, ldy) },
         }

@@ -8,7 +8,7 @@
 //! the integer multiplies run on other ports than the FMAs. Batched decoding on machines
 //! without AVX-512 is bound by exactly that arithmetic.
 
-use super::BLOCK;
+use super::{BLOCK, FUSED_ROWS};
 
 /// What the fused (decode) kernels multiply the packed weights against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -104,6 +104,32 @@ pub(super) fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, f32) {
         *o = r as i8;
     }
     (d, d * sum as f32)
+}
+
+/// Weight rows `r0..r1` of `w` against the `n` rows of `x` into `out[i·ldy + r]`: the AVX2
+/// kernel where the CPU has it, else the portable one, in groups of eight rows.
+///
+/// # Safety
+/// Rows `r0..r1` exist in `w`, `x` holds `n` rows, and `out` is valid for `out[i·ldy + r]`,
+/// `i < n`, `r` in `r0..r1`, which no other thread touches meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn tile(w: Codes<'_>, nb: usize, r0: usize, r1: usize, x: &Q8Rows, n: usize, out: *mut f32, ldy: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(super::isa(), super::Isa::Avx2 | super::Isa::Avx512) {
+        // SAFETY: AVX2 was detected; the rest is forwarded from the caller.
+        return unsafe { avx2::tile(w, nb, r0, r1, x, n, out, ldy) };
+    }
+    let mut acc = [0f32; FUSED_ROWS];
+    for g0 in (0..n).step_by(FUSED_ROWS) {
+        let gn = FUSED_ROWS.min(n - g0);
+        for r in r0..r1 {
+            row_portable(w, r, nb, x, g0, gn, &mut acc);
+            for (i, a) in acc.iter().enumerate().take(gn) {
+                // SAFETY: the caller guarantees this element is ours.
+                unsafe { *out.add((g0 + i) * ldy + r) = *a };
+            }
+        }
+    }
 }
 
 /// The portable kernel: `acc[i] = Σ_b dw·dx·Σ qw·qx (+ m·s for Q4_1)` for `n ≤ 8` rows of
