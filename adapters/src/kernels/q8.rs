@@ -271,7 +271,7 @@ pub(super) mod avx2 {
         unsafe {
             let qp = qp.add(r * nb * if Q4 { 16 } else { BLOCK });
             let dp = dp.add(r * nb);
-            debug_assert!(g0 % 8 == 0, "groups start at multiples of eight rows");
+            debug_assert!(g0.is_multiple_of(8), "groups start at multiples of eight rows");
             let xq = x.q.as_ptr().add(g0 * cols);
             let xd = x.dt.as_ptr().add(dt_at(g0, 0, nb));
             let mut sums = [[_mm256_setzero_ps(); 4]; N];
