@@ -4,9 +4,10 @@
 //!
 //! Not exact: the rounding moves SmolLM2-135M's logits by a few tenths and can change greedy
 //! answers, which is why [`Activations::F32`] is the default. What it buys is arithmetic: with
-//! AVX2, one `vpmaddubsw` multiplies 32 code pairs, where the f32 kernels need four FMAs, and
-//! the integer multiplies run on other ports than the FMAs. Batched decoding on machines
-//! without AVX-512 is bound by exactly that arithmetic.
+//! AVX2, one `vpmaddubsw` and one `vpmaddwd` multiply and sum 32 code pairs, where the f32
+//! kernels need four FMAs plus decoding the block (on Zen 3 all of these share the same two
+//! ports, so that count is what matters). Batched decoding on machines without AVX-512 is
+//! bound by exactly that arithmetic.
 
 use super::{BLOCK, FUSED_ROWS};
 
@@ -42,7 +43,6 @@ pub(super) struct Q8Rows {
     pub q: Vec<i8>,
     pub d: Vec<f32>,
     pub s: Vec<f32>,
-    pub nb: usize,
     /// The scales again, laid out for the AVX2 kernel: per group of eight rows and block, 16
     /// floats, rows 0 to 3 twice then rows 4 to 7 twice (zero past the last row), so one
     /// multiply by the weight block's scale serves four rows and an in-lane shuffle picks
@@ -61,7 +61,6 @@ impl Q8Rows {
     pub fn quantize(&mut self, x: &[f32], n: usize, nb: usize) {
         let blocks = n * nb;
         assert!(x.len() >= blocks * BLOCK, "activations shorter than n rows");
-        self.nb = nb;
         self.q.resize(blocks * BLOCK, 0);
         self.d.resize(blocks, 0.0);
         self.s.resize(blocks, 0.0);
