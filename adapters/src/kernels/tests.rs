@@ -248,6 +248,34 @@ fn prepared_low_rank_terms_add_what_ready_ones_add() {
 }
 
 #[test]
+fn claimed_tiles_run_each_tile_once_and_the_first_task_on_the_calling_thread() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    for threads in [1, 2, 3, 5] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        for tiles in [0, 1, 2, 7, 64, 1000] {
+            let counts: Vec<AtomicUsize> = (0..tiles).map(|_| AtomicUsize::new(0)).collect();
+            let (caller, ran_on) = pool.install(|| {
+                let caller = rayon::current_thread_index();
+                let ran_on = claimed_tiles(
+                    tiles,
+                    || {
+                        // A slow first task: the other threads take the tiles meanwhile.
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                        rayon::current_thread_index()
+                    },
+                    |t| {
+                        counts[t].fetch_add(1, Ordering::Relaxed);
+                    },
+                );
+                (caller, ran_on)
+            });
+            assert_eq!(ran_on, caller, "{threads} threads, {tiles} tiles: the first task left the calling thread");
+            assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 1), "{threads} threads, {tiles} tiles: a tile ran other than once");
+        }
+    }
+}
+
+#[test]
 fn x_a_t_matches_a_float64_dot_product() {
     // Widths with and without a tail past a multiple of 8 or 16 (the AVX2 and AVX-512 steps),
     // narrower than one step, odd and even ranks, every row count, A in f32 and bf16: against
