@@ -708,6 +708,14 @@ unsafe fn add_term<W: Weight>(e: &LowRank<'_>, panels: &[W], r0: usize, r1: usiz
         // The panel widened once for every row of the term, then four rows at a time (four
         // independent FMA chains per panel row).
         let wide = W::widened(panel, &mut wide);
+        #[cfg(target_arch = "x86_64")]
+        if whole && isa() != Isa::Portable {
+            // SAFETY: the ISA was detected; `t` holds the term's rows, `wide` the whole panel,
+            // and the panel's 8 columns of each row belong to this tile (forwarded from the
+            // caller).
+            unsafe { x86::panel_rows_avx2(e.t.as_ptr(), e.rows, rank, wide.as_ptr(), out.0.add(e.row0 * ldy + e.col0 + p * PANEL), ldy) };
+            continue;
+        }
         let mut i = 0;
         while i + 4 <= e.rows {
             let acc = panel_rows::<4>(&e.t[i * rank..(i + 4) * rank], rank, wide);

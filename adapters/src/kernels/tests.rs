@@ -276,6 +276,52 @@ fn claimed_tiles_run_each_tile_once_and_the_first_task_on_the_calling_thread() {
 }
 
 #[test]
+fn low_rank_terms_add_the_same_bits_on_every_instruction_set() {
+    // Whole panels go through the AVX2 panel kernel where the CPU has it, edge panels and
+    // other machines through the portable code: both must give what the documented order
+    // gives (even and odd j on separate FMA chains, odd ranks ending on the even one, the two
+    // summed, then added to the output), bit for bit, for every row count and odd and even
+    // ranks, with f32 and bf16 panels, over a tile that starts and ends inside panels.
+    let ldy = 61;
+    for rank in [1, 2, 3, 8, 9] {
+        for rows in [1, 2, 3, 5, 16] {
+            let (col0, cols): (usize, usize) = (3, 50);
+            let t: Vec<f32> = activations(rows, rank).iter().map(|v| v * 0.7).collect();
+            let len = cols.div_ceil(PANEL) * rank * PANEL;
+            let p32: Vec<f32> = activations(1, len + 5)[5..].iter().map(|v| v * 0.1).collect();
+            let p16: Vec<u16> = p32.iter().map(|&v| crate::lora::to_bf16_bits(v)).collect();
+            let wide16: Vec<f32> = p16.iter().map(|&b| b.f32()).collect();
+            for (panels, wide) in [(Served::F32(&p32), &p32), (Served::Bf16(&p16), &wide16)] {
+                let term = LowRank { row0: 1, rows, col0, cols, rank, t: &t, panels };
+                let start: Vec<f32> = activations(rows + 2, ldy).iter().map(|v| v * 0.25).collect();
+                let (r0, r1) = (5, 47);
+                let mut got = start.clone();
+                // SAFETY: the output holds rows 1..=rows of stride ldy, and nothing else touches it.
+                unsafe { add_low_rank(&[term], r0, r1, OutPtr(got.as_mut_ptr()), ldy) };
+                let mut want = start.clone();
+                for i in 0..rows {
+                    for c in r0.max(col0) - col0..r1.min(col0 + cols) - col0 {
+                        let w = |j: usize| wide[((c / PANEL) * rank + j) * PANEL + c % PANEL];
+                        let (mut even, mut odd) = (0f32, 0f32);
+                        let mut j = 0;
+                        while j + 2 <= rank {
+                            even = t[i * rank + j].mul_add(w(j), even);
+                            odd = t[i * rank + j + 1].mul_add(w(j + 1), odd);
+                            j += 2;
+                        }
+                        if j < rank {
+                            even = t[i * rank + j].mul_add(w(j), even);
+                        }
+                        want[(1 + i) * ldy + col0 + c] += even + odd;
+                    }
+                }
+                assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "rank {rank}, {rows} rows");
+            }
+        }
+    }
+}
+
+#[test]
 fn x_a_t_matches_a_float64_dot_product() {
     // Widths with and without a tail past a multiple of 8 or 16 (the AVX2 and AVX-512 steps),
     // narrower than one step, odd and even ranks, every row count, A in f32 and bf16: against

@@ -192,6 +192,15 @@ fn to_matrix(t: &candle_core::Tensor) -> Result<QMatrix> {
     Ok(QMatrix::dense(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?, rows, cols))
 }
 
+/// A row stride of at least `width` floats that is not a multiple of 4 KiB.
+fn padded_stride(width: usize) -> usize {
+    if (width * 4).is_multiple_of(4096) {
+        width + 16
+    } else {
+        width
+    }
+}
+
 fn vec1(t: &candle_core::Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
@@ -218,9 +227,10 @@ fn rope(head: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
-fn silu_mul(gate_up: &[f32], inter: usize, act: &mut [f32]) {
-    for (gu, a) in gate_up.chunks_exact(2 * inter).zip(act.chunks_exact_mut(inter)) {
-        let (g, u) = gu.split_at(inter);
+/// `act[i] = silu(gate[i]) · up[i]` for each row of `gate_up` (stride `ldg`, gate then up).
+fn silu_mul(gate_up: &[f32], ldg: usize, inter: usize, act: &mut [f32]) {
+    for (gu, a) in gate_up.chunks(ldg).zip(act.chunks_exact_mut(inter)) {
+        let (g, u) = gu[..2 * inter].split_at(inter);
         for ((o, &g), &u) in a.iter_mut().zip(g).zip(u) {
             *o = silu(g) * u;
         }
@@ -714,7 +724,10 @@ impl Runtime {
         grow(&mut ws.qkv, n * wqkv);
         grow(&mut ws.att, n * dq);
         grow(&mut ws.tmp, n * hs);
-        grow(&mut ws.gate_up, n * 2 * inter);
+        // Rows of the gate/up output are padded off a multiple of 4 KiB (SmolLM2's are 12 KiB),
+        // so that a store to one row and a load from the next at the same offset do not alias.
+        let wgu = padded_stride(2 * inter);
+        grow(&mut ws.gate_up, n * wgu);
         grow(&mut ws.act, n * inter);
         let half = hd / 2;
 
@@ -751,10 +764,10 @@ impl Runtime {
             }
             // Feed-forward.
             rms_norm(&ws.x[..n * hs], &layer.ffn_norm, eps, &mut ws.h[..n * hs]);
-            lora_matmul(&layer.gate_up, seqs, &starts, l, &[(LoraModule::GateProj, 0), (LoraModule::UpProj, inter)], &ws.h, hs, n, &mut ws.gate_up, 2 * inter, &mut ws.lora_t, &mut ws.lora_delta, prepared, (l, &[LoraModule::DownProj]));
-            lora(seqs, &starts, l, LoraModule::GateProj, &ws.h, hs, &mut ws.gate_up, 2 * inter, 0);
-            lora(seqs, &starts, l, LoraModule::UpProj, &ws.h, hs, &mut ws.gate_up, 2 * inter, inter);
-            silu_mul(&ws.gate_up[..n * 2 * inter], inter, &mut ws.act[..n * inter]);
+            lora_matmul(&layer.gate_up, seqs, &starts, l, &[(LoraModule::GateProj, 0), (LoraModule::UpProj, inter)], &ws.h, hs, n, &mut ws.gate_up, wgu, &mut ws.lora_t, &mut ws.lora_delta, prepared, (l, &[LoraModule::DownProj]));
+            lora(seqs, &starts, l, LoraModule::GateProj, &ws.h, hs, &mut ws.gate_up, wgu, 0);
+            lora(seqs, &starts, l, LoraModule::UpProj, &ws.h, hs, &mut ws.gate_up, wgu, inter);
+            silu_mul(&ws.gate_up[..n * wgu], wgu, inter, &mut ws.act[..n * inter]);
             lora_matmul(&layer.down, seqs, &starts, l, &[(LoraModule::DownProj, 0)], &ws.act, inter, n, &mut ws.tmp, hs, &mut ws.lora_t, &mut ws.lora_delta, prepared, (l + 1, &[LoraModule::QProj, LoraModule::KProj, LoraModule::VProj]));
             lora(seqs, &starts, l, LoraModule::DownProj, &ws.act, inter, &mut ws.tmp, hs, 0);
             for (xv, tv) in ws.x[..n * hs].iter_mut().zip(&ws.tmp[..n * hs]) {
