@@ -255,7 +255,8 @@ const PARALLEL_XA: usize = 1 << 16;
 /// starts at), `t = x Aᵀ` for those rows (computed here, into `bufs`) and `scale·Bᵀ`, which
 /// the matmul adds (in its tiles, or in one task on a step of a few rows: see
 /// [`QMatrix::matmul_plus_prepared`]). Pairs that are not frozen are left to [`lora`].
-/// `next` names the layer and modules of the following LoRA matmul (see [`prefetch_next`]).
+/// `next`, if given, names the layer and modules of the following LoRA matmul, whose halves
+/// are prefetched (see [`prefetch_next`]).
 fn low_rank_terms<'a>(
     seqs: &[SeqInput<'a>],
     starts: &[usize],
@@ -264,7 +265,7 @@ fn low_rank_terms<'a>(
     input: &[f32],
     in_dim: usize,
     bufs: &'a mut Vec<Vec<f32>>,
-    next: (usize, &[LoraModule]),
+    next: Option<(usize, &[LoraModule])>,
 ) -> Vec<LowRank<'a>> {
     /// One term before its `t` exists.
     struct Spec<'a> {
@@ -296,13 +297,10 @@ fn low_rank_terms<'a>(
     if specs.is_empty() {
         return Vec::new();
     }
-    // On a step of a few rows, the next matmul's A and B halves travel to L2 while this
-    // thread works and the others run this matmul's tiles. Larger steps spread their LoRA
-    // work over the tiles, where the hardware prefetchers follow each panel, and asking for
-    // several adapters' halves stalled on the prefetches themselves (2.5% of a sixteen-stream,
-    // eight-adapter profile).
-    if seqs.iter().map(|s| s.tokens.len()).sum::<usize>() <= PREPARED_ROWS {
-        prefetch_next(seqs, next.0, next.1);
+    // The next matmul's A and B halves travel to L2 while this thread works and the others
+    // run this matmul's tiles.
+    if let Some((layer, modules)) = next {
+        prefetch_next(seqs, layer, modules);
     }
     while bufs.len() < specs.len() {
         bufs.push(Vec::new());
@@ -362,7 +360,9 @@ const PREPARED_ROWS: usize = 4;
 
 /// `out = input · Wᵀ` plus the frozen LoRA terms of `modules` for every sequence; `next`
 /// names the layer and modules of the following LoRA matmul, whose A and B halves are
-/// prefetched.
+/// prefetched on prepared steps only: larger steps spread their LoRA work over the tiles,
+/// where the hardware prefetchers follow each panel, and asking for several adapters' halves
+/// stalled on the prefetches themselves (2.5% of a sixteen-stream, eight-adapter profile).
 #[allow(clippy::too_many_arguments)]
 fn lora_matmul(
     w: &QMatrix,
@@ -381,9 +381,9 @@ fn lora_matmul(
     next: (usize, &[LoraModule]),
 ) {
     if prepared {
-        w.matmul_plus_prepared(input, n, out, ldy, delta, || low_rank_terms(seqs, starts, layer, modules, input, in_dim, bufs, next));
+        w.matmul_plus_prepared(input, n, out, ldy, delta, || low_rank_terms(seqs, starts, layer, modules, input, in_dim, bufs, Some(next)));
     } else {
-        let terms = low_rank_terms(seqs, starts, layer, modules, input, in_dim, bufs, next);
+        let terms = low_rank_terms(seqs, starts, layer, modules, input, in_dim, bufs, None);
         w.matmul_plus(input, n, out, ldy, &terms);
     }
 }
