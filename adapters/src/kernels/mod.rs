@@ -981,6 +981,33 @@ fn q8_0_rows(isa: Isa, q: &[i8], d: &[f32], x: &[f32], cols: usize, n: usize, ac
     }
 }
 
+/// Attention scores for `R ≤ 4` query heads of width 64 on AVX-512 machines (see
+/// `x86::attention_scores_avx512` for the layout); `false`, untouched, elsewhere, where the
+/// caller's portable loop runs instead. Same bits either way.
+pub fn attention_scores_64<const R: usize>(k: &[f32], stride: usize, q: &[f32], keys: usize, scores: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 {
+        // SAFETY: AVX-512F was detected; the kernel checks every length it relies on.
+        unsafe { x86::attention_scores_avx512::<R>(k, stride, q, keys, scores) };
+        return true;
+    }
+    let _ = (k, stride, q, keys, scores);
+    false
+}
+
+/// The values half of attention for `R ≤ 4` heads of width 64 on AVX-512 machines (see
+/// `x86::attention_values_avx512`); `false`, untouched, elsewhere. Same bits either way.
+pub fn attention_values_64<const R: usize>(v: &[f32], stride: usize, w: &[f32], keys: usize, dst: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 {
+        // SAFETY: AVX-512F was detected; the kernel checks every length it relies on.
+        unsafe { x86::attention_values_avx512::<R>(v, stride, w, keys, dst) };
+        return true;
+    }
+    let _ = (v, stride, w, keys, dst);
+    false
+}
+
 /// A dot product written so that the compiler keeps 16 independent lanes (and so vectorizes).
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());

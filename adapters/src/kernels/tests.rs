@@ -194,6 +194,29 @@ fn avx2_tiles_match_the_reference() {
     });
 }
 
+/// The sixteen-at-once reduction adds every vector's lanes in `_mm512_reduce_add_ps`'s order:
+/// the same bits for values whose sums round differently in any other order.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn reduce16_adds_in_the_single_reductions_order() {
+    use std::arch::x86_64::*;
+    if isa() != Isa::Avx512 {
+        return;
+    }
+    for round in 0..500u64 {
+        // Wide magnitudes (1e-6 to 1e6, both signs) make rounding depend on the order.
+        let vals: Vec<f32> = crate::testing::values(256, round + 1, 1.0).iter().enumerate().map(|(i, x)| x * 10f32.powi((i % 13) as i32 - 6)).collect();
+        // SAFETY: AVX-512 was detected; every load reads 16 of the 256 floats.
+        let (got, want) = unsafe {
+            let v: [__m512; 16] = std::array::from_fn(|k| _mm512_loadu_ps(vals.as_ptr().add(k * 16)));
+            (x86::reduce16_avx512(v), v.map(|x| _mm512_reduce_add_ps(x)))
+        };
+        for (k, w) in want.iter().enumerate() {
+            assert_eq!(got[x86::reduced_lane(k)].to_bits(), w.to_bits(), "round {round}, vector {k}");
+        }
+    }
+}
+
 /// The AVX-512 scaled kernels for one to three rows (the dispatcher uses them for one or two)
 /// against the reference.
 #[cfg(target_arch = "x86_64")]

@@ -458,12 +458,70 @@ unsafe fn pair_avx512<const N: usize>(w: impl Fn(usize, usize) -> (__m512, __m51
                 sums[1][i] = _mm512_fmadd_ps(b1, x1, _mm512_fmadd_ps(b0, x0, sums[1][i]));
             }
         }
-        for (r, row) in sums.iter().enumerate() {
-            for (i, s) in row.iter().enumerate() {
-                acc[r][i] = _mm512_reduce_add_ps(*s);
+        if N >= 4 {
+            // All 2·N sums at once (the slots past N stay zero and are not read).
+            let mut all = [_mm512_setzero_ps(); 16];
+            for (r, row) in sums.iter().enumerate() {
+                all[r * FUSED_ROWS..r * FUSED_ROWS + N].copy_from_slice(row);
+            }
+            let totals = reduce16_avx512(all);
+            for (r, row) in acc.iter_mut().enumerate() {
+                for (i, a) in row.iter_mut().enumerate().take(N) {
+                    *a = totals[reduced_lane(r * FUSED_ROWS + i)];
+                }
+            }
+        } else {
+            for (r, row) in sums.iter().enumerate() {
+                for (i, s) in row.iter().enumerate() {
+                    acc[r][i] = _mm512_reduce_add_ps(*s);
+                }
             }
         }
     }
+}
+
+/// The lane of [`reduce16_avx512`]'s result that holds vector `k`'s sum.
+#[inline(always)]
+pub(super) const fn reduced_lane(k: usize) -> usize {
+    4 * (k % 4) + k / 4
+}
+
+/// The lane sums of 16 vectors, vector `k`'s in lane [`reduced_lane`]`(k)`, each added in
+/// `_mm512_reduce_add_ps`'s order (lane `i` plus lane `i + 8`, then `+ 4`, `+ 2`, `+ 1`; the
+/// same bits, which a test checks) but for all 16 together: four rounds of two shuffles and an
+/// add per pair of vectors (45 operations) instead of 16 separate reductions (about 130).
+///
+/// # Safety
+/// AVX-512F must be available.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) unsafe fn reduce16_avx512(v: [__m512; 16]) -> [f32; 16] {
+    // (Plain loops, not closures: a closure is a function of its own that need not inherit
+    // this one's target features, and it took vectors through memory once before.)
+    // Round 1: 128-bit chunks 0,1 of a pair against chunks 2,3: lanes i + (i + 8).
+    let mut r1 = [_mm512_setzero_ps(); 8];
+    for (k, r) in r1.iter_mut().enumerate() {
+        let (a, b) = (v[2 * k], v[2 * k + 1]);
+        *r = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b));
+    }
+    // Round 2: chunks 0,2 against 1,3: lanes i + (i + 4); four vectors' partial sums a register.
+    let mut r2 = [_mm512_setzero_ps(); 4];
+    for (k, r) in r2.iter_mut().enumerate() {
+        let (a, b) = (r1[2 * k], r1[2 * k + 1]);
+        *r = _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b));
+    }
+    // Round 3: within 128-bit chunks, elements 0,1 against 2,3.
+    let mut r3 = [_mm512_setzero_ps(); 2];
+    for (k, r) in r3.iter_mut().enumerate() {
+        let (a, b) = (r2[2 * k], r2[2 * k + 1]);
+        *r = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(a, b), _mm512_shuffle_ps::<0xEE>(a, b));
+    }
+    // Round 4: elements 0,2 against 1,3.
+    let total = _mm512_add_ps(_mm512_shuffle_ps::<0x88>(r3[0], r3[1]), _mm512_shuffle_ps::<0xDD>(r3[0], r3[1]));
+    let mut out = [0f32; 16];
+    // SAFETY: `out` holds 16 floats.
+    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), total) };
+    out
 }
 
 /// Rows `r0..r1` in pairs against `n` activation rows, up to eight at a time; `w(r, b)` decodes
@@ -898,6 +956,122 @@ pub unsafe fn panel_rows_avx2(t: *const f32, rows: usize, rank: usize, wide: *co
         }
         if i < rows {
             add(i, row(t.add(i * rank)));
+        }
+    }
+}
+
+/// Attention scores of `R` query heads of width 64 (`q`, `R·64`, already scaled) against
+/// `keys` cached positions, into `scores[r·keys + p]`. Key block `b` (positions `16b ..
+/// 16b + 16`) starts at `k[b·stride]`, component `d`'s 16 values at `d·16`; blocks exist whole,
+/// so the last, partial one is loaded whole and its extra lanes dropped.
+///
+/// Lane for lane these are the portable `score_block`'s operations in its order (whole blocks:
+/// FMAs from +0.0; the partial block: rounded product, then add, from -0.0), so the scores
+/// have the same bits; 16 lanes a register and four blocks a pass share each query broadcast.
+///
+/// # Safety
+/// AVX-512F must be available.
+///
+/// # Panics
+/// If `q`, `scores` or `k` are shorter than the shapes above need.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn attention_scores_avx512<const R: usize>(k: &[f32], stride: usize, q: &[f32], keys: usize, scores: &mut [f32]) {
+    let blocks = keys.div_ceil(16);
+    assert!(q.len() >= R * 64 && scores.len() >= R * keys, "query or score buffer too short");
+    assert!(blocks == 0 || (blocks - 1) * stride + 64 * 16 <= k.len(), "key blocks out of range");
+    let (kp, qp, sp) = (k.as_ptr(), q.as_ptr(), scores.as_mut_ptr());
+    let whole = keys / 16;
+    let mut b = 0;
+    // SAFETY (all calls): the asserts above bound every block and score index they touch.
+    unsafe {
+        while b + 4 <= whole {
+            score_blocks_avx512::<R, 4>(kp.add(b * stride), stride, qp, sp.add(b * 16), keys);
+            b += 4;
+        }
+        while b < whole {
+            score_blocks_avx512::<R, 1>(kp.add(b * stride), stride, qp, sp.add(b * 16), keys);
+            b += 1;
+        }
+        if whole < blocks {
+            let kb = kp.add(whole * stride);
+            let mut acc = [_mm512_set1_ps(-0.0); R];
+            for d in 0..64 {
+                let kv = _mm512_loadu_ps(kb.add(d * 16));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_add_ps(*a, _mm512_mul_ps(_mm512_set1_ps(*qp.add(r * 64 + d)), kv));
+                }
+            }
+            let mask: __mmask16 = (1u16 << (keys - whole * 16)) - 1;
+            for (r, a) in acc.iter().enumerate() {
+                _mm512_mask_storeu_ps(sp.add(r * keys + whole * 16), mask, *a);
+            }
+        }
+    }
+}
+
+/// `B` whole key blocks (the first at `kb`, the next `stride` floats on) for `R` heads, summed
+/// with FMAs in registers and stored at `s[r·keys ..]`.
+///
+/// # Safety
+/// AVX-512F; the blocks and the `R` rows of `16·B` scores exist.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn score_blocks_avx512<const R: usize, const B: usize>(kb: *const f32, stride: usize, q: *const f32, s: *mut f32, keys: usize) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); B]; R];
+        for d in 0..64 {
+            let mut kv = [_mm512_setzero_ps(); B];
+            for (j, v) in kv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(kb.add(j * stride + d * 16));
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let qd = _mm512_set1_ps(*q.add(r * 64 + d));
+                for (a, v) in row.iter_mut().zip(&kv) {
+                    *a = _mm512_fmadd_ps(qd, *v, *a);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (j, a) in row.iter().enumerate() {
+                _mm512_storeu_ps(s.add(r * keys + j * 16), *a);
+            }
+        }
+    }
+}
+
+/// The weighted sum of `keys` value vectors of width 64 for `R` heads: `dst[r·64 + c] =
+/// Σ_p w[r·keys + p] · v[p·stride + c]`, FMAs from +0.0 in position order, as the portable
+/// loop does lane for lane (same bits), with all 64 components of the `R` heads in registers
+/// so each position's values are read once.
+///
+/// # Safety
+/// AVX-512F must be available.
+///
+/// # Panics
+/// If `w`, `dst` or `v` are shorter than the shapes above need.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn attention_values_avx512<const R: usize>(v: &[f32], stride: usize, w: &[f32], keys: usize, dst: &mut [f32]) {
+    assert!(w.len() >= R * keys && dst.len() >= R * 64, "weight or output buffer too short");
+    assert!(keys == 0 || (keys - 1) * stride + 64 <= v.len(), "values out of range");
+    // SAFETY (whole body): the asserts above bound every index.
+    unsafe {
+        let (vp, wp) = (v.as_ptr(), w.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        for p in 0..keys {
+            let at = vp.add(p * stride);
+            let vv = [_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(16)), _mm512_loadu_ps(at.add(32)), _mm512_loadu_ps(at.add(48))];
+            for (r, row) in acc.iter_mut().enumerate() {
+                let wr = _mm512_set1_ps(*wp.add(r * keys + p));
+                for (a, x) in row.iter_mut().zip(&vv) {
+                    *a = _mm512_fmadd_ps(wr, *x, *a);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (c, a) in row.iter().enumerate() {
+                _mm512_storeu_ps(dst.as_mut_ptr().add(r * 64 + c * 16), *a);
+            }
         }
     }
 }

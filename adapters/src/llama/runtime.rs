@@ -478,6 +478,8 @@ impl GroupView<'_> {
     /// `R` query heads of width `HD` (`q` is `R·HD`) over the group's keys into `dst` (`R·HD`).
     /// Scores are built 16 positions at a time with the `R` partial sums in registers, and the
     /// values 16 components at a time, so neither loop stores and reloads partial results.
+    /// With AVX-512 and width 64, kernels do both halves 16 lanes a register, four key blocks a
+    /// pass and all 64 value components a pass, with the same bits.
     fn attend<const R: usize, const HD: usize>(&self, q: &[f32], scale: f32, scores: &mut Vec<f32>, dst: &mut [f32]) {
         let keys = self.keys;
         if scores.len() < R * keys {
@@ -489,20 +491,9 @@ impl GroupView<'_> {
                 *v = q[r * HD + d] * scale;
             }
         }
-        let whole = keys / KEY_BLOCK * KEY_BLOCK;
-        for p0 in (0..whole).step_by(KEY_BLOCK) {
-            for (r, a) in score_block::<R, HD, true>(self.key_block(p0 / KEY_BLOCK), &qs).iter().enumerate() {
-                scores[r * keys + p0..r * keys + p0 + KEY_BLOCK].copy_from_slice(a);
-            }
-        }
-        // The last, partial block as a block too, with the same roundings as the scalar sums it
-        // replaces: its memory is whole (blocks are allocated whole), and the lanes past `keys`
-        // are computed and dropped. One 64-long chain of dependent adds per position took more
-        // than half of attention's time at sixteen streams over HTTP.
-        if whole < keys {
-            for (r, a) in score_block::<R, HD, false>(self.key_block(whole / KEY_BLOCK), &qs).iter().enumerate() {
-                scores[r * keys + whole..(r + 1) * keys].copy_from_slice(&a[..keys - whole]);
-            }
+        let (k, k_stride) = self.keys_from_start();
+        if !(HD == 64 && crate::kernels::attention_scores_64::<R>(k, k_stride, qs.as_flattened(), keys, scores)) {
+            self.scores_portable::<R, HD>(&qs, scores);
         }
         let mut inv = [0f32; R];
         for (r, i) in inv.iter_mut().enumerate() {
@@ -513,6 +504,47 @@ impl GroupView<'_> {
                 *sc *= i;
             }
         }
+        let (v, v_stride) = self.values_from_start();
+        if !(HD == 64 && crate::kernels::attention_values_64::<R>(v, v_stride, scores, keys, dst)) {
+            self.values_portable::<R, HD>(scores, dst);
+        }
+    }
+
+    /// This group's key blocks from the first on, and the floats from one block to the next.
+    fn keys_from_start(&self) -> (&[f32], usize) {
+        let at = self.cache.key_block(self.layer, 0) + self.group * self.hd * KEY_BLOCK;
+        (&self.cache.k[at..], self.cache.kv_dim * KEY_BLOCK)
+    }
+
+    /// This group's values from position 0 on, and the floats from one position to the next.
+    fn values_from_start(&self) -> (&[f32], usize) {
+        (&self.cache.v[self.cache.at(self.layer, 0) + self.group * self.hd..], self.cache.kv_dim)
+    }
+
+    /// The scores of [`Self::attend`] with portable code (what the AVX-512 kernel matches bit
+    /// for bit).
+    fn scores_portable<const R: usize, const HD: usize>(&self, qs: &[[f32; HD]; R], scores: &mut [f32]) {
+        let keys = self.keys;
+        let whole = keys / KEY_BLOCK * KEY_BLOCK;
+        for p0 in (0..whole).step_by(KEY_BLOCK) {
+            for (r, a) in score_block::<R, HD, true>(self.key_block(p0 / KEY_BLOCK), qs).iter().enumerate() {
+                scores[r * keys + p0..r * keys + p0 + KEY_BLOCK].copy_from_slice(a);
+            }
+        }
+        // The last, partial block as a block too, with the same roundings as the scalar sums it
+        // replaces: its memory is whole (blocks are allocated whole), and the lanes past `keys`
+        // are computed and dropped. One 64-long chain of dependent adds per position took more
+        // than half of attention's time at sixteen streams over HTTP.
+        if whole < keys {
+            for (r, a) in score_block::<R, HD, false>(self.key_block(whole / KEY_BLOCK), qs).iter().enumerate() {
+                scores[r * keys + whole..(r + 1) * keys].copy_from_slice(&a[..keys - whole]);
+            }
+        }
+    }
+
+    /// The weighted values of [`Self::attend`] with portable code, 16 components a pass.
+    fn values_portable<const R: usize, const HD: usize>(&self, scores: &[f32], dst: &mut [f32]) {
+        let keys = self.keys;
         for d0 in (0..HD).step_by(KEY_BLOCK) {
             let mut acc = [[0f32; KEY_BLOCK]; R];
             for p in 0..keys {
@@ -908,6 +940,60 @@ mod tests {
                 assert!((x - y).abs() < 1e-5, "{keys} keys: {x} vs {y}");
             }
         }
+    }
+
+    fn attention_halves_match<const R: usize>(cache: &KvCache) {
+        let q = crate::testing::values(R * 64, 11, 0.3);
+        let mut qs = [[0f32; 64]; R];
+        for (r, qr) in qs.iter_mut().enumerate() {
+            qr.copy_from_slice(&q[r * 64..(r + 1) * 64]);
+        }
+        for keys in 1..=70 {
+            let view = GroupView { cache, layer: 1, group: 1, keys, hd: 64 };
+            let (mut fast, mut plain) = (vec![f32::NAN; R * keys], vec![f32::NAN; R * keys]);
+            let (k, stride) = view.keys_from_start();
+            let used = crate::kernels::attention_scores_64::<R>(k, stride, qs.as_flattened(), keys, &mut fast);
+            view.scores_portable::<R, 64>(&qs, &mut plain);
+            if !used {
+                // No AVX-512 here: the portable loop is the only path, and this test has nothing to compare.
+                return;
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fast), bits(&plain), "scores, {R} heads, {keys} keys");
+            let w: Vec<f32> = plain.iter().map(|x| x * 0.01).collect();
+            let (mut fast, mut plain) = (vec![f32::NAN; R * 64], vec![f32::NAN; R * 64]);
+            let (v, stride) = view.values_from_start();
+            assert!(crate::kernels::attention_values_64::<R>(v, stride, &w, keys, &mut fast));
+            view.values_portable::<R, 64>(&w, &mut plain);
+            assert_eq!(bits(&fast), bits(&plain), "values, {R} heads, {keys} keys");
+        }
+    }
+
+    #[test]
+    fn vector_attention_kernels_give_the_portable_bits() {
+        let cfg = LlamaConfig {
+            vocab_size: 8,
+            hidden_size: 256,
+            intermediate_size: 8,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 64,
+            rms_eps: 1e-5,
+            rope_theta: 10_000.0,
+            max_position: 80,
+        };
+        // Capacity 75: the last block of the last layer is partial in positions but whole in
+        // memory, as the kernels assume.
+        let mut cache = KvCache::new(&cfg, 75);
+        let vals = crate::testing::values(cache.k.len(), 5, 1.0);
+        cache.k.copy_from_slice(&vals);
+        let vals = crate::testing::values(cache.v.len(), 6, 1.0);
+        cache.v.copy_from_slice(&vals);
+        attention_halves_match::<1>(&cache);
+        attention_halves_match::<2>(&cache);
+        attention_halves_match::<3>(&cache);
+        attention_halves_match::<4>(&cache);
     }
 
     #[test]
