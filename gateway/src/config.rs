@@ -18,7 +18,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Load the model and serve the HTTP API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Sign an HS256 token for development and tests.
     MintToken(MintArgs),
     /// Print the OpenAPI spec (the committed copy is openapi/openapi.json).

@@ -167,7 +167,7 @@ async fn a_running_request_keeps_its_version_across_a_promote() {
     let (status, _) = admin(&server, reqwest::Method::PUT, "/admin/adapters/bot/aliases/prod", Some(json!({"version": 2}))).await;
     assert_eq!(status, 200);
     while let Some(chunk) = body.next().await {
-        raw.push_str(&String::from_utf8(chunk.unwrap().to_vec()).unwrap());
+        raw.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
     }
     let streamed: String = common::sse_data(&raw)
         .iter()

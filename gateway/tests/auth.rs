@@ -164,7 +164,9 @@ async fn public_key_algorithms_from_pem_and_jwks_files() {
     let claims = json!({"sub": "svc", "tenant": "acme", "role": "user", "exp": now() + 600});
     let public_rsa = std::fs::read_to_string(fixture("rsa-public.pem")).unwrap();
     let confused = sign(claims.clone(), &public_rsa, HS256);
-    let setups: [(&str, &str, Vec<(&str, String, u16)>); 3] = [
+    // (flag, key file, [(case, token, expected status)])
+    type Setup<'a> = (&'a str, &'a str, Vec<(&'a str, String, u16)>);
+    let setups: [Setup<'_>; 3] = [
         ("--jwt-rs256-public-key", "rsa-public.pem", vec![
             ("matching RSA key", sign_with_pem(&claims, RS256, "rsa-private.pem", None), 200),
             ("another RSA key", sign_with_pem(&claims, RS256, "rsa-other-private.pem", None), 401),

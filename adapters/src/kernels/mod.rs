@@ -426,7 +426,7 @@ impl QMatrix {
             let nb = self.cols / BLOCK;
             // SAFETY: the ISA was detected; the slices are whole rows of this matrix and the
             // caller vouches for `out`.
-            let done = unsafe {
+            unsafe {
                 match (&self.packed, isa()) {
                     // One to a few rows: the scaled kernels (half the arithmetic per block, which is
                     // what so few rows are bound by); up to three rows, one weight row per pass;
@@ -451,8 +451,8 @@ impl QMatrix {
                     (Packed::Q8_0 { d, qs }, Isa::Avx2) => x86::q8_0_tile_avx2(qs, d, &[], nb, r0, r1, x, n, out.0, ldy),
                     _ => self.fused_tile_portable(x, n, r0, r1, out, ldy),
                 }
-            };
-            return done;
+            }
+            return;
         }
         #[allow(unreachable_code)]
         // SAFETY: forwarded from the caller.

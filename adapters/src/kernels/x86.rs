@@ -444,6 +444,7 @@ tile_kernel!(
 /// `w` must be valid for both rows and `nb` blocks; `x` holds N rows of `cols` floats.
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
+#[allow(clippy::needless_range_loop)] // `i` indexes both rows' sums and the activation rows
 unsafe fn pair_avx512<const N: usize>(w: impl Fn(usize, usize) -> (__m512, __m512), nb: usize, x: *const f32, cols: usize, acc: &mut [[f32; FUSED_ROWS]; 2]) {
     // SAFETY: the pointers cover N rows of `cols` floats, as the caller guarantees.
     unsafe {
@@ -528,7 +529,7 @@ pub(super) unsafe fn reduce16_avx512(v: [__m512; 16]) -> [f32; 16] {
 /// block `b` of weight row `r`. An odd last row goes through `single`.
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 unsafe fn tile_pairs_avx512(
     w: impl Fn(usize, usize) -> (__m512, __m512) + Copy,
     nb: usize,

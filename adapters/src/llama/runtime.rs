@@ -257,6 +257,7 @@ const PARALLEL_XA: usize = 1 << 16;
 /// [`QMatrix::matmul_plus_prepared`]). Pairs that are not frozen are left to [`lora`].
 /// `next`, if given, names the layer and modules of the following LoRA matmul, whose halves
 /// are prefetched (see [`prefetch_next`]).
+#[allow(clippy::too_many_arguments)]
 fn low_rank_terms<'a>(
     seqs: &[SeqInput<'a>],
     starts: &[usize],

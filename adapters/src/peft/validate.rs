@@ -498,8 +498,8 @@ mod tests {
     fn bf16_and_f16_are_accepted() {
         let dir = tempfile::tempdir().unwrap();
         let config = br#"{"r": 1, "lora_alpha": 1, "target_modules": ["o_proj"]}"#;
-        let a = vec![0x3fu8, 0x80].repeat(8); // 8 x 1.0 in bf16 (little-endian 0x3f80)
-        let b = vec![0x00u8, 0x3c].repeat(8); // 8 x 1.0 in f16 (little-endian 0x3c00)
+        let a = [0x3fu8, 0x80].repeat(8); // 8 x 1.0 in bf16 (little-endian 0x3f80)
+        let b = [0x00u8, 0x3c].repeat(8); // 8 x 1.0 in f16 (little-endian 0x3c00)
         let views = [
             (
                 "base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight",

@@ -12,6 +12,9 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use crate::error::FinetuneError;
 
+/// One PEFT tensor: its name, values and shape.
+pub type PeftTensor = (LoraTensorKey, Vec<f32>, Vec<usize>);
+
 /// One module's pair in one layer.
 pub struct Entry {
     pub layer: usize,
@@ -155,7 +158,7 @@ impl LoraParams {
     }
 
     /// The tensors as PEFT names them, for `adapter_model.safetensors`.
-    pub fn peft_tensors(&self, values: &[Tensor]) -> Result<Vec<(LoraTensorKey, Vec<f32>, Vec<usize>)>, FinetuneError> {
+    pub fn peft_tensors(&self, values: &[Tensor]) -> Result<Vec<PeftTensor>, FinetuneError> {
         let mut out = Vec::with_capacity(values.len());
         for (e, pair) in self.entries.iter().zip(values.chunks(2)) {
             for (part, t) in [(LoraPart::A, &pair[0]), (LoraPart::B, &pair[1])] {

@@ -305,7 +305,7 @@ impl Trainer<'_> {
                 reward_accuracy: None,
             };
             let eval_due = !val.is_empty()
-                && (step == total || if cfg.eval_steps > 0 { step % cfg.eval_steps == 0 } else { step % per_epoch == 0 });
+                && (step == total || if cfg.eval_steps > 0 { step.is_multiple_of(cfg.eval_steps) } else { step.is_multiple_of(per_epoch) });
             if eval_due {
                 let (val_loss, acc) = self.evaluate(params, val)?;
                 entry.val_loss = Some(val_loss);
@@ -329,7 +329,7 @@ impl Trainer<'_> {
                 stopped_early = true;
                 break;
             }
-            if cfg.save_steps > 0 && step % cfg.save_steps == 0 && step < total {
+            if cfg.save_steps > 0 && step.is_multiple_of(cfg.save_steps) && step < total {
                 save_checkpoint(self.out, &state, params, &opt, best.as_deref())?;
             }
         }
