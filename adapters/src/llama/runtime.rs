@@ -468,12 +468,13 @@ impl GroupView<'_> {
     /// This group's keys at positions `pb·16 .. pb·16 + 16`: component `d`'s 16 values at
     /// `d·16` (one contiguous run of `head_dim · 16` floats).
     fn key_block(&self, pb: usize) -> &[f32] {
-        let at = self.cache.key_block(self.layer, pb) + self.group * self.hd * KEY_BLOCK;
-        &self.cache.k[at..at + self.hd * KEY_BLOCK]
+        let (k, stride) = self.keys_from_start();
+        &k[pb * stride..][..self.hd * KEY_BLOCK]
     }
 
     fn value(&self, p: usize) -> &[f32] {
-        &self.cache.v[self.cache.at(self.layer, p) + self.group * self.hd..][..self.hd]
+        let (v, stride) = self.values_from_start();
+        &v[p * stride..][..self.hd]
     }
 
     /// `R` query heads of width `HD` (`q` is `R·HD`) over the group's keys into `dst` (`R·HD`).
@@ -910,25 +911,32 @@ mod tests {
         assert!(exp_nonpositive(-1000.0) < 1e-37);
     }
 
-    #[test]
-    fn register_blocked_attention_equals_the_plain_one() {
+    /// A two-layer cache of `capacity` positions for heads of width 64, filled with
+    /// deterministic keys and values.
+    fn filled_cache(num_heads: usize, num_kv_heads: usize, capacity: usize) -> KvCache {
         let cfg = LlamaConfig {
             vocab_size: 8,
-            hidden_size: 192,
+            hidden_size: num_heads * 64,
             intermediate_size: 8,
             num_layers: 2,
-            num_heads: 3,
-            num_kv_heads: 1,
+            num_heads,
+            num_kv_heads,
             head_dim: 64,
             rms_eps: 1e-5,
             rope_theta: 10_000.0,
-            max_position: 64,
+            max_position: capacity,
         };
-        let mut cache = KvCache::new(&cfg, 120);
+        let mut cache = KvCache::new(&cfg, capacity);
         let vals = crate::testing::values(cache.k.len(), 5, 1.0);
         cache.k.copy_from_slice(&vals);
         let vals = crate::testing::values(cache.v.len(), 6, 1.0);
         cache.v.copy_from_slice(&vals);
+        cache
+    }
+
+    #[test]
+    fn register_blocked_attention_equals_the_plain_one() {
+        let cache = filled_cache(3, 1, 120);
         let q = crate::testing::values(3 * 64, 7, 1.0);
         // 37 keys: two whole blocks of 16 and a tail; 100: six blocks and a tail.
         for keys in [37, 100] {
@@ -972,25 +980,9 @@ mod tests {
 
     #[test]
     fn vector_attention_kernels_give_the_portable_bits() {
-        let cfg = LlamaConfig {
-            vocab_size: 8,
-            hidden_size: 256,
-            intermediate_size: 8,
-            num_layers: 2,
-            num_heads: 4,
-            num_kv_heads: 2,
-            head_dim: 64,
-            rms_eps: 1e-5,
-            rope_theta: 10_000.0,
-            max_position: 80,
-        };
         // Capacity 75: the last block of the last layer is partial in positions but whole in
         // memory, as the kernels assume.
-        let mut cache = KvCache::new(&cfg, 75);
-        let vals = crate::testing::values(cache.k.len(), 5, 1.0);
-        cache.k.copy_from_slice(&vals);
-        let vals = crate::testing::values(cache.v.len(), 6, 1.0);
-        cache.v.copy_from_slice(&vals);
+        let cache = filled_cache(4, 2, 75);
         attention_halves_match::<1>(&cache);
         attention_halves_match::<2>(&cache);
         attention_halves_match::<3>(&cache);
