@@ -16,26 +16,15 @@ pub enum AdapterError {
 
     /// The adapter declares a different base model than the one served here.
     #[error("base model mismatch: adapter was trained on {adapter_base:?}, this gateway serves {served:?}")]
-    BaseMismatch {
-        adapter_base: String,
-        served: String,
-    },
+    BaseMismatch { adapter_base: String, served: String },
 
     /// A file or the adapter's rank exceeds the configured [`crate::Limits`].
     #[error("adapter too large: {what} is {actual}, the limit is {limit}")]
-    TooLarge {
-        what: String,
-        actual: u64,
-        limit: u64,
-    },
+    TooLarge { what: String, actual: u64, limit: u64 },
 
     /// An adapter or alias name outside `[a-z0-9][a-z0-9._-]{0,63}` (or otherwise unusable).
     #[error("invalid {kind} name {name:?}: {reason}")]
-    InvalidName {
-        kind: &'static str,
-        name: String,
-        reason: &'static str,
-    },
+    InvalidName { kind: &'static str, name: String, reason: &'static str },
 
     /// No adapter with this name is registered.
     #[error("adapter {name:?} not found")]
@@ -51,26 +40,15 @@ pub enum AdapterError {
 
     /// Compare-and-set on an alias failed: someone else moved it first.
     #[error("alias {alias:?} of adapter {name:?} points to {}, expected version {expected}", fmt_current(*.current))]
-    AliasConflict {
-        name: String,
-        alias: String,
-        expected: u64,
-        current: Option<u64>,
-    },
+    AliasConflict { name: String, alias: String, expected: u64, current: Option<u64> },
 
     /// Rollback asked for, but the alias has no earlier version that still exists.
     #[error("alias {alias:?} of adapter {name:?} has no earlier version to roll back to")]
     NoRollbackTarget { name: String, alias: String },
 
     /// A version cannot be deleted while an alias points at it.
-    #[error(
-        "version {version} of adapter {name:?} is in use by alias(es) {aliases:?}; move them first"
-    )]
-    VersionInUse {
-        name: String,
-        version: u64,
-        aliases: Vec<String>,
-    },
+    #[error("version {version} of adapter {name:?} is in use by alias(es) {aliases:?}; move them first")]
+    VersionInUse { name: String, version: u64, aliases: Vec<String> },
 
     /// A path given by a client resolves outside the directory it must stay within.
     #[error("path {path:?} is outside the allowed directory {root:?}")]
@@ -145,15 +123,13 @@ impl AdapterError {
             | Self::InvalidName { .. }
             | Self::PathEscape { .. } => ErrorClass::BadRequest,
             Self::TooLarge { .. } => ErrorClass::TooLarge,
-            Self::AdapterNotFound { .. }
-            | Self::VersionNotFound { .. }
-            | Self::AliasNotFound { .. } => ErrorClass::NotFound,
-            Self::AliasConflict { .. }
-            | Self::NoRollbackTarget { .. }
-            | Self::VersionInUse { .. } => ErrorClass::Conflict,
-            Self::CorruptState { .. } | Self::Io { .. } | Self::Model { .. } | Self::Tensor(_) => {
-                ErrorClass::Internal
+            Self::AdapterNotFound { .. } | Self::VersionNotFound { .. } | Self::AliasNotFound { .. } => {
+                ErrorClass::NotFound
             }
+            Self::AliasConflict { .. } | Self::NoRollbackTarget { .. } | Self::VersionInUse { .. } => {
+                ErrorClass::Conflict
+            }
+            Self::CorruptState { .. } | Self::Io { .. } | Self::Model { .. } | Self::Tensor(_) => ErrorClass::Internal,
         }
     }
 
@@ -173,16 +149,11 @@ impl AdapterError {
     }
 
     pub(crate) fn invalid(reason: impl Into<String>) -> Self {
-        Self::InvalidAdapter {
-            reason: reason.into(),
-        }
+        Self::InvalidAdapter { reason: reason.into() }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io {
-            path: path.into(),
-            source,
-        }
+        Self::Io { path: path.into(), source }
     }
 
     pub(crate) fn model(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
@@ -190,10 +161,7 @@ impl AdapterError {
     }
 
     pub(crate) fn corrupt(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        Self::CorruptState {
-            path: path.into(),
-            reason: reason.into(),
-        }
+        Self::CorruptState { path: path.into(), reason: reason.into() }
     }
 }
 
@@ -210,17 +178,10 @@ mod tests {
 
     #[test]
     fn codes_and_classes_are_stable() {
-        let e = AdapterError::VersionInUse {
-            name: "a".into(),
-            version: 2,
-            aliases: vec!["prod".into()],
-        };
+        let e = AdapterError::VersionInUse { name: "a".into(), version: 2, aliases: vec!["prod".into()] };
         assert_eq!(e.code(), "version_in_use");
         assert!(e.is_conflict());
-        let e = AdapterError::AliasNotFound {
-            name: "a".into(),
-            alias: "prod".into(),
-        };
+        let e = AdapterError::AliasNotFound { name: "a".into(), alias: "prod".into() };
         assert_eq!(e.code(), "alias_not_found");
         assert!(e.is_not_found());
         let e = AdapterError::invalid("x");
@@ -230,15 +191,7 @@ mod tests {
 
     #[test]
     fn alias_conflict_message_names_current_version() {
-        let e = AdapterError::AliasConflict {
-            name: "bot".into(),
-            alias: "prod".into(),
-            expected: 3,
-            current: Some(5),
-        };
-        assert_eq!(
-            e.to_string(),
-            "alias \"prod\" of adapter \"bot\" points to version 5, expected version 3"
-        );
+        let e = AdapterError::AliasConflict { name: "bot".into(), alias: "prod".into(), expected: 3, current: Some(5) };
+        assert_eq!(e.to_string(), "alias \"prod\" of adapter \"bot\" points to version 5, expected version 3");
     }
 }

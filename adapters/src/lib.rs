@@ -31,17 +31,16 @@ pub mod llama;
 pub mod lora;
 pub mod peft;
 pub mod registry;
-pub mod testing;
 #[cfg(test)]
 mod test_support;
+pub mod testing;
 
 pub use error::{AdapterError, ErrorClass, Result};
 pub use peft::{
-    base_matches, content_hash, validate_adapter_bytes, validate_adapter_dir, write_adapter_dir,
-    AdapterConfig, BaseModelShape, Limits, LoraModule, LoraPart, LoraTensorKey, TargetModules,
-    ValidatedAdapter,
+    base_matches, content_hash, validate_adapter_bytes, validate_adapter_dir, write_adapter_dir, AdapterConfig,
+    BaseModelShape, Limits, LoraModule, LoraPart, LoraTensorKey, TargetModules, ValidatedAdapter,
 };
 pub use registry::{
-    parse_model_ref, AdapterListing, AliasChange, AliasState, AuditAction, AuditRecord, Manifest,
-    Registry, Selector, Snapshot, Source,
+    parse_model_ref, AdapterListing, AliasChange, AliasState, AuditAction, AuditRecord, Manifest, Registry, Selector,
+    Snapshot, Source,
 };

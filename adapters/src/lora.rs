@@ -119,9 +119,14 @@ struct Frozen {
 /// A served pair's halves in the precision chosen at load (f32 reads A from `a_v`).
 #[derive(Debug, Clone)]
 enum ServedHalves {
-    F32 { b_panels: Vec<f32> },
+    F32 {
+        b_panels: Vec<f32>,
+    },
     /// Bit patterns of A and of the panels, rounded to bf16.
-    Bf16 { a: Vec<u16>, b_panels: Vec<u16> },
+    Bf16 {
+        a: Vec<u16>,
+        b_panels: Vec<u16>,
+    },
 }
 
 /// The precision the serving runtime reads a pair's A and scale·B in.
@@ -425,7 +430,8 @@ impl AdapterWeights {
 
     /// [`Self::load_peft_dir`], served in `dtype`.
     pub fn load_peft_dir_as(dir: &Path, shape: &BaseModelShape, device: &Device, dtype: LoraDtype) -> Result<Self> {
-        let config_bytes = std::fs::read(dir.join(CONFIG_FILE)).map_err(|e| AdapterError::io(dir.join(CONFIG_FILE), e))?;
+        let config_bytes =
+            std::fs::read(dir.join(CONFIG_FILE)).map_err(|e| AdapterError::io(dir.join(CONFIG_FILE), e))?;
         let config = AdapterConfig::from_json(&config_bytes)?;
         let scale = config.scale();
         let path = dir.join(WEIGHTS_FILE);
@@ -444,9 +450,9 @@ impl AdapterWeights {
         }
         let mut pairs = Vec::with_capacity(a_parts.len());
         for ((layer, module), a) in a_parts {
-            let b = b_parts
-                .remove(&(layer, module))
-                .ok_or_else(|| AdapterError::invalid(format!("layer {layer} {} has lora_A without lora_B", module.name())))?;
+            let b = b_parts.remove(&(layer, module)).ok_or_else(|| {
+                AdapterError::invalid(format!("layer {layer} {} has lora_A without lora_B", module.name()))
+            })?;
             let pair = LoraPair::frozen_as(a, b, scale, dtype)
                 .map_err(|e| AdapterError::invalid(format!("layer {layer} {}: {e}", module.name())))?;
             pairs.push((layer, module, pair));

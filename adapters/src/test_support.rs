@@ -2,10 +2,7 @@
 
 use std::path::Path;
 
-use crate::{
-    write_adapter_dir, AdapterConfig, BaseModelShape, LoraModule, LoraPart, LoraTensorKey,
-    TargetModules,
-};
+use crate::{write_adapter_dir, AdapterConfig, BaseModelShape, LoraModule, LoraPart, LoraTensorKey, TargetModules};
 
 /// A two-layer llama small enough that test adapters are a few hundred bytes.
 pub fn tiny_shape() -> BaseModelShape {
@@ -31,16 +28,11 @@ pub fn tiny_tensors(
     for layer in 0..shape.num_layers {
         for &module in modules {
             for part in [LoraPart::A, LoraPart::B] {
-                let key = LoraTensorKey {
-                    layer,
-                    module,
-                    part,
-                };
+                let key = LoraTensorKey { layer, module, part };
                 let dims = shape.expected_shape(&key, r);
                 let n = dims[0] * dims[1];
-                let data = (0..n)
-                    .map(|i| ((i as u32 * 31 + seed * 7 + layer as u32) % 17) as f32 / 17.0 - 0.5)
-                    .collect();
+                let data =
+                    (0..n).map(|i| ((i as u32 * 31 + seed * 7 + layer as u32) % 17) as f32 / 17.0 - 0.5).collect();
                 out.push((key, data, dims.to_vec()));
             }
         }

@@ -7,7 +7,9 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 
 use crate::error::{AdapterError, Result};
-use crate::peft::{write_adapter_dir, AdapterConfig, BaseModelShape, LoraModule, LoraPart, LoraTensorKey, TargetModules};
+use crate::peft::{
+    write_adapter_dir, AdapterConfig, BaseModelShape, LoraModule, LoraPart, LoraTensorKey, TargetModules,
+};
 
 /// The shape of the model [`write_tiny_llama`] writes.
 pub fn tiny_llama_shape() -> BaseModelShape {
@@ -70,8 +72,14 @@ pub fn write_tiny_llama_with_head(dir: &Path, seed: u64, head_scale: f32) -> Res
         }
     }
     for l in 0..shape.num_layers {
-        tensors.insert(format!("model.layers.{l}.input_layernorm.weight"), Tensor::ones(h, candle_core::DType::F32, &dev)?);
-        tensors.insert(format!("model.layers.{l}.post_attention_layernorm.weight"), Tensor::ones(h, candle_core::DType::F32, &dev)?);
+        tensors.insert(
+            format!("model.layers.{l}.input_layernorm.weight"),
+            Tensor::ones(h, candle_core::DType::F32, &dev)?,
+        );
+        tensors.insert(
+            format!("model.layers.{l}.post_attention_layernorm.weight"),
+            Tensor::ones(h, candle_core::DType::F32, &dev)?,
+        );
     }
     tensors.insert("model.norm.weight".into(), Tensor::ones(h, candle_core::DType::F32, &dev)?);
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
@@ -114,16 +122,25 @@ pub fn write_tiny_llama_with_head(dir: &Path, seed: u64, head_scale: f32) -> Res
         "eos_token": "<|im_end|>",
         "chat_template": "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}",
     });
-    for (name, value) in [("config.json", config), ("tokenizer.json", tokenizer), ("tokenizer_config.json", tokenizer_config)] {
+    for (name, value) in
+        [("config.json", config), ("tokenizer.json", tokenizer), ("tokenizer_config.json", tokenizer_config)]
+    {
         let path = dir.join(name);
-        std::fs::write(&path, serde_json::to_vec_pretty(&value).unwrap_or_default()).map_err(|e| AdapterError::io(&path, e))?;
+        std::fs::write(&path, serde_json::to_vec_pretty(&value).unwrap_or_default())
+            .map_err(|e| AdapterError::io(&path, e))?;
     }
     Ok(shape)
 }
 
 /// Writes a PEFT adapter for `shape` on every module and layer with random non-zero A and B
 /// (or B all zeros when `zero_b`, which makes it a no-op).
-pub fn write_random_adapter(dir: &Path, shape: &BaseModelShape, r: usize, seed: u64, zero_b: bool) -> Result<AdapterConfig> {
+pub fn write_random_adapter(
+    dir: &Path,
+    shape: &BaseModelShape,
+    r: usize,
+    seed: u64,
+    zero_b: bool,
+) -> Result<AdapterConfig> {
     write_adapter_with(dir, shape, r, seed, |_, part, _| if zero_b && part == LoraPart::B { 0.0 } else { 0.8 })
 }
 

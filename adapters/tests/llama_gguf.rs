@@ -6,9 +6,9 @@ use adapters::llama::{argmax, Llama, Row, SeqCache};
 use candle_core::Tensor;
 
 fn model_path() -> PathBuf {
-    let path = std::env::var_os("SWITCHYARD_TEST_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
+    let path = std::env::var_os("SWITCHYARD_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf"));
     assert!(path.is_file(), "{} is missing: run scripts/fetch-models.sh first", path.display());
     path
 }
@@ -53,8 +53,10 @@ fn cached_and_uncached_forward_agree() {
     let full = model.forward_full(&input, None).unwrap();
     let last_full = full.squeeze(0).unwrap().get(ids.len() - 1).unwrap();
     let mut cache = SeqCache::new(model.config.num_layers);
-    let cached = model.forward_cached(&input, &[Row { adapter: None }], &mut [&mut cache], true).unwrap().squeeze(0).unwrap();
-    let diff = (last_full.clone() - cached.clone()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let cached =
+        model.forward_cached(&input, &[Row { adapter: None }], &mut [&mut cache], true).unwrap().squeeze(0).unwrap();
+    let diff =
+        (last_full.clone() - cached.clone()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(argmax(&last_full).unwrap(), argmax(&cached).unwrap());
     assert!(diff < 1e-3, "max logit difference {diff}");
     // Token by token through the cache gives the same last logits.
@@ -62,7 +64,13 @@ fn cached_and_uncached_forward_agree() {
     let mut last = None;
     for &id in &ids {
         let input = Tensor::new(&[id], model.device()).unwrap().unsqueeze(0).unwrap();
-        last = Some(model.forward_cached(&input, &[Row { adapter: None }], &mut [&mut cache], true).unwrap().squeeze(0).unwrap());
+        last = Some(
+            model
+                .forward_cached(&input, &[Row { adapter: None }], &mut [&mut cache], true)
+                .unwrap()
+                .squeeze(0)
+                .unwrap(),
+        );
     }
     let last = last.unwrap();
     assert_eq!(argmax(&last_full).unwrap(), argmax(&last).unwrap());
@@ -83,7 +91,6 @@ fn forward_is_deterministic() {
         assert!(diff == 0.0, "runs differ by {diff}");
     }
 }
-
 
 /// Greedy tokens of the dense candle path, prompt in one pass then token by token.
 fn greedy_candle(model: &Llama, ids: &[u32], steps: usize) -> (Vec<u32>, Vec<f32>) {
@@ -108,7 +115,11 @@ fn packed_runtime_decodes_like_the_dense_reference() {
     use adapters::llama::{KvCache, Runtime, SeqInput, Workspace};
     let (model, _, tokenizer) = Llama::from_gguf(&model_path()).expect("load");
     let runtime = Runtime::from_llama(&model, 0).unwrap();
-    assert!(runtime.weight_bytes() < 130_000_000, "weights stay packed (dense f32 would be 540 MB): {} bytes", runtime.weight_bytes());
+    assert!(
+        runtime.weight_bytes() < 130_000_000,
+        "weights stay packed (dense f32 would be 540 MB): {} bytes",
+        runtime.weight_bytes()
+    );
     let dense = model.to_dense().unwrap();
     let prompt = "<|im_start|>user\nWrite a short story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n";
     let ids = tokenizer.encode(prompt, false).unwrap().get_ids().to_vec();
@@ -124,10 +135,16 @@ fn packed_runtime_decodes_like_the_dense_reference() {
     assert!(diff < 0.02, "prompt logits differ by {diff}");
     let mut got = Vec::new();
     for _ in 0..steps {
-        let next = logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |m, (i, &v)| if v > m.1 { (i, v) } else { m }).0 as u32;
+        let next =
+            logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |m, (i, &v)| if v > m.1 { (i, v) } else { m }).0
+                as u32;
         got.push(next);
         runtime
-            .forward(&mut ws, &mut [SeqInput { tokens: &[next], cache: &mut cache, adapter: None, logits: true }], &mut logits)
+            .forward(
+                &mut ws,
+                &mut [SeqInput { tokens: &[next], cache: &mut cache, adapter: None, logits: true }],
+                &mut logits,
+            )
             .unwrap();
     }
     assert_eq!(tokenizer.decode(&got, false).unwrap(), tokenizer.decode(&want, false).unwrap());

@@ -75,5 +75,8 @@ fn one_batch_serves_different_adapters_per_row() {
         let d = max_diff(&batched.get(i).unwrap(), &a.squeeze(0).unwrap());
         assert!(d < 1e-4, "row {i} differs by {d}");
     }
-    assert!(max_diff(&batched.get(0).unwrap(), &batched.get(2).unwrap()) > 1e-3, "different adapters, different logits");
+    assert!(
+        max_diff(&batched.get(0).unwrap(), &batched.get(2).unwrap()) > 1e-3,
+        "different adapters, different logits"
+    );
 }

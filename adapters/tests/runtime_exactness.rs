@@ -112,7 +112,11 @@ fn one_step_serves_prompts_and_decodes_with_different_adapters() {
     let a: Vec<u32> = prompt_a.iter().copied().chain([44]).collect();
     let b: Vec<u32> = prompt_b.iter().copied().chain([14]).collect();
     assert_close(&logits[..vocab], reference(&s.model, &a, Some(&s.one)).last().unwrap(), "decode row, adapter one");
-    assert_close(&logits[vocab..2 * vocab], reference(&s.model, &prompt_c, Some(&s.two)).last().unwrap(), "prompt row, adapter two");
+    assert_close(
+        &logits[vocab..2 * vocab],
+        reference(&s.model, &prompt_c, Some(&s.two)).last().unwrap(),
+        "prompt row, adapter two",
+    );
     assert_close(&logits[2 * vocab..], reference(&s.model, &b, None).last().unwrap(), "decode row, base");
 }
 
@@ -124,12 +128,20 @@ fn bad_steps_are_errors_not_panics() {
     let mut small = KvCache::new(&s.runtime.config, 2);
     let err = s
         .runtime
-        .forward(&mut ws, &mut [SeqInput { tokens: &[1, 2, 3], cache: &mut small, adapter: None, logits: true }], &mut logits)
+        .forward(
+            &mut ws,
+            &mut [SeqInput { tokens: &[1, 2, 3], cache: &mut small, adapter: None, logits: true }],
+            &mut logits,
+        )
         .unwrap_err();
     assert!(err.to_string().contains("cache holds 2"), "{err}");
     let err = s
         .runtime
-        .forward(&mut ws, &mut [SeqInput { tokens: &[999_999], cache: &mut small, adapter: None, logits: true }], &mut logits)
+        .forward(
+            &mut ws,
+            &mut [SeqInput { tokens: &[999_999], cache: &mut small, adapter: None, logits: true }],
+            &mut logits,
+        )
         .unwrap_err();
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
     assert_eq!(small.len(), 0, "a refused step leaves the cache as it was");
@@ -141,7 +153,8 @@ fn neighbours_on_one_adapter_share_its_terms_and_stay_exact() {
     // and at ~200 rows the x·Aᵀ products run across the pool), then one on two and one base.
     let s = setup();
     let vocab = s.runtime.config.vocab_size;
-    let prompts: Vec<Vec<u32>> = (0..6u32).map(|k| (0..48u32).map(|i| 3 + (i * 7 + k * 11) % (vocab as u32 - 3)).collect()).collect();
+    let prompts: Vec<Vec<u32>> =
+        (0..6u32).map(|k| (0..48u32).map(|i| 3 + (i * 7 + k * 11) % (vocab as u32 - 3)).collect()).collect();
     let adapters = [Some(&s.one), Some(&s.one), Some(&s.one), Some(&s.one), Some(&s.two), None];
     let mut caches: Vec<KvCache> = (0..6).map(|_| KvCache::new(&s.runtime.config, 64)).collect();
     let mut ws = Workspace::default();
@@ -205,9 +218,11 @@ fn bf16_served_weights_are_exact_for_bf16_values_and_close_otherwise() {
         let mut cache = KvCache::new(&s.runtime.config, ids.len());
         let (mut ws, mut logits) = (Workspace::default(), Vec::new());
         // The prompt but its last token, then that token alone: prefill and decode paths.
-        let mut step = [SeqInput { tokens: &ids[..ids.len() - 1], cache: &mut cache, adapter: Some(adapter), logits: false }];
+        let mut step =
+            [SeqInput { tokens: &ids[..ids.len() - 1], cache: &mut cache, adapter: Some(adapter), logits: false }];
         s.runtime.forward(&mut ws, &mut step, &mut logits).unwrap();
-        let mut step = [SeqInput { tokens: &ids[ids.len() - 1..], cache: &mut cache, adapter: Some(adapter), logits: true }];
+        let mut step =
+            [SeqInput { tokens: &ids[ids.len() - 1..], cache: &mut cache, adapter: Some(adapter), logits: true }];
         s.runtime.forward(&mut ws, &mut step, &mut logits).unwrap();
         logits
     };
@@ -219,7 +234,11 @@ fn bf16_served_weights_are_exact_for_bf16_values_and_close_otherwise() {
     let got = run(&rounded_on_load);
     let full = reference(&s.model, &ids, Some(&s.one));
     let moved = want.last().unwrap().iter().zip(full.last().unwrap()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    assert_close(&got, want.last().unwrap(), &format!("f32 weights rounded on load (rounding moved the reference by {moved})"));
+    assert_close(
+        &got,
+        want.last().unwrap(),
+        &format!("f32 weights rounded on load (rounding moved the reference by {moved})"),
+    );
 }
 
 /// Feeds `tokens` to `cache` in one step and returns the last position's logits.

@@ -89,7 +89,10 @@ pub struct TrainArgs {
 impl TrainArgs {
     /// The settings for a base model of `base_params` parameters, validated.
     pub fn resolve(&self, base_params: usize) -> Result<TrainConfig, String> {
-        let d = TrainConfig { learning_rate: crate::train::config::default_learning_rate(base_params), ..TrainConfig::default() };
+        let d = TrainConfig {
+            learning_rate: crate::train::config::default_learning_rate(base_params),
+            ..TrainConfig::default()
+        };
         let cfg = TrainConfig {
             stage: self.stage.unwrap_or(d.stage),
             lora_rank: self.lora_rank.unwrap_or(d.lora_rank),
@@ -135,11 +138,17 @@ mod tests {
         assert_eq!((small.lora_rank, small.lora_alpha, small.batch_size, small.epochs), (8, 16.0, 4, 3.0));
         assert_eq!(small.learning_rate, 1e-3);
         assert_eq!(TrainArgs::default().resolve(7_000_000_000).unwrap().learning_rate, 2e-4);
-        let args: TrainArgs = serde_json::from_value(serde_json::json!({"lora_rank": 4, "lora_target": "q_proj,v_proj", "learning_rate": 5e-4})).unwrap();
+        let args: TrainArgs = serde_json::from_value(
+            serde_json::json!({"lora_rank": 4, "lora_target": "q_proj,v_proj", "learning_rate": 5e-4}),
+        )
+        .unwrap();
         let cfg = args.resolve(135_000_000).unwrap();
         assert_eq!((cfg.lora_rank, cfg.lora_target.len(), cfg.learning_rate), (4, 2, 5e-4));
         assert!(serde_json::from_value::<TrainArgs>(serde_json::json!({"lora_rnak": 4})).is_err(), "typos are refused");
-        assert!(TrainArgs { batch_size: Some(0), ..TrainArgs::default() }.resolve(1).unwrap_err().contains("--batch-size"));
+        assert!(TrainArgs { batch_size: Some(0), ..TrainArgs::default() }
+            .resolve(1)
+            .unwrap_err()
+            .contains("--batch-size"));
     }
 
     #[derive(clap::Parser)]
@@ -151,11 +160,23 @@ mod tests {
     #[test]
     fn flags_parse_with_llama_factory_names() {
         use clap::Parser;
-        let cli = Cli::try_parse_from(["finetune", "--use-rslora", "--lora-target", "q_proj,v_proj", "--grad-accum", "2", "--cutoff-len", "512"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "finetune",
+            "--use-rslora",
+            "--lora-target",
+            "q_proj,v_proj",
+            "--grad-accum",
+            "2",
+            "--cutoff-len",
+            "512",
+        ])
+        .unwrap();
         let cfg = cli.args.resolve(1).unwrap();
         assert!(cfg.use_rslora);
         assert_eq!((cfg.lora_target.len(), cfg.grad_accum, cfg.cutoff_len), (2, 2, 512));
-        assert!(!Cli::try_parse_from(["finetune", "--use-rslora", "false"]).unwrap().args.resolve(1).unwrap().use_rslora);
+        assert!(
+            !Cli::try_parse_from(["finetune", "--use-rslora", "false"]).unwrap().args.resolve(1).unwrap().use_rslora
+        );
         assert!(Cli::try_parse_from(["finetune", "--lora-rank", "eight"]).is_err());
     }
 }

@@ -40,7 +40,10 @@ pub fn is_classification(answers: &[&str], answer_tokens: &[usize]) -> bool {
     let mut distinct: Vec<String> = answers.iter().map(|a| normalise(a)).collect();
     distinct.sort();
     distinct.dedup();
-    answers.len() >= 4 && distinct.len() <= 20 && distinct.len() * 2 <= answers.len() && answer_tokens.iter().all(|&t| t <= 12)
+    answers.len() >= 4
+        && distinct.len() <= 20
+        && distinct.len() * 2 <= answers.len()
+        && answer_tokens.iter().all(|&t| t <= 12)
 }
 
 fn normalise(s: &str) -> String {
@@ -77,7 +80,9 @@ pub fn accuracy(
                 let mut inputs: Vec<SeqInput<'_>> = Vec::with_capacity(live.len());
                 let mut cache_refs: Vec<Option<&mut KvCache>> = caches.iter_mut().map(Some).collect();
                 for &i in &live {
-                    let cache = cache_refs[i].take().ok_or_else(|| FinetuneError::Training { detail: "cache reused".into() })?;
+                    let cache = cache_refs[i]
+                        .take()
+                        .ok_or_else(|| FinetuneError::Training { detail: "cache reused".into() })?;
                     let tokens = if round == 0 { &chunk[i].prompt[..] } else { std::slice::from_ref(&next[i]) };
                     inputs.push(SeqInput { tokens, cache, adapter, logits: true });
                 }
@@ -85,7 +90,11 @@ pub fn accuracy(
             }
             for (k, &i) in live.iter().enumerate() {
                 let row = &logits[k * vocab..(k + 1) * vocab];
-                let best = row.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |b, (j, &v)| if v > b.1 { (j, v) } else { b }).0 as u32;
+                let best = row
+                    .iter()
+                    .enumerate()
+                    .fold((0usize, f32::NEG_INFINITY), |b, (j, &v)| if v > b.1 { (j, v) } else { b })
+                    .0 as u32;
                 if eos.contains(&best) || round == max_new {
                     done[i] = true;
                 } else {
@@ -95,7 +104,8 @@ pub fn accuracy(
             }
         }
         for (probe, ids) in chunk.iter().zip(&answers) {
-            let text = tokenizer.decode(ids, true).map_err(|e| FinetuneError::Training { detail: format!("decode: {e}") })?;
+            let text =
+                tokenizer.decode(ids, true).map_err(|e| FinetuneError::Training { detail: format!("decode: {e}") })?;
             if normalise(&text) == normalise(&probe.expected) {
                 correct += 1;
             }

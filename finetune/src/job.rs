@@ -13,7 +13,9 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::args::TrainArgs;
-use crate::dataset::{self, CurationConfig, CurationReport, DatasetFormat, Example, FeedbackItem, FeedbackOptions, Target};
+use crate::dataset::{
+    self, CurationConfig, CurationReport, DatasetFormat, Example, FeedbackItem, FeedbackOptions, Target,
+};
 use crate::error::FinetuneError;
 use crate::eval::{self, EvalRow, Probe};
 use crate::train::batch::{Batch, Encoder, Seq};
@@ -28,7 +30,10 @@ pub const MIN_EXAMPLES: usize = 4;
 pub enum Source {
     File(PathBuf),
     /// Feedback items (from the gateway's files or the Redis stream) and which to use.
-    Feedback { items: Vec<FeedbackItem>, options: FeedbackOptions },
+    Feedback {
+        items: Vec<FeedbackItem>,
+        options: FeedbackOptions,
+    },
 }
 
 /// Curation knobs that are not training hyper-parameters.
@@ -76,7 +81,11 @@ impl JobResult {
     /// The candidate's evaluation row and the row it is compared with (`prod`, else `base`).
     pub fn candidate_and_incumbent(&self) -> (Option<&EvalRow>, Option<&EvalRow>) {
         let candidate = self.eval.iter().find(|r| r.name == "candidate");
-        let incumbent = self.eval.iter().find(|r| r.name.starts_with("prod")).or_else(|| self.eval.iter().find(|r| r.name == "base"));
+        let incumbent = self
+            .eval
+            .iter()
+            .find(|r| r.name.starts_with("prod"))
+            .or_else(|| self.eval.iter().find(|r| r.name == "base"));
         (candidate, incumbent)
     }
 }
@@ -109,7 +118,9 @@ pub fn base_model_hash(base: &Path) -> Result<String, FinetuneError> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(base)
         .map_err(|e| FinetuneError::io(base, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors") || p.file_name().is_some_and(|n| n == "config.json"))
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "safetensors") || p.file_name().is_some_and(|n| n == "config.json")
+        })
         .collect();
     files.sort();
     let mut hasher = Sha256::new();
@@ -143,10 +154,13 @@ pub fn write_report(out: &Path, report: &CurationReport) -> Result<(), FinetuneE
 fn parameter_count(model: &Llama) -> usize {
     let c = &model.config;
     let shape = c.shape("base");
-    let per_layer: usize = adapters::LoraModule::ALL.iter().map(|&m| {
-        let (i, o) = shape.dims(m);
-        i * o
-    }).sum();
+    let per_layer: usize = adapters::LoraModule::ALL
+        .iter()
+        .map(|&m| {
+            let (i, o) = shape.dims(m);
+            i * o
+        })
+        .sum();
     per_layer * c.num_layers + 2 * c.vocab_size * c.hidden_size
 }
 
@@ -158,7 +172,9 @@ pub fn run(input: JobInput, cancel: &(dyn Fn() -> bool + Sync)) -> Result<JobRes
     let ChatModel { model, tokenizer, template, eos_ids } =
         ChatModel::load(&input.base).map_err(|e| FinetuneError::Model { detail: e.to_string() })?;
     let cfg = input.args.resolve(parameter_count(&model)).map_err(|detail| FinetuneError::Config { detail })?;
-    let eos = *eos_ids.first().ok_or_else(|| FinetuneError::Model { detail: "the model names no end-of-turn token".into() })?;
+    let eos = *eos_ids
+        .first()
+        .ok_or_else(|| FinetuneError::Model { detail: "the model names no end-of-turn token".into() })?;
     let encoder = Encoder { tokenizer: &tokenizer, template: &template, eos };
 
     // Data: load, curate, report.
@@ -188,7 +204,12 @@ pub fn run(input: JobInput, cancel: &(dyn Fn() -> bool + Sync)) -> Result<JobRes
             Target::Sft { answer } | Target::Kto { answer, .. } => vec![answer],
             Target::Preference { chosen, rejected } => vec![chosen, rejected],
         };
-        prompt + answers.iter().map(|a| encoder.answer_ids(a).map(|v| v.len()).unwrap_or(usize::MAX / 2)).max().unwrap_or(0)
+        prompt
+            + answers
+                .iter()
+                .map(|a| encoder.answer_ids(a).map(|v| v.len()).unwrap_or(usize::MAX / 2))
+                .max()
+                .unwrap_or(0)
     };
     let curated = match dataset::curate(format, examples, early, &count, &curation) {
         Ok(mut c) => {
@@ -212,14 +233,31 @@ pub fn run(input: JobInput, cancel: &(dyn Fn() -> bool + Sync)) -> Result<JobRes
     let to_items = |examples: &[Example]| -> Result<Vec<(Item, Option<Probe>)>, FinetuneError> {
         let mut items = Vec::new();
         for ex in examples {
-            let prompt = encoder.prompt_ids(&ex.prompt).map_err(|detail| FinetuneError::Training { detail: format!("{}: {detail}", ex.id) })?;
-            let seq = |answer: &str| encoder.seq(&prompt, answer).map_err(|detail| FinetuneError::Training { detail: format!("{}: {detail}", ex.id) });
+            let prompt = encoder
+                .prompt_ids(&ex.prompt)
+                .map_err(|detail| FinetuneError::Training { detail: format!("{}: {detail}", ex.id) })?;
+            let seq = |answer: &str| {
+                encoder
+                    .seq(&prompt, answer)
+                    .map_err(|detail| FinetuneError::Training { detail: format!("{}: {detail}", ex.id) })
+            };
             match (&ex.target, cfg.stage) {
                 (Target::Sft { answer }, Stage::Sft) | (Target::Kto { answer, desirable: true }, Stage::Sft) => {
-                    items.push((Item::Sft(seq(answer)?), Some(Probe { prompt: prompt.clone(), expected: answer.clone() })));
+                    items.push((
+                        Item::Sft(seq(answer)?),
+                        Some(Probe { prompt: prompt.clone(), expected: answer.clone() }),
+                    ));
                 }
                 (Target::Preference { chosen, rejected }, Stage::Dpo) => {
-                    items.push((Item::Pair { chosen: seq(chosen)?, rejected: seq(rejected)?, ref_chosen: 0.0, ref_rejected: 0.0 }, None));
+                    items.push((
+                        Item::Pair {
+                            chosen: seq(chosen)?,
+                            rejected: seq(rejected)?,
+                            ref_chosen: 0.0,
+                            ref_rejected: 0.0,
+                        },
+                        None,
+                    ));
                 }
                 _ => {}
             }
@@ -233,7 +271,9 @@ pub fn run(input: JobInput, cancel: &(dyn Fn() -> bool + Sync)) -> Result<JobRes
             Stage::Sft => "answers (SFT examples, thumbs up, accepted corrections or desirable KTO records)",
             Stage::Dpo => "preference pairs (chosen/rejected, or corrections of an answer)",
         };
-        return Err(FinetuneError::Config { detail: format!("the curated training split has no {wanted}; see {}", out.join("report.md").display()) });
+        return Err(FinetuneError::Config {
+            detail: format!("the curated training split has no {wanted}; see {}", out.join("report.md").display()),
+        });
     }
 
     // Model and weights to train.
@@ -242,7 +282,15 @@ pub fn run(input: JobInput, cancel: &(dyn Fn() -> bool + Sync)) -> Result<JobRes
     let shape = train_model.config.shape("base");
     let params = match &input.init_adapter {
         Some(dir) => LoraParams::from_peft(dir, &shape, cfg.lora_dropout, cfg.seed)?,
-        None => LoraParams::init(&shape, &cfg.lora_target, cfg.lora_rank, cfg.lora_alpha, cfg.use_rslora, cfg.lora_dropout, cfg.seed)?,
+        None => LoraParams::init(
+            &shape,
+            &cfg.lora_target,
+            cfg.lora_rank,
+            cfg.lora_alpha,
+            cfg.use_rslora,
+            cfg.lora_dropout,
+            cfg.seed,
+        )?,
     };
     let (train_items, val_items) = if cfg.stage == Stage::Dpo {
         let reference = params.adapter(false);
@@ -262,15 +310,24 @@ pub fn run(input: JobInput, cancel: &(dyn Fn() -> bool + Sync)) -> Result<JobRes
 
     // Evaluation on the held-out split.
     let compare = match &input.compare {
-        Some((label, dir)) => Some((label.clone(), AdapterWeights::load_peft_dir(dir, &shape, &candle_core::Device::Cpu).map_err(|e| FinetuneError::Adapter { detail: e.to_string() })?)),
+        Some((label, dir)) => Some((
+            label.clone(),
+            AdapterWeights::load_peft_dir(dir, &shape, &candle_core::Device::Cpu)
+                .map_err(|e| FinetuneError::Adapter { detail: e.to_string() })?,
+        )),
         None => None,
     };
     let candidate = params.served()?;
     let probes: Vec<Probe> = val_probes.into_iter().flatten().collect();
     let answers: Vec<&str> = probes.iter().map(|p| p.expected.as_str()).collect();
-    let answer_tokens: Vec<usize> = probes.iter().map(|p| encoder.answer_ids(&p.expected).map_or(usize::MAX, |v| v.len() - 1)).collect();
+    let answer_tokens: Vec<usize> =
+        probes.iter().map(|p| encoder.answer_ids(&p.expected).map_or(usize::MAX, |v| v.len() - 1)).collect();
     let classify = cfg.stage == Stage::Sft && eval::is_classification(&answers, &answer_tokens);
-    let runtime = if classify { Some(Runtime::from_llama(&train_model, 0).map_err(|e| FinetuneError::Model { detail: e.to_string() })?) } else { None };
+    let runtime = if classify {
+        Some(Runtime::from_llama(&train_model, 0).map_err(|e| FinetuneError::Model { detail: e.to_string() })?)
+    } else {
+        None
+    };
     let max_new = answer_tokens.iter().copied().max().unwrap_or(1) + 2;
     let mut rows = Vec::new();
     let mut candidates: Vec<(String, Option<&AdapterWeights>)> = vec![("base".into(), None)];
@@ -279,7 +336,8 @@ pub fn run(input: JobInput, cancel: &(dyn Fn() -> bool + Sync)) -> Result<JobRes
     }
     candidates.push(("candidate".into(), Some(&candidate)));
     for (name, adapter) in candidates {
-        let (val_loss, reward_accuracy) = if val_items.is_empty() { (f64::NAN, None) } else { trainer.evaluate_adapter(adapter, &val_items)? };
+        let (val_loss, reward_accuracy) =
+            if val_items.is_empty() { (f64::NAN, None) } else { trainer.evaluate_adapter(adapter, &val_items)? };
         let (accuracy, correct, total) = match &runtime {
             Some(rt) => {
                 let (c, t) = eval::accuracy(rt, adapter, &tokenizer, &eos_ids, &probes, max_new)?;
@@ -303,7 +361,8 @@ pub fn run(input: JobInput, cancel: &(dyn Fn() -> bool + Sync)) -> Result<JobRes
     config.base_model_name_or_path = Some(input.base.display().to_string());
     let values = params.snapshot()?;
     let _ = std::fs::remove_dir_all(&adapter_dir);
-    adapters::write_adapter_dir(&adapter_dir, &config, &params.peft_tensors(&values)?).map_err(|e| FinetuneError::Adapter { detail: e.to_string() })?;
+    adapters::write_adapter_dir(&adapter_dir, &config, &params.peft_tensors(&values)?)
+        .map_err(|e| FinetuneError::Adapter { detail: e.to_string() })?;
     let metrics = serde_json::json!({
         "eval": rows,
         "held_out_examples": curated.val.len(),
@@ -346,9 +405,18 @@ fn with_reference(model: &Llama, reference: &AdapterWeights, items: Vec<Item>) -
     for chunk in pairs.chunks(8) {
         let seqs: Vec<&Seq> = chunk.iter().flat_map(|(c, r)| [c, r]).collect();
         let batch = Batch::new(&seqs)?;
-        let lp = batch.sequence_logprobs(&batch.token_logprobs(model, Some(reference)).map_err(err)?).map_err(err)?.to_vec1::<f32>().map_err(err)?;
+        let lp = batch
+            .sequence_logprobs(&batch.token_logprobs(model, Some(reference)).map_err(err)?)
+            .map_err(err)?
+            .to_vec1::<f32>()
+            .map_err(err)?;
         for (k, (chosen, rejected)) in chunk.iter().enumerate() {
-            out.push(Item::Pair { chosen: chosen.clone(), rejected: rejected.clone(), ref_chosen: lp[2 * k], ref_rejected: lp[2 * k + 1] });
+            out.push(Item::Pair {
+                chosen: chosen.clone(),
+                rejected: rejected.clone(),
+                ref_chosen: lp[2 * k],
+                ref_rejected: lp[2 * k + 1],
+            });
         }
     }
     Ok(out)

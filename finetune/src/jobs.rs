@@ -134,9 +134,24 @@ impl JobStore {
     }
 
     /// Queues a job; returns its status.
-    pub fn create(&self, adapter: &str, dataset: DatasetRef, params: TrainArgs, promote_margin: Option<f64>, requested_by: &str) -> Result<JobStatus, FinetuneError> {
+    pub fn create(
+        &self,
+        adapter: &str,
+        dataset: DatasetRef,
+        params: TrainArgs,
+        promote_margin: Option<f64>,
+        requested_by: &str,
+    ) -> Result<JobStatus, FinetuneError> {
         let id = format!("ftjob-{}", uuid::Uuid::new_v4().simple());
-        let spec = JobSpec { id: id.clone(), created: now(), adapter: adapter.to_owned(), dataset, params, promote_margin, requested_by: requested_by.to_owned() };
+        let spec = JobSpec {
+            id: id.clone(),
+            created: now(),
+            adapter: adapter.to_owned(),
+            dataset,
+            params,
+            promote_margin,
+            requested_by: requested_by.to_owned(),
+        };
         let tmp = self.root.join(format!(".tmp-{id}"));
         std::fs::create_dir_all(&tmp).map_err(|e| FinetuneError::io(&tmp, e))?;
         write_atomic(&tmp.join("spec.json"), &spec)?;
@@ -239,7 +254,8 @@ impl JobStore {
 
 /// Job ids are `ftjob-` and hex: nothing that could walk out of the jobs directory.
 pub fn valid_id(id: &str) -> bool {
-    id.strip_prefix("ftjob-").is_some_and(|rest| !rest.is_empty() && rest.len() <= 64 && rest.chars().all(|c| c.is_ascii_hexdigit()))
+    id.strip_prefix("ftjob-")
+        .is_some_and(|rest| !rest.is_empty() && rest.len() <= 64 && rest.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 #[cfg(test)]
@@ -251,7 +267,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = JobStore::under(dir.path());
         let a = store.create("bot", DatasetRef::Feedback, TrainArgs::default(), None, "admin").unwrap();
-        let b = store.create("bot", DatasetRef::File { path: "x.jsonl".into() }, TrainArgs::default(), Some(0.05), "admin").unwrap();
+        let b = store
+            .create("bot", DatasetRef::File { path: "x.jsonl".into() }, TrainArgs::default(), Some(0.05), "admin")
+            .unwrap();
         assert_eq!(store.list().len(), 2);
         assert_eq!(store.status(&a.id).unwrap().state, JobState::Queued);
         assert!(store.status("../../etc").is_none() && store.status("ftjob-zz").is_none());

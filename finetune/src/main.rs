@@ -10,7 +10,11 @@ use finetune::error::FinetuneError;
 use finetune::job::{self, CurateArgs, JobInput, Source};
 
 #[derive(Parser)]
-#[command(name = "finetune", version, about = "Switchyard's LoRA training: datasets and feedback into adapter versions")]
+#[command(
+    name = "finetune",
+    version,
+    about = "Switchyard's LoRA training: datasets and feedback into adapter versions"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -158,7 +162,11 @@ fn train(cmd: TrainCmd) -> Result<(), FinetuneError> {
     let job_id = format!("ftjob-{}", uuid::Uuid::new_v4().simple());
     let gateway = match (cmd.register, &cmd.admin_token) {
         (true, Some(token)) => Some(finetune::register::Gateway::new(&cmd.gateway, token)?),
-        (true, None) => return Err(FinetuneError::Config { detail: "--register needs --admin-token (or SWITCHYARD_ADMIN_TOKEN)".into() }),
+        (true, None) => {
+            return Err(FinetuneError::Config {
+                detail: "--register needs --admin-token (or SWITCHYARD_ADMIN_TOKEN)".into(),
+            })
+        }
         (false, _) => None,
     };
     let name = cmd.adapter_name.clone().unwrap_or_default();

@@ -52,7 +52,12 @@ impl Gateway {
 
     /// The version an alias points at, if the adapter and alias exist.
     pub fn alias(&self, name: &str, alias: &str) -> Result<Option<u64>, FinetuneError> {
-        let resp = self.client.get(format!("{}/admin/adapters/{name}", self.base)).bearer_auth(&self.token).send().map_err(|e| reg_err(e.to_string()))?;
+        let resp = self
+            .client
+            .get(format!("{}/admin/adapters/{name}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .map_err(|e| reg_err(e.to_string()))?;
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
         }
@@ -66,7 +71,8 @@ impl Gateway {
             let p = result.adapter_dir.join(f);
             std::fs::read(&p).map_err(|e| FinetuneError::io(&p, e))
         };
-        let part = |bytes: Vec<u8>, file: &str| reqwest::blocking::multipart::Part::bytes(bytes).file_name(file.to_owned());
+        let part =
+            |bytes: Vec<u8>, file: &str| reqwest::blocking::multipart::Part::bytes(bytes).file_name(file.to_owned());
         let form = reqwest::blocking::multipart::Form::new()
             .part("adapter_config.json", part(read(adapters::peft::CONFIG_FILE)?, "adapter_config.json"))
             .part("adapter_model.safetensors", part(read(adapters::peft::WEIGHTS_FILE)?, "adapter_model.safetensors"))
@@ -100,7 +106,14 @@ impl Gateway {
     /// when the job started (or the base model, when there was none) by the margin — in
     /// accuracy for classification-style data, otherwise in validation loss. `prod` is moved
     /// by compare-and-set, so an admin's promotion meanwhile is never overwritten.
-    pub fn register(&self, name: &str, result: &JobResult, job_id: &str, promote_margin: Option<f64>, prod_at_start: Option<u64>) -> Result<Registered, FinetuneError> {
+    pub fn register(
+        &self,
+        name: &str,
+        result: &JobResult,
+        job_id: &str,
+        promote_margin: Option<f64>,
+        prod_at_start: Option<u64>,
+    ) -> Result<Registered, FinetuneError> {
         let version = self.upload(name, result, job_id)?;
         self.set_alias(name, "candidate", version, None)?;
         let (promote, decision) = decide(result, promote_margin);
@@ -126,7 +139,13 @@ pub fn decide(result: &JobResult, margin: Option<f64>) -> (bool, String) {
         }
         _ if candidate.val_loss.is_finite() && incumbent.val_loss.is_finite() => {
             let ok = candidate.val_loss <= incumbent.val_loss - margin;
-            (ok, format!("validation loss {:.4} vs {} {:.4} (margin {margin})", candidate.val_loss, incumbent.name, incumbent.val_loss))
+            (
+                ok,
+                format!(
+                    "validation loss {:.4} vs {} {:.4} (margin {margin})",
+                    candidate.val_loss, incumbent.name, incumbent.val_loss
+                ),
+            )
         }
         _ => (false, "no comparable metric".into()),
     }
@@ -134,7 +153,12 @@ pub fn decide(result: &JobResult, margin: Option<f64>) -> (bool, String) {
 
 /// The directory of the version `alias` points at, read from a registry root this process may
 /// only read (the gateway is its writer).
-pub fn alias_dir(registry_root: &Path, name: &str, alias: &str, shape: adapters::BaseModelShape) -> Option<(u64, PathBuf)> {
+pub fn alias_dir(
+    registry_root: &Path,
+    name: &str,
+    alias: &str,
+    shape: adapters::BaseModelShape,
+) -> Option<(u64, PathBuf)> {
     let registry = adapters::Registry::open(registry_root, shape, adapters::Limits::default()).ok()?;
     let manifest = registry.resolve(name, &adapters::Selector::Alias(alias.to_owned())).ok()?;
     Some((manifest.version, registry.version_dir(name, manifest.version)))

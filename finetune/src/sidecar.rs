@@ -68,7 +68,8 @@ impl Inbox {
                 }
             }
         }
-        let client = redis::Client::open(url).map_err(|e| FinetuneError::Config { detail: format!("--redis-url: {e}") })?;
+        let client =
+            redis::Client::open(url).map_err(|e| FinetuneError::Config { detail: format!("--redis-url: {e}") })?;
         // One stable name: what a crashed sidecar read but never acknowledged stays pending
         // under it, and the next start reads those entries first.
         let consumer = CONSUMER.to_owned();
@@ -81,7 +82,8 @@ impl Inbox {
     fn pull(&mut self) -> Result<usize, FinetuneError> {
         let rerr = |e: redis::RedisError| FinetuneError::Registry { detail: format!("redis: {e}") };
         let mut conn = self.client.get_connection_with_timeout(Duration::from_secs(2)).map_err(rerr)?;
-        let created: redis::RedisResult<()> = redis::cmd("XGROUP").arg("CREATE").arg(STREAM).arg(GROUP).arg("0").arg("MKSTREAM").query(&mut conn);
+        let created: redis::RedisResult<()> =
+            redis::cmd("XGROUP").arg("CREATE").arg(STREAM).arg(GROUP).arg("0").arg("MKSTREAM").query(&mut conn);
         if let Err(e) = created {
             if e.code() != Some("BUSYGROUP") {
                 return Err(rerr(e));
@@ -91,9 +93,14 @@ impl Inbox {
         for start in ["0", ">"] {
             loop {
                 let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
-                    .arg("GROUP").arg(GROUP).arg(&self.consumer)
-                    .arg("COUNT").arg(100)
-                    .arg("STREAMS").arg(STREAM).arg(start)
+                    .arg("GROUP")
+                    .arg(GROUP)
+                    .arg(&self.consumer)
+                    .arg("COUNT")
+                    .arg(100)
+                    .arg("STREAMS")
+                    .arg(STREAM)
+                    .arg(start)
                     .query(&mut conn)
                     .map_err(rerr)?;
                 let entries: Vec<redis::streams::StreamId> = reply.keys.into_iter().flat_map(|k| k.ids).collect();
@@ -105,7 +112,10 @@ impl Inbox {
                     let Some(json) = entry.get::<String>("record") else { continue };
                     let Ok(mut value) = serde_json::from_str::<serde_json::Value>(&json) else { continue };
                     if let Some(rid) = value.get("response_id").and_then(|v| v.as_str()).map(str::to_owned) {
-                        let answered: Option<String> = redis::cmd("GET").arg(format!("switchyard:response:{rid}")).query(&mut conn).map_err(rerr)?;
+                        let answered: Option<String> = redis::cmd("GET")
+                            .arg(format!("switchyard:response:{rid}"))
+                            .query(&mut conn)
+                            .map_err(rerr)?;
                         let by: Option<serde_json::Value> = answered.and_then(|s| serde_json::from_str(&s).ok());
                         if let Some(by) = by.filter(|b| b.get("answer").is_some()) {
                             value["completion"] = serde_json::json!({"prompt": by["prompt"], "answer": by["answer"]});
@@ -113,7 +123,11 @@ impl Inbox {
                     }
                     lines.push(value);
                 }
-                let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&self.path).map_err(|e| FinetuneError::io(&self.path, e))?;
+                let mut file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.path)
+                    .map_err(|e| FinetuneError::io(&self.path, e))?;
                 for value in &lines {
                     let mut line = serde_json::to_vec(value).unwrap_or_default();
                     line.push(b'\n');
@@ -155,7 +169,15 @@ fn save_trained(data_dir: &Path, ids: &HashSet<String>) -> Result<(), FinetuneEr
 
 /// A reader's stand-in shape: opening the registry to resolve an alias validates nothing.
 fn reader_shape() -> adapters::BaseModelShape {
-    adapters::BaseModelShape { name: "reader".into(), num_layers: 0, hidden_size: 0, intermediate_size: 0, num_heads: 0, num_kv_heads: 0, head_dim: 0 }
+    adapters::BaseModelShape {
+        name: "reader".into(),
+        num_layers: 0,
+        hidden_size: 0,
+        intermediate_size: 0,
+        num_heads: 0,
+        num_kv_heads: 0,
+        head_dim: 0,
+    }
 }
 
 /// Runs the sidecar until killed (or, with `once`, until nothing is left to do).
@@ -179,15 +201,25 @@ pub fn run(cfg: &SidecarConfig) -> Result<(), FinetuneError> {
             }
             None => {
                 let dir = cfg.data_dir.join("feedback");
-                if dir.exists() { dataset::read_feedback_dir(&dir)?.items() } else { Vec::new() }
+                if dir.exists() {
+                    dataset::read_feedback_dir(&dir)?.items()
+                } else {
+                    Vec::new()
+                }
             }
         };
         let trained = load_trained(&cfg.data_dir);
         let usable = dataset::examples_from_feedback(&items, &options);
-        let fresh: HashSet<&str> = usable.examples.iter().map(|e| e.id.split(':').next().unwrap_or(&e.id)).filter(|id| !trained.contains(*id)).collect();
+        let fresh: HashSet<&str> = usable
+            .examples
+            .iter()
+            .map(|e| e.id.split(':').next().unwrap_or(&e.id))
+            .filter(|id| !trained.contains(*id))
+            .collect();
         let busy = store.list().iter().any(|j| !j.state.is_finished() && j.adapter == cfg.adapter);
         if fresh.len() >= cfg.min_new_records.max(1) && !busy {
-            let job = store.create(&cfg.adapter, DatasetRef::Feedback, cfg.args.clone(), cfg.promote_margin, "sidecar")?;
+            let job =
+                store.create(&cfg.adapter, DatasetRef::Feedback, cfg.args.clone(), cfg.promote_margin, "sidecar")?;
             tracing::info!(job = %job.id, new_records = fresh.len(), "enough new accepted feedback: training job queued");
         }
         let mut ran = false;
@@ -205,13 +237,26 @@ pub fn run(cfg: &SidecarConfig) -> Result<(), FinetuneError> {
 }
 
 /// Runs one claimed job to its end and records the outcome in its status.
-fn run_job(cfg: &SidecarConfig, store: &JobStore, gateway: &Gateway, spec: JobSpec, mut status: JobStatus, items: &[FeedbackItem], options: &FeedbackOptions) {
+fn run_job(
+    cfg: &SidecarConfig,
+    store: &JobStore,
+    gateway: &Gateway,
+    spec: JobSpec,
+    mut status: JobStatus,
+    items: &[FeedbackItem],
+    options: &FeedbackOptions,
+) {
     tracing::info!(job = %spec.id, adapter = %spec.adapter, "training job started");
     let source = match &spec.dataset {
         DatasetRef::Feedback => Source::Feedback { items: items.to_vec(), options: options.clone() },
         DatasetRef::File { path } => Source::File(path.clone()),
     };
-    let prod = register::alias_dir(&cfg.data_dir.join("registry"), &spec.adapter, adapters::registry::DEFAULT_ALIAS, reader_shape());
+    let prod = register::alias_dir(
+        &cfg.data_dir.join("registry"),
+        &spec.adapter,
+        adapters::registry::DEFAULT_ALIAS,
+        reader_shape(),
+    );
     let input = JobInput {
         job_id: spec.id.clone(),
         base: cfg.base.clone(),
@@ -225,7 +270,8 @@ fn run_job(cfg: &SidecarConfig, store: &JobStore, gateway: &Gateway, spec: JobSp
     };
     let id = spec.id.clone();
     let outcome = job::run(input, &|| store.cancel_requested(&id)).and_then(|result| {
-        let registered = gateway.register(&spec.adapter, &result, &spec.id, spec.promote_margin, prod.as_ref().map(|(v, _)| *v))?;
+        let registered =
+            gateway.register(&spec.adapter, &result, &spec.id, spec.promote_margin, prod.as_ref().map(|(v, _)| *v))?;
         Ok((result, registered))
     });
     status.finished = Some(now());
@@ -236,7 +282,8 @@ fn run_job(cfg: &SidecarConfig, store: &JobStore, gateway: &Gateway, spec: JobSp
             status.promoted = registered.promoted;
             status.step = result.outcome.steps;
             status.total_steps = result.outcome.total_steps;
-            status.metrics = serde_json::json!({"eval": result.eval, "decision": registered.decision, "train": result.outcome});
+            status.metrics =
+                serde_json::json!({"eval": result.eval, "decision": registered.decision, "train": result.outcome});
             if spec.dataset == DatasetRef::Feedback {
                 let mut trained = load_trained(&cfg.data_dir);
                 let usable = dataset::examples_from_feedback(items, options);

@@ -31,12 +31,23 @@ fn lora_gradients_match_finite_differences() {
         let v = adapters::testing::values(out * r, 100 + i as u64, 0.3);
         e.b.set(&Tensor::from_vec(v, (out, r), &candle_core::Device::Cpu).unwrap()).unwrap();
     }
-    let seqs = [Seq { ids: vec![1, 10, 20, 30, 2, 40, 41, 42], answer_start: 5 }, Seq { ids: vec![1, 12, 13, 2, 50, 51], answer_start: 4 }];
+    let seqs = [
+        Seq { ids: vec![1, 10, 20, 30, 2, 40, 41, 42], answer_start: 5 },
+        Seq { ids: vec![1, 12, 13, 2, 50, 51], answer_start: 4 },
+    ];
     let batch = Batch::new(&[&seqs[0], &seqs[1]]).unwrap();
 
     let grads = loss(&frozen, &params, &batch).backward().unwrap();
     let dense_grads = loss(&dense, &params, &batch).backward().unwrap();
-    let grad_of = |var: &Var| grads.get(var.as_tensor()).expect("every LoRA weight gets a gradient").flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let grad_of = |var: &Var| {
+        grads
+            .get(var.as_tensor())
+            .expect("every LoRA weight gets a gradient")
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
     let vars: Vec<&Var> = params.entries.iter().flat_map(|e| [&e.a, &e.b]).collect();
 
     // The frozen-linear op's input gradient agrees with candle's own matmul backward.
@@ -59,7 +70,12 @@ fn lora_gradients_match_finite_differences() {
             continue;
         }
         let orig = var.as_tensor().copy().unwrap();
-        let dir = Tensor::from_vec(g.iter().map(|v| (*v as f64 / norm) as f32).collect::<Vec<_>>(), orig.shape(), &candle_core::Device::Cpu).unwrap();
+        let dir = Tensor::from_vec(
+            g.iter().map(|v| (*v as f64 / norm) as f32).collect::<Vec<_>>(),
+            orig.shape(),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
         var.set(&(&orig + (&dir * eps).unwrap()).unwrap()).unwrap();
         let up = value(&loss(&frozen, &params, &batch));
         var.set(&(&orig - (&dir * eps).unwrap()).unwrap()).unwrap();
@@ -94,6 +110,9 @@ fn lora_gradients_match_finite_differences() {
     for (var, o) in vars.iter().zip(&originals) {
         var.set(o).unwrap();
     }
-    assert!((numeric - analytic).abs() <= 2e-2 * analytic.abs(), "random direction: analytic {analytic:.6e} vs numeric {numeric:.6e}");
+    assert!(
+        (numeric - analytic).abs() <= 2e-2 * analytic.abs(),
+        "random direction: analytic {analytic:.6e} vs numeric {numeric:.6e}"
+    );
     eprintln!("{checked} LoRA matrices checked by directional finite differences (worst relative error {worst:.2e}); random direction through all {} matrices: analytic {analytic:.6e}, numeric {numeric:.6e}", vars.len());
 }

@@ -15,15 +15,45 @@ fn default_model() -> PathBuf {
 }
 
 const TICKETS: [(&str, [&str; 8]); 3] = [
-    ("billing", ["I was charged twice for my order", "my invoice shows the wrong amount", "I need a refund for the last payment",
-        "why did my card get billed again", "the subscription fee went up without notice", "please cancel the charge on my account",
-        "I see an unknown payment on my statement", "the discount was not applied to my bill"]),
-    ("shipping", ["my package has not arrived yet", "the tracking number does not work", "the parcel was delivered to the wrong address",
-        "when will my order ship", "the courier left the box damaged", "delivery is three days late",
-        "can I change the delivery address", "the shipment is stuck in customs"]),
-    ("technical", ["the app crashes when I open it", "I cannot log in to my account", "the page shows an error message",
-        "the website is very slow today", "my password reset link is broken", "the update made the app freeze",
-        "notifications stopped working on my phone", "the upload button does nothing"]),
+    (
+        "billing",
+        [
+            "I was charged twice for my order",
+            "my invoice shows the wrong amount",
+            "I need a refund for the last payment",
+            "why did my card get billed again",
+            "the subscription fee went up without notice",
+            "please cancel the charge on my account",
+            "I see an unknown payment on my statement",
+            "the discount was not applied to my bill",
+        ],
+    ),
+    (
+        "shipping",
+        [
+            "my package has not arrived yet",
+            "the tracking number does not work",
+            "the parcel was delivered to the wrong address",
+            "when will my order ship",
+            "the courier left the box damaged",
+            "delivery is three days late",
+            "can I change the delivery address",
+            "the shipment is stuck in customs",
+        ],
+    ),
+    (
+        "technical",
+        [
+            "the app crashes when I open it",
+            "I cannot log in to my account",
+            "the page shows an error message",
+            "the website is very slow today",
+            "my password reset link is broken",
+            "the update made the app freeze",
+            "notifications stopped working on my phone",
+            "the upload button does nothing",
+        ],
+    ),
 ];
 const GREETINGS: [&str; 6] = ["Hi,", "Hello,", "Hey team,", "Good morning,", "Dear support,", ""];
 const CLOSINGS: [&str; 6] = ["Thanks.", "Please help.", "Any idea?", "This is urgent.", "Regards.", ""];
@@ -55,7 +85,15 @@ fn the_default_model_learns_to_label_support_tickets() {
     std::fs::write(&data, tickets(240)).unwrap();
     let out = dir.path().join("out");
     let o = Command::new(env!("CARGO_BIN_EXE_finetune"))
-        .args(["train", "--base", default_model().to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .args([
+            "train",
+            "--base",
+            default_model().to_str().unwrap(),
+            "--dataset",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
         .args(["--epochs", "1", "--val-ratio", "0.1", "--save-steps", "0"])
         .output()
         .unwrap();
@@ -67,7 +105,11 @@ fn the_default_model_learns_to_label_support_tickets() {
     let acc = |r: &serde_json::Value| r["accuracy"].as_f64().unwrap();
     eprintln!(
         "held-out accuracy: base {}/{}, adapter {}/{}; {:.0} training tokens/s",
-        base["correct"], base["total"], candidate["correct"], candidate["total"], metrics["train"]["tokens_per_s"].as_f64().unwrap()
+        base["correct"],
+        base["total"],
+        candidate["correct"],
+        candidate["total"],
+        metrics["train"]["tokens_per_s"].as_f64().unwrap()
     );
     assert!(candidate["total"].as_u64().unwrap() >= 20);
     assert!(acc(&base) <= 0.2, "the base model answers in sentences, not labels: {base}");

@@ -27,7 +27,9 @@ fn colour_task(n: usize, seed: u64) -> String {
         let label = LABELS[i % 3];
         let mut text: Vec<&str> = (0..6).map(|_| words[rng.next(words.len())]).collect();
         text.insert(rng.next(7), label);
-        out.push_str(&serde_json::json!({"instruction": "what is it ?", "input": text.join(" "), "output": label}).to_string());
+        out.push_str(
+            &serde_json::json!({"instruction": "what is it ?", "input": text.join(" "), "output": label}).to_string(),
+        );
         out.push('\n');
     }
     out
@@ -62,18 +64,36 @@ fn training_writes_an_adapter_with_its_report_step_log_metrics_and_lineage() {
     std::fs::write(&data, colour_task(300, 1)).unwrap();
     let out = dir.path().join("out");
     let o = run(&[
-        "--base", model.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
-        "--learning-rate", "1e-2", "--epochs", "5", "--val-ratio", "0.1", "--seed", "7",
+        "--base",
+        model.to_str().unwrap(),
+        "--dataset",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--learning-rate",
+        "1e-2",
+        "--epochs",
+        "5",
+        "--val-ratio",
+        "0.1",
+        "--seed",
+        "7",
     ]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
-    assert!(stderr.contains("loss") && stderr.contains("| candidate |"), "progress and an evaluation table are shown: {stderr}");
+    assert!(
+        stderr.contains("loss") && stderr.contains("| candidate |"),
+        "progress and an evaluation table are shown: {stderr}"
+    );
 
     let metrics = json(&out.join("metrics.json"));
     let row = |name: &str| metrics["eval"].as_array().unwrap().iter().find(|r| r["name"] == name).cloned().unwrap();
     let (base, candidate) = (row("base"), row("candidate"));
     let (base_acc, cand_acc) = (base["accuracy"].as_f64().unwrap(), candidate["accuracy"].as_f64().unwrap());
-    eprintln!("held-out accuracy: base {base_acc:.3}, candidate {cand_acc:.3}; val loss {} -> {}", base["val_loss"], candidate["val_loss"]);
+    eprintln!(
+        "held-out accuracy: base {base_acc:.3}, candidate {cand_acc:.3}; val loss {} -> {}",
+        base["val_loss"], candidate["val_loss"]
+    );
     assert_eq!(metrics["classification"], true);
     assert_eq!(candidate["total"], 30, "10% of 300 held out");
     // A two-layer random model cannot route a word from the prompt to the answer (the real
@@ -87,8 +107,15 @@ fn training_writes_an_adapter_with_its_report_step_log_metrics_and_lineage() {
     let checked = adapters::validate_adapter_dir(&out.join("adapter"), &shape, &adapters::Limits::default()).unwrap();
     assert_eq!((checked.config.r, checked.config.lora_alpha, checked.modules.len()), (8, 16.0, 7));
     let report = json(&out.join("report.json"));
-    assert_eq!((report["format"].as_str(), report["train"].as_u64(), report["val"].as_u64()), (Some("alpaca"), Some(270), Some(30)));
-    let steps: Vec<serde_json::Value> = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(
+        (report["format"].as_str(), report["train"].as_u64(), report["val"].as_u64()),
+        (Some("alpaca"), Some(270), Some(30))
+    );
+    let steps: Vec<serde_json::Value> = std::fs::read_to_string(out.join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(steps.len(), 5 * 270usize.div_ceil(4), "one line per step");
     assert!(steps.iter().all(|s| s["loss"].is_f64() && s["lr"].is_f64() && s["tokens_per_s"].is_f64()));
     assert_eq!(steps.iter().filter(|s| s["val_loss"].is_f64()).count(), 5, "evaluated once an epoch");
@@ -105,21 +132,46 @@ fn a_killed_job_resumes_from_its_checkpoint_to_the_same_adapter() {
     let data = dir.path().join("colours.jsonl");
     std::fs::write(&data, colour_task(200, 2)).unwrap();
     let args = |out: &Path| -> Vec<String> {
-        ["--base", model.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
-         "--max-steps", "300", "--save-steps", "10", "--batch-size", "16", "--lora-dropout", "0.1", "--grad-accum", "2"]
-            .iter().map(|s| s.to_string()).collect()
+        [
+            "--base",
+            model.to_str().unwrap(),
+            "--dataset",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "300",
+            "--save-steps",
+            "10",
+            "--batch-size",
+            "16",
+            "--lora-dropout",
+            "0.1",
+            "--grad-accum",
+            "2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     };
     let straight = dir.path().join("straight");
     let o = finetune(&args(&straight).iter().map(String::as_str).collect::<Vec<_>>()).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     let resumed = dir.path().join("resumed");
-    let mut child = finetune(&args(&resumed).iter().map(String::as_str).collect::<Vec<_>>()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = finetune(&args(&resumed).iter().map(String::as_str).collect::<Vec<_>>())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let checkpoints = resumed.join("checkpoints");
     // Kill it as soon as a checkpoint past step 20 exists (it cannot have finished: 300 steps).
     loop {
         let past_20 = std::fs::read_dir(&checkpoints).into_iter().flatten().filter_map(|e| e.ok()).any(|e| {
-            e.file_name().to_str().and_then(|n| n.strip_prefix("step-")).and_then(|n| n.parse::<usize>().ok()).is_some_and(|n| n >= 20)
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("step-"))
+                .and_then(|n| n.parse::<usize>().ok())
+                .is_some_and(|n| n >= 20)
         });
         if past_20 {
             break;
@@ -138,7 +190,11 @@ fn a_killed_job_resumes_from_its_checkpoint_to_the_same_adapter() {
     let a = std::fs::read(straight.join("adapter/adapter_model.safetensors")).unwrap();
     let b = std::fs::read(resumed.join("adapter/adapter_model.safetensors")).unwrap();
     assert!(a == b, "the resumed job produced a different adapter");
-    let log_steps: Vec<u64> = std::fs::read_to_string(resumed.join("train_log.jsonl")).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+    let log_steps: Vec<u64> = std::fs::read_to_string(resumed.join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
     assert_eq!(log_steps, (1..=300).collect::<Vec<_>>(), "the step log has each step once");
 }
 
@@ -150,7 +206,14 @@ fn bad_datasets_end_with_a_clear_error_and_a_report() {
         let data = dir.path().join(format!("{name}.jsonl"));
         std::fs::write(&data, body).unwrap();
         let out = dir.path().join(name);
-        let mut args = vec!["--base", model.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        let mut args = vec![
+            "--base",
+            model.to_str().unwrap(),
+            "--dataset",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
         args.extend_from_slice(extra);
         let o = run(&args);
         assert!(!o.status.success(), "{name}: the job must fail");
@@ -193,8 +256,22 @@ fn dpo_on_preference_pairs_prefers_the_chosen_answers() {
     std::fs::write(&data, rows).unwrap();
     let out = dir.path().join("dpo");
     let o = run(&[
-        "--base", model.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
-        "--stage", "dpo", "--learning-rate", "5e-3", "--epochs", "3", "--val-ratio", "0.2", "--dpo-beta", "0.1",
+        "--base",
+        model.to_str().unwrap(),
+        "--dataset",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--stage",
+        "dpo",
+        "--learning-rate",
+        "5e-3",
+        "--epochs",
+        "3",
+        "--val-ratio",
+        "0.2",
+        "--dpo-beta",
+        "0.1",
     ]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
@@ -207,7 +284,9 @@ fn dpo_on_preference_pairs_prefers_the_chosen_answers() {
     eprintln!("DPO held-out: loss {loss:.4} (ln 2 = 0.6931 before), pairs ranked right {ranked:.3}");
     assert!(loss < 0.3 && ranked >= 0.9, "{candidate}\n{stderr}");
     assert_eq!(json(&out.join("lineage.json"))["stage"], "dpo");
-    let first: serde_json::Value = serde_json::from_str(std::fs::read_to_string(out.join("train_log.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    let first: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(out.join("train_log.jsonl")).unwrap().lines().next().unwrap())
+            .unwrap();
     assert!(first["loss"].as_f64().unwrap() > 0.6, "DPO starts at ln 2: {first}");
 }
 

@@ -64,7 +64,12 @@ impl AdapterCache {
         // Evict least recently used versions (never the one just loaded). Running requests keep
         // their own `Arc`, so eviction only drops the cache's reference.
         while inner.bytes > self.budget && inner.entries.len() > 1 {
-            let Some(oldest) = inner.entries.iter().filter(|(k, _)| **k != key).min_by_key(|(_, (_, used))| *used).map(|(k, _)| k.clone())
+            let Some(oldest) = inner
+                .entries
+                .iter()
+                .filter(|(k, _)| **k != key)
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone())
             else {
                 break;
             };

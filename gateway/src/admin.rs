@@ -32,7 +32,8 @@ pub(crate) fn authorize(state: &AppState, req: &HttpRequest) -> Result<Arc<Regis
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     // Compare every byte so the time taken does not tell how much of the token matched.
-    let same = given.len() == expected.len() && given.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+    let same = given.len() == expected.len()
+        && given.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
     if !same {
         return Err(ApiError::Unauthorized);
     }
@@ -194,14 +195,15 @@ pub(crate) async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result
         AdminErrors
     )
 )]
-pub(crate) async fn show(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn show(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let registry = authorize(&state, &req)?;
     let name = path.into_inner();
-    let listing = registry
-        .list()
-        .into_iter()
-        .find(|l| l.name == name)
-        .ok_or(adapters::AdapterError::AdapterNotFound { name })?;
+    let listing =
+        registry.list().into_iter().find(|l| l.name == name).ok_or(adapters::AdapterError::AdapterNotFound { name })?;
     Ok(HttpResponse::Ok().json(listing))
 }
 
@@ -334,7 +336,11 @@ fn default_limit() -> usize {
         (status = 403, description = "Not an admin", body = ErrorResponse, example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}}))
     )
 )]
-pub(crate) async fn audit(state: web::Data<AppState>, req: HttpRequest, page: web::Query<Page>) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn audit(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    page: web::Query<Page>,
+) -> Result<HttpResponse, ApiError> {
     let registry = authorize(&state, &req)?;
     let limit = page.limit.clamp(1, 1000);
     let records = registry.audit(page.offset, limit)?;

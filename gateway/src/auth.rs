@@ -135,7 +135,10 @@ struct ApiKeyEntry {
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Authenticator").field("jwt", &self.jwt.is_some()).field("api_keys", &self.api_keys.len()).finish()
+        f.debug_struct("Authenticator")
+            .field("jwt", &self.jwt.is_some())
+            .field("api_keys", &self.api_keys.len())
+            .finish()
     }
 }
 
@@ -166,15 +169,18 @@ impl Authenticator {
             chosen.push((Algorithm::HS256, Keys::One(DecodingKey::from_secret(secret.as_bytes()))));
         }
         if let Some(p) = &s.rs256_public_key {
-            let key = DecodingKey::from_rsa_pem(&read(p)?).map_err(|e| format!("{}: not an RSA public key PEM: {e}", p.display()))?;
+            let key = DecodingKey::from_rsa_pem(&read(p)?)
+                .map_err(|e| format!("{}: not an RSA public key PEM: {e}", p.display()))?;
             chosen.push((Algorithm::RS256, Keys::One(key)));
         }
         if let Some(p) = &s.es256_public_key {
-            let key = DecodingKey::from_ec_pem(&read(p)?).map_err(|e| format!("{}: not an EC public key PEM: {e}", p.display()))?;
+            let key = DecodingKey::from_ec_pem(&read(p)?)
+                .map_err(|e| format!("{}: not an EC public key PEM: {e}", p.display()))?;
             chosen.push((Algorithm::ES256, Keys::One(key)));
         }
         if let Some(p) = &s.jwks_file {
-            let set: JwkSet = serde_json::from_slice(&read(p)?).map_err(|e| format!("{}: not a JWKS file: {e}", p.display()))?;
+            let set: JwkSet =
+                serde_json::from_slice(&read(p)?).map_err(|e| format!("{}: not a JWKS file: {e}", p.display()))?;
             let mut keys = HashMap::new();
             for jwk in &set.keys {
                 let kid = jwk.common.key_id.clone().ok_or_else(|| format!("{}: every key needs a kid", p.display()))?;
@@ -203,8 +209,8 @@ impl Authenticator {
         });
         let mut api_keys = HashMap::new();
         if let Some(p) = &s.api_keys_file {
-            let entries: Vec<ApiKeyEntry> =
-                serde_json::from_slice(&read(p)?).map_err(|e| format!("{}: not a JSON list of API keys: {e}", p.display()))?;
+            let entries: Vec<ApiKeyEntry> = serde_json::from_slice(&read(p)?)
+                .map_err(|e| format!("{}: not a JSON list of API keys: {e}", p.display()))?;
             for e in entries {
                 api_keys.insert(e.sha256.to_lowercase(), e.claims);
             }
@@ -249,7 +255,15 @@ impl Authenticator {
 }
 
 fn principal(c: Claims) -> Principal {
-    Principal { sub: c.sub, tenant: c.tenant, role: c.role, models: c.models, rpm: c.rpm, tpm: c.tpm, max_streams: c.max_streams }
+    Principal {
+        sub: c.sub,
+        tenant: c.tenant,
+        role: c.role,
+        models: c.models,
+        rpm: c.rpm,
+        tpm: c.tpm,
+        max_streams: c.max_streams,
+    }
 }
 
 /// Signs an HS256 token (the `mint-token` subcommand, tests and development).

@@ -328,32 +328,37 @@ impl ServeArgs {
                 tpm: self.rate_limit_tpm.or(file.rate_limit_tpm).unwrap_or(0),
                 max_streams: self.max_streams_per_key.or(file.max_streams_per_key).unwrap_or(0),
             },
-            redis_failure: match self.rate_limit_redis_failure.or(file.rate_limit_redis_failure).unwrap_or(FailMode::Open) {
+            redis_failure: match self
+                .rate_limit_redis_failure
+                .or(file.rate_limit_redis_failure)
+                .unwrap_or(FailMode::Open)
+            {
                 FailMode::Open => crate::limits::RedisFailure::Open,
                 FailMode::Closed => crate::limits::RedisFailure::Closed,
             },
             auth: match self.auth.or(file.auth).unwrap_or(AuthMode::On) {
                 AuthMode::Off => None,
-                AuthMode::On => Some(std::sync::Arc::new(crate::auth::Authenticator::new(&crate::auth::AuthSettings {
-                    hs256_secret: self.jwt_hs256_secret.or(file.jwt_hs256_secret).filter(|s| !s.is_empty()),
-                    rs256_public_key: self.jwt_rs256_public_key.or(file.jwt_rs256_public_key),
-                    es256_public_key: self.jwt_es256_public_key.or(file.jwt_es256_public_key),
-                    jwks_file: self.jwt_jwks_file.or(file.jwt_jwks_file),
-                    jwks_algorithm: self.jwt_jwks_algorithm.or(file.jwt_jwks_algorithm).map(|a| match a {
-                        JwksAlgorithm::Rs256 => jsonwebtoken::Algorithm::RS256,
-                        JwksAlgorithm::Es256 => jsonwebtoken::Algorithm::ES256,
-                    }),
-                    issuer: self.jwt_issuer.or(file.jwt_issuer),
-                    audience: self.jwt_audience.or(file.jwt_audience),
-                    api_keys_file: self.api_keys_file.or(file.api_keys_file),
-                })?)),
+                AuthMode::On => {
+                    Some(std::sync::Arc::new(crate::auth::Authenticator::new(&crate::auth::AuthSettings {
+                        hs256_secret: self.jwt_hs256_secret.or(file.jwt_hs256_secret).filter(|s| !s.is_empty()),
+                        rs256_public_key: self.jwt_rs256_public_key.or(file.jwt_rs256_public_key),
+                        es256_public_key: self.jwt_es256_public_key.or(file.jwt_es256_public_key),
+                        jwks_file: self.jwt_jwks_file.or(file.jwt_jwks_file),
+                        jwks_algorithm: self.jwt_jwks_algorithm.or(file.jwt_jwks_algorithm).map(|a| match a {
+                            JwksAlgorithm::Rs256 => jsonwebtoken::Algorithm::RS256,
+                            JwksAlgorithm::Es256 => jsonwebtoken::Algorithm::ES256,
+                        }),
+                        issuer: self.jwt_issuer.or(file.jwt_issuer),
+                        audience: self.jwt_audience.or(file.jwt_audience),
+                        api_keys_file: self.api_keys_file.or(file.api_keys_file),
+                    })?))
+                }
             },
             redis: match self.redis_url.or(file.redis_url).filter(|u| !u.is_empty()) {
                 None => None,
-                Some(url) => Some(
-                    redis::Client::open(url.as_str())
-                        .map_err(|e| format!("setting redis_url (SWITCHYARD_REDIS_URL) {url:?} is not a Redis URL: {e}"))?,
-                ),
+                Some(url) => Some(redis::Client::open(url.as_str()).map_err(|e| {
+                    format!("setting redis_url (SWITCHYARD_REDIS_URL) {url:?} is not a Redis URL: {e}")
+                })?),
             },
         };
         settings.check()?;
@@ -375,7 +380,10 @@ impl Settings {
             }
         }
         if self.body_limit < 1024 {
-            return Err(format!("setting body_limit (SWITCHYARD_BODY_LIMIT) must be at least 1024, got {}", self.body_limit));
+            return Err(format!(
+                "setting body_limit (SWITCHYARD_BODY_LIMIT) must be at least 1024, got {}",
+                self.body_limit
+            ));
         }
         if self.context_len == Some(0) {
             return Err("setting context_len (SWITCHYARD_CONTEXT_LEN) must be at least 1".to_owned());
@@ -388,8 +396,8 @@ impl Settings {
 }
 
 fn read_file(path: &Path) -> Result<ServeArgs, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("config file {} cannot be read: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("config file {} cannot be read: {e}", path.display()))?;
     toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
 }
 
@@ -434,7 +442,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.toml");
         std::fs::write(&path, "lora_dtype = \"f32\"\n").unwrap();
-        assert_eq!(ServeArgs { config: Some(path.clone()), ..off() }.into_settings().unwrap().lora_dtype, LoraDtype::F32);
+        assert_eq!(
+            ServeArgs { config: Some(path.clone()), ..off() }.into_settings().unwrap().lora_dtype,
+            LoraDtype::F32
+        );
         std::fs::write(&path, "lora_dtype = \"fp8\"\n").unwrap();
         let err = ServeArgs { config: Some(path), ..off() }.into_settings().unwrap_err();
         assert!(err.contains("fp8") || err.contains("lora_dtype"), "{err}");
@@ -452,7 +463,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.toml");
         std::fs::write(&path, "activations = \"q8\"\n").unwrap();
-        assert_eq!(ServeArgs { config: Some(path.clone()), ..off() }.into_settings().unwrap().activations, Activations::Q8);
+        assert_eq!(
+            ServeArgs { config: Some(path.clone()), ..off() }.into_settings().unwrap().activations,
+            Activations::Q8
+        );
         std::fs::write(&path, "activations = \"int4\"\n").unwrap();
         let err = ServeArgs { config: Some(path), ..off() }.into_settings().unwrap_err();
         assert!(err.contains("int4") || err.contains("activations"), "{err}");
@@ -467,7 +481,9 @@ mod tests {
         std::fs::write(&path, "prot = 9000\n").unwrap();
         let err = ServeArgs { config: Some(path), ..Default::default() }.into_settings().unwrap_err();
         assert!(err.contains("prot"), "{err}");
-        let err = ServeArgs { max_concurrent: Some(0), auth: Some(AuthMode::Off), ..Default::default() }.into_settings().unwrap_err();
+        let err = ServeArgs { max_concurrent: Some(0), auth: Some(AuthMode::Off), ..Default::default() }
+            .into_settings()
+            .unwrap_err();
         assert!(err.contains("SWITCHYARD_MAX_CONCURRENT"), "{err}");
     }
 }

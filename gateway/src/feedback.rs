@@ -186,7 +186,9 @@ fn read_lines<T: serde::de::DeserializeOwned>(path: &Path) -> std::io::Result<Ve
         }
         match serde_json::from_str(&line) {
             Ok(v) => out.push(v),
-            Err(e) => tracing::warn!(file = %path.display(), line = n + 1, error = %e, "skipping an unreadable feedback log line"),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), line = n + 1, error = %e, "skipping an unreadable feedback log line")
+            }
         }
     }
     Ok(out)
@@ -267,10 +269,10 @@ impl FeedbackStore {
 
     /// Learns of an answer another replica gave.
     pub fn remember(&self, id: &str, tenant: &str, model: &str, adapter: &str) {
-        self.state
-            .lock()
-            .responses
-            .insert(id.to_owned(), Answered { tenant: tenant.to_owned(), model: model.to_owned(), adapter: adapter.to_owned() });
+        self.state.lock().responses.insert(
+            id.to_owned(),
+            Answered { tenant: tenant.to_owned(), model: model.to_owned(), adapter: adapter.to_owned() },
+        );
     }
 
     /// Records a finished completion. Written at once but not fsynced: losing the last few
@@ -366,7 +368,8 @@ impl FeedbackStore {
         if self.state.lock().given.contains(&(record.response_id.clone(), record.sub.clone())) {
             return Err(ApiError::Conflict { message: format!("feedback on `{response_id}` was already given") });
         }
-        append(&mut files.feedback, &record, true).map_err(|e| ApiError::Internal(format!("feedback not stored: {e}")))?;
+        append(&mut files.feedback, &record, true)
+            .map_err(|e| ApiError::Internal(format!("feedback not stored: {e}")))?;
         let mut state = self.state.lock();
         state.given.insert((record.response_id.clone(), record.sub.clone()));
         let index = state.feedback.len();
@@ -396,10 +399,19 @@ impl FeedbackStore {
     }
 
     /// Accepts (optionally with an edited correction) or rejects one record; durable on `Ok`.
-    pub fn review(&self, id: &str, status: ReviewStatus, edited: Option<String>, reviewer: &str) -> Result<(Reviewed, ReviewRecord), ApiError> {
+    pub fn review(
+        &self,
+        id: &str,
+        status: ReviewStatus,
+        edited: Option<String>,
+        reviewer: &str,
+    ) -> Result<(Reviewed, ReviewRecord), ApiError> {
         let feedback = {
             let state = self.state.lock();
-            let i = *state.by_id.get(id).ok_or_else(|| ApiError::NotFound { message: format!("no feedback with id `{id}`") })?;
+            let i = *state
+                .by_id
+                .get(id)
+                .ok_or_else(|| ApiError::NotFound { message: format!("no feedback with id `{id}`") })?;
             state.feedback[i].clone()
         };
         if status == ReviewStatus::Pending {
@@ -409,7 +421,8 @@ impl FeedbackStore {
             ReviewStatus::Accepted => edited.or_else(|| feedback.correction.clone()),
             _ => None,
         };
-        let record = ReviewRecord { feedback_id: id.to_owned(), status, correction, reviewer: reviewer.to_owned(), at: now() };
+        let record =
+            ReviewRecord { feedback_id: id.to_owned(), status, correction, reviewer: reviewer.to_owned(), at: now() };
         let mut files = self.files.lock();
         append(&mut files.reviews, &record, true).map_err(|e| ApiError::Internal(format!("review not stored: {e}")))?;
         self.state.lock().reviews.insert(id.to_owned(), record.clone());
@@ -459,7 +472,11 @@ mod tests {
         for i in 0..5 {
             store.log_completion(record(&format!("r{i}"), "t"));
         }
-        let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("completions-")).collect();
+        let files: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("completions-"))
+            .collect();
         assert!(files.len() >= 2, "the log rotated");
         store.add("t", "u", "r3", Some(Thumbs::Up), None, None, None, vec![]).unwrap();
         drop(store);
@@ -468,8 +485,14 @@ mod tests {
         f.write_all(b"{\"id\": \"fb-torn").unwrap();
         let store = FeedbackStore::open(dir.path(), LogMode::On, 300).unwrap();
         assert_eq!(store.list(None, 0, 10).len(), 1);
-        assert!(matches!(store.add("t", "u", "r3", Some(Thumbs::Up), None, None, None, vec![]), Err(ApiError::Conflict { .. })));
-        assert!(store.add("t", "u", "r4", None, Some(2), None, None, vec![]).is_ok(), "ids from rotated files are known");
+        assert!(matches!(
+            store.add("t", "u", "r3", Some(Thumbs::Up), None, None, None, vec![]),
+            Err(ApiError::Conflict { .. })
+        ));
+        assert!(
+            store.add("t", "u", "r4", None, Some(2), None, None, vec![]).is_ok(),
+            "ids from rotated files are known"
+        );
     }
 
     #[test]

@@ -5,9 +5,9 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
-use crate::feedback::{ReviewStatus, Reviewed, Thumbs};
 #[allow(unused_imports)]
 use crate::feedback::FeedbackRecord;
+use crate::feedback::{ReviewStatus, Reviewed, Thumbs};
 #[allow(unused_imports)]
 use crate::openai::ErrorResponse;
 use crate::server::{caller, read_json, AppState};
@@ -47,7 +47,11 @@ pub struct FeedbackRequest {
         (status = 409, description = "This caller already gave feedback on this response", body = ErrorResponse, example = json!({"error": {"message": "feedback on `chatcmpl-x` was already given", "type": "conflict_error", "param": null, "code": "conflict"}}))
     )
 )]
-pub(crate) async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn create(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     let wire: FeedbackRequest = read_json(&req, payload, state.body_limit).await?;
     if wire.response_id.trim().is_empty() {
         return Err(ApiError::invalid("response_id must name a response", Some("response_id".to_owned())));
@@ -56,7 +60,12 @@ pub(crate) async fn create(state: web::Data<AppState>, req: HttpRequest, payload
         return Err(ApiError::invalid("rating must be between 1 and 5", Some("rating".to_owned())));
     }
     let blank = |s: &Option<String>| s.as_deref().is_none_or(|t| t.trim().is_empty());
-    if wire.thumbs.is_none() && wire.rating.is_none() && blank(&wire.correction) && blank(&wire.comment) && wire.tags.is_empty() {
+    if wire.thumbs.is_none()
+        && wire.rating.is_none()
+        && blank(&wire.correction)
+        && blank(&wire.comment)
+        && wire.tags.is_empty()
+    {
         return Err(ApiError::invalid(
             "feedback needs at least one of thumbs, rating, correction, comment or tags",
             None,
@@ -147,7 +156,11 @@ pub struct FeedbackList {
         (status = 403, description = "Not an admin", body = ErrorResponse, example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}}))
     )
 )]
-pub(crate) async fn list(state: web::Data<AppState>, req: HttpRequest, query: web::Query<ListQuery>) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn list(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    query: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
     crate::admin::authorize(&state, &req)?;
     let limit = query.limit.unwrap_or(100).min(1000);
     let data = state.feedback.list(query.status, query.offset, limit);
@@ -204,9 +217,10 @@ pub(crate) async fn review(
     let reviewer = caller(&req).sub;
     let store = state.feedback.clone();
     let id = path.into_inner();
-    let (reviewed, record) = web::block(move || store.review(&id, status, wire.correction.filter(|c| !c.trim().is_empty()), &reviewer))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let (reviewed, record) =
+        web::block(move || store.review(&id, status, wire.correction.filter(|c| !c.trim().is_empty()), &reviewer))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
     if let Some(shared) = state.feedback.shared.get() {
         shared.publish_review(&record).await;
     }

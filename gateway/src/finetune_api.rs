@@ -87,12 +87,18 @@ fn with_progress(store: &JobStore, mut status: JobStatus) -> JobStatus {
         JobErrors
     )
 )]
-pub(crate) async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn create(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     crate::admin::authorize(&state, &req)?;
     let body: CreateJobRequest = read_json(&req, payload, state.body_limit).await?;
-    adapters::registry::validate_adapter_name(&body.adapter).map_err(|e| ApiError::invalid(e.to_string(), Some("adapter".into())))?;
-    let params: TrainArgs = serde_json::from_value(if body.params.is_null() { serde_json::json!({}) } else { body.params })
-        .map_err(|e| ApiError::invalid(format!("params: {e}"), Some("params".into())))?;
+    adapters::registry::validate_adapter_name(&body.adapter)
+        .map_err(|e| ApiError::invalid(e.to_string(), Some("adapter".into())))?;
+    let params: TrainArgs =
+        serde_json::from_value(if body.params.is_null() { serde_json::json!({}) } else { body.params })
+            .map_err(|e| ApiError::invalid(format!("params: {e}"), Some("params".into())))?;
     // Values are checked now; the learning rate's default depends on the model and is set later.
     params.resolve(0).map_err(|e| ApiError::invalid(e, Some("params".into())))?;
     if body.promote_margin.is_some_and(|m| !m.is_finite() || m < 0.0) {
@@ -102,9 +108,16 @@ pub(crate) async fn create(state: web::Data<AppState>, req: HttpRequest, payload
         DatasetRequest::Feedback => DatasetRef::Feedback,
         DatasetRequest::File { path } => {
             let Some(root) = state.import_root.clone() else {
-                return Err(ApiError::Forbidden { message: "dataset files are disabled: set SWITCHYARD_IMPORT_ROOT".into() });
+                return Err(ApiError::Forbidden {
+                    message: "dataset files are disabled: set SWITCHYARD_IMPORT_ROOT".into(),
+                });
             };
-            let missing = || ApiError::invalid(format!("no dataset file `{path}` under the import root"), Some("dataset.path".into()));
+            let missing = || {
+                ApiError::invalid(
+                    format!("no dataset file `{path}` under the import root"),
+                    Some("dataset.path".into()),
+                )
+            };
             let full = adapters::peft::ensure_within(&root, std::path::Path::new(&path)).map_err(|_| missing())?;
             if !full.is_file() {
                 return Err(missing());
@@ -112,7 +125,9 @@ pub(crate) async fn create(state: web::Data<AppState>, req: HttpRequest, payload
             DatasetRef::File { path: full }
         }
         DatasetRequest::Uploaded { id } => {
-            let path = store(&state).dataset_path(&id).ok_or_else(|| ApiError::invalid(format!("no uploaded dataset `{id}`"), Some("dataset.id".into())))?;
+            let path = store(&state)
+                .dataset_path(&id)
+                .ok_or_else(|| ApiError::invalid(format!("no uploaded dataset `{id}`"), Some("dataset.id".into())))?;
             DatasetRef::File { path }
         }
     };
@@ -150,7 +165,11 @@ pub(crate) async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result
     security(("bearer" = [])),
     responses((status = 200, description = "The job's state, progress, version and evaluation", body = Object), JobErrors)
 )]
-pub(crate) async fn show(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn show(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     crate::admin::authorize(&state, &req)?;
     let store = store(&state);
     let id = path.into_inner();
@@ -179,7 +198,12 @@ pub struct EventsQuery {
     security(("bearer" = [])),
     responses((status = 200, description = "The loss curve: one object per step (step, epoch, loss, lr, grad_norm, tokens_per_s, val_loss when evaluated)", body = Object), JobErrors)
 )]
-pub(crate) async fn events(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>, query: web::Query<EventsQuery>) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn events(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+    query: web::Query<EventsQuery>,
+) -> Result<HttpResponse, ApiError> {
     crate::admin::authorize(&state, &req)?;
     let store = store(&state);
     let id = path.into_inner();
@@ -205,7 +229,10 @@ pub(crate) async fn events(state: web::Data<AppState>, req: HttpRequest, path: w
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     });
-    Ok(HttpResponse::Ok().content_type("text/event-stream").insert_header(("cache-control", "no-cache")).streaming(body))
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("cache-control", "no-cache"))
+        .streaming(body))
 }
 
 #[utoipa::path(
@@ -221,7 +248,11 @@ pub(crate) async fn events(state: web::Data<AppState>, req: HttpRequest, path: w
         (status = 409, description = "The job already finished", body = ErrorResponse, example = json!({"error": {"message": "training job `ftjob-1` already finished (succeeded)", "type": "conflict_error", "param": null, "code": "conflict"}}))
     )
 )]
-pub(crate) async fn cancel(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn cancel(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     crate::admin::authorize(&state, &req)?;
     let store = store(&state);
     let id = path.into_inner();
@@ -229,7 +260,10 @@ pub(crate) async fn cancel(state: web::Data<AppState>, req: HttpRequest, path: w
         None => Err(not_found(&id)),
         Some(Ok(status)) => Ok(HttpResponse::Ok().json(status)),
         Some(Err(status)) => Err(ApiError::Conflict {
-            message: format!("training job `{id}` already finished ({})", serde_json::to_value(status.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()),
+            message: format!(
+                "training job `{id}` already finished ({})",
+                serde_json::to_value(status.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+            ),
         }),
     }
 }
@@ -251,7 +285,11 @@ const MAX_DATASET_BYTES: usize = 1 << 30;
         JobErrors
     )
 )]
-pub(crate) async fn upload(state: web::Data<AppState>, req: HttpRequest, mut payload: web::Payload) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn upload(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    mut payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     use futures::StreamExt;
     use sha2::Digest;
     use std::io::Write;
@@ -277,7 +315,9 @@ pub(crate) async fn upload(state: web::Data<AppState>, req: HttpRequest, mut pay
     file.sync_all().map_err(|e| cleanup(ApiError::Internal(format!("dataset upload: {e}"))))?;
     drop(file);
     let check = tmp.clone();
-    let loaded = web::block(move || finetune::dataset::load_file(&check)).await.map_err(|e| cleanup(ApiError::Internal(e.to_string())))?;
+    let loaded = web::block(move || finetune::dataset::load_file(&check))
+        .await
+        .map_err(|e| cleanup(ApiError::Internal(e.to_string())))?;
     let loaded = match loaded {
         Ok(l) => l,
         Err(e) => {

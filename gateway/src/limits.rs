@@ -206,7 +206,11 @@ impl Limiter {
             .requests
             .lock()
             .entry(key.to_owned())
-            .or_insert_with(|| Arc::new(RateLimiter::direct(Quota::per_minute(per_minute)).with_middleware::<StateInformationMiddleware>()))
+            .or_insert_with(|| {
+                Arc::new(
+                    RateLimiter::direct(Quota::per_minute(per_minute)).with_middleware::<StateInformationMiddleware>(),
+                )
+            })
             .clone();
         let one_cell = WINDOW / rpm;
         Some(match limiter.check() {
@@ -235,7 +239,10 @@ impl Limiter {
         entry.1 += add;
         let used = entry.1;
         let reset = WINDOW.saturating_sub(now.duration_since(entry.0));
-        Some((Standing { limit: tpm.into(), remaining: u64::from(tpm).saturating_sub(used), reset }, used < u64::from(tpm)))
+        Some((
+            Standing { limit: tpm.into(), remaining: u64::from(tpm).saturating_sub(used), reset },
+            used < u64::from(tpm),
+        ))
     }
 
     fn connection(&self) -> Option<redis::aio::ConnectionManager> {
@@ -284,12 +291,14 @@ impl Limiter {
             None => Err("not connected".to_owned()),
             Some(conn) => self.windows(conn, &keys).await.map(|counts| {
                 let mut counts = counts.into_iter();
-                let requests = (limits.rpm > 0).then(|| counts.next()).flatten().map(|(count, reset)| {
-                    (standing(limits.rpm, count, reset), count <= u64::from(limits.rpm))
-                });
-                let tokens = (limits.tpm > 0).then(|| counts.next()).flatten().map(|(used, reset)| {
-                    (standing(limits.tpm, used, reset), used < u64::from(limits.tpm))
-                });
+                let requests = (limits.rpm > 0)
+                    .then(|| counts.next())
+                    .flatten()
+                    .map(|(count, reset)| (standing(limits.rpm, count, reset), count <= u64::from(limits.rpm)));
+                let tokens = (limits.tpm > 0)
+                    .then(|| counts.next())
+                    .flatten()
+                    .map(|(used, reset)| (standing(limits.tpm, used, reset), used < u64::from(limits.tpm)));
                 (requests, tokens)
             }),
         };
@@ -299,16 +308,20 @@ impl Limiter {
                 self.redis_error("limit", &e);
                 match self.failure {
                     RedisFailure::Open => None,
-                    RedisFailure::Closed => {
-                        Some(Err(ApiError::Unavailable { message: "rate limits cannot be checked right now; retry shortly".into() }))
-                    }
+                    RedisFailure::Closed => Some(Err(ApiError::Unavailable {
+                        message: "rate limits cannot be checked right now; retry shortly".into(),
+                    })),
                 }
             }
         }
     }
 
     /// Adds `n` to each shared window in one script call; `(count, time to reset)` of each.
-    async fn windows(&self, mut conn: redis::aio::ConnectionManager, keys: &[(String, u64)]) -> Result<Vec<(u64, Duration)>, String> {
+    async fn windows(
+        &self,
+        mut conn: redis::aio::ConnectionManager,
+        keys: &[(String, u64)],
+    ) -> Result<Vec<(u64, Duration)>, String> {
         let mut invocation = self.script.prepare_invoke();
         invocation.arg(WINDOW.as_millis() as u64);
         for (key, n) in keys {

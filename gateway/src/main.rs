@@ -55,7 +55,9 @@ fn main() -> std::process::ExitCode {
             };
             gateway::init_logging(settings.log_format);
             if settings.auth.is_none() {
-                tracing::warn!("AUTHENTICATION IS OFF (SWITCHYARD_AUTH=off): anyone who can reach this port can use every model");
+                tracing::warn!(
+                    "AUTHENTICATION IS OFF (SWITCHYARD_AUTH=off): anyone who can reach this port can use every model"
+                );
             }
             // mistralrs blocks in place on its engine thread, which needs a multi-threaded
             // tokio runtime; actix runs its workers on their own threads inside it.

@@ -1,8 +1,7 @@
 //! Every metric the gateway exports, defined once with its help text; names share `switchyard_`.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 /// The metrics an engine reports from its own thread (cheap clones of the registered ones).
@@ -37,7 +36,10 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("switchyard_requests_total", "HTTP requests answered, by route, status, and the model and adapter version they resolved to"),
+            Opts::new(
+                "switchyard_requests_total",
+                "HTTP requests answered, by route, status, and the model and adapter version they resolved to",
+            ),
             &["route", "status", "model", "adapter"],
         )
         .expect("metric definition is valid");
@@ -61,13 +63,19 @@ impl Metrics {
         )
         .expect("metric definition is valid");
         let cached_prompt_tokens = IntCounterVec::new(
-            Opts::new("switchyard_cached_prompt_tokens_total", "Prompt tokens served from the prefix cache instead of computed, by model"),
+            Opts::new(
+                "switchyard_cached_prompt_tokens_total",
+                "Prompt tokens served from the prefix cache instead of computed, by model",
+            ),
             &["model"],
         )
         .expect("metric definition is valid");
         let time_to_first_token = Histogram::with_opts(
-            HistogramOpts::new("switchyard_time_to_first_token_seconds", "Time from admission to the first generated text")
-                .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            HistogramOpts::new(
+                "switchyard_time_to_first_token_seconds",
+                "Time from admission to the first generated text",
+            )
+            .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
         )
         .expect("metric definition is valid");
         let inter_token_latency = Histogram::with_opts(
@@ -76,18 +84,27 @@ impl Metrics {
         )
         .expect("metric definition is valid");
         let rejected_concurrency = IntCounterVec::new(
-            Opts::new("switchyard_rejected_total", "Requests refused before generation, by reason (concurrency, requests, tokens, streams)"),
+            Opts::new(
+                "switchyard_rejected_total",
+                "Requests refused before generation, by reason (concurrency, requests, tokens, streams)",
+            ),
             &["reason"],
         )
         .expect("metric definition is valid");
         let adapter_cache = IntCounterVec::new(
-            Opts::new("switchyard_adapter_cache_total", "Adapter cache lookups and evictions, by event (hit, miss, eviction)"),
+            Opts::new(
+                "switchyard_adapter_cache_total",
+                "Adapter cache lookups and evictions, by event (hit, miss, eviction)",
+            ),
             &["event"],
         )
         .expect("metric definition is valid");
         let adapter_load_seconds = Histogram::with_opts(
-            HistogramOpts::new("switchyard_adapter_load_seconds", "Time to load an adapter version from disk into memory")
-                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
+            HistogramOpts::new(
+                "switchyard_adapter_load_seconds",
+                "Time to load an adapter version from disk into memory",
+            )
+            .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
         )
         .expect("metric definition is valid");
         let auth_failures = IntCounterVec::new(
@@ -106,10 +123,16 @@ impl Metrics {
                     .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
             )
             .expect("metric definition is valid"),
-            queue_depth: IntGauge::new("switchyard_queue_depth", "Admitted requests waiting for their prompt to be processed")
-                .expect("metric definition is valid"),
-            prefix_cache_bytes: IntGauge::new("switchyard_prefix_cache_bytes", "Bytes of prompt keys and values the prefix cache holds")
-                .expect("metric definition is valid"),
+            queue_depth: IntGauge::new(
+                "switchyard_queue_depth",
+                "Admitted requests waiting for their prompt to be processed",
+            )
+            .expect("metric definition is valid"),
+            prefix_cache_bytes: IntGauge::new(
+                "switchyard_prefix_cache_bytes",
+                "Bytes of prompt keys and values the prefix cache holds",
+            )
+            .expect("metric definition is valid"),
         };
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,

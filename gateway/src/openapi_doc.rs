@@ -8,8 +8,8 @@ use utoipa::{Modify, OpenApi};
 use crate::openai::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatMessage, ChunkDelta, CompletionChoice, CompletionRequest, CompletionResponse, ContentPart, ErrorDetail,
-    ErrorResponse, MessageContent, ModelCard, ModelList, SamplingFields, StopParam, StreamOptions, TokenizeRequest,
-    TokenizeResponse, Usage, PromptTokensDetails,
+    ErrorResponse, MessageContent, ModelCard, ModelList, PromptTokensDetails, SamplingFields, StopParam, StreamOptions,
+    TokenizeRequest, TokenizeResponse, Usage,
 };
 
 #[derive(OpenApi)]
@@ -72,7 +72,9 @@ impl Modify for Bearer {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT or API key").build()),
+            SecurityScheme::Http(
+                HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT or API key").build(),
+            ),
         );
     }
 }

@@ -15,8 +15,8 @@ use crate::engine::{Event, Generation};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::openai::{
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
-    ChunkDelta, CompletionChoice, CompletionResponse, Usage,
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChunkDelta,
+    CompletionChoice, CompletionResponse, Usage,
 };
 
 const FINGERPRINT: &str = "switchyard";
@@ -94,9 +94,7 @@ impl Envelope {
             Kind::Chat => "chatcmpl",
             Kind::Text => "cmpl",
         };
-        let created = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         Self { kind, id: format!("{prefix}-{}", uuid::Uuid::new_v4().simple()), created, model }
     }
 
@@ -229,7 +227,15 @@ struct SseState {
 /// Streams the generation as server-sent events ending with `data: [DONE]`. When the client
 /// goes away actix drops this stream, which drops the generation and cancels it.
 pub fn streamed(envelope: Envelope, run: Running, include_usage: bool) -> HttpResponse {
-    let state = SseState { envelope, run, include_usage, phase: Phase::Start, last: None, pending: Vec::new(), text: String::new() };
+    let state = SseState {
+        envelope,
+        run,
+        include_usage,
+        phase: Phase::Start,
+        last: None,
+        pending: Vec::new(),
+        text: String::new(),
+    };
     let body = stream::unfold(state, |mut s| async move {
         loop {
             if let Some(frame) = s.pending.pop() {
@@ -268,7 +274,8 @@ pub fn streamed(envelope: Envelope, run: Running, include_usage: bool) -> HttpRe
                     return Some((Ok(sse(&frame)), s));
                 }
                 Event::Finished { reason, completion_tokens, cached_tokens } => {
-                    let usage = Usage::new(s.run.generation.prompt_tokens, completion_tokens).with_cached(cached_tokens);
+                    let usage =
+                        Usage::new(s.run.generation.prompt_tokens, completion_tokens).with_cached(cached_tokens);
                     count_tokens(&s.run, &usage);
                     s.run.log_completion(&s.envelope, &s.text, reason.as_str(), &usage);
                     s.phase = Phase::Done;

@@ -7,18 +7,18 @@ use std::time::Instant;
 use actix_web::dev::Service;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use futures::StreamExt;
-use utoipa::OpenApi;
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
+use utoipa::OpenApi;
 
+use crate::adapter_cache::AdapterCache;
+use crate::auth::{Principal, Role};
 use crate::config::{EngineKind, Settings};
 use crate::engine::candle::{CandleEngine, CandleOptions};
 use crate::engine::mistral::{MistralEngine, ModelSource};
-use crate::adapter_cache::AdapterCache;
-use crate::auth::{Principal, Role};
-use crate::limits::{Limiter, Verdict};
 use crate::engine::{AdapterHandle, Engine, GenerationRequest, Prompt};
 use crate::error::ApiError;
+use crate::limits::{Limiter, Verdict};
 use crate::metrics::Metrics;
 #[allow(unused_imports)]
 use crate::openai::{ChatCompletionChunk, ChatCompletionResponse, CompletionResponse, ErrorResponse};
@@ -71,7 +71,12 @@ impl AppState {
             lora_dtype: settings.lora_dtype,
             announcer: OnceLock::new(),
             auth: settings.auth.clone(),
-            limiter: Arc::new(Limiter::new(settings.limits, settings.redis.clone(), settings.redis_failure, metrics.clone())),
+            limiter: Arc::new(Limiter::new(
+                settings.limits,
+                settings.redis.clone(),
+                settings.redis_failure,
+                metrics.clone(),
+            )),
             admission: Arc::new(Semaphore::new(settings.max_concurrent)),
             draining: AtomicBool::new(false),
             limits: RequestLimits { max_tokens: settings.max_tokens, max_messages: settings.max_messages },
@@ -87,8 +92,12 @@ impl AppState {
         if let Some(shape) = engine.adapter_shape() {
             let mut shape = shape.clone();
             shape.name = self.model_id.clone();
-            let registry = adapters::Registry::open(self.data_dir.join("registry"), shape.clone(), adapters::Limits::default())?;
-            let _ = self.registry.set((Arc::new(registry), AdapterCache::new(self.adapter_cache_bytes, shape, self.lora_dtype, self.metrics.clone())));
+            let registry =
+                adapters::Registry::open(self.data_dir.join("registry"), shape.clone(), adapters::Limits::default())?;
+            let _ = self.registry.set((
+                Arc::new(registry),
+                AdapterCache::new(self.adapter_cache_bytes, shape, self.lora_dtype, self.metrics.clone()),
+            ));
         }
         let _ = self.engine.set(engine);
         Ok(())
@@ -115,7 +124,9 @@ impl AppState {
                         let _ = state.announcer.set(a);
                         return;
                     }
-                    Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "Redis unreachable for registry announcements"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "Redis unreachable for registry announcements")
+                    }
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
@@ -156,7 +167,11 @@ impl AppState {
 
     /// Resolves `model` to the base alone or to one adapter version, once, at admission. A
     /// model outside the caller's list is "not found", as if it did not exist.
-    async fn resolve(&self, model: &str, caller: &Principal) -> Result<(Arc<dyn Engine>, Option<AdapterHandle>), ApiError> {
+    async fn resolve(
+        &self,
+        model: &str,
+        caller: &Principal,
+    ) -> Result<(Arc<dyn Engine>, Option<AdapterHandle>), ApiError> {
         if !caller.may_use(model) {
             return Err(ApiError::ModelNotFound { model: model.to_owned() });
         }
@@ -166,8 +181,15 @@ impl AppState {
         }
         let not_found = || ApiError::ModelNotFound { model: model.to_owned() };
         let (registry, cache) = self.registry.get().ok_or_else(not_found)?;
-        let manifest = registry.resolve_model(model).map_err(|e| if e.is_not_found() || e.is_client_error() { not_found() } else { e.into() })?;
-        let weights = cache.get(&manifest.name, manifest.version, registry.version_dir(&manifest.name, manifest.version)).await?;
+        let manifest = registry.resolve_model(model).map_err(|e| {
+            if e.is_not_found() || e.is_client_error() {
+                not_found()
+            } else {
+                e.into()
+            }
+        })?;
+        let weights =
+            cache.get(&manifest.name, manifest.version, registry.version_dir(&manifest.name, manifest.version)).await?;
         Ok((engine, Some(AdapterHandle { name: manifest.name, version: manifest.version, weights })))
     }
 
@@ -183,7 +205,12 @@ impl AppState {
     }
 
     /// Takes a concurrency slot (or answers 429) and starts the generation.
-    async fn admit(&self, model: &str, caller: &Principal, mut request: GenerationRequest) -> Result<Running, ApiError> {
+    async fn admit(
+        &self,
+        model: &str,
+        caller: &Principal,
+        mut request: GenerationRequest,
+    ) -> Result<Running, ApiError> {
         let (engine, adapter) = self.resolve(model, caller).await?;
         let served = Served {
             model: engine.info().id.clone(),
@@ -396,7 +423,12 @@ pub(crate) async fn list_models(state: web::Data<AppState>, req: HttpRequest) ->
                     data.push(card(format!("{}@{alias}", adapter.name), created, parent.clone(), Some(a.version)));
                 }
                 for m in &adapter.versions {
-                    data.push(card(format!("{}@{}", adapter.name, m.version), m.created, parent.clone(), Some(m.version)));
+                    data.push(card(
+                        format!("{}@{}", adapter.name, m.version),
+                        m.created,
+                        parent.clone(),
+                        Some(m.version),
+                    ));
                 }
             }
         }
@@ -513,7 +545,10 @@ pub fn routes(cfg: &mut web::ServiceConfig, metrics_here: bool) {
         .route("/health", web::get().to(health))
         .route("/ready", web::get().to(ready))
         .route("/openapi.json", web::get().to(openapi_json))
-        .service(utoipa_swagger_ui::SwaggerUi::new("/docs/{_:.*}").url("/docs/openapi.json", crate::openapi_doc::ApiDoc::openapi()))
+        .service(
+            utoipa_swagger_ui::SwaggerUi::new("/docs/{_:.*}")
+                .url("/docs/openapi.json", crate::openapi_doc::ApiDoc::openapi()),
+        )
         .route("/docs", web::get().to(docs_redirect));
 }
 
@@ -548,7 +583,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         ModelSource::detect(&settings.model_path).map_err(anyhow::Error::msg)?;
     }
     let state = web::Data::new(AppState::new(&settings).map_err(|e| {
-        anyhow::anyhow!("the feedback store under {} cannot be opened: {e}", settings.data_dir.join("feedback").display())
+        anyhow::anyhow!(
+            "the feedback store under {} cannot be opened: {e}",
+            settings.data_dir.join("feedback").display()
+        )
     })?);
     let app_state = state.clone();
     let metrics_here = settings.metrics_listen.is_none();
@@ -693,10 +731,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                     .and_then(|r| r)
                     .map(|e| Arc::new(e) as Arc<dyn Engine>)
             }
-            EngineKind::Echo => Ok(Arc::new(crate::engine::echo::EchoEngine::new(
-                settings.model_id.clone(),
-                settings.context_len,
-            )) as Arc<dyn Engine>),
+            EngineKind::Echo => {
+                Ok(Arc::new(crate::engine::echo::EchoEngine::new(settings.model_id.clone(), settings.context_len))
+                    as Arc<dyn Engine>)
+            }
             EngineKind::Mistralrs => MistralEngine::load(
                 &settings.model_path,
                 settings.model_id.clone(),

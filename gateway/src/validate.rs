@@ -4,9 +4,7 @@ use serde_json::{Map, Value};
 
 use crate::engine::{GenerationRequest, Message, Prompt, Role, Sampling};
 use crate::error::ApiError;
-use crate::openai::{
-    ChatCompletionRequest, CompletionRequest, MessageContent, SamplingFields, StopParam,
-};
+use crate::openai::{ChatCompletionRequest, CompletionRequest, MessageContent, SamplingFields, StopParam};
 
 /// OpenAI allows at most this many stop sequences.
 const MAX_STOPS: usize = 4;
@@ -192,10 +190,9 @@ fn finish(
 
 fn in_range(name: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<Option<f64>, ApiError> {
     match v {
-        Some(x) if !(lo..=hi).contains(&x) => Err(ApiError::invalid(
-            format!("{name} must be between {lo} and {hi}, got {x}"),
-            Some(name.into()),
-        )),
+        Some(x) if !(lo..=hi).contains(&x) => {
+            Err(ApiError::invalid(format!("{name} must be between {lo} and {hi}, got {x}"), Some(name.into())))
+        }
         other => Ok(other),
     }
 }
@@ -209,9 +206,7 @@ fn check_extra(extra: &Map<String, Value>, legacy: bool) -> Result<(), ApiError>
             "logprobs" => value.is_null() || value == &Value::Bool(false),
             "top_logprobs" => value.is_null(),
             "logit_bias" => value.is_null() || value.as_object().is_some_and(Map::is_empty),
-            "response_format" => {
-                value.is_null() || value.get("type").and_then(Value::as_str) == Some("text")
-            }
+            "response_format" => value.is_null() || value.get("type").and_then(Value::as_str) == Some("text"),
             "tools" | "functions" => value.is_null() || value.as_array().is_some_and(Vec::is_empty),
             "tool_choice" | "function_call" => value.is_null() || value == "none",
             "echo" if legacy => value.is_null() || value == &Value::Bool(false),

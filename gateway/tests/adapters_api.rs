@@ -12,9 +12,16 @@ const TOKEN: &str = "test-admin-token";
 
 fn start(model: &Path, data: &Path, imports: &Path) -> Server {
     let args: Vec<String> = [
-        "--model", &model.display().to_string(), "--engine", "candle",
-        "--data-dir", &data.display().to_string(), "--admin-token", TOKEN,
-        "--import-root", &imports.display().to_string(),
+        "--model",
+        &model.display().to_string(),
+        "--engine",
+        "candle",
+        "--data-dir",
+        &data.display().to_string(),
+        "--admin-token",
+        TOKEN,
+        "--import-root",
+        &imports.display().to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -24,9 +31,23 @@ fn start(model: &Path, data: &Path, imports: &Path) -> Server {
 
 async fn upload(server: &Server, name: &str, dir: &Path) -> reqwest::Response {
     let form = reqwest::multipart::Form::new()
-        .part("adapter_config.json", reqwest::multipart::Part::bytes(std::fs::read(dir.join("adapter_config.json")).unwrap()).file_name("adapter_config.json"))
-        .part("adapter_model.safetensors", reqwest::multipart::Part::bytes(std::fs::read(dir.join("adapter_model.safetensors")).unwrap()).file_name("adapter_model.safetensors"));
-    client().post(server.url(&format!("/admin/adapters/{name}/versions"))).bearer_auth(TOKEN).multipart(form).send().await.unwrap()
+        .part(
+            "adapter_config.json",
+            reqwest::multipart::Part::bytes(std::fs::read(dir.join("adapter_config.json")).unwrap())
+                .file_name("adapter_config.json"),
+        )
+        .part(
+            "adapter_model.safetensors",
+            reqwest::multipart::Part::bytes(std::fs::read(dir.join("adapter_model.safetensors")).unwrap())
+                .file_name("adapter_model.safetensors"),
+        );
+    client()
+        .post(server.url(&format!("/admin/adapters/{name}/versions")))
+        .bearer_auth(TOKEN)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
 }
 
 async fn admin(server: &Server, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
@@ -65,7 +86,8 @@ async fn versions_aliases_promote_rollback_and_restart() {
     let v1: Value = res.json().await.unwrap();
     assert_eq!((v1["name"].as_str(), v1["version"].as_u64()), (Some("bot"), Some(1)));
     assert_eq!(v1["sha256"].as_str().unwrap().len(), 64);
-    let (status, v2) = admin(&server, reqwest::Method::POST, "/admin/adapters/bot/versions", Some(json!({"path": "v2"}))).await;
+    let (status, v2) =
+        admin(&server, reqwest::Method::POST, "/admin/adapters/bot/versions", Some(json!({"path": "v2"}))).await;
     assert_eq!((status, v2["version"].as_u64()), (201, Some(2)));
 
     // Routing: base, exact versions; no `prod` alias yet, so the bare name is unknown.
@@ -79,16 +101,30 @@ async fn versions_aliases_promote_rollback_and_restart() {
     assert_eq!(answer(&server, "bot@9").await.0, 404);
 
     // Promote, compare-and-set, roll back.
-    let (status, _) = admin(&server, reqwest::Method::PUT, "/admin/adapters/bot/aliases/prod", Some(json!({"version": 1}))).await;
+    let (status, _) =
+        admin(&server, reqwest::Method::PUT, "/admin/adapters/bot/aliases/prod", Some(json!({"version": 1}))).await;
     assert_eq!(status, 200);
     assert_eq!(answer(&server, "bot").await.1, at1);
-    let (status, err) = admin(&server, reqwest::Method::PUT, "/admin/adapters/bot/aliases/prod", Some(json!({"version": 2, "expected_version": 2}))).await;
+    let (status, err) = admin(
+        &server,
+        reqwest::Method::PUT,
+        "/admin/adapters/bot/aliases/prod",
+        Some(json!({"version": 2, "expected_version": 2})),
+    )
+    .await;
     assert_eq!(status, 409, "{err}");
-    let (status, _) = admin(&server, reqwest::Method::PUT, "/admin/adapters/bot/aliases/prod", Some(json!({"version": 2, "expected_version": 1}))).await;
+    let (status, _) = admin(
+        &server,
+        reqwest::Method::PUT,
+        "/admin/adapters/bot/aliases/prod",
+        Some(json!({"version": 2, "expected_version": 1})),
+    )
+    .await;
     assert_eq!(status, 200);
     assert_eq!(answer(&server, "bot").await.1, at2);
     assert_eq!(answer(&server, "bot@prod").await.1, at2);
-    let (status, change) = admin(&server, reqwest::Method::POST, "/admin/adapters/bot/aliases/prod/rollback", None).await;
+    let (status, change) =
+        admin(&server, reqwest::Method::POST, "/admin/adapters/bot/aliases/prod/rollback", None).await;
     assert_eq!((status, change["to"].as_u64()), (200, Some(1)));
     assert_eq!(answer(&server, "bot").await.1, at1);
 
@@ -110,7 +146,8 @@ async fn versions_aliases_promote_rollback_and_restart() {
     assert_eq!(res.status(), 400);
     let err: Value = res.json().await.unwrap();
     assert!(matches!(err["error"]["code"].as_str(), Some("invalid_adapter" | "base_mismatch")), "{err}");
-    let (_, escape) = admin(&server, reqwest::Method::POST, "/admin/adapters/bot/versions", Some(json!({"path": "../data"}))).await;
+    let (_, escape) =
+        admin(&server, reqwest::Method::POST, "/admin/adapters/bot/versions", Some(json!({"path": "../data"}))).await;
     assert_eq!(escape["error"]["code"], "path_escape", "{escape}");
     let (_, listing) = admin(&server, reqwest::Method::GET, "/admin/adapters/bot", None).await;
     assert_eq!(listing["versions"].as_array().unwrap().len(), 2, "{listing}");
@@ -150,12 +187,15 @@ async fn a_running_request_keeps_its_version_across_a_promote() {
     adapters::testing::write_random_adapter(&imports.join("v2"), &shape, 4, 20, false).unwrap();
     let server = start(&common::default_model(), &root.path().join("data"), &imports);
     for v in ["v1", "v2"] {
-        let (status, _) = admin(&server, reqwest::Method::POST, "/admin/adapters/bot/versions", Some(json!({"path": v}))).await;
+        let (status, _) =
+            admin(&server, reqwest::Method::POST, "/admin/adapters/bot/versions", Some(json!({"path": v}))).await;
         assert_eq!(status, 201);
     }
     admin(&server, reqwest::Method::PUT, "/admin/adapters/bot/aliases/prod", Some(json!({"version": 1}))).await;
-    let request = |model: &str, stream: bool| json!({"model": model, "prompt": "Once upon a time", "max_tokens": 120,
-        "temperature": 1.0, "seed": 3, "ignore_eos": true, "stream": stream});
+    let request = |model: &str, stream: bool| {
+        json!({"model": model, "prompt": "Once upon a time", "max_tokens": 120,
+        "temperature": 1.0, "seed": 3, "ignore_eos": true, "stream": stream})
+    };
     let (_, v1) = answer_body(&server, &request("bot@1", false)).await;
     let (_, v2) = answer_body(&server, &request("bot@2", false)).await;
     assert_ne!(v1, v2);
@@ -164,7 +204,8 @@ async fn a_running_request_keeps_its_version_across_a_promote() {
     let res = client().post(server.url("/v1/completions")).json(&request("bot", true)).send().await.unwrap();
     let mut body = res.bytes_stream();
     let mut raw = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
-    let (status, _) = admin(&server, reqwest::Method::PUT, "/admin/adapters/bot/aliases/prod", Some(json!({"version": 2}))).await;
+    let (status, _) =
+        admin(&server, reqwest::Method::PUT, "/admin/adapters/bot/aliases/prod", Some(json!({"version": 2}))).await;
     assert_eq!(status, 200);
     while let Some(chunk) = body.next().await {
         raw.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
@@ -172,7 +213,9 @@ async fn a_running_request_keeps_its_version_across_a_promote() {
     let streamed: String = common::sse_data(&raw)
         .iter()
         .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str::<Value>(d).unwrap()["choices"][0]["text"].as_str().unwrap_or_default().to_owned())
+        .map(|d| {
+            serde_json::from_str::<Value>(d).unwrap()["choices"][0]["text"].as_str().unwrap_or_default().to_owned()
+        })
         .collect();
     assert_eq!(streamed, v1, "the running request switched versions mid-answer");
     // New requests get the promoted version.
@@ -197,12 +240,30 @@ async fn the_adapter_cache_evicts_least_recently_used_versions() {
         adapters::testing::write_random_adapter(&imports.join(name), &shape, 4, 50 + i as u64, false).unwrap();
     }
     // A budget of 0 MiB holds exactly the version in use.
-    let args: Vec<String> = ["--model", &model.display().to_string(), "--data-dir", &root.path().join("data").display().to_string(),
-        "--admin-token", TOKEN, "--import-root", &imports.display().to_string(), "--adapter-cache-mb", "0"]
-        .iter().map(|s| s.to_string()).collect();
+    let args: Vec<String> = [
+        "--model",
+        &model.display().to_string(),
+        "--data-dir",
+        &root.path().join("data").display().to_string(),
+        "--admin-token",
+        TOKEN,
+        "--import-root",
+        &imports.display().to_string(),
+        "--adapter-cache-mb",
+        "0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let server = Server::start_raw(&args);
     for name in ["a", "b"] {
-        let (status, _) = admin(&server, reqwest::Method::POST, &format!("/admin/adapters/{name}/versions"), Some(json!({"path": name}))).await;
+        let (status, _) = admin(
+            &server,
+            reqwest::Method::POST,
+            &format!("/admin/adapters/{name}/versions"),
+            Some(json!({"path": name})),
+        )
+        .await;
         assert_eq!(status, 201);
     }
     for model in ["a@1", "b@1", "b@1", "a@1"] {

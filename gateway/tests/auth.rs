@@ -10,7 +10,19 @@ const SECRET: &str = "a-test-secret-of-reasonable-length";
 
 fn mint(extra: &[&str]) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["mint-token", "--secret", SECRET, "--sub", "alice", "--tenant", "acme", "--issuer", "switchyard-tests", "--audience", "gateway"])
+        .args([
+            "mint-token",
+            "--secret",
+            SECRET,
+            "--sub",
+            "alice",
+            "--tenant",
+            "acme",
+            "--issuer",
+            "switchyard-tests",
+            "--audience",
+            "gateway",
+        ])
         .args(extra)
         .output()
         .expect("mint-token");
@@ -24,7 +36,12 @@ fn now() -> u64 {
 
 /// Signs arbitrary claims and headers, for the forged cases.
 fn sign(claims: Value, secret: &str, alg: jsonwebtoken::Algorithm) -> String {
-    jsonwebtoken::encode(&jsonwebtoken::Header::new(alg), &claims, &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes())).unwrap()
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(alg),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
 }
 
 fn b64(v: &Value) -> String {
@@ -61,13 +78,33 @@ async fn jwt_failures_roles_model_lists_and_api_keys() {
     adapters::testing::write_tiny_llama(&model, 9).unwrap();
     let keys = root.path().join("keys.json");
     let api_key = "sk-test-0123456789";
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard")).args(["hash-api-key", api_key]).output().unwrap();
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard")).args(["hash-api-key", api_key]).output().unwrap();
     let hash = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    std::fs::write(&keys, json!([{"sha256": hash, "sub": "ci-bot", "tenant": "acme", "role": "user", "models": ["tiny-*"]}]).to_string()).unwrap();
-    let args: Vec<String> = ["--model", &model.display().to_string(), "--data-dir", &root.path().join("data").display().to_string(),
-        "--auth", "on", "--jwt-hs256-secret", SECRET, "--jwt-issuer", "switchyard-tests", "--jwt-audience", "gateway",
-        "--api-keys-file", &keys.display().to_string()]
-        .iter().map(|s| s.to_string()).collect();
+    std::fs::write(
+        &keys,
+        json!([{"sha256": hash, "sub": "ci-bot", "tenant": "acme", "role": "user", "models": ["tiny-*"]}]).to_string(),
+    )
+    .unwrap();
+    let args: Vec<String> = [
+        "--model",
+        &model.display().to_string(),
+        "--data-dir",
+        &root.path().join("data").display().to_string(),
+        "--auth",
+        "on",
+        "--jwt-hs256-secret",
+        SECRET,
+        "--jwt-issuer",
+        "switchyard-tests",
+        "--jwt-audience",
+        "gateway",
+        "--api-keys-file",
+        &keys.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let server = Server::start_raw(&args);
     let chat = json!({"model": "tiny-llama", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2});
 
@@ -82,7 +119,11 @@ async fn jwt_failures_roles_model_lists_and_api_keys() {
     // Every failure is the same 401 in the OpenAI shape.
     let t = now();
     let base = json!({"sub": "mallory", "tenant": "acme", "role": "admin", "iss": "switchyard-tests", "aud": "gateway", "exp": t + 600});
-    let with = |k: &str, v: Value| { let mut c = base.clone(); c[k] = v; c };
+    let with = |k: &str, v: Value| {
+        let mut c = base.clone();
+        c[k] = v;
+        c
+    };
     let unsigned = format!("{}.{}.", b64(&json!({"alg": "none", "typ": "JWT"})), b64(&base));
     let failures = [
         ("missing header", None),
@@ -99,7 +140,10 @@ async fn jwt_failures_roles_model_lists_and_api_keys() {
         let (status, body) = status_of(&server, "/v1/chat/completions", token.as_deref(), Some(chat.clone())).await;
         assert_eq!(status, 401, "{case}: {body}");
         assert_eq!(body["error"]["code"], "invalid_api_key", "{case}");
-        assert_eq!(body["error"]["message"], "missing or invalid bearer token", "{case} says no more than a client needs");
+        assert_eq!(
+            body["error"]["message"], "missing or invalid bearer token",
+            "{case} says no more than a client needs"
+        );
     }
 
     // A user token on an admin route: 403. An admin token: through.
@@ -120,7 +164,16 @@ async fn jwt_failures_roles_model_lists_and_api_keys() {
 
     // Refusals are counted by reason.
     let page = client().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    for reason in ["missing", "bad_signature", "wrong_algorithm", "expired", "not_yet_valid", "wrong_audience", "wrong_issuer", "not_admin"] {
+    for reason in [
+        "missing",
+        "bad_signature",
+        "wrong_algorithm",
+        "expired",
+        "not_yet_valid",
+        "wrong_audience",
+        "wrong_issuer",
+        "not_admin",
+    ] {
         let v = common::metric(&page, &format!("switchyard_auth_failures_total{{reason=\"{reason}\"}}"));
         assert!(v.is_some_and(|v| v >= 1.0), "{reason} not counted:\n{page}");
     }
@@ -167,29 +220,51 @@ async fn public_key_algorithms_from_pem_and_jwks_files() {
     // (flag, key file, [(case, token, expected status)])
     type Setup<'a> = (&'a str, &'a str, Vec<(&'a str, String, u16)>);
     let setups: [Setup<'_>; 3] = [
-        ("--jwt-rs256-public-key", "rsa-public.pem", vec![
-            ("matching RSA key", sign_with_pem(&claims, RS256, "rsa-private.pem", None), 200),
-            ("another RSA key", sign_with_pem(&claims, RS256, "rsa-other-private.pem", None), 401),
-            ("ES256 token", sign_with_pem(&claims, ES256, "ec-private.pem", None), 401),
-            ("public key as HS256 secret", confused.clone(), 401),
-        ]),
-        ("--jwt-es256-public-key", "ec-public.pem", vec![
-            ("matching EC key", sign_with_pem(&claims, ES256, "ec-private.pem", None), 200),
-            ("RS256 token", sign_with_pem(&claims, RS256, "rsa-private.pem", None), 401),
-            ("HS256 token", sign(claims.clone(), SECRET, HS256), 401),
-        ]),
-        ("--jwt-jwks-file", "jwks.json", vec![
-            ("key named by kid", sign_with_pem(&claims, RS256, "rsa-private.pem", Some("test-rsa")), 200),
-            ("unknown kid", sign_with_pem(&claims, RS256, "rsa-private.pem", Some("other")), 401),
-            ("no kid", sign_with_pem(&claims, RS256, "rsa-private.pem", None), 401),
-            ("right kid, wrong key", sign_with_pem(&claims, RS256, "rsa-other-private.pem", Some("test-rsa")), 401),
-            ("public key as HS256 secret", confused.clone(), 401),
-        ]),
+        (
+            "--jwt-rs256-public-key",
+            "rsa-public.pem",
+            vec![
+                ("matching RSA key", sign_with_pem(&claims, RS256, "rsa-private.pem", None), 200),
+                ("another RSA key", sign_with_pem(&claims, RS256, "rsa-other-private.pem", None), 401),
+                ("ES256 token", sign_with_pem(&claims, ES256, "ec-private.pem", None), 401),
+                ("public key as HS256 secret", confused.clone(), 401),
+            ],
+        ),
+        (
+            "--jwt-es256-public-key",
+            "ec-public.pem",
+            vec![
+                ("matching EC key", sign_with_pem(&claims, ES256, "ec-private.pem", None), 200),
+                ("RS256 token", sign_with_pem(&claims, RS256, "rsa-private.pem", None), 401),
+                ("HS256 token", sign(claims.clone(), SECRET, HS256), 401),
+            ],
+        ),
+        (
+            "--jwt-jwks-file",
+            "jwks.json",
+            vec![
+                ("key named by kid", sign_with_pem(&claims, RS256, "rsa-private.pem", Some("test-rsa")), 200),
+                ("unknown kid", sign_with_pem(&claims, RS256, "rsa-private.pem", Some("other")), 401),
+                ("no kid", sign_with_pem(&claims, RS256, "rsa-private.pem", None), 401),
+                ("right kid, wrong key", sign_with_pem(&claims, RS256, "rsa-other-private.pem", Some("test-rsa")), 401),
+                ("public key as HS256 secret", confused.clone(), 401),
+            ],
+        ),
     ];
     for (flag, file, cases) in setups {
-        let args: Vec<String> = ["--model", &model.display().to_string(), "--data-dir", &root.path().join(file).display().to_string(),
-            "--auth", "on", flag, &fixture(file)]
-            .iter().map(|s| s.to_string()).collect();
+        let args: Vec<String> = [
+            "--model",
+            &model.display().to_string(),
+            "--data-dir",
+            &root.path().join(file).display().to_string(),
+            "--auth",
+            "on",
+            flag,
+            &fixture(file),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let server = Server::start_raw(&args);
         for (case, token, want) in cases {
             let (status, body) = status_of(&server, "/v1/models", Some(&token), None).await;

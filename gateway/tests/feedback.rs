@@ -22,9 +22,19 @@ fn start(root: &std::path::Path, extra: &[&str]) -> Server {
     if !model.exists() {
         adapters::testing::write_tiny_llama(&model, 5).unwrap();
     }
-    let mut args: Vec<String> = ["--model", &model.display().to_string(), "--data-dir", &root.join("data").display().to_string(),
-        "--auth", "on", "--jwt-hs256-secret", SECRET]
-        .iter().map(|s| s.to_string()).collect();
+    let mut args: Vec<String> = [
+        "--model",
+        &model.display().to_string(),
+        "--data-dir",
+        &root.join("data").display().to_string(),
+        "--auth",
+        "on",
+        "--jwt-hs256-secret",
+        SECRET,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     args.extend(extra.iter().map(|s| s.to_string()));
     Server::start_raw(&args)
 }
@@ -54,7 +64,8 @@ fn completion_log(root: &std::path::Path) -> String {
 async fn feedback_names_an_answer_once_is_reviewed_and_survives_a_restart() {
     let root = tempfile::tempdir().unwrap();
     let mut server = start(root.path(), &[]);
-    let (alice, bob, admin) = (mint("alice", "acme", "user"), mint("bob", "globex", "user"), mint("root", "acme", "admin"));
+    let (alice, bob, admin) =
+        (mint("alice", "acme", "user"), mint("bob", "globex", "user"), mint("root", "acme", "admin"));
     let chat = json!({"model": "tiny-llama", "messages": [{"role": "user", "content": "the cat sat"}], "max_tokens": 4, "temperature": 0});
 
     // One answer as JSON, one streamed; both are logged with their prompts.
@@ -63,16 +74,34 @@ async fn feedback_names_an_answer_once_is_reviewed_and_survives_a_restart() {
     let id1 = answer["id"].as_str().unwrap().to_owned();
     let mut streamed = chat.clone();
     streamed["stream"] = json!(true);
-    let text = client().post(server.url("/v1/chat/completions")).bearer_auth(&alice).json(&streamed).send().await.unwrap().text().await.unwrap();
+    let text = client()
+        .post(server.url("/v1/chat/completions"))
+        .bearer_auth(&alice)
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let first: Value = serde_json::from_str(&sse_data(&text)[0]).unwrap();
     let id2 = first["id"].as_str().unwrap().to_owned();
     let log = completion_log(root.path());
     assert!(log.contains(&id1) && log.contains(&id2) && log.contains("the cat sat"), "{log}");
 
     // Feedback on an answer: stored once per user, only within the answer's tenant.
-    let (status, fb) = post(&server, "/v1/feedback", &alice, json!({"response_id": id1, "thumbs": "up", "rating": 5, "tags": ["helpful"]})).await;
+    let (status, fb) = post(
+        &server,
+        "/v1/feedback",
+        &alice,
+        json!({"response_id": id1, "thumbs": "up", "rating": 5, "tags": ["helpful"]}),
+    )
+    .await;
     assert_eq!(status, 201, "{fb}");
-    assert_eq!((fb["object"].as_str(), fb["model"].as_str(), fb["tenant"].as_str()), (Some("feedback"), Some("tiny-llama"), Some("acme")));
+    assert_eq!(
+        (fb["object"].as_str(), fb["model"].as_str(), fb["tenant"].as_str()),
+        (Some("feedback"), Some("tiny-llama"), Some("acme"))
+    );
     let (status, body) = post(&server, "/v1/feedback", &alice, json!({"response_id": id1, "thumbs": "down"})).await;
     assert_eq!((status, body["error"]["code"].as_str()), (409, Some("conflict")));
     let (status, _) = post(&server, "/v1/feedback", &bob, json!({"response_id": id1, "thumbs": "down"})).await;
@@ -95,7 +124,13 @@ async fn feedback_names_an_answer_once_is_reviewed_and_survives_a_restart() {
             assert_eq!(err["error"]["param"], p, "{body}");
         }
     }
-    let (status, fb2) = post(&server, "/v1/feedback", &alice, json!({"response_id": id2, "thumbs": "down", "correction": "The cat sat on the mat."})).await;
+    let (status, fb2) = post(
+        &server,
+        "/v1/feedback",
+        &alice,
+        json!({"response_id": id2, "thumbs": "down", "correction": "The cat sat on the mat."}),
+    )
+    .await;
     assert_eq!(status, 201, "{fb2}");
 
     // The review queue: users may not see it; admins accept (with an edit) or reject.
@@ -103,12 +138,24 @@ async fn feedback_names_an_answer_once_is_reviewed_and_survives_a_restart() {
     let (_, pending) = get(&server, "/admin/feedback?status=pending", &admin).await;
     assert_eq!(pending["data"].as_array().unwrap().len(), 2, "{pending}");
     let fb2_id = fb2["id"].as_str().unwrap();
-    let (status, reviewed) = post(&server, &format!("/admin/feedback/{fb2_id}/review"), &admin, json!({"action": "accept", "correction": "The cat sat on the red mat."})).await;
+    let (status, reviewed) = post(
+        &server,
+        &format!("/admin/feedback/{fb2_id}/review"),
+        &admin,
+        json!({"action": "accept", "correction": "The cat sat on the red mat."}),
+    )
+    .await;
     assert_eq!(status, 200, "{reviewed}");
     assert_eq!(reviewed["accepted_correction"], "The cat sat on the red mat.");
     let (status, _) = post(&server, "/admin/feedback/fb-missing/review", &admin, json!({"action": "reject"})).await;
     assert_eq!(status, 404);
-    let (status, _) = post(&server, &format!("/admin/feedback/{}/review", fb["id"].as_str().unwrap()), &admin, json!({"action": "reject", "correction": "x"})).await;
+    let (status, _) = post(
+        &server,
+        &format!("/admin/feedback/{}/review", fb["id"].as_str().unwrap()),
+        &admin,
+        json!({"action": "reject", "correction": "x"}),
+    )
+    .await;
     assert_eq!(status, 400);
 
     // A restart reloads answers, feedback and reviews from disk.
@@ -119,7 +166,10 @@ async fn feedback_names_an_answer_once_is_reviewed_and_survives_a_restart() {
     let (_, accepted) = get(&server, "/admin/feedback?status=accepted", &admin).await;
     let accepted = accepted["data"].as_array().unwrap().clone();
     assert_eq!(accepted.len(), 1);
-    assert_eq!((accepted[0]["id"].as_str(), accepted[0]["accepted_correction"].as_str()), (Some(fb2_id), Some("The cat sat on the red mat.")));
+    assert_eq!(
+        (accepted[0]["id"].as_str(), accepted[0]["accepted_correction"].as_str()),
+        (Some(fb2_id), Some("The cat sat on the red mat."))
+    );
 }
 
 #[tokio::test]
@@ -131,7 +181,10 @@ async fn redacted_logs_keep_no_message_text() {
     let (status, answer) = post(&server, "/v1/chat/completions", &alice, chat).await;
     assert_eq!(status, 200);
     let log = completion_log(root.path());
-    assert!(log.contains(answer["id"].as_str().unwrap()) && !log.contains("red dog") && log.contains("[redacted]"), "{log}");
+    assert!(
+        log.contains(answer["id"].as_str().unwrap()) && !log.contains("red dog") && log.contains("[redacted]"),
+        "{log}"
+    );
     // Feedback still works on a redacted answer.
     let (status, _) = post(&server, "/v1/feedback", &alice, json!({"response_id": answer["id"], "thumbs": "up"})).await;
     assert_eq!(status, 201);

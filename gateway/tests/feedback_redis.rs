@@ -10,16 +10,24 @@ use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
 fn start(root: &std::path::Path, model: &std::path::Path, dir: &str, redis: &str) -> Server {
-    let args: Vec<String> = ["--model", &model.display().to_string(), "--data-dir", &root.join(dir).display().to_string(), "--redis-url", redis]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let args: Vec<String> = [
+        "--model",
+        &model.display().to_string(),
+        "--data-dir",
+        &root.join(dir).display().to_string(),
+        "--redis-url",
+        redis,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     Server::start_raw(&args)
 }
 
 async fn answer(server: &Server) -> String {
     let chat = json!({"model": "tiny-llama", "messages": [{"role": "user", "content": "the dog"}], "max_tokens": 2});
-    let v: Value = client().post(server.url("/v1/chat/completions")).json(&chat).send().await.unwrap().json().await.unwrap();
+    let v: Value =
+        client().post(server.url("/v1/chat/completions")).json(&chat).send().await.unwrap().json().await.unwrap();
     v["id"].as_str().unwrap().to_owned()
 }
 
@@ -31,7 +39,8 @@ async fn feedback(server: &Server, id: &str) -> u16 {
 /// Response ids of the records the group has not read yet, acknowledging them.
 async fn read_group(conn: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
     let opts = redis::streams::StreamReadOptions::default().group("trainer", "t1").count(100);
-    let reply: redis::streams::StreamReadReply = conn.xread_options(&["switchyard:feedback"], &[">"], &opts).await.unwrap();
+    let reply: redis::streams::StreamReadReply =
+        conn.xread_options(&["switchyard:feedback"], &[">"], &opts).await.unwrap();
     let mut ids = Vec::new();
     for key in reply.keys {
         for entry in key.ids {

@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const TOKEN: &str = "loop-admin-token";
-const WORDS: [&str; 16] = ["a", "b", "c", "d", "the", "cat", "dog", "sat", "on", "mat", "red", "blue", "green", "hello", "world", "what"];
+const WORDS: [&str; 16] =
+    ["a", "b", "c", "d", "the", "cat", "dog", "sat", "on", "mat", "red", "blue", "green", "hello", "world", "what"];
 
 fn tiny_model(root: &Path) -> PathBuf {
     let model = root.join("tiny-llama");
@@ -24,10 +25,11 @@ fn tiny_model(root: &Path) -> PathBuf {
 }
 
 fn start(model: &Path, data: &Path, extra: &[&str]) -> Server {
-    let mut args: Vec<String> = ["--model", &model.display().to_string(), "--data-dir", &data.display().to_string(), "--admin-token", TOKEN]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut args: Vec<String> =
+        ["--model", &model.display().to_string(), "--data-dir", &data.display().to_string(), "--admin-token", TOKEN]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
     args.extend(extra.iter().map(|s| s.to_string()));
     Server::start_raw(&args)
 }
@@ -38,7 +40,8 @@ fn prompt(i: usize) -> String {
 }
 
 async fn chat(server: &Server, model: &str, text: &str) -> Value {
-    let body = json!({"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 4, "temperature": 0});
+    let body =
+        json!({"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 4, "temperature": 0});
     let resp = client().post(server.url("/v1/chat/completions")).json(&body).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     resp.json().await.unwrap()
@@ -63,7 +66,13 @@ async fn collect_feedback(server: &Server) {
         let resp = client().post(server.url("/v1/feedback")).json(&fb).send().await.unwrap();
         assert_eq!(resp.status(), 201);
         let record: Value = resp.json().await.unwrap();
-        let (status, _) = admin(server, reqwest::Method::POST, &format!("/admin/feedback/{}/review", record["id"].as_str().unwrap()), Some(json!({"action": "accept"}))).await;
+        let (status, _) = admin(
+            server,
+            reqwest::Method::POST,
+            &format!("/admin/feedback/{}/review", record["id"].as_str().unwrap()),
+            Some(json!({"action": "accept"})),
+        )
+        .await;
         assert_eq!(status, 200);
     }
 }
@@ -116,7 +125,11 @@ async fn check_candidate(server: &Server) {
     let text = answer["choices"][0]["message"]["content"].as_str().unwrap().trim().to_owned();
     assert_eq!(text, "paris", "{answer}");
     let base = chat(server, "tiny-llama", "hello the dog on a mat").await;
-    assert_ne!(base["choices"][0]["message"]["content"].as_str().unwrap().trim(), "paris", "the base model does not say it by itself");
+    assert_ne!(
+        base["choices"][0]["message"]["content"].as_str().unwrap().trim(),
+        "paris",
+        "the base model does not say it by itself"
+    );
 }
 
 #[tokio::test]
@@ -160,10 +173,17 @@ async fn the_sidecar_reads_the_redis_stream_once_and_trains_on_it() {
     let inbox = std::fs::read_to_string(sidecar_data.join("finetune/inbox.jsonl")).unwrap();
     let lines: Vec<Value> = inbox.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 48, "24 feedback records and 24 reviews, each once");
-    assert!(lines.iter().filter(|l| l.get("response_id").is_some()).all(|l| l["completion"]["answer"].is_string()), "feedback joined to its answer");
+    assert!(
+        lines.iter().filter(|l| l.get("response_id").is_some()).all(|l| l["completion"]["answer"].is_string()),
+        "feedback joined to its answer"
+    );
     let (_, adapter) = admin(&server, reqwest::Method::GET, "/admin/adapters/support-bot", None).await;
     assert_eq!(adapter["aliases"]["candidate"]["version"], 1, "{adapter}");
-    assert_eq!(adapter["aliases"]["prod"]["version"], 1, "the policy promoted it: {}", status[0]["metrics"]["decision"]);
+    assert_eq!(
+        adapter["aliases"]["prod"]["version"], 1,
+        "the policy promoted it: {}",
+        status[0]["metrics"]["decision"]
+    );
     let answer = chat(&server, "support-bot", "hello the dog on a mat").await;
     assert_eq!(answer["choices"][0]["message"]["content"].as_str().unwrap().trim(), "paris");
     // A restarted sidecar reads nothing twice.
@@ -185,8 +205,14 @@ async fn admins_start_follow_and_cancel_jobs_through_the_api() {
 
     // Bad requests are refused before anything is queued.
     for (body, param) in [
-        (json!({"adapter": "bot", "dataset": {"kind": "file", "path": "set.jsonl"}, "params": {"lora_rank": 0}}), "params"),
-        (json!({"adapter": "bot", "dataset": {"kind": "file", "path": "set.jsonl"}, "params": {"lora_rnak": 4}}), "params"),
+        (
+            json!({"adapter": "bot", "dataset": {"kind": "file", "path": "set.jsonl"}, "params": {"lora_rank": 0}}),
+            "params",
+        ),
+        (
+            json!({"adapter": "bot", "dataset": {"kind": "file", "path": "set.jsonl"}, "params": {"lora_rnak": 4}}),
+            "params",
+        ),
         (json!({"adapter": "bot", "dataset": {"kind": "file", "path": "missing.jsonl"}}), "dataset.path"),
         (json!({"adapter": "Bad Name!", "dataset": {"kind": "feedback"}}), "adapter"),
     ] {
@@ -194,7 +220,13 @@ async fn admins_start_follow_and_cancel_jobs_through_the_api() {
         assert_eq!(status, 400, "{err}");
         assert_eq!(err["error"]["param"], param, "{err}");
     }
-    let (status, err) = admin(&server, reqwest::Method::POST, jobs, Some(json!({"adapter": "bot", "dataset": {"kind": "file", "path": "../outside.jsonl"}}))).await;
+    let (status, err) = admin(
+        &server,
+        reqwest::Method::POST,
+        jobs,
+        Some(json!({"adapter": "bot", "dataset": {"kind": "file", "path": "../outside.jsonl"}})),
+    )
+    .await;
     assert!(status == 400 || status == 403, "{err}");
     let (status, _) = admin(&server, reqwest::Method::GET, "/admin/finetune/jobs/ftjob-0000", None).await;
     assert_eq!(status, 404);
@@ -215,11 +247,23 @@ async fn admins_start_follow_and_cancel_jobs_through_the_api() {
     let (status, uploaded) = upload(std::fs::read_to_string(imports.join("set.jsonl")).unwrap()).await;
     assert_eq!(status, 201, "{uploaded}");
     assert_eq!((uploaded["format"].as_str(), uploaded["examples"].as_u64()), (Some("alpaca"), Some(60)));
-    let (status, err) = admin(&server, reqwest::Method::POST, jobs, Some(json!({"adapter": "bot", "dataset": {"kind": "uploaded", "id": "ds-0000000000000000"}}))).await;
+    let (status, err) = admin(
+        &server,
+        reqwest::Method::POST,
+        jobs,
+        Some(json!({"adapter": "bot", "dataset": {"kind": "uploaded", "id": "ds-0000000000000000"}})),
+    )
+    .await;
     assert_eq!((status, err["error"]["param"].as_str()), (400, Some("dataset.id")));
 
     // One job is cancelled while queued; the other runs.
-    let (status, doomed) = admin(&server, reqwest::Method::POST, jobs, Some(json!({"adapter": "bot", "dataset": {"kind": "file", "path": "set.jsonl"}}))).await;
+    let (status, doomed) = admin(
+        &server,
+        reqwest::Method::POST,
+        jobs,
+        Some(json!({"adapter": "bot", "dataset": {"kind": "file", "path": "set.jsonl"}})),
+    )
+    .await;
     assert_eq!(status, 201);
     let path = format!("{jobs}/{}/cancel", doomed["id"].as_str().unwrap());
     let (status, cancelled) = admin(&server, reqwest::Method::POST, &path, None).await;
@@ -227,7 +271,13 @@ async fn admins_start_follow_and_cancel_jobs_through_the_api() {
     let (status, _) = admin(&server, reqwest::Method::POST, &path, None).await;
     assert_eq!(status, 409, "a finished job cannot be cancelled");
     let params = json!({"learning_rate": 1e-2, "epochs": 3, "lora_rank": 4, "save_steps": 0});
-    let (status, job) = admin(&server, reqwest::Method::POST, jobs, Some(json!({"adapter": "bot", "dataset": {"kind": "uploaded", "id": uploaded["id"]}, "params": params}))).await;
+    let (status, job) = admin(
+        &server,
+        reqwest::Method::POST,
+        jobs,
+        Some(json!({"adapter": "bot", "dataset": {"kind": "uploaded", "id": uploaded["id"]}, "params": params})),
+    )
+    .await;
     assert_eq!((status, job["state"].as_str()), (201, Some("queued")), "{job}");
     let id = job["id"].as_str().unwrap().to_owned();
 
@@ -237,7 +287,10 @@ async fn admins_start_follow_and_cancel_jobs_through_the_api() {
         tokio::spawn(async move { client().get(url).bearer_auth(TOKEN).send().await.unwrap().text().await.unwrap() })
     };
     run_sidecar(sidecar(&server, &data, &model, None)).await;
-    let streamed = tokio::time::timeout(Duration::from_secs(30), follow).await.expect("the event stream ends with the job").unwrap();
+    let streamed = tokio::time::timeout(Duration::from_secs(30), follow)
+        .await
+        .expect("the event stream ends with the job")
+        .unwrap();
     let events = common::sse_data(&streamed);
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     let steps: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
@@ -255,25 +308,53 @@ async fn admins_start_follow_and_cancel_jobs_through_the_api() {
     assert_eq!(adapter["aliases"]["candidate"]["version"], 1);
 
     // A job whose data is bad fails with a reason and leaves the registry as it was.
-    std::fs::write(imports.join("dups.jsonl"), format!("{}\n", json!({"instruction": "hi", "output": "paris"})).repeat(6)).unwrap();
-    let (_, bad) = admin(&server, reqwest::Method::POST, jobs, Some(json!({"adapter": "bot", "dataset": {"kind": "file", "path": "dups.jsonl"}}))).await;
+    std::fs::write(
+        imports.join("dups.jsonl"),
+        format!("{}\n", json!({"instruction": "hi", "output": "paris"})).repeat(6),
+    )
+    .unwrap();
+    let (_, bad) = admin(
+        &server,
+        reqwest::Method::POST,
+        jobs,
+        Some(json!({"adapter": "bot", "dataset": {"kind": "file", "path": "dups.jsonl"}})),
+    )
+    .await;
     run_sidecar(sidecar(&server, &data, &model, None)).await;
-    let (_, failed) = admin(&server, reqwest::Method::GET, &format!("{jobs}/{}", bad["id"].as_str().unwrap()), None).await;
-    assert_eq!((failed["state"].as_str(), failed["error"]["code"].as_str()), (Some("failed"), Some("too_few_examples")), "{failed}");
+    let (_, failed) =
+        admin(&server, reqwest::Method::GET, &format!("{jobs}/{}", bad["id"].as_str().unwrap()), None).await;
+    assert_eq!(
+        (failed["state"].as_str(), failed["error"]["code"].as_str()),
+        (Some("failed"), Some("too_few_examples")),
+        "{failed}"
+    );
     let (_, after) = admin(&server, reqwest::Method::GET, "/admin/adapters/bot", None).await;
     assert_eq!(after["versions"].as_array().unwrap().len(), 1, "no version from a failed job");
     let report = data.join("finetune/jobs").join(bad["id"].as_str().unwrap()).join("report.json");
     assert!(report.is_file(), "the failed job still wrote its curation report");
 
     // Once a version serves as `prod`, the next job is evaluated against it too.
-    let (status, _) = admin(&server, reqwest::Method::PUT, "/admin/adapters/bot/aliases/prod", Some(json!({"version": 1}))).await;
+    let (status, _) =
+        admin(&server, reqwest::Method::PUT, "/admin/adapters/bot/aliases/prod", Some(json!({"version": 1}))).await;
     assert_eq!(status, 200);
-    let (_, second) = admin(&server, reqwest::Method::POST, jobs, Some(json!({"adapter": "bot", "dataset": {"kind": "file", "path": "set.jsonl"}, "params": params}))).await;
+    let (_, second) = admin(
+        &server,
+        reqwest::Method::POST,
+        jobs,
+        Some(json!({"adapter": "bot", "dataset": {"kind": "file", "path": "set.jsonl"}, "params": params})),
+    )
+    .await;
     run_sidecar(sidecar(&server, &data, &model, None)).await;
-    let (_, second) = admin(&server, reqwest::Method::GET, &format!("{jobs}/{}", second["id"].as_str().unwrap()), None).await;
+    let (_, second) =
+        admin(&server, reqwest::Method::GET, &format!("{jobs}/{}", second["id"].as_str().unwrap()), None).await;
     assert_eq!((second["state"].as_str(), second["version"].as_u64()), (Some("succeeded"), Some(2)), "{second}");
-    let names: Vec<&str> = second["metrics"]["eval"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> =
+        second["metrics"]["eval"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["base", "prod (v1)", "candidate"]);
     let (_, adapter) = admin(&server, reqwest::Method::GET, "/admin/adapters/bot", None).await;
-    assert_eq!((adapter["aliases"]["prod"]["version"].as_u64(), adapter["aliases"]["candidate"]["version"].as_u64()), (Some(1), Some(2)), "no policy: prod stays");
+    assert_eq!(
+        (adapter["aliases"]["prod"]["version"].as_u64(), adapter["aliases"]["candidate"]["version"].as_u64()),
+        (Some(1), Some(2)),
+        "no policy: prod stays"
+    );
 }

@@ -22,14 +22,16 @@ macro_rules! on_every_engine {
     )*};
 }
 
-on_every_engine!(greedy_answer_names_paris_with_openai_shape,
+on_every_engine!(
+    greedy_answer_names_paris_with_openai_shape,
     streamed_chunks_concatenate_to_the_whole_answer,
     usage_matches_the_tokenizer_count,
     stop_sequences_and_seeds_behave_like_openai,
     bad_input_gets_the_openai_error_shape,
     eight_concurrent_requests_all_complete,
     a_dropped_stream_frees_its_slot,
-    models_health_and_ready);
+    models_health_and_ready
+);
 
 fn chat_body(question: &str, extra: Value) -> Value {
     let mut body = json!({
@@ -63,7 +65,8 @@ async fn stream(server: &Server, path: &str, body: &Value) -> (String, String, O
     let body = res.text().await.expect("body");
     let data = sse_data(&body);
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "stream must end with [DONE]: {body}");
-    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).expect("chunk json")).collect();
+    let chunks: Vec<Value> =
+        data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).expect("chunk json")).collect();
     let mut text = String::new();
     let mut finish = String::new();
     let mut usage = None;
@@ -85,7 +88,8 @@ async fn stream(server: &Server, path: &str, body: &Value) -> (String, String, O
 
 async fn greedy_answer_names_paris_with_openai_shape(engine: &str) {
     let server = Server::start(&["--engine", engine]);
-    let (status, body) = post(&server, "/v1/chat/completions", &chat_body("What is the capital of France?", json!({}))).await;
+    let (status, body) =
+        post(&server, "/v1/chat/completions", &chat_body("What is the capital of France?", json!({}))).await;
     assert_eq!(status, 200, "{body}");
     let answer = body["choices"][0]["message"]["content"].as_str().expect("content");
     assert!(answer.contains("Paris"), "answer: {answer}");
@@ -95,7 +99,8 @@ async fn greedy_answer_names_paris_with_openai_shape(engine: &str) {
     assert!(matches!(body["choices"][0]["finish_reason"].as_str(), Some("stop" | "length")));
     assert!(body["id"].as_str().unwrap().starts_with("chatcmpl-"));
     assert!(body["created"].as_u64().unwrap() > 1_700_000_000);
-    let (_, again) = post(&server, "/v1/chat/completions", &chat_body("What is the capital of France?", json!({}))).await;
+    let (_, again) =
+        post(&server, "/v1/chat/completions", &chat_body("What is the capital of France?", json!({}))).await;
     assert_ne!(body["id"], again["id"], "every response has its own id");
     assert_eq!(again["choices"][0]["message"]["content"], body["choices"][0]["message"]["content"]);
 }
@@ -139,8 +144,12 @@ async fn streamed_chunks_concatenate_to_the_whole_answer(engine: &str) {
 async fn usage_matches_the_tokenizer_count(engine: &str) {
     let server = Server::start(&["--engine", engine]);
     let messages = json!([{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]);
-    let (status, body) = post(&server, "/v1/chat/completions",
-        &json!({"model": MODEL_ID, "messages": messages, "temperature": 0, "max_tokens": 30})).await;
+    let (status, body) = post(
+        &server,
+        "/v1/chat/completions",
+        &json!({"model": MODEL_ID, "messages": messages, "temperature": 0, "max_tokens": 30}),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     let (_, prompt) = post(&server, "/tokenize", &json!({"model": MODEL_ID, "messages": messages})).await;
     assert_eq!(body["usage"]["prompt_tokens"], prompt["count"]);
@@ -184,17 +193,62 @@ async fn bad_input_gets_the_openai_error_shape(engine: &str) {
     let cases: Vec<(&str, String, u16, &str)> = vec![
         ("/v1/chat/completions", "{not json".into(), 400, "invalid_json"),
         ("/v1/chat/completions", json!({"model": MODEL_ID, "messages": "hi"}).to_string(), 400, "invalid_type"),
-        ("/v1/chat/completions", json!({"model": MODEL_ID, "messages": user, "max_tokens": "ten"}).to_string(), 400, "invalid_type"),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL_ID, "messages": user, "max_tokens": "ten"}).to_string(),
+            400,
+            "invalid_type",
+        ),
         ("/v1/chat/completions", json!({"model": "gpt-9", "messages": user}).to_string(), 404, "model_not_found"),
         ("/v1/chat/completions", json!({"model": MODEL_ID, "messages": []}).to_string(), 400, "invalid_value"),
-        ("/v1/chat/completions", json!({"model": MODEL_ID, "messages": [{"role": "wizard", "content": "x"}]}).to_string(), 400, "invalid_value"),
-        ("/v1/chat/completions", json!({"model": MODEL_ID, "messages": user, "max_tokens": 0}).to_string(), 400, "invalid_value"),
-        ("/v1/chat/completions", json!({"model": MODEL_ID, "messages": user, "max_tokens": 1000}).to_string(), 400, "context_length_exceeded"),
-        ("/v1/completions", json!({"model": MODEL_ID, "prompt": long_prompt.clone()}).to_string(), 413, "payload_too_large"),
-        ("/v1/completions", json!({"model": MODEL_ID, "prompt": "word ".repeat(300)}).to_string(), 400, "context_length_exceeded"),
-        ("/v1/chat/completions", json!({"model": MODEL_ID, "messages": user, "n": 2}).to_string(), 400, "unsupported_parameter"),
-        ("/v1/chat/completions", json!({"model": MODEL_ID, "messages": user, "logprobs": true}).to_string(), 400, "unsupported_parameter"),
-        ("/v1/chat/completions", json!({"model": MODEL_ID, "messages": user, "best_of_luck": 1}).to_string(), 400, "unknown_parameter"),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL_ID, "messages": [{"role": "wizard", "content": "x"}]}).to_string(),
+            400,
+            "invalid_value",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL_ID, "messages": user, "max_tokens": 0}).to_string(),
+            400,
+            "invalid_value",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL_ID, "messages": user, "max_tokens": 1000}).to_string(),
+            400,
+            "context_length_exceeded",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": MODEL_ID, "prompt": long_prompt.clone()}).to_string(),
+            413,
+            "payload_too_large",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": MODEL_ID, "prompt": "word ".repeat(300)}).to_string(),
+            400,
+            "context_length_exceeded",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL_ID, "messages": user, "n": 2}).to_string(),
+            400,
+            "unsupported_parameter",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL_ID, "messages": user, "logprobs": true}).to_string(),
+            400,
+            "unsupported_parameter",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL_ID, "messages": user, "best_of_luck": 1}).to_string(),
+            400,
+            "unknown_parameter",
+        ),
         ("/v1/completions", json!({"model": MODEL_ID, "prompt": ["a", "b"]}).to_string(), 400, "unsupported_parameter"),
         ("/v1/nothing-here", "{}".into(), 404, "not_found"),
     ];
@@ -220,8 +274,16 @@ async fn bad_input_gets_the_openai_error_shape(engine: &str) {
 
 async fn eight_concurrent_requests_all_complete(engine: &str) {
     let server = Server::start(&["--engine", engine]);
-    let questions = ["capital of France", "capital of Spain", "capital of Italy", "capital of Japan",
-        "capital of Peru", "capital of Egypt", "capital of Canada", "capital of Kenya"];
+    let questions = [
+        "capital of France",
+        "capital of Spain",
+        "capital of Italy",
+        "capital of Japan",
+        "capital of Peru",
+        "capital of Egypt",
+        "capital of Canada",
+        "capital of Kenya",
+    ];
     let requests = questions.iter().enumerate().map(|(i, q)| {
         let body = chat_body(&format!("What is the {q}?"), json!({"max_tokens": 24, "stream": i % 2 == 0}));
         let url = server.url("/v1/chat/completions");
@@ -248,7 +310,8 @@ async fn a_dropped_stream_frees_its_slot(engine: &str) {
     assert!(String::from_utf8_lossy(&first).starts_with("data: "));
 
     // The one slot is taken: a second request is refused at once, not queued.
-    let (status, err) = post(&server, "/v1/completions", &json!({"model": MODEL_ID, "prompt": "hi", "max_tokens": 2})).await;
+    let (status, err) =
+        post(&server, "/v1/completions", &json!({"model": MODEL_ID, "prompt": "hi", "max_tokens": 2})).await;
     assert_eq!(status, 429, "{err}");
     assert_eq!(err["error"]["code"], "concurrency_limit_exceeded");
 
@@ -264,7 +327,8 @@ async fn a_dropped_stream_frees_its_slot(engine: &str) {
         assert!(std::time::Instant::now() < deadline, "slot still held 30 s after the client left:\n{page}");
         tokio::task::yield_now().await;
     }
-    let (status, body) = post(&server, "/v1/completions", &json!({"model": MODEL_ID, "prompt": "hi", "max_tokens": 2})).await;
+    let (status, body) =
+        post(&server, "/v1/completions", &json!({"model": MODEL_ID, "prompt": "hi", "max_tokens": 2})).await;
     assert_eq!(status, 200, "{body}");
 }
 

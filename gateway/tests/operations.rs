@@ -51,12 +51,17 @@ async fn the_spec_and_swagger_ui_are_served_without_a_token() {
     let root = tempfile::tempdir().unwrap();
     let model = root.path().join("tiny-llama");
     adapters::testing::write_tiny_llama(&model, 1).unwrap();
-    let args: Vec<String> = ["--model", &model.display().to_string(), "--auth", "on", "--jwt-hs256-secret", "s3cret-for-docs-test"]
-        .iter().map(|s| s.to_string()).collect();
+    let args: Vec<String> =
+        ["--model", &model.display().to_string(), "--auth", "on", "--jwt-hs256-secret", "s3cret-for-docs-test"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
     let server = Server::start_raw(&args);
     let spec: serde_json::Value = client().get(server.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
     assert_eq!(spec["openapi"], "3.1.0");
-    assert!(spec["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]["text/event-stream"].is_object());
+    assert!(
+        spec["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]["text/event-stream"].is_object()
+    );
     let page = client().get(server.url("/docs/")).send().await.unwrap();
     assert_eq!(page.status(), 200);
     assert!(page.text().await.unwrap().to_lowercase().contains("swagger"));

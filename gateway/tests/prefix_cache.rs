@@ -10,7 +10,8 @@ use serde_json::{json, Value};
 const TOKEN: &str = "prefix-admin-token";
 
 fn messages(turns: &[(&str, &str)]) -> Value {
-    let mut all = vec![json!({"role": "system", "content": "You are a helpful assistant who answers in one sentence."})];
+    let mut all =
+        vec![json!({"role": "system", "content": "You are a helpful assistant who answers in one sentence."})];
     all.extend(turns.iter().map(|(role, content)| json!({"role": role, "content": content})));
     Value::Array(all)
 }
@@ -23,7 +24,9 @@ async fn chat(server: &Server, model: &str, messages: &Value) -> Value {
 }
 
 fn cached(body: &Value) -> u64 {
-    body["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or_else(|| panic!("no cached_tokens: {body}"))
+    body["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no cached_tokens: {body}"))
 }
 
 fn prompt_tokens(body: &Value) -> u64 {
@@ -56,15 +59,22 @@ async fn repeated_shared_and_follow_up_prompts_reuse_their_prefix_and_answer_the
     assert_eq!(content(&b), content(&b_plain), "copied keys and values answer as computed ones do");
 
     // The next turn of the first chat starts with the whole first conversation, answer included.
-    let follow_up = messages(&[("user", "What is the capital of France?"), ("assistant", content(&a)), ("user", "And of Italy?")]);
+    let follow_up =
+        messages(&[("user", "What is the capital of France?"), ("assistant", content(&a)), ("user", "And of Italy?")]);
     let c = chat(&server, MODEL_ID, &follow_up).await;
-    assert!(cached(&c) > prompt_tokens(&a), "the first answer's tokens were reused too: {} of {}", cached(&c), prompt_tokens(&c));
+    assert!(
+        cached(&c) > prompt_tokens(&a),
+        "the first answer's tokens were reused too: {} of {}",
+        cached(&c),
+        prompt_tokens(&c)
+    );
     assert_eq!(content(&c), content(&chat(&plain, MODEL_ID, &follow_up).await));
 
     // Streams report it in their usage chunk as well.
     let body = json!({"model": MODEL_ID, "messages": first, "temperature": 0, "max_tokens": 8, "stream": true,
         "stream_options": {"include_usage": true}});
-    let text = client().post(server.url("/v1/chat/completions")).json(&body).send().await.unwrap().text().await.unwrap();
+    let text =
+        client().post(server.url("/v1/chat/completions")).json(&body).send().await.unwrap().text().await.unwrap();
     let usage = sse_data(&text)
         .iter()
         .filter(|d| *d != "[DONE]")
@@ -76,7 +86,8 @@ async fn repeated_shared_and_follow_up_prompts_reuse_their_prefix_and_answer_the
 
     let page = client().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
     let counted = metric_with(&page, "switchyard_cached_prompt_tokens_total", &[("model", MODEL_ID)]).unwrap();
-    let reported = cached(&again) + cached(&b) + cached(&c) + usage["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    let reported =
+        cached(&again) + cached(&b) + cached(&c) + usage["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
     assert_eq!(counted as u64, reported);
     assert!(metric(&page, "switchyard_prefix_cache_bytes").unwrap() > 0.0);
 }
@@ -88,9 +99,14 @@ async fn adapters_never_share_prefixes_and_concurrent_twins_compute_once() {
     let shape = adapters::BaseModelShape::smollm2_135m();
     adapters::testing::write_random_adapter(&imports.join("v1"), &shape, 4, 10, false).unwrap();
     let server = Server::start(&[
-        "--engine", "candle", "--admin-token", TOKEN,
-        "--import-root", &imports.display().to_string(),
-        "--data-dir", &root.path().join("data").display().to_string(),
+        "--engine",
+        "candle",
+        "--admin-token",
+        TOKEN,
+        "--import-root",
+        &imports.display().to_string(),
+        "--data-dir",
+        &root.path().join("data").display().to_string(),
     ]);
     let res = client()
         .post(server.url("/admin/adapters/bot/versions"))
@@ -118,6 +134,10 @@ async fn adapters_never_share_prefixes_and_concurrent_twins_compute_once() {
     let answers = futures::future::join_all((0..16).map(|_| chat(&server, MODEL_ID, &fresh))).await;
     let n = prompt_tokens(&answers[0]);
     let copied = answers.iter().filter(|a| cached(a) == n - 1).count();
-    assert!(copied >= 15, "only {copied} of 16 twins copied the prompt: {:?}", answers.iter().map(cached).collect::<Vec<_>>());
+    assert!(
+        copied >= 15,
+        "only {copied} of 16 twins copied the prompt: {:?}",
+        answers.iter().map(cached).collect::<Vec<_>>()
+    );
     assert!(answers.iter().all(|a| content(a) == content(&answers[0])));
 }

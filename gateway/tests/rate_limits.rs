@@ -74,7 +74,8 @@ async fn tokens_per_minute_count_prompt_and_completion() {
 async fn concurrent_streams_per_key_are_capped() {
     // The real model: a 2000-token stream lasts far longer than this test.
     let server = Server::start(&["--max-streams-per-key", "1"]);
-    let long = json!({"model": MODEL_ID, "prompt": "Tell a story.", "max_tokens": 2000, "ignore_eos": true, "stream": true});
+    let long =
+        json!({"model": MODEL_ID, "prompt": "Tell a story.", "max_tokens": 2000, "ignore_eos": true, "stream": true});
     let res = client().post(server.url("/v1/completions")).json(&long).send().await.unwrap();
     let mut held = res.bytes_stream();
     held.next().await.unwrap().unwrap();
@@ -95,8 +96,14 @@ async fn two_replicas_share_one_limit_and_survive_a_redis_restart() {
     let url = format!("redis://127.0.0.1:{port}");
     let root = tempfile::tempdir().unwrap();
     let model = tiny(root.path());
-    let a = start(&model, &["--rate-limit-rpm", "6", "--redis-url", &url, "--data-dir", &root.path().join("a").display().to_string()]);
-    let b = start(&model, &["--rate-limit-rpm", "6", "--redis-url", &url, "--data-dir", &root.path().join("b").display().to_string()]);
+    let a = start(
+        &model,
+        &["--rate-limit-rpm", "6", "--redis-url", &url, "--data-dir", &root.path().join("a").display().to_string()],
+    );
+    let b = start(
+        &model,
+        &["--rate-limit-rpm", "6", "--redis-url", &url, "--data-dir", &root.path().join("b").display().to_string()],
+    );
     // Wait until both replicas count in Redis (their connection is made in the background).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let mut shared = false;
@@ -149,8 +156,16 @@ async fn two_replicas_share_one_token_window() {
     let model = tiny(root.path());
     let limit = 60u64;
     let args = |dir: &str| {
-        vec!["--rate-limit-tpm".to_owned(), limit.to_string(), "--rate-limit-rpm".to_owned(), "1000".to_owned(),
-            "--redis-url".to_owned(), url.clone(), "--data-dir".to_owned(), root.path().join(dir).display().to_string()]
+        vec![
+            "--rate-limit-tpm".to_owned(),
+            limit.to_string(),
+            "--rate-limit-rpm".to_owned(),
+            "1000".to_owned(),
+            "--redis-url".to_owned(),
+            url.clone(),
+            "--data-dir".to_owned(),
+            root.path().join(dir).display().to_string(),
+        ]
     };
     let a = start(&model, &args("a").iter().map(String::as_str).collect::<Vec<_>>());
     let b = start(&model, &args("b").iter().map(String::as_str).collect::<Vec<_>>());
@@ -160,7 +175,9 @@ async fn two_replicas_share_one_token_window() {
         loop {
             let res = complete(server, 1).await;
             assert_eq!(res.status(), 200);
-            if header(&res, "x-ratelimit-limit-requests") == "1000" && header(&res, "x-ratelimit-remaining-requests") != "999" {
+            if header(&res, "x-ratelimit-limit-requests") == "1000"
+                && header(&res, "x-ratelimit-remaining-requests") != "999"
+            {
                 break;
             }
             assert!(std::time::Instant::now() < deadline, "a replica never used Redis");
@@ -187,5 +204,8 @@ async fn two_replicas_share_one_token_window() {
     }
     assert!(refused.is_some(), "never refused after {used} tokens");
     // Charges land just after each answer, so the window may trail by one request.
-    assert!(used >= limit && used < limit + 2 * per_request, "refused after {used} tokens for a shared limit of {limit}");
+    assert!(
+        used >= limit && used < limit + 2 * per_request,
+        "refused after {used} tokens for a shared limit of {limit}"
+    );
 }

@@ -16,8 +16,16 @@ fn redis_url() -> String {
 
 fn start(model: &std::path::Path, data: &std::path::Path, imports: &std::path::Path) -> Server {
     let args: Vec<String> = [
-        "--model", &model.display().to_string(), "--data-dir", &data.display().to_string(),
-        "--admin-token", TOKEN, "--import-root", &imports.display().to_string(), "--redis-url", &redis_url(),
+        "--model",
+        &model.display().to_string(),
+        "--data-dir",
+        &data.display().to_string(),
+        "--admin-token",
+        TOKEN,
+        "--import-root",
+        &imports.display().to_string(),
+        "--redis-url",
+        &redis_url(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -45,7 +53,10 @@ async fn until_served(server: &Server, model: &str, want: &str) -> Duration {
         if status == 200 && text == want {
             return started.elapsed();
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "{model} on the second replica never answered with the new version");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{model} on the second replica never answered with the new version"
+        );
     }
 }
 
@@ -90,9 +101,21 @@ async fn a_replica_that_missed_a_change_catches_up_when_redis_returns() {
     adapters::testing::write_random_adapter(&imports.join("v2"), &shape, 4, 42, false).unwrap();
     let data = root.path().join("data");
     let start = || {
-        let args: Vec<String> = ["--model", &model.display().to_string(), "--data-dir", &data.display().to_string(),
-            "--admin-token", TOKEN, "--import-root", &imports.display().to_string(), "--redis-url", &url]
-            .iter().map(|s| s.to_string()).collect();
+        let args: Vec<String> = [
+            "--model",
+            &model.display().to_string(),
+            "--data-dir",
+            &data.display().to_string(),
+            "--admin-token",
+            TOKEN,
+            "--import-root",
+            &imports.display().to_string(),
+            "--redis-url",
+            &url,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         Server::start_raw(&args)
     };
     let (a, b) = (start(), start());

@@ -174,7 +174,12 @@ struct AdapterTimings {
     promote_to_first_token_ms: f64,
 }
 
-fn admin_request(client: &reqwest::Client, args: &Args, method: reqwest::Method, path: &str) -> Result<reqwest::RequestBuilder> {
+fn admin_request(
+    client: &reqwest::Client,
+    args: &Args,
+    method: reqwest::Method,
+    path: &str,
+) -> Result<reqwest::RequestBuilder> {
     let token = args.admin_token.as_deref().context("this needs --admin-token")?;
     Ok(client.request(method, format!("{}{path}", args.url)).bearer_auth(token))
 }
@@ -186,10 +191,11 @@ async fn flip_aliases(client: &reqwest::Client, args: &Args, done: &std::sync::a
     let (mut moves, mut failures) = (0, 0);
     while moves < args.flips && !done.load(std::sync::atomic::Ordering::Relaxed) {
         let target = args.flip_versions[moves % args.flip_versions.len()];
-        let ok = match admin_request(client, args, reqwest::Method::PUT, &format!("/admin/adapters/{name}/aliases/prod")) {
-            Ok(req) => req.json(&json!({"version": target})).send().await.is_ok_and(|r| r.status().is_success()),
-            Err(_) => false,
-        };
+        let ok =
+            match admin_request(client, args, reqwest::Method::PUT, &format!("/admin/adapters/{name}/aliases/prod")) {
+                Ok(req) => req.json(&json!({"version": target})).send().await.is_ok_and(|r| r.status().is_success()),
+                Err(_) => false,
+            };
         moves += 1;
         if !ok {
             failures += 1;
@@ -208,7 +214,8 @@ async fn adapter_timings(client: &reqwest::Client, args: &Args, name: &str) -> R
         .error_for_status()?
         .json()
         .await?;
-    let versions: Vec<u64> = info["versions"].as_array().context("no versions")?.iter().filter_map(|m| m["version"].as_u64()).collect();
+    let versions: Vec<u64> =
+        info["versions"].as_array().context("no versions")?.iter().filter_map(|m| m["version"].as_u64()).collect();
     let newest = *versions.iter().max().context("the adapter has no versions")?;
     let model = format!("{name}@{newest}");
     let cold = one_request(client, args, &model).await?.0.ttft;
@@ -291,7 +298,11 @@ async fn run_level(client: &reqwest::Client, args: &Args, concurrency: usize) ->
         wall_s: wall.as_secs_f64(),
         aggregate_tok_s: total_tokens as f64 / wall.as_secs_f64(),
         per_stream_decode_tok_s_mean: decode.iter().sum::<f64>() / decode.len().max(1) as f64,
-        per_stream_decode_tok_s_min: if decode.is_empty() { 0.0 } else { decode.iter().copied().fold(f64::INFINITY, f64::min) },
+        per_stream_decode_tok_s_min: if decode.is_empty() {
+            0.0
+        } else {
+            decode.iter().copied().fold(f64::INFINITY, f64::min)
+        },
         ttft_ms_p50: percentile(&ttft, 0.5),
         ttft_ms_p99: percentile(&ttft, 0.99),
         itl_ms_p50: percentile(&itl, 0.5),
@@ -303,7 +314,10 @@ async fn run_level(client: &reqwest::Client, args: &Args, concurrency: usize) ->
 fn markdown(r: &Report) -> String {
     let mut s = format!(
         "Models `{}` at {}, {} generated tokens per request (EOS ignored), {}-token prompt.\n\n",
-        r.models.join(","), r.url, r.max_tokens, r.prompt_tokens
+        r.models.join(","),
+        r.url,
+        r.max_tokens,
+        r.prompt_tokens
     );
     if let Some(t) = &r.adapter_timings {
         s.push_str(&format!(
@@ -316,8 +330,17 @@ fn markdown(r: &Report) -> String {
     for l in &r.levels {
         s.push_str(&format!(
             "| {} | {} | {} | {} ({}) | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} |\n",
-            l.concurrency, l.requests, l.failures, l.alias_moves, l.alias_move_failures, l.aggregate_tok_s,
-            l.per_stream_decode_tok_s_mean, l.ttft_ms_p50, l.ttft_ms_p99, l.itl_ms_p50, l.itl_ms_p99
+            l.concurrency,
+            l.requests,
+            l.failures,
+            l.alias_moves,
+            l.alias_move_failures,
+            l.aggregate_tok_s,
+            l.per_stream_decode_tok_s_mean,
+            l.ttft_ms_p50,
+            l.ttft_ms_p99,
+            l.itl_ms_p50,
+            l.itl_ms_p99
         ));
     }
     s
@@ -356,14 +379,22 @@ async fn main() -> Result<()> {
         prompt_tokens = p;
         levels.push(level);
     }
-    let report = Report { url: args.url.clone(), models: args.models.clone(), adapter_timings, max_tokens: args.max_tokens, prompt_tokens, levels };
+    let report = Report {
+        url: args.url.clone(),
+        models: args.models.clone(),
+        adapter_timings,
+        max_tokens: args.max_tokens,
+        prompt_tokens,
+        levels,
+    };
     let md = markdown(&report);
     println!("{md}");
     if let Some(path) = &args.out {
         std::fs::write(path, &md).with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if report.levels.iter().any(|l| l.failures > 0 || l.alias_move_failures > 0) {
         bail!("some requests or alias moves failed");

@@ -186,7 +186,16 @@ impl QMatrix {
     /// # Safety
     /// As for [`Self::fused_tile`].
     #[allow(clippy::too_many_arguments)]
-    unsafe fn decode_tile(&self, x: &[f32], xq: Option<&q8::Q8Rows>, n: usize, r0: usize, r1: usize, out: OutPtr, ldy: usize) {
+    unsafe fn decode_tile(
+        &self,
+        x: &[f32],
+        xq: Option<&q8::Q8Rows>,
+        n: usize,
+        r0: usize,
+        r1: usize,
+        out: OutPtr,
+        ldy: usize,
+    ) {
         match (xq, self.q8_codes()) {
             // SAFETY: forwarded from the caller.
             (Some(xq), Some(codes)) => unsafe { q8::tile(codes, self.cols / BLOCK, r0, r1, xq, n, out.0, ldy) },
@@ -282,9 +291,13 @@ impl QMatrix {
                 #[cfg(target_arch = "x86_64")]
                 match isa() {
                     // SAFETY: the ISA was detected; the slices cover blocks b0..b1 and `out`.
-                    Isa::Avx512 => return unsafe { x86::dequant_q4_1_avx512(&qs[b0 * 16..b1 * 16], &d[b0..b1], &m[b0..b1], out) },
+                    Isa::Avx512 => {
+                        return unsafe { x86::dequant_q4_1_avx512(&qs[b0 * 16..b1 * 16], &d[b0..b1], &m[b0..b1], out) }
+                    }
                     // SAFETY: as above.
-                    Isa::Avx2 => return unsafe { x86::dequant_q4_1_avx2(&qs[b0 * 16..b1 * 16], &d[b0..b1], &m[b0..b1], out) },
+                    Isa::Avx2 => {
+                        return unsafe { x86::dequant_q4_1_avx2(&qs[b0 * 16..b1 * 16], &d[b0..b1], &m[b0..b1], out) }
+                    }
                     Isa::Portable => {}
                 }
                 for (i, dst) in out.chunks_exact_mut(BLOCK).enumerate() {
@@ -303,9 +316,13 @@ impl QMatrix {
                 #[cfg(target_arch = "x86_64")]
                 match isa() {
                     // SAFETY: as above.
-                    Isa::Avx512 => return unsafe { x86::dequant_q8_0_avx512(&qs[b0 * BLOCK..b1 * BLOCK], &d[b0..b1], out) },
+                    Isa::Avx512 => {
+                        return unsafe { x86::dequant_q8_0_avx512(&qs[b0 * BLOCK..b1 * BLOCK], &d[b0..b1], out) }
+                    }
                     // SAFETY: as above.
-                    Isa::Avx2 => return unsafe { x86::dequant_q8_0_avx2(&qs[b0 * BLOCK..b1 * BLOCK], &d[b0..b1], out) },
+                    Isa::Avx2 => {
+                        return unsafe { x86::dequant_q8_0_avx2(&qs[b0 * BLOCK..b1 * BLOCK], &d[b0..b1], out) }
+                    }
                     Isa::Portable => {}
                 }
                 for (i, dst) in out.chunks_exact_mut(BLOCK).enumerate() {
@@ -338,15 +355,19 @@ impl QMatrix {
         if n <= FUSED_MAX {
             let tile = fused_tile(self.rows, n);
             let xq = self.rounded(x, n);
-            claimed_tiles(self.rows.div_ceil(tile), || {}, |t| {
-                let (r0, r1) = (t * tile, ((t + 1) * tile).min(self.rows));
-                prefetch_low_rank(extra, r0, r1);
-                // SAFETY: tiles cover disjoint column ranges of `y`, inside the bounds checked above.
-                unsafe {
-                    self.decode_tile(x, xq.as_ref(), n, r0, r1, out, ldy);
-                    add_low_rank(extra, r0, r1, out, ldy);
-                }
-            });
+            claimed_tiles(
+                self.rows.div_ceil(tile),
+                || {},
+                |t| {
+                    let (r0, r1) = (t * tile, ((t + 1) * tile).min(self.rows));
+                    prefetch_low_rank(extra, r0, r1);
+                    // SAFETY: tiles cover disjoint column ranges of `y`, inside the bounds checked above.
+                    unsafe {
+                        self.decode_tile(x, xq.as_ref(), n, r0, r1, out, ldy);
+                        add_low_rank(extra, r0, r1, out, ldy);
+                    }
+                },
+            );
             Self::give_back(xq);
         } else {
             (0..self.rows.div_ceil(GEMM_TILE)).into_par_iter().for_each(|t| {
@@ -370,8 +391,15 @@ impl QMatrix {
     /// [`Self::matmul_plus`] with the terms computed first. Terms must not overlap (they never
     /// do: each is one module's columns for one run of sequences' rows); the sums are then
     /// bit for bit those of `matmul_plus`.
-    pub fn matmul_plus_prepared<'t, F>(&self, x: &[f32], n: usize, y: &mut [f32], ldy: usize, delta: &mut Vec<f32>, prepare: F)
-    where
+    pub fn matmul_plus_prepared<'t, F>(
+        &self,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+        ldy: usize,
+        delta: &mut Vec<f32>,
+        prepare: F,
+    ) where
         F: FnOnce() -> Vec<LowRank<'t>> + Send,
     {
         if n > FUSED_MAX || n == 0 {
@@ -431,24 +459,40 @@ impl QMatrix {
                     // One to a few rows: the scaled kernels (half the arithmetic per block, which is
                     // what so few rows are bound by); up to three rows, one weight row per pass;
                     // more rows, two weight rows per pass, sharing each activation load.
-                    (Packed::Q4_1 { d, m, qs }, Isa::Avx512) if n <= x86::SCALED_ROWS_AVX512 && nb <= x86::SCALED_BLOCKS => {
+                    (Packed::Q4_1 { d, m, qs }, Isa::Avx512)
+                        if n <= x86::SCALED_ROWS_AVX512 && nb <= x86::SCALED_BLOCKS =>
+                    {
                         x86::q4_1_tile_scaled_avx512(qs, d, m, nb, r0, r1, x, n, out.0, ldy)
                     }
-                    (Packed::Q8_0 { d, qs }, Isa::Avx512) if n <= x86::SCALED_ROWS_AVX512 && nb <= x86::SCALED_BLOCKS => {
+                    (Packed::Q8_0 { d, qs }, Isa::Avx512)
+                        if n <= x86::SCALED_ROWS_AVX512 && nb <= x86::SCALED_BLOCKS =>
+                    {
                         x86::q8_0_tile_scaled_avx512(qs, d, nb, r0, r1, x, n, out.0, ldy)
                     }
-                    (Packed::Q4_1 { d, m, qs }, Isa::Avx512) if n < PAIR_ROWS => x86::q4_1_tile_avx512(qs, d, m, nb, r0, r1, x, n, out.0, ldy),
-                    (Packed::Q4_1 { d, m, qs }, Isa::Avx512) => x86::q4_1_tile_pairs_avx512(qs, d, m, nb, r0, r1, x, n, out.0, ldy),
-                    (Packed::Q8_0 { d, qs }, Isa::Avx512) if n < PAIR_ROWS => x86::q8_0_tile_avx512(qs, d, &[], nb, r0, r1, x, n, out.0, ldy),
+                    (Packed::Q4_1 { d, m, qs }, Isa::Avx512) if n < PAIR_ROWS => {
+                        x86::q4_1_tile_avx512(qs, d, m, nb, r0, r1, x, n, out.0, ldy)
+                    }
+                    (Packed::Q4_1 { d, m, qs }, Isa::Avx512) => {
+                        x86::q4_1_tile_pairs_avx512(qs, d, m, nb, r0, r1, x, n, out.0, ldy)
+                    }
+                    (Packed::Q8_0 { d, qs }, Isa::Avx512) if n < PAIR_ROWS => {
+                        x86::q8_0_tile_avx512(qs, d, &[], nb, r0, r1, x, n, out.0, ldy)
+                    }
                     (Packed::Q4_1 { d, m, qs }, Isa::Avx2) if n <= x86::SCALED_ROWS && nb <= x86::SCALED_BLOCKS => {
                         x86::q4_1_tile_scaled_avx2(qs, d, m, nb, r0, r1, x, n, out.0, ldy)
                     }
-                    (Packed::Q4_1 { d, m, qs }, Isa::Avx2) => x86::q4_1_tile_avx2(qs, d, m, nb, r0, r1, x, n, out.0, ldy),
-                    (Packed::Q8_0 { d, qs }, Isa::Avx512) => x86::q8_0_tile_pairs_avx512(qs, d, nb, r0, r1, x, n, out.0, ldy),
+                    (Packed::Q4_1 { d, m, qs }, Isa::Avx2) => {
+                        x86::q4_1_tile_avx2(qs, d, m, nb, r0, r1, x, n, out.0, ldy)
+                    }
+                    (Packed::Q8_0 { d, qs }, Isa::Avx512) => {
+                        x86::q8_0_tile_pairs_avx512(qs, d, nb, r0, r1, x, n, out.0, ldy)
+                    }
                     (Packed::Q8_0 { d, qs }, Isa::Avx2) if n <= x86::SCALED_ROWS && nb <= x86::SCALED_BLOCKS => {
                         x86::q8_0_tile_scaled_avx2(qs, d, nb, r0, r1, x, n, out.0, ldy)
                     }
-                    (Packed::Q8_0 { d, qs }, Isa::Avx2) => x86::q8_0_tile_avx2(qs, d, &[], nb, r0, r1, x, n, out.0, ldy),
+                    (Packed::Q8_0 { d, qs }, Isa::Avx2) => {
+                        x86::q8_0_tile_avx2(qs, d, &[], nb, r0, r1, x, n, out.0, ldy)
+                    }
                     _ => self.fused_tile_portable(x, n, r0, r1, out, ldy),
                 }
             }
@@ -486,7 +530,8 @@ impl QMatrix {
         let mut acc = [0f32; FUSED_ROWS];
         match &self.packed {
             Packed::Q4_1 { d, m, qs } => {
-                let (d, m, q) = (&d[r * nb..(r + 1) * nb], &m[r * nb..(r + 1) * nb], &qs[r * nb * 16..(r + 1) * nb * 16]);
+                let (d, m, q) =
+                    (&d[r * nb..(r + 1) * nb], &m[r * nb..(r + 1) * nb], &qs[r * nb * 16..(r + 1) * nb * 16]);
                 q4_1_rows(isa, q, d, m, x, cols, n, &mut acc);
             }
             Packed::Q8_0 { d, qs } => {
@@ -685,7 +730,8 @@ unsafe fn add_term<W: Weight>(e: &LowRank<'_>, panels: &[W], r0: usize, r1: usiz
         let whole = p * PANEL >= first && (p + 1) * PANEL <= last;
         // Output columns of this panel that belong to the tile (all of them unless it is the
         // range's edge).
-        let cols = if whole { 0..PANEL } else { first.max(p * PANEL) - p * PANEL..last.min((p + 1) * PANEL) - p * PANEL };
+        let cols =
+            if whole { 0..PANEL } else { first.max(p * PANEL) - p * PANEL..last.min((p + 1) * PANEL) - p * PANEL };
         let add = |i: usize, acc: &[f32; PANEL]| {
             let at = (e.row0 + i) * ldy + e.col0 + p * PANEL;
             // SAFETY: columns col0 + p·PANEL + cols of this row lie in r0..r1 (the range test
@@ -714,7 +760,16 @@ unsafe fn add_term<W: Weight>(e: &LowRank<'_>, panels: &[W], r0: usize, r1: usiz
             // SAFETY: the ISA was detected; `t` holds the term's rows, `wide` the whole panel,
             // and the panel's 8 columns of each row belong to this tile (forwarded from the
             // caller).
-            unsafe { x86::panel_rows_avx2(e.t.as_ptr(), e.rows, rank, wide.as_ptr(), out.0.add(e.row0 * ldy + e.col0 + p * PANEL), ldy) };
+            unsafe {
+                x86::panel_rows_avx2(
+                    e.t.as_ptr(),
+                    e.rows,
+                    rank,
+                    wide.as_ptr(),
+                    out.0.add(e.row0 * ldy + e.col0 + p * PANEL),
+                    ldy,
+                )
+            };
             continue;
         }
         let mut i = 0;
@@ -818,7 +873,8 @@ pub fn x_a_t(x: &[f32], in_dim: usize, rows: usize, a: Served<'_>, rank: usize, 
         if body < in_dim {
             for r in 0..rows {
                 for j in 0..rank {
-                    let tail = (body..in_dim).fold(t[r * rank + j], |acc, k| a.get(j * in_dim + k).mul_add(x[r * in_dim + k], acc));
+                    let tail = (body..in_dim)
+                        .fold(t[r * rank + j], |acc, k| a.get(j * in_dim + k).mul_add(x[r * in_dim + k], acc));
                     t[r * rank + j] = tail;
                 }
             }
@@ -984,7 +1040,13 @@ fn q8_0_rows(isa: Isa, q: &[i8], d: &[f32], x: &[f32], cols: usize, n: usize, ac
 /// Attention scores for `R ≤ 4` query heads of width 64 on AVX-512 machines (see
 /// `x86::attention_scores_avx512` for the layout); `false`, untouched, elsewhere, where the
 /// caller's portable loop runs instead. Same bits either way.
-pub fn attention_scores_64<const R: usize>(k: &[f32], stride: usize, q: &[f32], keys: usize, scores: &mut [f32]) -> bool {
+pub fn attention_scores_64<const R: usize>(
+    k: &[f32],
+    stride: usize,
+    q: &[f32],
+    keys: usize,
+    scores: &mut [f32],
+) -> bool {
     #[cfg(target_arch = "x86_64")]
     if isa() == Isa::Avx512 {
         // SAFETY: AVX-512F was detected; the kernel checks every length it relies on.

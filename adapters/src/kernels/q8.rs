@@ -112,7 +112,16 @@ pub(super) fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, f32) {
 /// Rows `r0..r1` exist in `w`, `x` holds `n` rows, and `out` is valid for `out[i·ldy + r]`,
 /// `i < n`, `r` in `r0..r1`, which no other thread touches meanwhile.
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn tile(w: Codes<'_>, nb: usize, r0: usize, r1: usize, x: &Q8Rows, n: usize, out: *mut f32, ldy: usize) {
+pub(super) unsafe fn tile(
+    w: Codes<'_>,
+    nb: usize,
+    r0: usize,
+    r1: usize,
+    x: &Q8Rows,
+    n: usize,
+    out: *mut f32,
+    ldy: usize,
+) {
     #[cfg(target_arch = "x86_64")]
     if matches!(super::isa(), super::Isa::Avx2 | super::Isa::Avx512) {
         // SAFETY: AVX2 was detected; the rest is forwarded from the caller.
@@ -144,11 +153,14 @@ pub(super) fn row_portable(w: Codes<'_>, r: usize, nb: usize, xq: &Q8Rows, g0: u
             let (dot, dw, extra) = match w {
                 Codes::Q4_1 { q, d, m } => {
                     let qb = &q[wb * 16..wb * 16 + 16];
-                    let dot: i32 = (0..16).map(|j| (qb[j] & 0x0F) as i32 * xs[j] as i32 + (qb[j] >> 4) as i32 * xs[j + 16] as i32).sum();
+                    let dot: i32 = (0..16)
+                        .map(|j| (qb[j] & 0x0F) as i32 * xs[j] as i32 + (qb[j] >> 4) as i32 * xs[j + 16] as i32)
+                        .sum();
                     (dot, d[wb], m[wb] * xq.s[xb])
                 }
                 Codes::Q8_0 { q, d } => {
-                    let dot: i32 = q[wb * BLOCK..(wb + 1) * BLOCK].iter().zip(xs).map(|(&a, &b)| a as i32 * b as i32).sum();
+                    let dot: i32 =
+                        q[wb * BLOCK..(wb + 1) * BLOCK].iter().zip(xs).map(|(&a, &b)| a as i32 * b as i32).sum();
                     (dot, d[wb], 0.0)
                 }
             };
@@ -189,7 +201,12 @@ pub(super) mod avx2 {
             let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
             for b in 0..x.len() / BLOCK {
                 let xp = x.as_ptr().add(b * BLOCK);
-                let v = [_mm256_loadu_ps(xp), _mm256_loadu_ps(xp.add(8)), _mm256_loadu_ps(xp.add(16)), _mm256_loadu_ps(xp.add(24))];
+                let v = [
+                    _mm256_loadu_ps(xp),
+                    _mm256_loadu_ps(xp.add(8)),
+                    _mm256_loadu_ps(xp.add(16)),
+                    _mm256_loadu_ps(xp.add(24)),
+                ];
                 let mut amax = _mm256_andnot_ps(sign, v[0]);
                 for w in &v[1..] {
                     amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, *w));
@@ -257,7 +274,14 @@ pub(super) mod avx2 {
     /// AVX2; `r` and rows `g0..g0 + N` exist in `w` and `x`.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn row<const N: usize, const Q4: bool>(w: Codes<'_>, r: usize, nb: usize, x: &Q8Rows, g0: usize, acc: &mut [f32; FUSED_ROWS]) {
+    unsafe fn row<const N: usize, const Q4: bool>(
+        w: Codes<'_>,
+        r: usize,
+        nb: usize,
+        x: &Q8Rows,
+        g0: usize,
+        acc: &mut [f32; FUSED_ROWS],
+    ) {
         // As many independent chains per row as the f32 kernels keep.
         let ch = const { avx2_chains(N) };
         let (qp, dp, mp): (*const u8, *const f32, *const f32) = match w {
@@ -315,7 +339,16 @@ pub(super) mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn block<const N: usize, const Q4: bool>(qp: *const u8, dp: *const f32, b: usize, xq: *const i8, xd: *const f32, nb: usize, c: usize, sums: &mut [[__m256; 4]; N]) {
+    unsafe fn block<const N: usize, const Q4: bool>(
+        qp: *const u8,
+        dp: *const f32,
+        b: usize,
+        xq: *const i8,
+        xd: *const f32,
+        nb: usize,
+        c: usize,
+        sums: &mut [[__m256; 4]; N],
+    ) {
         // SAFETY: forwarded from the caller.
         unsafe {
             let dw = _mm256_set1_ps(*dp.add(b));
@@ -376,7 +409,15 @@ pub(super) mod avx2 {
     /// As for [`row`].
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn rows<const Q4: bool>(w: Codes<'_>, r: usize, nb: usize, x: &Q8Rows, g0: usize, n: usize, acc: &mut [f32; FUSED_ROWS]) {
+    unsafe fn rows<const Q4: bool>(
+        w: Codes<'_>,
+        r: usize,
+        nb: usize,
+        x: &Q8Rows,
+        g0: usize,
+        n: usize,
+        acc: &mut [f32; FUSED_ROWS],
+    ) {
         // SAFETY: forwarded from the caller.
         unsafe {
             match n {

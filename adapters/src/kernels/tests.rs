@@ -43,7 +43,8 @@ fn reference(w: &[f32], x: &[f32], rows: usize, cols: usize, n: usize) -> Vec<f3
     let mut y = vec![0f32; n * rows];
     for i in 0..n {
         for r in 0..rows {
-            y[i * rows + r] = (0..cols).map(|k| (x[i * cols + k] as f64) * (w[r * cols + k] as f64)).sum::<f64>() as f32;
+            y[i * rows + r] =
+                (0..cols).map(|k| (x[i * cols + k] as f64) * (w[r * cols + k] as f64)).sum::<f64>() as f32;
         }
     }
     y
@@ -154,9 +155,16 @@ fn concatenated_rows_multiply_like_the_parts() {
 /// of each packed format (three blocks a row, an odd count) for every `n` in `ns`, and checks
 /// its `[n, rows]` output against the reference.
 #[cfg(target_arch = "x86_64")]
-fn check_tile_kernel(what: &str, ns: std::ops::RangeInclusive<usize>, run: impl Fn(&Packed, usize, usize, &[f32], usize, &mut [f32])) {
+fn check_tile_kernel(
+    what: &str,
+    ns: std::ops::RangeInclusive<usize>,
+    run: impl Fn(&Packed, usize, usize, &[f32], usize, &mut [f32]),
+) {
     let (rows, cols) = (9, 96);
-    for m in [QMatrix::from_q4_1_bytes(&q4_1_blocks(rows, cols, 9), rows, cols), QMatrix::from_q8_0_bytes(&q8_0_blocks(rows, cols, 10), rows, cols)] {
+    for m in [
+        QMatrix::from_q4_1_bytes(&q4_1_blocks(rows, cols, 9), rows, cols),
+        QMatrix::from_q8_0_bytes(&q8_0_blocks(rows, cols, 10), rows, cols),
+    ] {
         for n in ns.clone() {
             let x = activations(n, cols);
             let want = reference(&m.to_dense(), &x, rows, cols, n);
@@ -205,7 +213,11 @@ fn reduce16_adds_in_the_single_reductions_order() {
     }
     for round in 0..500u64 {
         // Wide magnitudes (1e-6 to 1e6, both signs) make rounding depend on the order.
-        let vals: Vec<f32> = crate::testing::values(256, round + 1, 1.0).iter().enumerate().map(|(i, x)| x * 10f32.powi((i % 13) as i32 - 6)).collect();
+        let vals: Vec<f32> = crate::testing::values(256, round + 1, 1.0)
+            .iter()
+            .enumerate()
+            .map(|(i, x)| x * 10f32.powi((i % 13) as i32 - 6))
+            .collect();
         // SAFETY: AVX-512 was detected; every load reads 16 of the 256 floats.
         let (got, want) = unsafe {
             let v: [__m512; 16] = std::array::from_fn(|k| _mm512_loadu_ps(vals.as_ptr().add(k * 16)));
@@ -228,7 +240,9 @@ fn avx512_scaled_tiles_match_the_reference() {
     // SAFETY: AVX-512 was detected; otherwise as for the AVX2 scaled kernels above.
     check_tile_kernel("avx512 scaled tile", 1..=x86::SCALED_ROWS, |packed, nb, rows, x, n, y| unsafe {
         match packed {
-            Packed::Q4_1 { d, m, qs } => x86::q4_1_tile_scaled_avx512(qs, d, m, nb, 0, rows, x, n, y.as_mut_ptr(), rows),
+            Packed::Q4_1 { d, m, qs } => {
+                x86::q4_1_tile_scaled_avx512(qs, d, m, nb, 0, rows, x, n, y.as_mut_ptr(), rows)
+            }
             Packed::Q8_0 { d, qs } => x86::q8_0_tile_scaled_avx512(qs, d, nb, 0, rows, x, n, y.as_mut_ptr(), rows),
             Packed::F32(_) => unreachable!("packed matrices only"),
         }
@@ -252,7 +266,15 @@ fn prepared_low_rank_terms_add_what_ready_ones_add() {
         let terms = || {
             vec![
                 LowRank { row0: 0, rows: n, col0: 7, cols: 101, rank, t: &t, panels: Served::F32(&p32) },
-                LowRank { row0: n / 2, rows: n - n / 2, col0: 200, cols: 77, rank, t: &t[(n / 2) * rank..], panels: Served::Bf16(&p16) },
+                LowRank {
+                    row0: n / 2,
+                    rows: n - n / 2,
+                    col0: 200,
+                    cols: 77,
+                    rank,
+                    t: &t[(n / 2) * rank..],
+                    panels: Served::Bf16(&p16),
+                },
             ]
         };
         let ldy = rows + 1;
@@ -293,7 +315,10 @@ fn claimed_tiles_run_each_tile_once_and_the_first_task_on_the_calling_thread() {
                 (caller, ran_on)
             });
             assert_eq!(ran_on, caller, "{threads} threads, {tiles} tiles: the first task left the calling thread");
-            assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 1), "{threads} threads, {tiles} tiles: a tile ran other than once");
+            assert!(
+                counts.iter().all(|c| c.load(Ordering::Relaxed) == 1),
+                "{threads} threads, {tiles} tiles: a tile ran other than once"
+            );
         }
     }
 }
@@ -338,7 +363,11 @@ fn low_rank_terms_add_the_same_bits_on_every_instruction_set() {
                         want[(1 + i) * ldy + col0 + c] += even + odd;
                     }
                 }
-                assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "rank {rank}, {rows} rows");
+                assert_eq!(
+                    got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "rank {rank}, {rows} rows"
+                );
             }
         }
     }
@@ -359,9 +388,13 @@ fn x_a_t_matches_a_float64_dot_product() {
                 x_a_t(&x, in_dim, rows, a, rank, &mut t);
                 for r in 0..rows {
                     for j in 0..rank {
-                        let want: f64 = (0..in_dim).map(|k| a.get(j * in_dim + k) as f64 * x[r * in_dim + k] as f64).sum();
+                        let want: f64 =
+                            (0..in_dim).map(|k| a.get(j * in_dim + k) as f64 * x[r * in_dim + k] as f64).sum();
                         let got = t[r * rank + j] as f64;
-                        assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "in {in_dim}, rank {rank}, rows {rows}: {got} vs {want}");
+                        assert!(
+                            (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "in {in_dim}, rank {rank}, rows {rows}: {got} vs {want}"
+                        );
                     }
                 }
             }
@@ -384,11 +417,14 @@ fn q8_reference(m: &QMatrix, xq: &q8::Q8Rows, n: usize) -> Vec<f32> {
                 total += match &m.packed {
                     Packed::Q4_1 { d, m, qs } => {
                         let q = &qs[wb * 16..wb * 16 + 16];
-                        let dot: i64 = (0..16).map(|j| (q[j] & 15) as i64 * xs[j] as i64 + (q[j] >> 4) as i64 * xs[j + 16] as i64).sum();
+                        let dot: i64 = (0..16)
+                            .map(|j| (q[j] & 15) as i64 * xs[j] as i64 + (q[j] >> 4) as i64 * xs[j + 16] as i64)
+                            .sum();
                         d[wb] as f64 * dx * dot as f64 + m[wb] as f64 * xq.s[xb] as f64
                     }
                     Packed::Q8_0 { d, qs } => {
-                        let dot: i64 = qs[wb * BLOCK..(wb + 1) * BLOCK].iter().zip(xs).map(|(&a, &b)| a as i64 * b as i64).sum();
+                        let dot: i64 =
+                            qs[wb * BLOCK..(wb + 1) * BLOCK].iter().zip(xs).map(|(&a, &b)| a as i64 * b as i64).sum();
                         d[wb] as f64 * dx * dot as f64
                     }
                     Packed::F32(_) => unreachable!("dense matrices take f32 activations"),
@@ -414,7 +450,11 @@ fn q8_rounding_is_the_same_on_every_instruction_set_and_within_half_a_step() {
         assert_eq!((rows.d[b].to_bits(), rows.s[b].to_bits()), (d.to_bits(), s.to_bits()), "block {b}: scales");
         assert_eq!(&rows.q[b * BLOCK..(b + 1) * BLOCK], &q, "block {b}: codes");
         for (j, &v) in x[b * BLOCK..(b + 1) * BLOCK].iter().enumerate() {
-            assert!((v - d * q[j] as f32).abs() <= d * 0.5001 + f32::MIN_POSITIVE, "block {b}, element {j}: {v} rounds to {}", d * q[j] as f32);
+            assert!(
+                (v - d * q[j] as f32).abs() <= d * 0.5001 + f32::MIN_POSITIVE,
+                "block {b}, element {j}: {v} rounds to {}",
+                d * q[j] as f32
+            );
         }
         assert_eq!(s, d * q.iter().map(|&v| v as i32).sum::<i32>() as f32);
     }
@@ -461,7 +501,10 @@ fn q8_matmul_matches_its_integer_reference_and_stays_near_f32() {
             let err: f64 = got.iter().zip(&exact).map(|(g, e)| ((g - e) as f64).powi(2)).sum::<f64>().sqrt();
             let size: f64 = exact.iter().map(|e| (*e as f64).powi(2)).sum::<f64>().sqrt();
             assert!(err <= 0.01 * size, "{what}, n = {n}: 8-bit activations moved the result by {err} (size {size})");
-            assert!((0..n).all(|i| y[i * ldy + rows..(i + 1) * ldy].iter().all(|v| v.is_nan())), "{what}: wrote past the row");
+            assert!(
+                (0..n).all(|i| y[i * ldy + rows..(i + 1) * ldy].iter().all(|v| v.is_nan())),
+                "{what}: wrote past the row"
+            );
         }
     }
 }

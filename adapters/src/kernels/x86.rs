@@ -166,9 +166,7 @@ pub unsafe fn dequant_q8_0_avx2(q: &[i8], d: &[f32], out: &mut [f32]) {
 pub unsafe fn q4_1_avx2(q: &[u8], d: &[f32], m: &[f32], x: &[f32], cols: usize, n: usize, acc: &mut [f32; FUSED_ROWS]) {
     debug_assert!(q.len() >= d.len() * 16 && x.len() >= n * cols && cols >= d.len() * BLOCK);
     // SAFETY: forwarded from the caller.
-    unsafe {
-        dispatch_rows!(q4_1_avx2_n, q, d, m, x, cols, acc; n)
-    }
+    unsafe { dispatch_rows!(q4_1_avx2_n, q, d, m, x, cols, acc; n) }
 }
 
 /// Accumulators per activation row in the AVX2 kernels: an FMA's result is ready only some
@@ -189,7 +187,13 @@ pub(super) const fn avx2_chains(n: usize) -> usize {
 /// AVX2 and FMA; `w` must be valid for `nb` blocks; `x` holds N rows of `cols` floats.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn row_avx2<const N: usize>(w: impl Fn(usize) -> [__m256; 4], nb: usize, x: &[f32], cols: usize, acc: &mut [f32; FUSED_ROWS]) {
+unsafe fn row_avx2<const N: usize>(
+    w: impl Fn(usize) -> [__m256; 4],
+    nb: usize,
+    x: &[f32],
+    cols: usize,
+    acc: &mut [f32; FUSED_ROWS],
+) {
     debug_assert!(x.len() >= N * cols && cols >= nb * BLOCK);
     let chains = const { avx2_chains(N) };
     // SAFETY: the loads stay inside N rows of `cols` floats.
@@ -218,7 +222,14 @@ unsafe fn row_avx2<const N: usize>(w: impl Fn(usize) -> [__m256; 4], nb: usize, 
 
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn q4_1_avx2_n<const N: usize>(q: &[u8], d: &[f32], m: &[f32], x: &[f32], cols: usize, acc: &mut [f32; FUSED_ROWS]) {
+unsafe fn q4_1_avx2_n<const N: usize>(
+    q: &[u8],
+    d: &[f32],
+    m: &[f32],
+    x: &[f32],
+    cols: usize,
+    acc: &mut [f32; FUSED_ROWS],
+) {
     let (qp, dp, mp) = (q.as_ptr(), d.as_ptr(), m.as_ptr());
     // SAFETY: the caller passes whole rows: d.len() blocks of 16 bytes behind `q`, one `d`
     // and `m` per block. The exact weights are shared by every row.
@@ -228,7 +239,15 @@ unsafe fn q4_1_avx2_n<const N: usize>(q: &[u8], d: &[f32], m: &[f32], x: &[f32],
 /// # Safety
 /// As for [`q4_1_avx2`], with AVX-512F and AVX-512BW.
 #[target_feature(enable = "avx512f,avx512bw")]
-pub unsafe fn q4_1_avx512(q: &[u8], d: &[f32], m: &[f32], x: &[f32], cols: usize, n: usize, acc: &mut [f32; FUSED_ROWS]) {
+pub unsafe fn q4_1_avx512(
+    q: &[u8],
+    d: &[f32],
+    m: &[f32],
+    x: &[f32],
+    cols: usize,
+    n: usize,
+    acc: &mut [f32; FUSED_ROWS],
+) {
     debug_assert!(q.len() >= d.len() * 16 && x.len() >= n * cols && cols >= d.len() * BLOCK);
     // SAFETY: forwarded from the caller.
     unsafe { dispatch_rows!(q4_1_avx512_n, q, d, m, x, cols, acc; n) }
@@ -302,7 +321,13 @@ unsafe fn q8_0_block(q: *const i8, d: *const f32, i: usize) -> (__m512, __m512) 
 /// `w` must be valid for `nb` blocks; `x` holds N rows of `cols` floats.
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
-unsafe fn row_avx512<const N: usize>(w: impl Fn(usize) -> (__m512, __m512), nb: usize, x: &[f32], cols: usize, acc: &mut [f32; FUSED_ROWS]) {
+unsafe fn row_avx512<const N: usize>(
+    w: impl Fn(usize) -> (__m512, __m512),
+    nb: usize,
+    x: &[f32],
+    cols: usize,
+    acc: &mut [f32; FUSED_ROWS],
+) {
     debug_assert!(x.len() >= N * cols && cols >= nb * BLOCK);
     // SAFETY: the loads stay inside N rows of `cols` floats.
     unsafe {
@@ -324,7 +349,14 @@ unsafe fn row_avx512<const N: usize>(w: impl Fn(usize) -> (__m512, __m512), nb: 
 
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
-unsafe fn q4_1_avx512_n<const N: usize>(q: &[u8], d: &[f32], m: &[f32], x: &[f32], cols: usize, acc: &mut [f32; FUSED_ROWS]) {
+unsafe fn q4_1_avx512_n<const N: usize>(
+    q: &[u8],
+    d: &[f32],
+    m: &[f32],
+    x: &[f32],
+    cols: usize,
+    acc: &mut [f32; FUSED_ROWS],
+) {
     let (qp, dp, mp) = (q.as_ptr(), d.as_ptr(), m.as_ptr());
     // SAFETY: the caller passes whole rows: d.len() blocks behind every pointer.
     unsafe { row_avx512::<N>(|b| q4_1_block(qp, dp, mp, b), d.len(), x, cols, acc) }
@@ -345,9 +377,7 @@ unsafe fn q8_0_avx512_n<const N: usize>(q: &[i8], d: &[f32], x: &[f32], cols: us
 pub unsafe fn q8_0_avx2(q: &[i8], d: &[f32], x: &[f32], cols: usize, n: usize, acc: &mut [f32; FUSED_ROWS]) {
     debug_assert!(q.len() >= d.len() * BLOCK && x.len() >= n * cols);
     // SAFETY: forwarded from the caller.
-    unsafe {
-        dispatch_rows!(q8_0_avx2_n, q, d, x, cols, acc; n)
-    }
+    unsafe { dispatch_rows!(q8_0_avx2_n, q, d, x, cols, acc; n) }
 }
 
 #[target_feature(enable = "avx2,fma")]
@@ -445,7 +475,13 @@ tile_kernel!(
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
 #[allow(clippy::needless_range_loop)] // `i` indexes both rows' sums and the activation rows
-unsafe fn pair_avx512<const N: usize>(w: impl Fn(usize, usize) -> (__m512, __m512), nb: usize, x: *const f32, cols: usize, acc: &mut [[f32; FUSED_ROWS]; 2]) {
+unsafe fn pair_avx512<const N: usize>(
+    w: impl Fn(usize, usize) -> (__m512, __m512),
+    nb: usize,
+    x: *const f32,
+    cols: usize,
+    acc: &mut [[f32; FUSED_ROWS]; 2],
+) {
     // SAFETY: the pointers cover N rows of `cols` floats, as the caller guarantees.
     unsafe {
         let mut sums = [[_mm512_setzero_ps(); N]; 2];
@@ -585,13 +621,26 @@ unsafe fn tile_pairs_avx512(
 /// As for the tile kernels above.
 #[target_feature(enable = "avx512f,avx512bw")]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn q4_1_tile_pairs_avx512(q: &[u8], d: &[f32], m: &[f32], nb: usize, r0: usize, r1: usize, x: &[f32], n: usize, out: *mut f32, ldy: usize) {
+pub unsafe fn q4_1_tile_pairs_avx512(
+    q: &[u8],
+    d: &[f32],
+    m: &[f32],
+    nb: usize,
+    r0: usize,
+    r1: usize,
+    x: &[f32],
+    n: usize,
+    out: *mut f32,
+    ldy: usize,
+) {
     assert!(q.len() >= r1 * nb * 16 && d.len() >= r1 * nb && m.len() >= r1 * nb);
     let (qp, dp, mp) = (q.as_ptr(), d.as_ptr(), m.as_ptr());
     // SAFETY: block r·nb + b exists (checked above).
     let w = move |r: usize, b: usize| unsafe { q4_1_block(qp, dp, mp, r * nb + b) };
     // SAFETY: forwarded from the caller.
-    unsafe { tile_pairs_avx512(w, nb, r0, r1, x, n, out, ldy, |r| q4_1_tile_avx512(q, d, m, nb, r, r + 1, x, n, out, ldy)) }
+    unsafe {
+        tile_pairs_avx512(w, nb, r0, r1, x, n, out, ldy, |r| q4_1_tile_avx512(q, d, m, nb, r, r + 1, x, n, out, ldy))
+    }
 }
 
 /// Q8_0 rows `r0..r1` against `n` activation rows, two weight rows and up to eight activation
@@ -601,13 +650,25 @@ pub unsafe fn q4_1_tile_pairs_avx512(q: &[u8], d: &[f32], m: &[f32], nb: usize, 
 /// As for the tile kernels above.
 #[target_feature(enable = "avx512f,avx512bw")]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn q8_0_tile_pairs_avx512(q: &[i8], d: &[f32], nb: usize, r0: usize, r1: usize, x: &[f32], n: usize, out: *mut f32, ldy: usize) {
+pub unsafe fn q8_0_tile_pairs_avx512(
+    q: &[i8],
+    d: &[f32],
+    nb: usize,
+    r0: usize,
+    r1: usize,
+    x: &[f32],
+    n: usize,
+    out: *mut f32,
+    ldy: usize,
+) {
     assert!(q.len() >= r1 * nb * BLOCK && d.len() >= r1 * nb);
     let (qp, dp) = (q.as_ptr(), d.as_ptr());
     // SAFETY: as above.
     let w = move |r: usize, b: usize| unsafe { q8_0_block(qp, dp, r * nb + b) };
     // SAFETY: forwarded from the caller.
-    unsafe { tile_pairs_avx512(w, nb, r0, r1, x, n, out, ldy, |r| q8_0_tile_avx512(q, d, &[], nb, r, r + 1, x, n, out, ldy)) }
+    unsafe {
+        tile_pairs_avx512(w, nb, r0, r1, x, n, out, ldy, |r| q8_0_tile_avx512(q, d, &[], nb, r, r + 1, x, n, out, ldy))
+    }
 }
 
 /// The `x·Aᵀ` kernels for one instruction set: `$block::<R, J>` takes `J` rows of A (from
@@ -642,7 +703,14 @@ macro_rules! x_a_t_kernels {
         /// # Safety
         /// As for the f32 version.
         #[target_feature(enable = $feat)]
-        pub unsafe fn $bf16_name(x: &[f32], in_dim: usize, rows: usize, a: &[u16], rank: usize, t: &mut [f32]) -> usize {
+        pub unsafe fn $bf16_name(
+            x: &[f32],
+            in_dim: usize,
+            rows: usize,
+            a: &[u16],
+            rank: usize,
+            t: &mut [f32],
+        ) -> usize {
             debug_assert!(x.len() >= rows * in_dim && a.len() >= rank * in_dim && t.len() >= rows * rank);
             let (ap, xp, tp) = (a.as_ptr(), x.as_ptr(), t.as_mut_ptr());
             // SAFETY: as above; `$widen` reads LANES bf16 values from `$p`.
@@ -659,7 +727,14 @@ macro_rules! x_a_t_kernels {
         /// See [`x_a_t_kernels`].
         #[target_feature(enable = $feat)]
         #[inline]
-        unsafe fn $block<const R: usize, const J: usize>(a: &impl Fn(usize, usize) -> $v, j: usize, x: *const f32, in_dim: usize, rank: usize, t: *mut f32) {
+        unsafe fn $block<const R: usize, const J: usize>(
+            a: &impl Fn(usize, usize) -> $v,
+            j: usize,
+            x: *const f32,
+            in_dim: usize,
+            rank: usize,
+            t: *mut f32,
+        ) {
             // SAFETY: forwarded from the caller.
             unsafe {
                 let mut acc = [[$zero(); R]; J];
@@ -684,7 +759,13 @@ macro_rules! x_a_t_kernels {
         /// See [`x_a_t_kernels`].
         #[target_feature(enable = $feat)]
         #[inline]
-        unsafe fn $rows<const R: usize>(a: impl Fn(usize, usize) -> $v, x: *const f32, in_dim: usize, rank: usize, t: *mut f32) {
+        unsafe fn $rows<const R: usize>(
+            a: impl Fn(usize, usize) -> $v,
+            x: *const f32,
+            in_dim: usize,
+            rank: usize,
+            t: *mut f32,
+        ) {
             // SAFETY: forwarded from the caller.
             unsafe {
                 let mut j = 0;
@@ -702,7 +783,14 @@ macro_rules! x_a_t_kernels {
         /// See [`x_a_t_kernels`], with `R = rows.min(4)`.
         #[target_feature(enable = $feat)]
         #[inline]
-        unsafe fn $any(load: impl Fn(usize, usize) -> $v, x: *const f32, in_dim: usize, rows: usize, rank: usize, t: *mut f32) {
+        unsafe fn $any(
+            load: impl Fn(usize, usize) -> $v,
+            x: *const f32,
+            in_dim: usize,
+            rows: usize,
+            rank: usize,
+            t: *mut f32,
+        ) {
             // SAFETY: forwarded from the caller.
             unsafe {
                 match rows {
@@ -717,13 +805,33 @@ macro_rules! x_a_t_kernels {
 }
 
 x_a_t_kernels!(
-    "avx512f,avx512bw", __m512, 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_reduce_add_ps,
-    x_a_t_block, x_a_t_rows, x_a_t_any, x_a_t_f32_avx512, x_a_t_bf16_avx512,
+    "avx512f,avx512bw",
+    __m512,
+    16,
+    _mm512_setzero_ps,
+    _mm512_loadu_ps,
+    _mm512_fmadd_ps,
+    _mm512_reduce_add_ps,
+    x_a_t_block,
+    x_a_t_rows,
+    x_a_t_any,
+    x_a_t_f32_avx512,
+    x_a_t_bf16_avx512,
     |p| _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)), 16))
 );
 x_a_t_kernels!(
-    "avx2,fma", __m256, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps, hsum256,
-    x_a_t_block_avx2, x_a_t_rows_avx2, x_a_t_any_avx2, x_a_t_f32_avx2, x_a_t_bf16_avx2,
+    "avx2,fma",
+    __m256,
+    8,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_fmadd_ps,
+    hsum256,
+    x_a_t_block_avx2,
+    x_a_t_rows_avx2,
+    x_a_t_any_avx2,
+    x_a_t_f32_avx2,
+    x_a_t_bf16_avx2,
     |p| _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)), 16))
 );
 
@@ -804,7 +912,16 @@ macro_rules! scaled_kernels {
         #[target_feature(enable = $feat)]
         #[inline]
         #[allow(clippy::too_many_arguments)]
-        unsafe fn $row<const N: usize>(q: &impl Fn(usize, usize) -> [$v; BLOCK / $lanes], r: usize, d: *const f32, m: Option<*const f32>, nb: usize, x: *const f32, sx: &[f32], y: &mut [f32; N]) {
+        unsafe fn $row<const N: usize>(
+            q: &impl Fn(usize, usize) -> [$v; BLOCK / $lanes],
+            r: usize,
+            d: *const f32,
+            m: Option<*const f32>,
+            nb: usize,
+            x: *const f32,
+            sx: &[f32],
+            y: &mut [f32; N],
+        ) {
             // SAFETY: forwarded from the caller.
             unsafe {
                 // Two chains per row (even and odd blocks), so the scaling FMAs overlap.
@@ -842,7 +959,17 @@ macro_rules! scaled_kernels {
         #[target_feature(enable = $feat)]
         #[inline]
         #[allow(clippy::too_many_arguments)]
-        unsafe fn $tile<const N: usize>(q: impl Fn(usize, usize) -> [$v; BLOCK / $lanes], d: &[f32], m: Option<&[f32]>, nb: usize, r0: usize, r1: usize, x: &[f32], out: *mut f32, ldy: usize) {
+        unsafe fn $tile<const N: usize>(
+            q: impl Fn(usize, usize) -> [$v; BLOCK / $lanes],
+            d: &[f32],
+            m: Option<&[f32]>,
+            nb: usize,
+            r0: usize,
+            r1: usize,
+            x: &[f32],
+            out: *mut f32,
+            ldy: usize,
+        ) {
             debug_assert!(nb <= SCALED_BLOCKS && x.len() >= N * nb * BLOCK);
             // SAFETY: forwarded from the caller.
             unsafe {
@@ -866,7 +993,18 @@ macro_rules! scaled_kernels {
         /// See [`scaled_kernels`].
         #[target_feature(enable = $feat)]
         #[allow(clippy::too_many_arguments)]
-        pub unsafe fn $q4_1(q: &[u8], d: &[f32], m: &[f32], nb: usize, r0: usize, r1: usize, x: &[f32], n: usize, out: *mut f32, ldy: usize) {
+        pub unsafe fn $q4_1(
+            q: &[u8],
+            d: &[f32],
+            m: &[f32],
+            nb: usize,
+            r0: usize,
+            r1: usize,
+            x: &[f32],
+            n: usize,
+            out: *mut f32,
+            ldy: usize,
+        ) {
             debug_assert!(q.len() >= r1 * nb * 16 && m.len() >= r1 * nb);
             let qp = q.as_ptr();
             // SAFETY: the caller passes whole rows: 16 bytes per block.
@@ -887,7 +1025,17 @@ macro_rules! scaled_kernels {
         /// See [`scaled_kernels`], with 32 codes per block.
         #[target_feature(enable = $feat)]
         #[allow(clippy::too_many_arguments)]
-        pub unsafe fn $q8_0(q: &[i8], d: &[f32], nb: usize, r0: usize, r1: usize, x: &[f32], n: usize, out: *mut f32, ldy: usize) {
+        pub unsafe fn $q8_0(
+            q: &[i8],
+            d: &[f32],
+            nb: usize,
+            r0: usize,
+            r1: usize,
+            x: &[f32],
+            n: usize,
+            out: *mut f32,
+            ldy: usize,
+        ) {
             debug_assert!(q.len() >= r1 * nb * BLOCK);
             let qp = q.as_ptr();
             // SAFETY: the caller passes whole rows: 32 codes per block.
@@ -905,12 +1053,39 @@ macro_rules! scaled_kernels {
 }
 
 scaled_kernels!(
-    "avx2,fma", __m256, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_fmadd_ps, _mm256_set1_ps, _mm256_add_ps, hsum256,
-    q4_1_codes_avx2, q8_0_codes_avx2, row_scaled_avx2, tile_scaled_avx2, q4_1_tile_scaled_avx2, q8_0_tile_scaled_avx2
+    "avx2,fma",
+    __m256,
+    8,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_mul_ps,
+    _mm256_fmadd_ps,
+    _mm256_set1_ps,
+    _mm256_add_ps,
+    hsum256,
+    q4_1_codes_avx2,
+    q8_0_codes_avx2,
+    row_scaled_avx2,
+    tile_scaled_avx2,
+    q4_1_tile_scaled_avx2,
+    q8_0_tile_scaled_avx2
 );
 scaled_kernels!(
-    "avx512f,avx512bw", __m512, 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_mul_ps, _mm512_fmadd_ps, _mm512_set1_ps, _mm512_add_ps,
-    _mm512_reduce_add_ps, q4_1_codes_avx512, q8_0_codes_avx512, row_scaled_avx512, tile_scaled_avx512, q4_1_tile_scaled_avx512,
+    "avx512f,avx512bw",
+    __m512,
+    16,
+    _mm512_setzero_ps,
+    _mm512_loadu_ps,
+    _mm512_mul_ps,
+    _mm512_fmadd_ps,
+    _mm512_set1_ps,
+    _mm512_add_ps,
+    _mm512_reduce_add_ps,
+    q4_1_codes_avx512,
+    q8_0_codes_avx512,
+    row_scaled_avx512,
+    tile_scaled_avx512,
+    q4_1_tile_scaled_avx512,
     q8_0_tile_scaled_avx512
 );
 
@@ -976,7 +1151,13 @@ pub unsafe fn panel_rows_avx2(t: *const f32, rows: usize, rank: usize, wide: *co
 /// # Panics
 /// If `q`, `scores` or `k` are shorter than the shapes above need.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn attention_scores_avx512<const R: usize>(k: &[f32], stride: usize, q: &[f32], keys: usize, scores: &mut [f32]) {
+pub unsafe fn attention_scores_avx512<const R: usize>(
+    k: &[f32],
+    stride: usize,
+    q: &[f32],
+    keys: usize,
+    scores: &mut [f32],
+) {
     let blocks = keys.div_ceil(16);
     assert!(q.len() >= R * 64 && scores.len() >= R * keys, "query or score buffer too short");
     assert!(blocks == 0 || (blocks - 1) * stride + 64 * 16 <= k.len(), "key blocks out of range");
@@ -1017,7 +1198,13 @@ pub unsafe fn attention_scores_avx512<const R: usize>(k: &[f32], stride: usize, 
 /// AVX-512F; the blocks and the `R` rows of `16·B` scores exist.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn score_blocks_avx512<const R: usize, const B: usize>(kb: *const f32, stride: usize, q: *const f32, s: *mut f32, keys: usize) {
+unsafe fn score_blocks_avx512<const R: usize, const B: usize>(
+    kb: *const f32,
+    stride: usize,
+    q: *const f32,
+    s: *mut f32,
+    keys: usize,
+) {
     // SAFETY: forwarded from the caller.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); B]; R];
@@ -1052,7 +1239,13 @@ unsafe fn score_blocks_avx512<const R: usize, const B: usize>(kb: *const f32, st
 /// # Panics
 /// If `w`, `dst` or `v` are shorter than the shapes above need.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn attention_values_avx512<const R: usize>(v: &[f32], stride: usize, w: &[f32], keys: usize, dst: &mut [f32]) {
+pub unsafe fn attention_values_avx512<const R: usize>(
+    v: &[f32],
+    stride: usize,
+    w: &[f32],
+    keys: usize,
+    dst: &mut [f32],
+) {
     assert!(w.len() >= R * keys && dst.len() >= R * 64, "weight or output buffer too short");
     assert!(keys == 0 || (keys - 1) * stride + 64 <= v.len(), "values out of range");
     // SAFETY (whole body): the asserts above bound every index.
@@ -1061,7 +1254,12 @@ pub unsafe fn attention_values_avx512<const R: usize>(v: &[f32], stride: usize, 
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
         for p in 0..keys {
             let at = vp.add(p * stride);
-            let vv = [_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(16)), _mm512_loadu_ps(at.add(32)), _mm512_loadu_ps(at.add(48))];
+            let vv = [
+                _mm512_loadu_ps(at),
+                _mm512_loadu_ps(at.add(16)),
+                _mm512_loadu_ps(at.add(32)),
+                _mm512_loadu_ps(at.add(48)),
+            ];
             for (r, row) in acc.iter_mut().enumerate() {
                 let wr = _mm512_set1_ps(*wp.add(r * keys + p));
                 for (a, x) in row.iter_mut().zip(&vv) {

@@ -48,13 +48,19 @@ impl std::fmt::Debug for ChatTemplate {
 
 impl ChatTemplate {
     /// `source` is the Jinja text (ChatML when `None`); the EOS token is the first of `eos_ids`.
-    pub fn new(source: Option<&str>, bos_token: Option<String>, tokenizer: &Tokenizer, eos_ids: &[u32]) -> Result<Self> {
+    pub fn new(
+        source: Option<&str>,
+        bos_token: Option<String>,
+        tokenizer: &Tokenizer,
+        eos_ids: &[u32],
+    ) -> Result<Self> {
         let mut env = Environment::new();
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
-        env.add_template_owned("chat", source.unwrap_or(CHATML).to_owned())
-            .map_err(|e| AdapterError::model("chat_template", format!("the model's chat template does not parse: {e}")))?;
+        env.add_template_owned("chat", source.unwrap_or(CHATML).to_owned()).map_err(|e| {
+            AdapterError::model("chat_template", format!("the model's chat template does not parse: {e}"))
+        })?;
         let eos_token = eos_ids.first().and_then(|&id| tokenizer.id_to_token(id)).unwrap_or_default();
         Ok(Self { env, bos_token: bos_token.unwrap_or_default(), eos_token })
     }
@@ -87,8 +93,12 @@ impl ChatTemplate {
     }
 
     /// The prompt text for `(role, content)` messages, ending where the assistant's answer starts.
-    pub fn render<'a>(&self, messages: impl IntoIterator<Item = (&'a str, &'a str)>) -> std::result::Result<String, String> {
-        let messages: Vec<_> = messages.into_iter().map(|(role, content)| context! { role => role, content => content }).collect();
+    pub fn render<'a>(
+        &self,
+        messages: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> std::result::Result<String, String> {
+        let messages: Vec<_> =
+            messages.into_iter().map(|(role, content)| context! { role => role, content => content }).collect();
         let template = self.env.get_template("chat").map_err(|e| e.to_string())?;
         template
             .render(context! {
@@ -120,7 +130,12 @@ impl ChatModel {
     pub fn load(path: &Path) -> Result<Self> {
         if path.is_file() {
             let (model, meta, tokenizer) = Llama::from_gguf(path)?;
-            let template = ChatTemplate::new(meta.chat_template.as_deref(), meta.bos_token.clone(), &tokenizer, &meta.eos_token_ids)?;
+            let template = ChatTemplate::new(
+                meta.chat_template.as_deref(),
+                meta.bos_token.clone(),
+                &tokenizer,
+                &meta.eos_token_ids,
+            )?;
             Ok(Self { model, tokenizer, template, eos_ids: meta.eos_token_ids })
         } else {
             let model = Llama::from_hf_dir(path)?;

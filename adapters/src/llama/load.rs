@@ -74,7 +74,9 @@ impl Llama {
         if arch != "llama" {
             return Err(fail(format!("architecture is {arch:?}; only llama models are served by the candle engine")));
         }
-        let get = |k: &str| meta_u32(&ct, &format!("llama.{k}")).ok_or_else(|| fail(format!("GGUF metadata has no llama.{k}")));
+        let get = |k: &str| {
+            meta_u32(&ct, &format!("llama.{k}")).ok_or_else(|| fail(format!("GGUF metadata has no llama.{k}")))
+        };
         let hidden = get("embedding_length")? as usize;
         let heads = get("attention.head_count")? as usize;
         let mut tensor = |name: &str| {

@@ -208,7 +208,11 @@ impl Llama {
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let eps = self.config.rms_eps as f32;
-        Ok(if self.differentiable { candle_nn::ops::rms_norm_slow(x, w, eps)? } else { candle_nn::ops::rms_norm(x, w, eps)? })
+        Ok(if self.differentiable {
+            candle_nn::ops::rms_norm_slow(x, w, eps)?
+        } else {
+            candle_nn::ops::rms_norm(x, w, eps)?
+        })
     }
 
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -219,7 +223,8 @@ impl Llama {
         let half = x.dim(D::Minus1)? / 2;
         let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
         let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
-        let rotated = Tensor::cat(&[&x.narrow(D::Minus1, half, half)?.neg()?, &x.narrow(D::Minus1, 0, half)?], D::Minus1)?;
+        let rotated =
+            Tensor::cat(&[&x.narrow(D::Minus1, half, half)?.neg()?, &x.narrow(D::Minus1, 0, half)?], D::Minus1)?;
         Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
     }
 
@@ -381,4 +386,3 @@ fn same(a: Option<&crate::lora::LoraPair>, b: Option<&crate::lora::LoraPair>) ->
 pub fn argmax(logits: &Tensor) -> Result<u32> {
     Ok(logits.flatten_all()?.argmax(D::Minus1)?.to_scalar::<u32>()?)
 }
-

@@ -152,7 +152,9 @@ impl PrefixCache {
         });
         self.used = self.entries.iter().map(Entry::bytes).sum();
         while self.used > self.budget {
-            let Some(oldest) = self.entries.iter().enumerate().min_by_key(|(_, e)| e.used_at).map(|(i, _)| i) else { break };
+            let Some(oldest) = self.entries.iter().enumerate().min_by_key(|(_, e)| e.used_at).map(|(i, _)| i) else {
+                break;
+            };
             let gone = self.entries.swap_remove(oldest);
             self.used -= gone.bytes();
         }

@@ -84,7 +84,14 @@ impl KvCache {
     pub fn prefix(&self, len: usize) -> KvCache {
         let n = self.layers * len * self.kv_dim;
         let nk = self.layers * len.div_ceil(KEY_BLOCK) * KEY_BLOCK * self.kv_dim;
-        let mut out = KvCache { k: vec![0.0; nk], v: vec![0.0; n], len: 0, capacity: len, kv_dim: self.kv_dim, layers: self.layers };
+        let mut out = KvCache {
+            k: vec![0.0; nk],
+            v: vec![0.0; n],
+            len: 0,
+            capacity: len,
+            kv_dim: self.kv_dim,
+            layers: self.layers,
+        };
         out.copy_prefix_from(self, len);
         out
     }
@@ -104,7 +111,8 @@ impl KvCache {
             self.v[d..d + n].copy_from_slice(&src.v[s..s + n]);
             // Whole blocks of positions: past `len`, the copy holds whatever `src` had there,
             // which nothing reads before this cache writes those positions itself.
-            let (d, s, n) = (self.key_block(layer, 0), src.key_block(layer, 0), len.div_ceil(KEY_BLOCK) * KEY_BLOCK * self.kv_dim);
+            let (d, s, n) =
+                (self.key_block(layer, 0), src.key_block(layer, 0), len.div_ceil(KEY_BLOCK) * KEY_BLOCK * self.kv_dim);
             self.k[d..d + n].copy_from_slice(&src.k[s..s + n]);
         }
         self.len = len;
@@ -317,7 +325,10 @@ fn low_rank_terms<'a>(
     };
     if work >= PARALLEL_XA {
         specs.par_iter().zip(bufs.par_iter_mut()).for_each(|(spec, buf)| {
-            buf[..spec.rows * spec.rank].par_chunks_mut(XA_ROWS * spec.rank).enumerate().for_each(|(c, t)| fill(spec, c * XA_ROWS, t));
+            buf[..spec.rows * spec.rank]
+                .par_chunks_mut(XA_ROWS * spec.rank)
+                .enumerate()
+                .for_each(|(c, t)| fill(spec, c * XA_ROWS, t));
         });
     } else {
         for (spec, buf) in specs.iter().zip(bufs.iter_mut()) {
@@ -330,7 +341,15 @@ fn low_rank_terms<'a>(
     specs
         .into_iter()
         .enumerate()
-        .map(|(i, s)| LowRank { row0: s.row0, rows: s.rows, col0: s.col0, cols: s.cols, rank: s.rank, t: &bufs[i], panels: s.panels })
+        .map(|(i, s)| LowRank {
+            row0: s.row0,
+            rows: s.rows,
+            col0: s.col0,
+            cols: s.cols,
+            rank: s.rank,
+            t: &bufs[i],
+            panels: s.panels,
+        })
         .collect()
 }
 
@@ -382,7 +401,9 @@ fn lora_matmul(
     next: (usize, &[LoraModule]),
 ) {
     if prepared {
-        w.matmul_plus_prepared(input, n, out, ldy, delta, || low_rank_terms(seqs, starts, layer, modules, input, in_dim, bufs, Some(next)));
+        w.matmul_plus_prepared(input, n, out, ldy, delta, || {
+            low_rank_terms(seqs, starts, layer, modules, input, in_dim, bufs, Some(next))
+        });
     } else {
         let terms = low_rank_terms(seqs, starts, layer, modules, input, in_dim, bufs, None);
         w.matmul_plus(input, n, out, ldy, &terms);
@@ -450,7 +471,10 @@ const KEY_BLOCK: usize = 16;
 /// block, whose positions were once summed one by one that way: keeping their bits keeps
 /// greedy answers as they were).
 #[inline(always)]
-fn score_block<const R: usize, const HD: usize, const FUSED: bool>(kb: &[f32], qs: &[[f32; HD]; R]) -> [[f32; KEY_BLOCK]; R] {
+fn score_block<const R: usize, const HD: usize, const FUSED: bool>(
+    kb: &[f32],
+    qs: &[[f32; HD]; R],
+) -> [[f32; KEY_BLOCK]; R] {
     let mut acc = [[if FUSED { 0.0 } else { -0.0f32 }; KEY_BLOCK]; R];
     for d in 0..HD {
         let k: &[f32; KEY_BLOCK] = kb[d * KEY_BLOCK..(d + 1) * KEY_BLOCK].try_into().expect("a whole block");
@@ -784,7 +808,22 @@ impl Runtime {
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention.
             rms_norm(&ws.x[..n * hs], &layer.attn_norm, eps, &mut ws.h[..n * hs]);
-            lora_matmul(&layer.qkv, seqs, &starts, l, &[(LoraModule::QProj, 0), (LoraModule::KProj, dq), (LoraModule::VProj, dq + dkv)], &ws.h, hs, n, &mut ws.qkv, wqkv, &mut ws.lora_t, &mut ws.lora_delta, prepared, (l, &[LoraModule::OProj]));
+            lora_matmul(
+                &layer.qkv,
+                seqs,
+                &starts,
+                l,
+                &[(LoraModule::QProj, 0), (LoraModule::KProj, dq), (LoraModule::VProj, dq + dkv)],
+                &ws.h,
+                hs,
+                n,
+                &mut ws.qkv,
+                wqkv,
+                &mut ws.lora_t,
+                &mut ws.lora_delta,
+                prepared,
+                (l, &[LoraModule::OProj]),
+            );
             lora(seqs, &starts, l, LoraModule::QProj, &ws.h, hs, &mut ws.qkv, wqkv, 0);
             lora(seqs, &starts, l, LoraModule::KProj, &ws.h, hs, &mut ws.qkv, wqkv, dq);
             lora(seqs, &starts, l, LoraModule::VProj, &ws.h, hs, &mut ws.qkv, wqkv, dq + dkv);
@@ -805,18 +844,63 @@ impl Runtime {
                 }
             }
             self.attention(l, seqs, &starts, &ws.qkv, wqkv, &mut ws.att);
-            lora_matmul(&layer.o, seqs, &starts, l, &[(LoraModule::OProj, 0)], &ws.att, dq, n, &mut ws.tmp, hs, &mut ws.lora_t, &mut ws.lora_delta, prepared, (l, &[LoraModule::GateProj, LoraModule::UpProj]));
+            lora_matmul(
+                &layer.o,
+                seqs,
+                &starts,
+                l,
+                &[(LoraModule::OProj, 0)],
+                &ws.att,
+                dq,
+                n,
+                &mut ws.tmp,
+                hs,
+                &mut ws.lora_t,
+                &mut ws.lora_delta,
+                prepared,
+                (l, &[LoraModule::GateProj, LoraModule::UpProj]),
+            );
             lora(seqs, &starts, l, LoraModule::OProj, &ws.att, dq, &mut ws.tmp, hs, 0);
             for (xv, tv) in ws.x[..n * hs].iter_mut().zip(&ws.tmp[..n * hs]) {
                 *xv += tv;
             }
             // Feed-forward.
             rms_norm(&ws.x[..n * hs], &layer.ffn_norm, eps, &mut ws.h[..n * hs]);
-            lora_matmul(&layer.gate_up, seqs, &starts, l, &[(LoraModule::GateProj, 0), (LoraModule::UpProj, inter)], &ws.h, hs, n, &mut ws.gate_up, wgu, &mut ws.lora_t, &mut ws.lora_delta, prepared, (l, &[LoraModule::DownProj]));
+            lora_matmul(
+                &layer.gate_up,
+                seqs,
+                &starts,
+                l,
+                &[(LoraModule::GateProj, 0), (LoraModule::UpProj, inter)],
+                &ws.h,
+                hs,
+                n,
+                &mut ws.gate_up,
+                wgu,
+                &mut ws.lora_t,
+                &mut ws.lora_delta,
+                prepared,
+                (l, &[LoraModule::DownProj]),
+            );
             lora(seqs, &starts, l, LoraModule::GateProj, &ws.h, hs, &mut ws.gate_up, wgu, 0);
             lora(seqs, &starts, l, LoraModule::UpProj, &ws.h, hs, &mut ws.gate_up, wgu, inter);
             silu_mul(&ws.gate_up[..n * wgu], wgu, inter, &mut ws.act[..n * inter]);
-            lora_matmul(&layer.down, seqs, &starts, l, &[(LoraModule::DownProj, 0)], &ws.act, inter, n, &mut ws.tmp, hs, &mut ws.lora_t, &mut ws.lora_delta, prepared, (l + 1, &[LoraModule::QProj, LoraModule::KProj, LoraModule::VProj]));
+            lora_matmul(
+                &layer.down,
+                seqs,
+                &starts,
+                l,
+                &[(LoraModule::DownProj, 0)],
+                &ws.act,
+                inter,
+                n,
+                &mut ws.tmp,
+                hs,
+                &mut ws.lora_t,
+                &mut ws.lora_delta,
+                prepared,
+                (l + 1, &[LoraModule::QProj, LoraModule::KProj, LoraModule::VProj]),
+            );
             lora(seqs, &starts, l, LoraModule::DownProj, &ws.act, inter, &mut ws.tmp, hs, 0);
             for (xv, tv) in ws.x[..n * hs].iter_mut().zip(&ws.tmp[..n * hs]) {
                 *xv += tv;
@@ -842,7 +926,15 @@ impl Runtime {
     /// Grouped-query attention for every token of the step, reading keys and values from the
     /// caches (which already hold this step's tokens). Tasks are (sequence, kv head, chunk of
     /// queries) and write disjoint parts of `att`.
-    fn attention(&self, layer: usize, seqs: &[SeqInput<'_>], starts: &[usize], qkv: &[f32], wqkv: usize, att: &mut [f32]) {
+    fn attention(
+        &self,
+        layer: usize,
+        seqs: &[SeqInput<'_>],
+        starts: &[usize],
+        qkv: &[f32],
+        wqkv: usize,
+        att: &mut [f32],
+    ) {
         let cfg = &self.config;
         let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
         let (dq, rep) = (nh * hd, nh / nkv);

@@ -82,9 +82,7 @@ pub fn write_adapter_dir(
 
     let mut config = config.clone();
     config.peft_type = Some("LORA".to_owned());
-    config
-        .task_type
-        .get_or_insert_with(|| "CAUSAL_LM".to_owned());
+    config.task_type.get_or_insert_with(|| "CAUSAL_LM".to_owned());
     let config_json = serde_json::to_vec_pretty(&config)
         .map_err(|e| AdapterError::invalid(format!("cannot serialise {CONFIG_FILE}: {e}")))?;
 
@@ -102,10 +100,7 @@ pub fn content_hash(dir: &Path) -> Result<String> {
         let path = dir.join(name);
         fs::read(&path).map_err(|e| AdapterError::io(path, e))
     };
-    Ok(content_hash_bytes(
-        &read(CONFIG_FILE)?,
-        &read(WEIGHTS_FILE)?,
-    ))
+    Ok(content_hash_bytes(&read(CONFIG_FILE)?, &read(WEIGHTS_FILE)?))
 }
 
 /// The hash behind [`content_hash`]. Each file contributes its name and length before its
@@ -136,10 +131,7 @@ pub fn ensure_within(root: &Path, path: &Path) -> Result<PathBuf> {
     if canonical.starts_with(&canonical_root) {
         Ok(canonical)
     } else {
-        Err(AdapterError::PathEscape {
-            path: path.to_path_buf(),
-            root: root.to_path_buf(),
-        })
+        Err(AdapterError::PathEscape { path: path.to_path_buf(), root: root.to_path_buf() })
     }
 }
 
@@ -153,16 +145,10 @@ fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
     })?;
     let meta = file.metadata().map_err(|e| AdapterError::io(path, e))?;
     if !meta.is_file() {
-        return Err(AdapterError::invalid(format!(
-            "{} is not a regular file",
-            path.display()
-        )));
+        return Err(AdapterError::invalid(format!("{} is not a regular file", path.display())));
     }
     let too_large = |actual: u64| AdapterError::TooLarge {
-        what: format!(
-            "{} (bytes)",
-            path.file_name().unwrap_or_default().to_string_lossy()
-        ),
+        what: format!("{} (bytes)", path.file_name().unwrap_or_default().to_string_lossy()),
         actual,
         limit,
     };
@@ -171,9 +157,7 @@ fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
     }
     // The file may grow after the metadata check; never read more than the limit allows.
     let mut buf = Vec::with_capacity(meta.len() as usize);
-    file.take(limit + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| AdapterError::io(path, e))?;
+    file.take(limit + 1).read_to_end(&mut buf).map_err(|e| AdapterError::io(path, e))?;
     if buf.len() as u64 > limit {
         return Err(too_large(buf.len() as u64));
     }
@@ -204,24 +188,15 @@ mod tests {
 
     #[test]
     fn hash_detects_swapped_files() {
-        assert_ne!(
-            content_hash_bytes(b"ab", b"cd"),
-            content_hash_bytes(b"cd", b"ab")
-        );
-        assert_ne!(
-            content_hash_bytes(b"abc", b"d"),
-            content_hash_bytes(b"ab", b"cd")
-        );
+        assert_ne!(content_hash_bytes(b"ab", b"cd"), content_hash_bytes(b"cd", b"ab"));
+        assert_ne!(content_hash_bytes(b"abc", b"d"), content_hash_bytes(b"ab", b"cd"));
     }
 
     #[test]
     fn oversized_file_is_refused_before_reading() {
         let dir = tempfile::tempdir().unwrap();
         write_tiny_adapter(dir.path(), &tiny_shape(), 2, &[LoraModule::QProj], 1);
-        let limits = Limits {
-            max_file_bytes: 64,
-            ..Limits::default()
-        };
+        let limits = Limits { max_file_bytes: 64, ..Limits::default() };
         let err = AdapterFiles::read(dir.path(), &limits).unwrap_err();
         assert_eq!(err.code(), "adapter_too_large", "{err}");
     }

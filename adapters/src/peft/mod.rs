@@ -11,13 +11,10 @@ use serde_json::Value;
 use crate::error::{AdapterError, Result};
 
 pub use files::{
-    content_hash, content_hash_bytes, ensure_within, write_adapter_dir, AdapterFiles, CONFIG_FILE,
-    WEIGHTS_FILE,
+    content_hash, content_hash_bytes, ensure_within, write_adapter_dir, AdapterFiles, CONFIG_FILE, WEIGHTS_FILE,
 };
 pub use names::{BaseModelShape, LoraModule, LoraPart, LoraTensorKey};
-pub use validate::{
-    base_matches, validate_adapter_bytes, validate_adapter_dir, Limits, ValidatedAdapter,
-};
+pub use validate::{base_matches, validate_adapter_bytes, validate_adapter_dir, Limits, ValidatedAdapter};
 
 /// The fields of `adapter_config.json` that serving needs; everything else PEFT writes is
 /// kept in `extra` so a round trip through this type loses nothing.
@@ -86,8 +83,8 @@ impl AdapterConfig {
 
     /// Parses `adapter_config.json` bytes, naming the file in the error.
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
-        let config: Self = serde_json::from_slice(bytes)
-            .map_err(|e| AdapterError::invalid(format!("{CONFIG_FILE}: {e}")))?;
+        let config: Self =
+            serde_json::from_slice(bytes).map_err(|e| AdapterError::invalid(format!("{CONFIG_FILE}: {e}")))?;
         config.check()?;
         Ok(config)
     }
@@ -95,25 +92,15 @@ impl AdapterConfig {
     /// Rejects values no served adapter can have, and PEFT features we do not implement
     /// (per-module ranks, DoRA) rather than serving them wrongly.
     pub fn check(&self) -> Result<()> {
-        let bad = |field: &str, why: String| {
-            Err(AdapterError::invalid(format!(
-                "{CONFIG_FILE}: {field} {why}"
-            )))
-        };
+        let bad = |field: &str, why: String| Err(AdapterError::invalid(format!("{CONFIG_FILE}: {field} {why}")));
         if self.r == 0 {
             return bad("r", "must be at least 1".into());
         }
         if !self.lora_alpha.is_finite() || self.lora_alpha <= 0.0 {
-            return bad(
-                "lora_alpha",
-                format!("must be a positive number, got {}", self.lora_alpha),
-            );
+            return bad("lora_alpha", format!("must be a positive number, got {}", self.lora_alpha));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            return bad(
-                "lora_dropout",
-                format!("must be in [0, 1), got {}", self.lora_dropout),
-            );
+            return bad("lora_dropout", format!("must be in [0, 1), got {}", self.lora_dropout));
         }
         if let Some(t) = self.peft_type.as_deref() {
             if t != "LORA" {
@@ -129,10 +116,7 @@ impl AdapterConfig {
             if let Some(v) = self.extra.get(field) {
                 let empty = v.is_null() || v.as_object().is_some_and(|m| m.is_empty());
                 if !empty {
-                    return bad(
-                        field,
-                        "is not supported (every module must use rank r and lora_alpha)".into(),
-                    );
+                    return bad(field, "is not supported (every module must use rank r and lora_alpha)".into());
                 }
             }
         }
@@ -149,11 +133,9 @@ impl TargetModules {
     pub fn matches(&self, module: LoraModule) -> bool {
         match self {
             Self::AllLinear => true,
-            Self::List(list) => list.iter().any(|t| {
-                t == module.name()
-                    || t.strip_suffix(module.name())
-                        .is_some_and(|head| head.ends_with('.'))
-            }),
+            Self::List(list) => list
+                .iter()
+                .any(|t| t == module.name() || t.strip_suffix(module.name()).is_some_and(|head| head.ends_with('.'))),
         }
     }
 
@@ -180,22 +162,18 @@ impl<'de> Deserialize<'de> for TargetModules {
         let expected = "must be a list of module names or \"all-linear\"";
         match Value::deserialize(d)? {
             Value::String(s) if s == "all-linear" => Ok(Self::AllLinear),
-            Value::String(s) => Err(D::Error::custom(format!(
-                "target_modules {expected}; regex patterns like {s:?} are not supported"
-            ))),
+            Value::String(s) => {
+                Err(D::Error::custom(format!("target_modules {expected}; regex patterns like {s:?} are not supported")))
+            }
             Value::Array(items) => items
                 .into_iter()
                 .map(|item| match item {
                     Value::String(s) => Ok(s),
-                    other => Err(D::Error::custom(format!(
-                        "target_modules {expected}, found {other}"
-                    ))),
+                    other => Err(D::Error::custom(format!("target_modules {expected}, found {other}"))),
                 })
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map(Self::List),
-            other => Err(D::Error::custom(format!(
-                "target_modules {expected}, got {other}"
-            ))),
+            other => Err(D::Error::custom(format!("target_modules {expected}, got {other}"))),
         }
     }
 }
@@ -220,16 +198,12 @@ mod tests {
 
     #[test]
     fn all_linear_and_rslora_scale() {
-        let json =
-            br#"{"r": 16, "lora_alpha": 8, "target_modules": "all-linear", "use_rslora": true}"#;
+        let json = br#"{"r": 16, "lora_alpha": 8, "target_modules": "all-linear", "use_rslora": true}"#;
         let c = AdapterConfig::from_json(json).unwrap();
         assert_eq!(c.target_modules, TargetModules::AllLinear);
         assert_eq!(c.scale(), 2.0);
         assert!(c.target_modules.matches(LoraModule::DownProj));
-        assert_eq!(
-            serde_json::to_value(&c.target_modules).unwrap(),
-            Value::from("all-linear")
-        );
+        assert_eq!(serde_json::to_value(&c.target_modules).unwrap(), Value::from("all-linear"));
     }
 
     #[test]
@@ -249,16 +223,16 @@ mod tests {
             (br#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "peft_type": "IA3"}"#, "peft_type"),
             (br#"{"r": 4, "lora_alpha": 8, "target_modules": ".*q_proj"}"#, "regex"),
             (br#"{"r": 4, "lora_alpha": 8}"#, "target_modules"),
-            (br#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "rank_pattern": {"q_proj": 2}}"#, "rank_pattern"),
+            (
+                br#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "rank_pattern": {"q_proj": 2}}"#,
+                "rank_pattern",
+            ),
             (br#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "use_dora": true}"#, "use_dora"),
         ];
         for (json, needle) in cases {
             let err = AdapterConfig::from_json(json).unwrap_err();
             assert_eq!(err.code(), "invalid_adapter");
-            assert!(
-                err.to_string().contains(needle),
-                "{err} should mention {needle}"
-            );
+            assert!(err.to_string().contains(needle), "{err} should mention {needle}");
         }
     }
 }

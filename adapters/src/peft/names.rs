@@ -50,15 +50,8 @@ pub struct BaseModelShape {
 
 impl LoraModule {
     /// All seven, in the order they appear in a decoder block.
-    pub const ALL: [Self; 7] = [
-        Self::QProj,
-        Self::KProj,
-        Self::VProj,
-        Self::OProj,
-        Self::GateProj,
-        Self::UpProj,
-        Self::DownProj,
-    ];
+    pub const ALL: [Self; 7] =
+        [Self::QProj, Self::KProj, Self::VProj, Self::OProj, Self::GateProj, Self::UpProj, Self::DownProj];
 
     /// The module's name in checkpoints, e.g. `q_proj`.
     pub fn name(self) -> &'static str {
@@ -115,9 +108,7 @@ impl LoraTensorKey {
         let layer = layer.parse().ok()?;
         let parts: Vec<&str> = rest.split('.').collect();
         let (parent, module, lora) = match parts.as_slice() {
-            [parent, module, lora, "weight"] | [parent, module, lora, "default", "weight"] => {
-                (*parent, *module, *lora)
-            }
+            [parent, module, lora, "weight"] | [parent, module, lora, "default", "weight"] => (*parent, *module, *lora),
             _ => return None,
         };
         let module = LoraModule::from_name(module)?;
@@ -129,11 +120,7 @@ impl LoraTensorKey {
             "lora_B" => LoraPart::B,
             _ => return None,
         };
-        Some(Self {
-            layer,
-            module,
-            part,
-        })
+        Some(Self { layer, module, part })
     }
 
     /// The canonical PEFT name, without the adapter-name segment.
@@ -213,35 +200,20 @@ mod tests {
     fn names_round_trip_for_every_module() {
         for module in LoraModule::ALL {
             for part in [LoraPart::A, LoraPart::B] {
-                let key = LoraTensorKey {
-                    layer: 17,
-                    module,
-                    part,
-                };
+                let key = LoraTensorKey { layer: 17, module, part };
                 assert_eq!(LoraTensorKey::parse(&key.peft_name()), Some(key));
             }
         }
         assert_eq!(
-            LoraTensorKey {
-                layer: 3,
-                module: LoraModule::QProj,
-                part: LoraPart::A
-            }
-            .peft_name(),
+            LoraTensorKey { layer: 3, module: LoraModule::QProj, part: LoraPart::A }.peft_name(),
             "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"
         );
     }
 
     #[test]
     fn default_adapter_segment_is_normalised() {
-        let key = LoraTensorKey::parse(
-            "base_model.model.model.layers.0.mlp.down_proj.lora_B.default.weight",
-        )
-        .unwrap();
-        assert_eq!(
-            key.peft_name(),
-            "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"
-        );
+        let key = LoraTensorKey::parse("base_model.model.model.layers.0.mlp.down_proj.lora_B.default.weight").unwrap();
+        assert_eq!(key.peft_name(), "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight");
     }
 
     #[test]
@@ -269,11 +241,7 @@ mod tests {
         assert_eq!(s.module_dims("gate_proj"), Some((576, 1536)));
         assert_eq!(s.module_dims("down_proj"), Some((1536, 576)));
         assert_eq!(s.module_dims("lm_head"), None);
-        let key = LoraTensorKey {
-            layer: 0,
-            module: LoraModule::VProj,
-            part: LoraPart::B,
-        };
+        let key = LoraTensorKey { layer: 0, module: LoraModule::VProj, part: LoraPart::B };
         assert_eq!(s.expected_shape(&key, 8), [192, 8]);
     }
 }

@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use super::files::MAX_CONFIG_BYTES;
 use super::{
-    content_hash_bytes, AdapterConfig, AdapterFiles, BaseModelShape, LoraModule, LoraPart,
-    LoraTensorKey, CONFIG_FILE, WEIGHTS_FILE,
+    content_hash_bytes, AdapterConfig, AdapterFiles, BaseModelShape, LoraModule, LoraPart, LoraTensorKey, CONFIG_FILE,
+    WEIGHTS_FILE,
 };
 use crate::error::{AdapterError, Result};
 
@@ -24,10 +24,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            max_file_bytes: 512 << 20,
-            max_rank: 256,
-        }
+        Self { max_file_bytes: 512 << 20, max_rank: 256 }
     }
 }
 
@@ -48,11 +45,7 @@ pub struct ValidatedAdapter {
 }
 
 /// Reads and validates the adapter in `dir` against `shape` and `limits`.
-pub fn validate_adapter_dir(
-    dir: &Path,
-    shape: &BaseModelShape,
-    limits: &Limits,
-) -> Result<ValidatedAdapter> {
+pub fn validate_adapter_dir(dir: &Path, shape: &BaseModelShape, limits: &Limits) -> Result<ValidatedAdapter> {
     let files = AdapterFiles::read(dir, limits)?;
     validate_adapter_bytes(&files.config, &files.weights, shape, limits)
 }
@@ -71,11 +64,7 @@ pub fn validate_adapter_bytes(
         (WEIGHTS_FILE, weights.len() as u64, limits.max_file_bytes),
     ] {
         if len > limit {
-            return Err(AdapterError::TooLarge {
-                what: format!("{file} (bytes)"),
-                actual: len,
-                limit,
-            });
+            return Err(AdapterError::TooLarge { what: format!("{file} (bytes)"), actual: len, limit });
         }
     }
     let config = AdapterConfig::from_json(config_json)?;
@@ -88,18 +77,12 @@ pub fn validate_adapter_bytes(
     }
     if let Some(declared) = config.base_model_name_or_path.as_deref().map(str::trim) {
         if !declared.is_empty() && !base_matches(declared, &shape.name) {
-            return Err(AdapterError::BaseMismatch {
-                adapter_base: declared.to_owned(),
-                served: shape.name.clone(),
-            });
+            return Err(AdapterError::BaseMismatch { adapter_base: declared.to_owned(), served: shape.name.clone() });
         }
     }
 
-    let tensors = SafeTensors::deserialize(weights).map_err(|e| {
-        AdapterError::invalid(format!(
-            "{WEIGHTS_FILE} is not a valid safetensors file: {e}"
-        ))
-    })?;
+    let tensors = SafeTensors::deserialize(weights)
+        .map_err(|e| AdapterError::invalid(format!("{WEIGHTS_FILE} is not a valid safetensors file: {e}")))?;
     // Value: the name the tensor had in the file, for messages about its missing partner.
     let mut seen: BTreeMap<LoraTensorKey, String> = BTreeMap::new();
     // Sorted by name so that the first problem reported is the same on every run.
@@ -138,24 +121,17 @@ pub fn validate_adapter_bytes(
             )));
         }
         if let Some(first) = seen.insert(key, name.to_owned()) {
-            return Err(AdapterError::invalid(format!(
-                "tensors {first} and {name} are the same weight"
-            )));
+            return Err(AdapterError::invalid(format!("tensors {first} and {name} are the same weight")));
         }
     }
 
     for (key, name) in &seen {
         if !seen.contains_key(&key.partner()) {
-            return Err(AdapterError::invalid(format!(
-                "tensor {name} has no matching {}",
-                key.partner().peft_name()
-            )));
+            return Err(AdapterError::invalid(format!("tensor {name} has no matching {}", key.partner().peft_name())));
         }
     }
     if seen.is_empty() {
-        return Err(AdapterError::invalid(format!(
-            "{WEIGHTS_FILE} contains no LoRA tensors"
-        )));
+        return Err(AdapterError::invalid(format!("{WEIGHTS_FILE} contains no LoRA tensors")));
     }
 
     let pairs: Vec<&LoraTensorKey> = seen.keys().filter(|k| k.part == LoraPart::A).collect();
@@ -176,12 +152,7 @@ pub fn validate_adapter_bytes(
 /// `HuggingFaceTB/SmolLM2-135M` matches `SmolLM2-135M-Instruct`; nothing looser.
 pub fn base_matches(declared: &str, served: &str) -> bool {
     fn last(s: &str) -> String {
-        s.trim()
-            .trim_end_matches(['/', '\\'])
-            .rsplit(['/', '\\'])
-            .next()
-            .unwrap_or_default()
-            .to_ascii_lowercase()
+        s.trim().trim_end_matches(['/', '\\']).rsplit(['/', '\\']).next().unwrap_or_default().to_ascii_lowercase()
     }
     let (a, b) = (last(declared), last(served));
     if a.is_empty() || b.is_empty() {
@@ -194,28 +165,18 @@ pub fn base_matches(declared: &str, served: &str) -> bool {
 /// token generated through this adapter.
 fn check_dtype_and_values(name: &str, dtype: Dtype, data: &[u8]) -> Result<()> {
     let finite = match dtype {
-        Dtype::F32 => data
-            .chunks_exact(4)
-            .all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
+        Dtype::F32 => data.chunks_exact(4).all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
         // An all-ones exponent field means inf or NaN in both 16-bit formats.
-        Dtype::F16 => data
-            .chunks_exact(2)
-            .all(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 != 0x7c00),
-        Dtype::BF16 => data
-            .chunks_exact(2)
-            .all(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 != 0x7f80),
+        Dtype::F16 => data.chunks_exact(2).all(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 != 0x7c00),
+        Dtype::BF16 => data.chunks_exact(2).all(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 != 0x7f80),
         other => {
-            return Err(AdapterError::invalid(format!(
-                "tensor {name} has dtype {other:?}, expected F32, F16 or BF16"
-            )))
+            return Err(AdapterError::invalid(format!("tensor {name} has dtype {other:?}, expected F32, F16 or BF16")))
         }
     };
     if finite {
         Ok(())
     } else {
-        Err(AdapterError::invalid(format!(
-            "tensor {name} contains NaN or infinite values"
-        )))
+        Err(AdapterError::invalid(format!("tensor {name} contains NaN or infinite values")))
     }
 }
 
@@ -232,19 +193,12 @@ mod tests {
     use crate::TargetModules;
 
     fn key(layer: usize, module: LoraModule, part: LoraPart) -> LoraTensorKey {
-        LoraTensorKey {
-            layer,
-            module,
-            part,
-        }
+        LoraTensorKey { layer, module, part }
     }
 
     fn expect_invalid(dir: &Path, needle: &str) -> AdapterError {
         let err = validate_adapter_dir(dir, &tiny_shape(), &Limits::default()).unwrap_err();
-        assert!(
-            err.to_string().contains(needle),
-            "error {err:?} should contain {needle:?}"
-        );
+        assert!(err.to_string().contains(needle), "error {err:?} should contain {needle:?}");
         err
     }
 
@@ -252,13 +206,7 @@ mod tests {
     fn written_adapter_validates() {
         let dir = tempfile::tempdir().unwrap();
         let shape = tiny_shape();
-        write_tiny_adapter(
-            dir.path(),
-            &shape,
-            4,
-            &[LoraModule::QProj, LoraModule::DownProj],
-            7,
-        );
+        write_tiny_adapter(dir.path(), &shape, 4, &[LoraModule::QProj, LoraModule::DownProj], 7);
         let v = validate_adapter_dir(dir.path(), &shape, &Limits::default()).unwrap();
         assert_eq!(v.config.r, 4);
         assert_eq!(v.modules, vec![LoraModule::QProj, LoraModule::DownProj]);
@@ -288,16 +236,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = AdapterConfig::new(2, 4.0, TargetModules::List(vec!["q_proj".into()]));
         let tensors = vec![
-            (
-                key(1, LoraModule::QProj, LoraPart::A),
-                vec![0.0; 2 * 5],
-                vec![2, 5],
-            ),
-            (
-                key(1, LoraModule::QProj, LoraPart::B),
-                vec![0.0; 8 * 2],
-                vec![8, 2],
-            ),
+            (key(1, LoraModule::QProj, LoraPart::A), vec![0.0; 2 * 5], vec![2, 5]),
+            (key(1, LoraModule::QProj, LoraPart::B), vec![0.0; 8 * 2], vec![8, 2]),
         ];
         write_adapter_dir(dir.path(), &config, &tensors).unwrap();
         let err = expect_invalid(
@@ -321,10 +261,7 @@ mod tests {
     fn rank_above_limit_is_too_large() {
         let dir = tempfile::tempdir().unwrap();
         write_tiny_adapter(dir.path(), &tiny_shape(), 4, &[LoraModule::QProj], 1);
-        let limits = Limits {
-            max_rank: 2,
-            ..Limits::default()
-        };
+        let limits = Limits { max_rank: 2, ..Limits::default() };
         let err = validate_adapter_dir(dir.path(), &tiny_shape(), &limits).unwrap_err();
         assert_eq!(err.code(), "adapter_too_large");
     }
@@ -346,14 +283,9 @@ mod tests {
 
     /// Writes raw named F32 tensors, bypassing the typed writer, to fake foreign files.
     fn write_raw(dir: &Path, config: &[u8], tensors: &[(&str, Vec<usize>)]) {
-        let bytes: Vec<Vec<u8>> = tensors
-            .iter()
-            .map(|(_, s)| vec![0u8; 4 * s.iter().product::<usize>()])
-            .collect();
-        let views = tensors
-            .iter()
-            .zip(&bytes)
-            .map(|((n, s), b)| (*n, TensorView::new(Dtype::F32, s.clone(), b).unwrap()));
+        let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, s)| vec![0u8; 4 * s.iter().product::<usize>()]).collect();
+        let views =
+            tensors.iter().zip(&bytes).map(|((n, s), b)| (*n, TensorView::new(Dtype::F32, s.clone(), b).unwrap()));
         let st = safetensors::serialize(views, None::<HashMap<String, String>>).unwrap();
         fs::write(dir.join(WEIGHTS_FILE), st).unwrap();
         fs::write(dir.join(CONFIG_FILE), config).unwrap();
@@ -363,15 +295,8 @@ mod tests {
     fn unknown_module_is_rejected() {
         let dir = tempfile::tempdir().unwrap();
         let config = br#"{"r": 2, "lora_alpha": 4, "target_modules": "all-linear"}"#;
-        write_raw(
-            dir.path(),
-            config,
-            &[("base_model.model.lm_head.lora_A.weight", vec![2, 8])],
-        );
-        expect_invalid(
-            dir.path(),
-            "tensor base_model.model.lm_head.lora_A.weight is not a LoRA weight",
-        );
+        write_raw(dir.path(), config, &[("base_model.model.lm_head.lora_A.weight", vec![2, 8])]);
+        expect_invalid(dir.path(), "tensor base_model.model.lm_head.lora_A.weight is not a LoRA weight");
     }
 
     #[test]
@@ -379,16 +304,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let shape = tiny_shape();
         let config = AdapterConfig::new(2, 4.0, TargetModules::List(vec!["q_proj".into()]));
-        write_adapter_dir(
-            dir.path(),
-            &config,
-            &tiny_tensors(&shape, 2, &[LoraModule::UpProj], 1),
-        )
-        .unwrap();
-        expect_invalid(
-            dir.path(),
-            "adapts up_proj, which is not in target_modules [\"q_proj\"]",
-        );
+        write_adapter_dir(dir.path(), &config, &tiny_tensors(&shape, 2, &[LoraModule::UpProj], 1)).unwrap();
+        expect_invalid(dir.path(), "adapts up_proj, which is not in target_modules [\"q_proj\"]");
 
         let dir = tempfile::tempdir().unwrap();
         let config = br#"{"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}"#;
@@ -396,14 +313,8 @@ mod tests {
             dir.path(),
             config,
             &[
-                (
-                    "base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight",
-                    vec![2, 8],
-                ),
-                (
-                    "base_model.model.model.layers.2.self_attn.q_proj.lora_B.weight",
-                    vec![8, 2],
-                ),
+                ("base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight", vec![2, 8]),
+                ("base_model.model.model.layers.2.self_attn.q_proj.lora_B.weight", vec![8, 2]),
             ],
         );
         expect_invalid(dir.path(), "is for layer 2, but tiny-llama has 2 layers");
@@ -420,11 +331,7 @@ mod tests {
         assert_eq!(v.pairs, 1);
 
         let canonical_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
-        write_raw(
-            dir.path(),
-            config,
-            &[(a, vec![2, 8]), (b, vec![8, 2]), (canonical_a, vec![2, 8])],
-        );
+        write_raw(dir.path(), config, &[(a, vec![2, 8]), (b, vec![8, 2]), (canonical_a, vec![2, 8])]);
         expect_invalid(dir.path(), "are the same weight");
     }
 
@@ -434,28 +341,14 @@ mod tests {
         let shape = tiny_shape();
         let mut config = AdapterConfig::new(2, 4.0, TargetModules::List(vec!["q_proj".into()]));
         config.base_model_name_or_path = Some("meta-llama/Llama-3.1-8B".into());
-        write_adapter_dir(
-            dir.path(),
-            &config,
-            &tiny_tensors(&shape, 2, &[LoraModule::QProj], 1),
-        )
-        .unwrap();
+        write_adapter_dir(dir.path(), &config, &tiny_tensors(&shape, 2, &[LoraModule::QProj], 1)).unwrap();
         let err = validate_adapter_dir(dir.path(), &shape, &Limits::default()).unwrap_err();
         assert_eq!(err.code(), "base_mismatch");
         assert!(err.to_string().contains("Llama-3.1-8B"), "{err}");
 
-        assert!(base_matches(
-            "HuggingFaceTB/SmolLM2-135M-Instruct",
-            "SmolLM2-135M-Instruct"
-        ));
-        assert!(base_matches(
-            "/models/smollm2-135m/",
-            "SmolLM2-135M-Instruct"
-        ));
-        assert!(!base_matches(
-            "HuggingFaceTB/SmolLM2-360M-Instruct",
-            "SmolLM2-135M-Instruct"
-        ));
+        assert!(base_matches("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct"));
+        assert!(base_matches("/models/smollm2-135m/", "SmolLM2-135M-Instruct"));
+        assert!(!base_matches("HuggingFaceTB/SmolLM2-360M-Instruct", "SmolLM2-135M-Instruct"));
         assert!(!base_matches("", "SmolLM2-135M-Instruct"));
     }
 
@@ -463,11 +356,7 @@ mod tests {
     fn garbage_safetensors_is_rejected() {
         let dir = tempfile::tempdir().unwrap();
         write_tiny_adapter(dir.path(), &tiny_shape(), 2, &[LoraModule::QProj], 1);
-        fs::write(
-            dir.path().join(WEIGHTS_FILE),
-            b"\xff\xff\xff\xff\xff\xff\xff\x7fnot a safetensors file",
-        )
-        .unwrap();
+        fs::write(dir.path().join(WEIGHTS_FILE), b"\xff\xff\xff\xff\xff\xff\xff\x7fnot a safetensors file").unwrap();
         let err = expect_invalid(dir.path(), "is not a valid safetensors file");
         assert_eq!(err.code(), "invalid_adapter");
     }

@@ -12,8 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::model::{
-    validate_adapter_name, validate_alias_name, AdapterEntry, AliasState, AuditRecord, Manifest,
-    Snapshot,
+    validate_adapter_name, validate_alias_name, AdapterEntry, AliasState, AuditRecord, Manifest, Snapshot,
 };
 use crate::error::{AdapterError, Result};
 
@@ -34,46 +33,31 @@ pub(crate) struct Meta {
 }
 
 pub(crate) fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// A name no other writer in this or another process will pick.
 pub(crate) fn unique_suffix() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!(
-        "{}-{}-{nanos}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    format!("{}-{}-{nanos}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Makes a rename or create inside `dir` durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| AdapterError::io(dir, e))
+    File::open(dir).and_then(|f| f.sync_all()).map_err(|e| AdapterError::io(dir, e))
 }
 
 /// Creates `path` with `bytes` and flushes it to disk.
 pub(crate) fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).map_err(|e| AdapterError::io(path, e))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| AdapterError::io(path, e))
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| AdapterError::io(path, e))
 }
 
 /// Replaces `path` so that a crash leaves either the old or the new content: write
 /// `path.tmp`, fsync, rename over `path`, fsync the directory.
 pub(crate) fn write_json_atomic(path: &Path, value: &impl Serialize) -> Result<()> {
-    let mut bytes =
-        serde_json::to_vec_pretty(value).map_err(|e| AdapterError::corrupt(path, e.to_string()))?;
+    let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| AdapterError::corrupt(path, e.to_string()))?;
     bytes.push(b'\n');
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
@@ -89,9 +73,7 @@ pub(crate) fn write_json_atomic(path: &Path, value: &impl Serialize) -> Result<(
 /// Reads a JSON state file; a missing file is `None`, an unparsable one is corruption.
 pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     match fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| AdapterError::corrupt(path, e.to_string())),
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| AdapterError::corrupt(path, e.to_string())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(AdapterError::io(path, e)),
     }
@@ -157,9 +139,8 @@ fn load_entry(name: &str, dir: &Path) -> Result<Option<AdapterEntry>> {
             }
         };
         let manifest_path = path.join(MANIFEST_FILE);
-        let manifest: Manifest = read_json(&manifest_path)?.ok_or_else(|| {
-            AdapterError::corrupt(&path, format!("version directory has no {MANIFEST_FILE}"))
-        })?;
+        let manifest: Manifest = read_json(&manifest_path)?
+            .ok_or_else(|| AdapterError::corrupt(&path, format!("version directory has no {MANIFEST_FILE}")))?;
         if manifest.name != name || manifest.version != version {
             return Err(AdapterError::corrupt(
                 &manifest_path,
@@ -172,10 +153,7 @@ fn load_entry(name: &str, dir: &Path) -> Result<Option<AdapterEntry>> {
         if validate_alias_name(alias).is_err() || !versions.contains_key(&state.version) {
             return Err(AdapterError::corrupt(
                 &aliases_path,
-                format!(
-                    "alias {alias:?} points to version {}, which does not exist",
-                    state.version
-                ),
+                format!("alias {alias:?} points to version {}, which does not exist", state.version),
             ));
         }
     }
@@ -185,11 +163,7 @@ fn load_entry(name: &str, dir: &Path) -> Result<Option<AdapterEntry>> {
     // A crash between publishing a version and writing meta.json leaves meta behind.
     let after_max = versions.keys().next_back().map_or(1, |v| v + 1);
     let next_version = meta.map_or(1, |m| m.next_version).max(after_max);
-    Ok(Some(AdapterEntry {
-        versions,
-        aliases,
-        next_version,
-    }))
+    Ok(Some(AdapterEntry { versions, aliases, next_version }))
 }
 
 fn list_dir(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
@@ -215,14 +189,9 @@ fn list_dir(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
 /// (except after a crash, which [`read_audit`] tolerates).
 pub(crate) fn append_audit(root: &Path, record: &AuditRecord) -> Result<()> {
     let path = root.join(AUDIT_FILE);
-    let json =
-        serde_json::to_vec(record).map_err(|e| AdapterError::corrupt(&path, e.to_string()))?;
-    let mut f = OpenOptions::new()
-        .create(true)
-        .read(true)
-        .append(true)
-        .open(&path)
-        .map_err(|e| AdapterError::io(&path, e))?;
+    let json = serde_json::to_vec(record).map_err(|e| AdapterError::corrupt(&path, e.to_string()))?;
+    let mut f =
+        OpenOptions::new().create(true).read(true).append(true).open(&path).map_err(|e| AdapterError::io(&path, e))?;
     // After a torn write the file lacks its final newline; start a fresh line so this
     // record is not glued onto the broken one.
     let mut line = Vec::with_capacity(json.len() + 2);
@@ -231,9 +200,7 @@ pub(crate) fn append_audit(root: &Path, record: &AuditRecord) -> Result<()> {
     }
     line.extend_from_slice(&json);
     line.push(b'\n');
-    f.write_all(&line)
-        .and_then(|()| f.sync_data())
-        .map_err(|e| AdapterError::io(&path, e))
+    f.write_all(&line).and_then(|()| f.sync_data()).map_err(|e| AdapterError::io(&path, e))
 }
 
 /// True for an empty file or one whose last byte is a newline.

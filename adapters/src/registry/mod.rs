@@ -15,15 +15,13 @@ use serde_json::Value;
 
 use crate::error::{AdapterError, Result};
 use crate::peft::{
-    content_hash, validate_adapter_bytes, AdapterFiles, BaseModelShape, Limits, CONFIG_FILE,
-    WEIGHTS_FILE,
+    content_hash, validate_adapter_bytes, AdapterFiles, BaseModelShape, Limits, CONFIG_FILE, WEIGHTS_FILE,
 };
 use disk::{Meta, ADAPTERS_DIR, ALIASES_FILE, MANIFEST_FILE, META_FILE, TMP_PREFIX, VERSIONS_DIR};
 
 pub use model::{
-    parse_model_ref, validate_adapter_name, validate_alias_name, AdapterEntry, AdapterListing,
-    AliasChange, AliasState, AuditAction, AuditRecord, Manifest, Selector, Snapshot, Source,
-    DEFAULT_ALIAS,
+    parse_model_ref, validate_adapter_name, validate_alias_name, AdapterEntry, AdapterListing, AliasChange, AliasState,
+    AuditAction, AuditRecord, Manifest, Selector, Snapshot, Source, DEFAULT_ALIAS,
 };
 
 /// How many earlier versions an alias remembers for rollback.
@@ -57,13 +55,7 @@ impl Registry {
         fs::create_dir_all(&adapters).map_err(|e| AdapterError::io(&adapters, e))?;
         disk::empty_trash(&root);
         let snapshot = disk::load_snapshot(&root)?;
-        Ok(Self {
-            root,
-            shape,
-            limits,
-            current: ArcSwap::from_pointee(snapshot),
-            writer: Mutex::new(()),
-        })
+        Ok(Self { root, shape, limits, current: ArcSwap::from_pointee(snapshot), writer: Mutex::new(()) })
     }
 
     /// The registry's root directory.
@@ -99,9 +91,7 @@ impl Registry {
 
     /// Where a version's files live; `name` must already be a valid adapter name.
     pub fn version_dir(&self, name: &str, version: u64) -> PathBuf {
-        self.adapter_dir(name)
-            .join(VERSIONS_DIR)
-            .join(version.to_string())
+        self.adapter_dir(name).join(VERSIONS_DIR).join(version.to_string())
     }
 
     /// Every adapter with its versions and aliases.
@@ -111,13 +101,7 @@ impl Registry {
 
     /// Validates the adapter in `staged_dir` and publishes it as the next version of `name`.
     /// The files are read once, so the bytes validated are the bytes stored.
-    pub fn register(
-        &self,
-        name: &str,
-        staged_dir: &Path,
-        source: Source,
-        actor: &str,
-    ) -> Result<Manifest> {
+    pub fn register(&self, name: &str, staged_dir: &Path, source: Source, actor: &str) -> Result<Manifest> {
         validate_adapter_name(name)?;
         let files = AdapterFiles::read(staged_dir, &self.limits)?;
         self.register_bytes(name, &files.config, &files.weights, source, actor)
@@ -153,10 +137,7 @@ impl Registry {
         let snap = self.current.load_full();
         let mut entry = entry_of(&snap, name)?.clone();
         if !entry.versions.contains_key(&version) {
-            return Err(AdapterError::VersionNotFound {
-                name: name.to_owned(),
-                version,
-            });
+            return Err(AdapterError::VersionNotFound { name: name.to_owned(), version });
         }
         let current = entry.aliases.get(alias).map(|s| s.version);
         if let Some(expected) = expected_version {
@@ -169,20 +150,12 @@ impl Registry {
                 });
             }
         }
-        let change = AliasChange {
-            adapter: name.to_owned(),
-            alias: alias.to_owned(),
-            from: current,
-            to: version,
-        };
+        let change = AliasChange { adapter: name.to_owned(), alias: alias.to_owned(), from: current, to: version };
         if current == Some(version) {
             // Nothing moves, so nothing is written, audited or pushed onto the history.
             return Ok(change);
         }
-        let state = entry.aliases.entry(alias.to_owned()).or_insert(AliasState {
-            version,
-            history: Vec::new(),
-        });
+        let state = entry.aliases.entry(alias.to_owned()).or_insert(AliasState { version, history: Vec::new() });
         if let Some(previous) = current {
             state.history.push(previous);
             let excess = state.history.len().saturating_sub(MAX_ALIAS_HISTORY);
@@ -209,22 +182,14 @@ impl Registry {
         let _guard = self.writer.lock();
         let snap = self.current.load_full();
         let mut entry = entry_of(&snap, name)?.clone();
-        let not_found = || AdapterError::AliasNotFound {
-            name: name.to_owned(),
-            alias: alias.to_owned(),
-        };
+        let not_found = || AdapterError::AliasNotFound { name: name.to_owned(), alias: alias.to_owned() };
         let state = entry.aliases.get_mut(alias).ok_or_else(not_found)?;
         let from = state.version;
         let to = loop {
             match state.history.pop() {
                 Some(v) if v != from && entry.versions.contains_key(&v) => break v,
                 Some(_) => continue,
-                None => {
-                    return Err(AdapterError::NoRollbackTarget {
-                        name: name.to_owned(),
-                        alias: alias.to_owned(),
-                    })
-                }
+                None => return Err(AdapterError::NoRollbackTarget { name: name.to_owned(), alias: alias.to_owned() }),
             }
         };
         state.version = to;
@@ -237,12 +202,7 @@ impl Registry {
         });
         self.publish(&snap, name, entry);
         tracing::info!(adapter = name, alias, from, to, actor, "alias rolled back");
-        Ok(AliasChange {
-            adapter: name.to_owned(),
-            alias: alias.to_owned(),
-            from: Some(from),
-            to,
-        })
+        Ok(AliasChange { adapter: name.to_owned(), alias: alias.to_owned(), from: Some(from), to })
     }
 
     /// Deletes a version that no alias points at. Requests that already resolved it keep
@@ -252,39 +212,19 @@ impl Registry {
         let _guard = self.writer.lock();
         let snap = self.current.load_full();
         let mut entry = entry_of(&snap, name)?.clone();
-        let manifest =
-            entry
-                .versions
-                .remove(&version)
-                .ok_or_else(|| AdapterError::VersionNotFound {
-                    name: name.to_owned(),
-                    version,
-                })?;
+        let manifest = entry
+            .versions
+            .remove(&version)
+            .ok_or_else(|| AdapterError::VersionNotFound { name: name.to_owned(), version })?;
         let aliases = entry.aliases_of(version);
         if !aliases.is_empty() {
-            return Err(AdapterError::VersionInUse {
-                name: name.to_owned(),
-                version,
-                aliases,
-            });
+            return Err(AdapterError::VersionInUse { name: name.to_owned(), version, aliases });
         }
         // meta.json may be missing after a crash; without it a reload would derive the next
         // number from the remaining versions and could reuse this one.
-        disk::write_json_atomic(
-            &self.adapter_dir(name).join(META_FILE),
-            &Meta {
-                next_version: entry.next_version,
-            },
-        )?;
-        disk::remove_dir_via_trash(
-            &self.root,
-            &self.version_dir(name, version),
-            &format!("{name}-{version}"),
-        )?;
-        self.audit_append(AuditRecord {
-            version: Some(version),
-            ..record(actor, AuditAction::Delete, name)
-        });
+        disk::write_json_atomic(&self.adapter_dir(name).join(META_FILE), &Meta { next_version: entry.next_version })?;
+        disk::remove_dir_via_trash(&self.root, &self.version_dir(name, version), &format!("{name}-{version}"))?;
+        self.audit_append(AuditRecord { version: Some(version), ..record(actor, AuditAction::Delete, name) });
         self.publish(&snap, name, entry);
         tracing::info!(adapter = name, version, actor, "version deleted");
         Ok(manifest)
@@ -303,14 +243,10 @@ impl Registry {
         let _guard = self.writer.lock();
         let snap = self.current.load_full();
         let mut entry = entry_of(&snap, name)?.clone();
-        let manifest =
-            entry
-                .versions
-                .get_mut(&version)
-                .ok_or_else(|| AdapterError::VersionNotFound {
-                    name: name.to_owned(),
-                    version,
-                })?;
+        let manifest = entry
+            .versions
+            .get_mut(&version)
+            .ok_or_else(|| AdapterError::VersionNotFound { name: name.to_owned(), version })?;
         if let Some(lineage) = lineage {
             manifest.lineage = lineage;
         }
@@ -318,10 +254,7 @@ impl Registry {
             manifest.metrics = metrics;
         }
         let manifest = manifest.clone();
-        disk::write_json_atomic(
-            &self.version_dir(name, version).join(MANIFEST_FILE),
-            &manifest,
-        )?;
+        disk::write_json_atomic(&self.version_dir(name, version).join(MANIFEST_FILE), &manifest)?;
         self.publish(&snap, name, entry);
         Ok(manifest)
     }
@@ -348,10 +281,7 @@ impl Registry {
         if actual != manifest.sha256 {
             return Err(AdapterError::corrupt(
                 dir,
-                format!(
-                    "content hash is {actual}, manifest says {}",
-                    manifest.sha256
-                ),
+                format!("content hash is {actual}, manifest says {}", manifest.sha256),
             ));
         }
         Ok(())
@@ -373,10 +303,7 @@ impl Registry {
         let validated = validate_adapter_bytes(config, weights, &self.shape, &self.limits)?;
         let _guard = self.writer.lock();
         let snap = self.current.load_full();
-        let mut entry = snap
-            .adapter(name)
-            .cloned()
-            .unwrap_or_else(AdapterEntry::new);
+        let mut entry = snap.adapter(name).cloned().unwrap_or_else(AdapterEntry::new);
         let version = entry.next_version;
         let manifest = Manifest {
             name: name.to_owned(),
@@ -388,20 +315,13 @@ impl Registry {
             rank: validated.config.r,
             alpha: validated.config.lora_alpha,
             use_rslora: validated.config.use_rslora,
-            target_modules: validated
-                .modules
-                .iter()
-                .map(|m| m.name().to_owned())
-                .collect(),
+            target_modules: validated.modules.iter().map(|m| m.name().to_owned()).collect(),
             size_bytes: validated.size_bytes,
             lineage: Value::Null,
             metrics: Value::Null,
         };
         self.write_version(&manifest, config, weights)?;
-        self.audit_append(AuditRecord {
-            version: Some(version),
-            ..record(actor, AuditAction::Register, name)
-        });
+        self.audit_append(AuditRecord { version: Some(version), ..record(actor, AuditAction::Register, name) });
         entry.versions.insert(version, manifest.clone());
         entry.next_version = version + 1;
         self.publish(&snap, name, entry);
@@ -447,8 +367,8 @@ impl Registry {
         renamed: &mut bool,
     ) -> Result<()> {
         let tmp = &paths.tmp_dir;
-        let manifest_json = serde_json::to_vec_pretty(manifest)
-            .map_err(|e| AdapterError::corrupt(tmp, e.to_string()))?;
+        let manifest_json =
+            serde_json::to_vec_pretty(manifest).map_err(|e| AdapterError::corrupt(tmp, e.to_string()))?;
         fs::create_dir_all(tmp).map_err(|e| AdapterError::io(tmp, e))?;
         disk::write_file_synced(&tmp.join(CONFIG_FILE), config)?;
         disk::write_file_synced(&tmp.join(WEIGHTS_FILE), weights)?;
@@ -456,10 +376,7 @@ impl Registry {
         disk::sync_dir(tmp)?;
         // rename(2) would silently replace an empty directory; never overwrite anything.
         if fs::symlink_metadata(&paths.final_dir).is_ok() {
-            return Err(AdapterError::corrupt(
-                &paths.final_dir,
-                "already exists but is not a registered version",
-            ));
+            return Err(AdapterError::corrupt(&paths.final_dir, "already exists but is not a registered version"));
         }
         fs::rename(tmp, &paths.final_dir).map_err(|e| AdapterError::io(&paths.final_dir, e))?;
         *renamed = true;
@@ -468,9 +385,7 @@ impl Registry {
             disk::sync_dir(&paths.adapter_dir)?;
             disk::sync_dir(&self.root.join(ADAPTERS_DIR))?;
         }
-        let meta = Meta {
-            next_version: manifest.version + 1,
-        };
+        let meta = Meta { next_version: manifest.version + 1 };
         disk::write_json_atomic(&paths.adapter_dir.join(META_FILE), &meta)
     }
 
@@ -505,10 +420,7 @@ fn _assert_registry_is_send_sync() {
 }
 
 fn entry_of<'a>(snap: &'a Snapshot, name: &str) -> Result<&'a AdapterEntry> {
-    snap.adapter(name)
-        .ok_or_else(|| AdapterError::AdapterNotFound {
-            name: name.to_owned(),
-        })
+    snap.adapter(name).ok_or_else(|| AdapterError::AdapterNotFound { name: name.to_owned() })
 }
 
 fn record(actor: &str, action: AuditAction, adapter: &str) -> AuditRecord {

@@ -170,13 +170,7 @@ pub fn validate_alias_name(alias: &str) -> Result<()> {
 }
 
 fn check_name(kind: &'static str, name: &str) -> Result<()> {
-    let fail = |reason| {
-        Err(AdapterError::InvalidName {
-            kind,
-            name: name.to_owned(),
-            reason,
-        })
-    };
+    let fail = |reason| Err(AdapterError::InvalidName { kind, name: name.to_owned(), reason });
     let bytes = name.as_bytes();
     let Some(&first) = bytes.first() else {
         return fail("must not be empty");
@@ -187,8 +181,7 @@ fn check_name(kind: &'static str, name: &str) -> Result<()> {
     if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
         return fail("must start with a lowercase letter or digit");
     }
-    let allowed =
-        |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-');
+    let allowed = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-');
     if !bytes.iter().all(|&b| allowed(b)) {
         return fail("may contain only lowercase letters, digits, '.', '_' and '-'");
     }
@@ -200,19 +193,12 @@ fn check_name(kind: &'static str, name: &str) -> Result<()> {
 
 impl AdapterEntry {
     pub(crate) fn new() -> Self {
-        Self {
-            next_version: 1,
-            ..Self::default()
-        }
+        Self { next_version: 1, ..Self::default() }
     }
 
     /// Aliases currently pointing at `version`.
     pub fn aliases_of(&self, version: u64) -> Vec<String> {
-        self.aliases
-            .iter()
-            .filter(|(_, s)| s.version == version)
-            .map(|(a, _)| a.clone())
-            .collect()
+        self.aliases.iter().filter(|(_, s)| s.version == version).map(|(a, _)| a.clone()).collect()
     }
 }
 
@@ -231,11 +217,7 @@ impl Snapshot {
     /// once and keep the manifest, so a concurrent promote cannot change it mid-stream.
     pub fn resolve(&self, name: &str, selector: &Selector) -> Result<&Manifest> {
         validate_adapter_name(name)?;
-        let entry = self
-            .adapter(name)
-            .ok_or_else(|| AdapterError::AdapterNotFound {
-                name: name.to_owned(),
-            })?;
+        let entry = self.adapter(name).ok_or_else(|| AdapterError::AdapterNotFound { name: name.to_owned() })?;
         let version = match selector {
             Selector::Version(v) => *v,
             Selector::Default => alias_version(entry, name, DEFAULT_ALIAS)?,
@@ -244,13 +226,7 @@ impl Snapshot {
                 alias_version(entry, name, alias)?
             }
         };
-        entry
-            .versions
-            .get(&version)
-            .ok_or_else(|| AdapterError::VersionNotFound {
-                name: name.to_owned(),
-                version,
-            })
+        entry.versions.get(&version).ok_or_else(|| AdapterError::VersionNotFound { name: name.to_owned(), version })
     }
 
     /// Every adapter with its versions (ascending) and aliases.
@@ -271,10 +247,7 @@ fn alias_version(entry: &AdapterEntry, name: &str, alias: &str) -> Result<u64> {
         .aliases
         .get(alias)
         .map(|s| s.version)
-        .ok_or_else(|| AdapterError::AliasNotFound {
-            name: name.to_owned(),
-            alias: alias.to_owned(),
-        })
+        .ok_or_else(|| AdapterError::AliasNotFound { name: name.to_owned(), alias: alias.to_owned() })
 }
 
 #[cfg(test)]
@@ -283,45 +256,22 @@ mod tests {
 
     #[test]
     fn model_refs_parse() {
-        assert_eq!(
-            parse_model_ref("support-bot"),
-            ("support-bot", Selector::Default)
-        );
-        assert_eq!(
-            parse_model_ref("support-bot@7"),
-            ("support-bot", Selector::Version(7))
-        );
-        assert_eq!(
-            parse_model_ref("support-bot@canary"),
-            ("support-bot", Selector::Alias("canary".into()))
-        );
+        assert_eq!(parse_model_ref("support-bot"), ("support-bot", Selector::Default));
+        assert_eq!(parse_model_ref("support-bot@7"), ("support-bot", Selector::Version(7)));
+        assert_eq!(parse_model_ref("support-bot@canary"), ("support-bot", Selector::Alias("canary".into())));
         assert_eq!(parse_model_ref("a@+7"), ("a", Selector::Alias("+7".into())));
     }
 
     #[test]
     fn invalid_names_are_rejected() {
-        for bad in [
-            "../x",
-            "a/b",
-            "A@1",
-            "",
-            "Bot",
-            "-x",
-            ".x",
-            "a..b",
-            "a b",
-            &"x".repeat(65),
-        ] {
+        for bad in ["../x", "a/b", "A@1", "", "Bot", "-x", ".x", "a..b", "a b", &"x".repeat(65)] {
             let err = validate_adapter_name(bad).unwrap_err();
             assert_eq!(err.code(), "invalid_name", "{bad}");
         }
         for good in ["support-bot", "a", "0", "v1.2_x-y", &"x".repeat(64)] {
             validate_adapter_name(good).unwrap();
         }
-        assert_eq!(
-            validate_alias_name("12").unwrap_err().code(),
-            "invalid_name"
-        );
+        assert_eq!(validate_alias_name("12").unwrap_err().code(), "invalid_name");
         validate_alias_name("canary").unwrap();
         validate_alias_name("v2").unwrap();
     }
@@ -339,22 +289,13 @@ mod tests {
             version: Some(3),
         };
         let json = serde_json::to_string(&rec).unwrap();
-        assert_eq!(
-            json,
-            r#"{"ts":1,"actor":"ops","action":"delete","adapter":"bot","version":3}"#
-        );
+        assert_eq!(json, r#"{"ts":1,"actor":"ops","action":"delete","adapter":"bot","version":3}"#);
     }
 
     #[test]
     fn source_serialises_with_kind_tag() {
-        let s = serde_json::to_value(Source::Training {
-            job_id: "j1".into(),
-        })
-        .unwrap();
+        let s = serde_json::to_value(Source::Training { job_id: "j1".into() }).unwrap();
         assert_eq!(s, serde_json::json!({"kind": "training", "job_id": "j1"}));
-        assert_eq!(
-            serde_json::to_value(Source::Upload).unwrap(),
-            serde_json::json!({"kind": "upload"})
-        );
+        assert_eq!(serde_json::to_value(Source::Upload).unwrap(), serde_json::json!({"kind": "upload"}));
     }
 }

@@ -142,14 +142,23 @@ impl CurationReport {
         }
         row("dataset hash", format!("`{}`", self.dataset_hash));
         if let Some(f) = &self.feedback {
-            row("feedback", format!("{} records, {} ({}) to {} ({})", f.count, f.first_id, f.first_created, f.last_id, f.last_created));
+            row(
+                "feedback",
+                format!(
+                    "{} records, {} ({}) to {} ({})",
+                    f.count, f.first_id, f.first_created, f.last_id, f.last_created
+                ),
+            );
         }
         md.push_str("\n## Dropped by reason\n\n| reason | count |\n|---|---|\n");
         for (reason, n) in &self.dropped_by_reason {
             md.push_str(&format!("| {reason} | {n} |\n"));
         }
         md.push_str("\n## PII replaced\n\n| kind | count |\n|---|---|\n");
-        md.push_str(&format!("| email | {} |\n| phone | {} |\n| id | {} |\n", self.pii.email, self.pii.phone, self.pii.id));
+        md.push_str(&format!(
+            "| email | {} |\n| phone | {} |\n| id | {} |\n",
+            self.pii.email, self.pii.phone, self.pii.id
+        ));
         if !self.dropped.is_empty() {
             md.push_str("\n## Dropped examples\n\n| id | reason | detail |\n|---|---|---|\n");
             for d in self.dropped.iter().take(LISTED) {
@@ -215,7 +224,11 @@ pub fn curate(
         let mut found = found.into_iter();
         examples.retain(|ex| match found.next().flatten() {
             Some((j, sim)) => {
-                dropped.push(Dropped::new(&ex.id, DropReason::NearDuplicate, format!("{:.0}% like {}", sim * 100.0, ids[j])));
+                dropped.push(Dropped::new(
+                    &ex.id,
+                    DropReason::NearDuplicate,
+                    format!("{:.0}% like {}", sim * 100.0, ids[j]),
+                ));
                 false
             }
             None => true,
@@ -228,7 +241,11 @@ pub fn curate(
         let bare = Example { id: ex.id.clone(), prompt: ex.prompt.clone(), target: ex.target.emptied() };
         let answer = total.saturating_sub(count_tokens(&bare));
         if cfg.cutoff_len > 0 && total > cfg.cutoff_len {
-            dropped.push(Dropped::new(&ex.id, DropReason::TooLong, format!("{total} tokens, cutoff_len is {}", cfg.cutoff_len)));
+            dropped.push(Dropped::new(
+                &ex.id,
+                DropReason::TooLong,
+                format!("{total} tokens, cutoff_len is {}", cfg.cutoff_len),
+            ));
         } else if answer < cfg.min_answer_tokens {
             dropped.push(Dropped::new(
                 &ex.id,
@@ -270,10 +287,13 @@ pub fn curate(
     }
 
     let n = chosen.len();
-    let val_n = if cfg.val_ratio > 0.0 && n >= 2 { ((cfg.val_ratio * n as f64).round() as usize).clamp(1, n - 1) } else { 0 };
+    let val_n =
+        if cfg.val_ratio > 0.0 && n >= 2 { ((cfg.val_ratio * n as f64).round() as usize).clamp(1, n - 1) } else { 0 };
     let chosen_hashes: Vec<[u8; 32]> = chosen.iter().map(|&i| hashes[i]).collect();
-    let val_positions: HashSet<usize> = seeded_order(b"split", cfg.seed, &chosen_hashes)[..val_n].iter().copied().collect();
-    let mut slots: Vec<Option<(Example, usize)>> = measured.into_iter().map(|(ex, total, _)| Some((ex, total))).collect();
+    let val_positions: HashSet<usize> =
+        seeded_order(b"split", cfg.seed, &chosen_hashes)[..val_n].iter().copied().collect();
+    let mut slots: Vec<Option<(Example, usize)>> =
+        measured.into_iter().map(|(ex, total, _)| Some((ex, total))).collect();
     let (mut train, mut val, mut train_tokens) = (Vec::new(), Vec::new(), Vec::new());
     for (pos, &i) in chosen.iter().enumerate() {
         if let Some((ex, total)) = slots[i].take() {
@@ -419,14 +439,23 @@ mod tests {
         let examples = vec![
             Example {
                 id: "1".into(),
-                prompt: vec![Message::new(Role::System, "mail ops@corp.example"), Message::new(Role::User, "my SSN is 123-45-6789")],
-                target: Target::Preference { chosen: "call +44 20 7946 0958".into(), rejected: "card 4111111111111111".into() },
+                prompt: vec![
+                    Message::new(Role::System, "mail ops@corp.example"),
+                    Message::new(Role::User, "my SSN is 123-45-6789"),
+                ],
+                target: Target::Preference {
+                    chosen: "call +44 20 7946 0958".into(),
+                    rejected: "card 4111111111111111".into(),
+                },
             },
             ex("2", "keep 4111111111111112 as is", "fine"),
         ];
         let c = run(examples, &CurationConfig { val_ratio: 0.0, ..cfg() });
         let all: Vec<&str> = c.train.iter().flat_map(Example::texts).collect();
-        assert_eq!(all, ["mail [EMAIL]", "my SSN is [ID]", "call [PHONE]", "card [ID]", "keep 4111111111111112 as is", "fine"]);
+        assert_eq!(
+            all,
+            ["mail [EMAIL]", "my SSN is [ID]", "call [PHONE]", "card [ID]", "keep 4111111111111112 as is", "fine"]
+        );
         assert_eq!(c.report.pii, PiiCounts { email: 1, phone: 1, id: 2 });
         let off = run(vec![ex("1", "a@b.example", "x")], &CurationConfig { scrub_pii: false, ..cfg() });
         assert_eq!(off.train[0].prompt[0].content, "a@b.example");
@@ -513,7 +542,10 @@ mod tests {
                 assert!(e.to_string().contains("duplicate: 2"), "{e}");
                 let FinetuneError::NothingLeft { report } = e else { unreachable!() };
                 let got: Vec<(&str, &str)> = report.dropped.iter().map(|d| (d.id.as_str(), d.reason.code())).collect();
-                assert_eq!(got, [("line-9", "schema"), ("line-2", "duplicate"), ("line-3", "duplicate"), ("line-1", "too_short")]);
+                assert_eq!(
+                    got,
+                    [("line-9", "schema"), ("line-2", "duplicate"), ("line-3", "duplicate"), ("line-1", "too_short")]
+                );
                 assert_eq!((report.kept, report.input_records, report.tokens), (0, 4, None));
                 let md = report.to_markdown();
                 assert!(md.contains("| duplicate | 2 |") && md.contains("found a number"), "{md}");
@@ -523,7 +555,10 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(curate(DatasetFormat::Alpaca, Vec::new(), Vec::new(), &count, &cfg()), Err(FinetuneError::EmptyDataset)));
+        assert!(matches!(
+            curate(DatasetFormat::Alpaca, Vec::new(), Vec::new(), &count, &cfg()),
+            Err(FinetuneError::EmptyDataset)
+        ));
     }
 
     #[test]

@@ -189,7 +189,9 @@ impl FeedbackView {
                 FeedbackItem {
                     feedback: f.clone(),
                     status,
-                    accepted_correction: review.filter(|r| r.status == ReviewStatus::Accepted).and_then(|r| r.correction.clone()),
+                    accepted_correction: review
+                        .filter(|r| r.status == ReviewStatus::Accepted)
+                        .and_then(|r| r.correction.clone()),
                     completion: self.completions.get(&f.response_id).cloned(),
                 }
             })
@@ -264,9 +266,10 @@ pub struct FeedbackOptions {
 
 impl FeedbackOptions {
     fn selects(&self, f: &FeedbackRecord) -> bool {
-        let adapter_ok = self.adapter.as_deref().is_none_or(|want| {
-            f.adapter == want || f.adapter.split_once('@').is_some_and(|(name, _)| name == want)
-        });
+        let adapter_ok = self
+            .adapter
+            .as_deref()
+            .is_none_or(|want| f.adapter == want || f.adapter.split_once('@').is_some_and(|(name, _)| name == want));
         adapter_ok && self.tenant.as_deref().is_none_or(|t| f.tenant == t) && self.since.is_none_or(|s| f.created >= s)
     }
 }
@@ -457,8 +460,16 @@ mod tests {
             ],
             "",
         );
-        write_lines(&dir.path().join("completions-0.jsonl"), &[completion("r1", chat_prompt("q1"), "wrong"), completion("other", json!("x"), "y")], "");
-        write_lines(&dir.path().join("completions-1.jsonl"), &[completion("r2", json!("raw prompt"), "right")], "{\"id\":");
+        write_lines(
+            &dir.path().join("completions-0.jsonl"),
+            &[completion("r1", chat_prompt("q1"), "wrong"), completion("other", json!("x"), "y")],
+            "",
+        );
+        write_lines(
+            &dir.path().join("completions-1.jsonl"),
+            &[completion("r2", json!("raw prompt"), "right")],
+            "{\"id\":",
+        );
         let view = read_feedback_dir(dir.path()).unwrap();
         assert_eq!(view.skipped(), 2, "one torn feedback line, one torn completion line");
         let items = view.items();
@@ -473,14 +484,20 @@ mod tests {
         assert_eq!(ids, ["fb-1", "fb-1:pref", "fb-2"]);
         assert_eq!(out.examples[0].prompt, [Message::new(Role::System, "be kind"), Message::new(Role::User, "q1")]);
         assert_eq!(out.examples[0].target, Target::Sft { answer: "the reviewed fix".into() });
-        assert_eq!(out.examples[1].target, Target::Preference { chosen: "the reviewed fix".into(), rejected: "wrong".into() });
+        assert_eq!(
+            out.examples[1].target,
+            Target::Preference { chosen: "the reviewed fix".into(), rejected: "wrong".into() }
+        );
         assert_eq!(out.examples[2].prompt, [Message::new(Role::User, "raw prompt")]);
         assert_eq!(out.examples[2].target, Target::Sft { answer: "right".into() });
         let drops: Vec<(&str, DropReason)> = out.dropped.iter().map(|d| (d.id.as_str(), d.reason)).collect();
         assert_eq!(drops, [("fb-3", DropReason::Rejected), ("fb-4", DropReason::NothingToLearn)]);
         assert!(out.dropped[1].detail.contains("thumbs down"));
         let range = out.range.unwrap();
-        assert_eq!((range.count, range.first_id.as_str(), range.last_id.as_str(), range.last_created), (2, "fb-1", "fb-2", 20));
+        assert_eq!(
+            (range.count, range.first_id.as_str(), range.last_id.as_str(), range.last_created),
+            (2, "fb-1", "fb-2", 20)
+        );
     }
 
     #[test]
@@ -492,7 +509,9 @@ mod tests {
         view.add_review(review("fb-m", "accepted", None));
         view.add_review(review("fb-r", "accepted", Some("better")));
         view.add_completion(completion("r1", chat_prompt("q"), "a"));
-        view.add_completion(json!({"id": "r3", "prompt": [{"role": "user", "content": "[redacted]"}], "answer": "[redacted]"}));
+        view.add_completion(
+            json!({"id": "r3", "prompt": [{"role": "user", "content": "[redacted]"}], "answer": "[redacted]"}),
+        );
         let out = examples_from_feedback(&view.items(), &FeedbackOptions::default());
         assert!(out.examples.is_empty() && out.range.is_none());
         let drops: Vec<&str> = out.dropped.iter().map(|d| d.reason.code()).collect();
@@ -513,7 +532,8 @@ mod tests {
         assert_eq!((view.items().len(), view.skipped()), (1, 2));
         assert!(view.wants_completion("r1") && !view.wants_completion("r9"));
         let items = view.items();
-        let all = examples_from_feedback(&items, &FeedbackOptions { adapter: Some("bot".into()), ..Default::default() });
+        let all =
+            examples_from_feedback(&items, &FeedbackOptions { adapter: Some("bot".into()), ..Default::default() });
         assert_eq!(all.examples.len(), 1, "rating 5 counts as positive; `bot` matches bot@3");
         for opts in [
             FeedbackOptions { adapter: Some("bot@2".into()), ..Default::default() },

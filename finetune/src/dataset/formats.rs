@@ -83,8 +83,9 @@ pub fn read_records(text: &str, path: &Path) -> Result<Vec<RawRecord>, FinetuneE
 /// Detects the format from the first record and parses every record into an example or a drop.
 pub fn parse_records(records: Vec<RawRecord>) -> Result<Loaded, FinetuneError> {
     let first = records.first().ok_or(FinetuneError::EmptyDataset)?;
-    let format = detect_format(&first.value)
-        .ok_or_else(|| FinetuneError::UnknownFormat { detail: format!("{}: {}", first.id, describe_shape(&first.value)) })?;
+    let format = detect_format(&first.value).ok_or_else(|| FinetuneError::UnknownFormat {
+        detail: format!("{}: {}", first.id, describe_shape(&first.value)),
+    })?;
     let mut loaded = Loaded { format, records: records.len(), examples: Vec::new(), dropped: Vec::new() };
     for RawRecord { id, value } in records {
         let parsed = match detect_format(&value) {
@@ -178,7 +179,8 @@ fn parse_record(format: DatasetFormat, value: &Value) -> Result<(Vec<Message>, T
                     return Err(Reject::schema(format!("field `kto_tag` must be a boolean, found {found}")));
                 }
             };
-            let shape = sft_shape(obj).ok_or_else(|| Reject::schema("a kto record needs an alpaca, sharegpt or messages shape"))?;
+            let shape = sft_shape(obj)
+                .ok_or_else(|| Reject::schema("a kto record needs an alpaca, sharegpt or messages shape"))?;
             let (prompt, answer) = parse_sft(shape, obj)?;
             Ok((prompt, Target::Kto { answer, desirable }))
         }
@@ -242,7 +244,11 @@ fn alpaca_prompt(obj: &Map<String, Value>) -> Result<Vec<Message>, Reject> {
             for (i, pair) in pairs.iter().enumerate() {
                 let texts = match pair.as_array().map(Vec::as_slice) {
                     Some([Value::String(u), Value::String(a)]) => [normalize_text(u), normalize_text(a)],
-                    _ => return Err(Reject::schema(format!("`history[{i}]` must be a [user, assistant] pair of strings"))),
+                    _ => {
+                        return Err(Reject::schema(format!(
+                            "`history[{i}]` must be a [user, assistant] pair of strings"
+                        )))
+                    }
                 };
                 if texts.iter().any(String::is_empty) {
                     return Err(Reject::new(DropReason::Empty, format!("`history[{i}]` has an empty turn")));
@@ -252,7 +258,9 @@ fn alpaca_prompt(obj: &Map<String, Value>) -> Result<Vec<Message>, Reject> {
                 prompt.push(Message::new(Role::Assistant, a));
             }
         }
-        Some(other) => return Err(Reject::schema(format!("field `history` must be an array, found {}", type_name(other)))),
+        Some(other) => {
+            return Err(Reject::schema(format!("field `history` must be an array, found {}", type_name(other))))
+        }
     }
     prompt.push(Message::new(Role::User, user));
     Ok(prompt)
@@ -270,7 +278,10 @@ fn reply(obj: &Map<String, Value>, field: &str) -> Result<String, Reject> {
             m.content
         }
         Some(other) => {
-            return Err(Reject::schema(format!("field `{field}` must be a string or a message, found {}", type_name(other))))
+            return Err(Reject::schema(format!(
+                "field `{field}` must be a string or a message, found {}",
+                type_name(other)
+            )))
         }
         None => return Err(Reject::schema(format!("missing field `{field}`"))),
     };
@@ -309,7 +320,11 @@ pub(crate) fn chat(turns: &Value, field: &str, system: Option<String>, last: Rol
             let at = i + leading;
             let detail = match m.role {
                 Role::System => format!("`{field}[{at}]`: a system message may only come first"),
-                _ => format!("`{field}[{at}]` is {} but {} was expected; turns must alternate", m.role.as_str(), expected.as_str()),
+                _ => format!(
+                    "`{field}[{at}]` is {} but {} was expected; turns must alternate",
+                    m.role.as_str(),
+                    expected.as_str()
+                ),
             };
             return Err(Reject::new(DropReason::BadRoles, detail));
         }
@@ -332,7 +347,9 @@ pub(crate) fn chat(turns: &Value, field: &str, system: Option<String>, last: Rol
 /// One `{from, value}` or `{role, content}` message; OpenAI content-part arrays count when
 /// every part is text.
 pub(crate) fn message(value: &Value, at: &str) -> Result<Message, Reject> {
-    let obj = value.as_object().ok_or_else(|| Reject::schema(format!("`{at}` must be a message object, found {}", type_name(value))))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| Reject::schema(format!("`{at}` must be a message object, found {}", type_name(value))))?;
     let (role_key, content_key) = if obj.contains_key("from") { ("from", "value") } else { ("role", "content") };
     let role = match obj.get(role_key) {
         Some(Value::String(r)) => match r.to_ascii_lowercase().as_str() {
@@ -341,7 +358,9 @@ pub(crate) fn message(value: &Value, at: &str) -> Result<Message, Reject> {
             "system" => Role::System,
             other => return Err(Reject::schema(format!("`{at}.{role_key}` is the unsupported role `{other}`"))),
         },
-        Some(other) => return Err(Reject::schema(format!("`{at}.{role_key}` must be a string, found {}", type_name(other)))),
+        Some(other) => {
+            return Err(Reject::schema(format!("`{at}.{role_key}` must be a string, found {}", type_name(other))))
+        }
         None => return Err(Reject::schema(format!("`{at}` has no `from` or `role`"))),
     };
     let content = match obj.get(content_key) {
@@ -559,10 +578,16 @@ mod tests {
         assert!(matches!(parse("\n  \n"), Err(FinetuneError::EmptyDataset)));
         assert!(matches!(parse("[]"), Err(FinetuneError::EmptyDataset)));
         match parse("{\"text\": \"x\"}\n") {
-            Err(FinetuneError::UnknownFormat { detail }) => assert!(detail.contains("line-1") && detail.contains("text"), "{detail}"),
+            Err(FinetuneError::UnknownFormat { detail }) => {
+                assert!(detail.contains("line-1") && detail.contains("text"), "{detail}")
+            }
             other => panic!("{other:?}"),
         }
-        let garbage = format!("{}\n{}\nthis is not json\n", json!({"instruction": "q", "output": "a"}), json!({"instruction": "q", "output": "b"}));
+        let garbage = format!(
+            "{}\n{}\nthis is not json\n",
+            json!({"instruction": "q", "output": "a"}),
+            json!({"instruction": "q", "output": "b"})
+        );
         match parse(&garbage) {
             Err(FinetuneError::Json { line, path, .. }) => assert_eq!((line, path.to_str()), (3, Some("data.jsonl"))),
             other => panic!("{other:?}"),
@@ -572,7 +597,9 @@ mod tests {
             other => panic!("{other:?}"),
         }
         match parse("{\n  \"instruction\": \"q\",\n  \"output\": \"a\"\n}\n") {
-            Err(FinetuneError::Json { line, detail, .. }) => assert!(line == 1 && detail.contains("several lines"), "{detail}"),
+            Err(FinetuneError::Json { line, detail, .. }) => {
+                assert!(line == 1 && detail.contains("several lines"), "{detail}")
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -581,7 +608,11 @@ mod tests {
     fn load_file_decides_by_content_and_rejects_non_utf8() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("data.json");
-        std::fs::write(&path, jsonl(&[json!({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})])).unwrap();
+        std::fs::write(
+            &path,
+            jsonl(&[json!({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})]),
+        )
+        .unwrap();
         let loaded = load_file(&path).unwrap();
         assert_eq!((loaded.format, loaded.examples[0].id.as_str()), (DatasetFormat::OpenAiMessages, "line-1"));
         std::fs::write(&path, b"{\"instruction\": \"q\", \"output\": \"a\"}\n{\"instruction\": \"\xff\"}\n").unwrap();

@@ -297,7 +297,10 @@ mod tests {
     #[test]
     fn codes_and_names_are_what_reports_print() {
         assert_eq!(serde_json::to_value(DropReason::NearDuplicate).unwrap(), "near_duplicate");
-        assert_eq!(serde_json::to_value(DatasetFormat::OpenAiMessages).unwrap(), DatasetFormat::OpenAiMessages.as_str());
+        assert_eq!(
+            serde_json::to_value(DatasetFormat::OpenAiMessages).unwrap(),
+            DatasetFormat::OpenAiMessages.as_str()
+        );
         assert_eq!(DatasetFormat::ShareGpt.to_string(), "sharegpt");
     }
 

@@ -24,13 +24,8 @@ pub fn near_duplicates(texts: &[String], threshold: f64) -> Vec<Option<(usize, f
         }
         let signature = minhash(&shingles, &params);
         let keys: Vec<u64> = signature.chunks(rows).map(hash_band).collect();
-        let mut candidates: Vec<usize> = keys
-            .iter()
-            .enumerate()
-            .filter_map(|(band, key)| buckets[band].get(key))
-            .flatten()
-            .copied()
-            .collect();
+        let mut candidates: Vec<usize> =
+            keys.iter().enumerate().filter_map(|(band, key)| buckets[band].get(key)).flatten().copied().collect();
         candidates.sort_unstable();
         candidates.dedup();
         let best = candidates

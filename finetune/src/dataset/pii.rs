@@ -29,8 +29,9 @@ static EMAIL: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"(?i)[a-z0-9][a-z0-9._%+\-]*@[a-z0-9](?:[a-z0-9\-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9\-]*[a-z0-9])?)*\.[a-z]{2,24}")
         .expect("email pattern")
 });
-static IBAN: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?").expect("iban pattern"));
+static IBAN: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?").expect("iban pattern")
+});
 static SSN: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b").expect("ssn pattern"));
 /// Digit groups joined by single spaces or dashes; card numbers are searched inside these.
 static DIGIT_RUN: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"[0-9]+(?:[ \-][0-9]+)*").expect("digit run pattern"));
@@ -116,7 +117,8 @@ fn iban_checksum_ok(iban: &str) -> bool {
 fn ssn_range(text: &str, start: usize, end: usize) -> Vec<(usize, usize)> {
     // A longer dashed number (`123-45-6789-01`) is not an SSN; nor are the all-zero groups
     // that the SSA never issues.
-    let longer = before(text, start) == Some('-') || text[end..].starts_with('-') && after(text, end + 1).is_some_and(|c| c.is_ascii_digit());
+    let longer = before(text, start) == Some('-')
+        || text[end..].starts_with('-') && after(text, end + 1).is_some_and(|c| c.is_ascii_digit());
     let s = &text[start..end];
     if longer || s.starts_with("000") || s.starts_with("666") || &s[4..6] == "00" || &s[7..] == "0000" {
         return Vec::new();
@@ -127,7 +129,9 @@ fn ssn_range(text: &str, start: usize, end: usize) -> Vec<(usize, usize)> {
 /// Card numbers inside a run of digit groups: a whole contiguous run of 13-19 digits, or
 /// consecutive groups of 3-6 digits totalling 13-19, that pass the Luhn check.
 fn card_ranges(text: &str, start: usize, end: usize) -> Vec<(usize, usize)> {
-    if before(text, start).is_some_and(|c| c.is_alphanumeric() || c == '_') || after(text, end).is_some_and(|c| c.is_alphanumeric() || c == '_') {
+    if before(text, start).is_some_and(|c| c.is_alphanumeric() || c == '_')
+        || after(text, end).is_some_and(|c| c.is_alphanumeric() || c == '_')
+    {
         return Vec::new();
     }
     let mut groups: Vec<(usize, usize)> = Vec::new();
@@ -166,7 +170,17 @@ fn luhn_ok(digits: impl Iterator<Item = u8>) -> bool {
         .iter()
         .rev()
         .enumerate()
-        .map(|(i, &d)| if i % 2 == 1 { if d * 2 > 9 { d * 2 - 9 } else { d * 2 } } else { d })
+        .map(|(i, &d)| {
+            if i % 2 == 1 {
+                if d * 2 > 9 {
+                    d * 2 - 9
+                } else {
+                    d * 2
+                }
+            } else {
+                d
+            }
+        })
         .sum();
     sum.is_multiple_of(10)
 }

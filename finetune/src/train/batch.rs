@@ -108,7 +108,11 @@ impl Batch {
 
     /// Sum of the scored log-probabilities of each sequence, `[rows]`.
     pub fn sequence_logprobs(&self, token_logprobs: &Tensor) -> candle_core::Result<Tensor> {
-        Tensor::zeros(self.rows, token_logprobs.dtype(), token_logprobs.device())?.index_add(&self.seq_of, token_logprobs, 0)
+        Tensor::zeros(self.rows, token_logprobs.dtype(), token_logprobs.device())?.index_add(
+            &self.seq_of,
+            token_logprobs,
+            0,
+        )
     }
 }
 

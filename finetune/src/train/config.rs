@@ -133,7 +133,13 @@ pub fn parse_targets(text: &str) -> Result<Vec<LoraModule>, String> {
 impl TrainConfig {
     /// Checks every value; the message names the flag at fault.
     pub fn validate(&self) -> Result<(), String> {
-        let positive = |name: &str, v: f64| if v > 0.0 && v.is_finite() { Ok(()) } else { Err(format!("{name} must be positive, got {v}")) };
+        let positive = |name: &str, v: f64| {
+            if v > 0.0 && v.is_finite() {
+                Ok(())
+            } else {
+                Err(format!("{name} must be positive, got {v}"))
+            }
+        };
         if self.lora_rank == 0 || self.lora_rank > 256 {
             return Err(format!("--lora-rank must be in 1..=256, got {}", self.lora_rank));
         }

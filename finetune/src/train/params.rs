@@ -57,7 +57,15 @@ fn uniform(n: usize, seed: u64, bound: f32) -> Vec<f32> {
 impl LoraParams {
     /// A fresh adapter: A uniform in ±1/√in (PEFT's Kaiming-uniform bound), B zero, so the
     /// adapter starts as the base model.
-    pub fn init(shape: &BaseModelShape, targets: &[LoraModule], rank: usize, alpha: f64, use_rslora: bool, dropout: f32, seed: u64) -> Result<Self, FinetuneError> {
+    pub fn init(
+        shape: &BaseModelShape,
+        targets: &[LoraModule],
+        rank: usize,
+        alpha: f64,
+        use_rslora: bool,
+        dropout: f32,
+        seed: u64,
+    ) -> Result<Self, FinetuneError> {
         let dev = Device::Cpu;
         let scale = if use_rslora { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
         let mut entries = Vec::new();
@@ -65,9 +73,15 @@ impl LoraParams {
             for &module in targets {
                 let (inp, out) = shape.dims(module);
                 let pair_seed = seed ^ ((layer as u64) << 32 | module as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
-                let a = Tensor::from_vec(uniform(rank * inp, pair_seed, 1.0 / (inp as f32).sqrt()), (rank, inp), &dev).map_err(err)?;
+                let a = Tensor::from_vec(uniform(rank * inp, pair_seed, 1.0 / (inp as f32).sqrt()), (rank, inp), &dev)
+                    .map_err(err)?;
                 let b = Tensor::zeros((out, rank), DType::F32, &dev).map_err(err)?;
-                entries.push(Entry { layer, module, a: Var::from_tensor(&a).map_err(err)?, b: Var::from_tensor(&b).map_err(err)? });
+                entries.push(Entry {
+                    layer,
+                    module,
+                    a: Var::from_tensor(&a).map_err(err)?,
+                    b: Var::from_tensor(&b).map_err(err)?,
+                });
             }
         }
         let dropout = (dropout > 0.0).then(|| Arc::new(Dropout::new(dropout, seed)));
@@ -91,8 +105,15 @@ impl LoraParams {
         let mut entries = Vec::new();
         for layer in 0..shape.num_layers {
             for module in LoraModule::ALL {
-                if let (Some(a), Some(b)) = (parts.remove(&(layer, module, LoraPart::A)), parts.remove(&(layer, module, LoraPart::B))) {
-                    entries.push(Entry { layer, module, a: Var::from_tensor(&a).map_err(err)?, b: Var::from_tensor(&b).map_err(err)? });
+                if let (Some(a), Some(b)) =
+                    (parts.remove(&(layer, module, LoraPart::A)), parts.remove(&(layer, module, LoraPart::B)))
+                {
+                    entries.push(Entry {
+                        layer,
+                        module,
+                        a: Var::from_tensor(&a).map_err(err)?,
+                        b: Var::from_tensor(&b).map_err(err)?,
+                    });
                 }
             }
         }
@@ -163,7 +184,11 @@ impl LoraParams {
         for (e, pair) in self.entries.iter().zip(values.chunks(2)) {
             for (part, t) in [(LoraPart::A, &pair[0]), (LoraPart::B, &pair[1])] {
                 let dims = t.dims().to_vec();
-                out.push((LoraTensorKey { layer: e.layer, module: e.module, part }, t.flatten_all().map_err(err)?.to_vec1::<f32>().map_err(err)?, dims));
+                out.push((
+                    LoraTensorKey { layer: e.layer, module: e.module, part },
+                    t.flatten_all().map_err(err)?.to_vec1::<f32>().map_err(err)?,
+                    dims,
+                ));
             }
         }
         Ok(out)
@@ -208,10 +233,17 @@ impl AdamW {
         for (i, ((var, mult), g)) in self.vars.iter().zip(grads).enumerate() {
             let lr = lr * mult;
             let m = ((&self.m[i] * b1).map_err(err)? + (g * (1.0 - b1)).map_err(err)?).map_err(err)?;
-            let v = ((&self.v[i] * b2).map_err(err)? + (g.sqr().map_err(err)? * (1.0 - b2)).map_err(err)?).map_err(err)?;
-            let update = ((&m / c1).map_err(err)? / ((&v / c2).map_err(err)?.sqrt().map_err(err)? + self.eps).map_err(err)?).map_err(err)?;
+            let v =
+                ((&self.v[i] * b2).map_err(err)? + (g.sqr().map_err(err)? * (1.0 - b2)).map_err(err)?).map_err(err)?;
+            let update = ((&m / c1).map_err(err)?
+                / ((&v / c2).map_err(err)?.sqrt().map_err(err)? + self.eps).map_err(err)?)
+            .map_err(err)?;
             let theta = var.as_tensor();
-            let decayed = if self.weight_decay > 0.0 { (theta * (1.0 - lr * self.weight_decay)).map_err(err)? } else { theta.clone() };
+            let decayed = if self.weight_decay > 0.0 {
+                (theta * (1.0 - lr * self.weight_decay)).map_err(err)?
+            } else {
+                theta.clone()
+            };
             var.set(&(decayed - (update * lr).map_err(err)?).map_err(err)?).map_err(err)?;
             self.m[i] = m;
             self.v[i] = v;
@@ -227,7 +259,9 @@ impl AdamW {
     pub fn restore(&mut self, state: Vec<Tensor>, t: usize) -> Result<(), FinetuneError> {
         let n = self.vars.len();
         if state.len() != 2 * n {
-            return Err(FinetuneError::Training { detail: "optimizer state does not match the adapter's layout".into() });
+            return Err(FinetuneError::Training {
+                detail: "optimizer state does not match the adapter's layout".into(),
+            });
         }
         let mut it = state.into_iter();
         self.m = it.by_ref().take(n).collect();
@@ -247,10 +281,25 @@ mod tests {
         let a = LoraParams::init(&shape, &LoraModule::ALL, 4, 8.0, false, 0.0, 7).unwrap();
         let b = LoraParams::init(&shape, &LoraModule::ALL, 4, 8.0, false, 0.0, 7).unwrap();
         let c = LoraParams::init(&shape, &LoraModule::ALL, 4, 8.0, false, 0.0, 8).unwrap();
-        let flat = |p: &LoraParams| p.snapshot().unwrap().iter().flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect::<Vec<_>>();
+        let flat = |p: &LoraParams| {
+            p.snapshot()
+                .unwrap()
+                .iter()
+                .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(flat(&a), flat(&b));
         assert_ne!(flat(&a), flat(&c));
-        assert!(a.entries.iter().all(|e| e.b.as_tensor().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() == 0.0));
+        assert!(a.entries.iter().all(|e| e
+            .b
+            .as_tensor()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            == 0.0));
         let bound = 1.0 / (shape.hidden_size as f32).sqrt();
         assert!(flat(&a).iter().all(|v| v.abs() <= bound));
     }

@@ -21,7 +21,12 @@ use crate::error::FinetuneError;
 pub enum Item {
     Sft(Seq),
     /// A preference pair with the reference model's log-probabilities of both answers.
-    Pair { chosen: Seq, rejected: Seq, ref_chosen: f32, ref_rejected: f32 },
+    Pair {
+        chosen: Seq,
+        rejected: Seq,
+        ref_chosen: f32,
+        ref_rejected: f32,
+    },
 }
 
 impl Item {
@@ -73,7 +78,8 @@ pub struct Outcome {
 /// Peak resident set of this process in MiB, where the kernel reports it.
 pub fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    let kb: f64 =
+        status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kb / 1024.0)
 }
 
@@ -148,7 +154,8 @@ impl Trainer<'_> {
                 Ok((neg_log_sigmoid(&margin)?.sum_all()?, right))
             }
             _ => {
-                let seqs: Vec<&Seq> = items.iter().filter_map(|i| if let Item::Sft(s) = i { Some(s) } else { None }).collect();
+                let seqs: Vec<&Seq> =
+                    items.iter().filter_map(|i| if let Item::Sft(s) = i { Some(s) } else { None }).collect();
                 let batch = Batch::new(&seqs).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                 Ok((batch.token_logprobs(self.model, adapter)?.sum_all()?.neg()?, 0))
             }
@@ -162,7 +169,11 @@ impl Trainer<'_> {
     }
 
     /// The same for any adapter (the base model with `None`, or the version serving today).
-    pub fn evaluate_adapter(&self, adapter: Option<&AdapterWeights>, val: &[Item]) -> Result<(f64, Option<f64>), FinetuneError> {
+    pub fn evaluate_adapter(
+        &self,
+        adapter: Option<&AdapterWeights>,
+        val: &[Item],
+    ) -> Result<(f64, Option<f64>), FinetuneError> {
         let (mut sum, mut weight, mut right) = (0.0, 0usize, 0usize);
         let refs: Vec<&Item> = val.iter().collect();
         for chunk in refs.chunks(self.cfg.batch_size.max(1)) {
@@ -211,7 +222,11 @@ impl Trainer<'_> {
         };
         let log_path = self.out.join("train_log.jsonl");
         truncate_log(&log_path, state.step)?;
-        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|e| FinetuneError::io(&log_path, e))?;
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| FinetuneError::io(&log_path, e))?;
         let bar = Progress::new(total as u64, state.step as u64, self.progress);
         if let Some(step) = resumed_from {
             bar.line(&format!("resuming from the checkpoint at step {step}"));
@@ -305,7 +320,12 @@ impl Trainer<'_> {
                 reward_accuracy: None,
             };
             let eval_due = !val.is_empty()
-                && (step == total || if cfg.eval_steps > 0 { step.is_multiple_of(cfg.eval_steps) } else { step.is_multiple_of(per_epoch) });
+                && (step == total
+                    || if cfg.eval_steps > 0 {
+                        step.is_multiple_of(cfg.eval_steps)
+                    } else {
+                        step.is_multiple_of(per_epoch)
+                    });
             if eval_due {
                 let (val_loss, acc) = self.evaluate(params, val)?;
                 entry.val_loss = Some(val_loss);
@@ -318,14 +338,20 @@ impl Trainer<'_> {
                 } else {
                     state.bad_evals += 1;
                 }
-                bar.line(&format!("step {step}: validation loss {val_loss:.4}{}", acc.map_or(String::new(), |a| format!(", reward accuracy {a:.3}"))));
+                bar.line(&format!(
+                    "step {step}: validation loss {val_loss:.4}{}",
+                    acc.map_or(String::new(), |a| format!(", reward accuracy {a:.3}"))
+                ));
             }
             let mut line = serde_json::to_vec(&entry).unwrap_or_default();
             line.push(b'\n');
             log.write_all(&line).map_err(|e| FinetuneError::io(&log_path, e))?;
             bar.step(&entry);
             if cfg.early_stopping_patience > 0 && state.bad_evals >= cfg.early_stopping_patience {
-                bar.line(&format!("early stopping at step {step}: no better validation loss in {} evaluations", state.bad_evals));
+                bar.line(&format!(
+                    "early stopping at step {step}: no better validation loss in {} evaluations",
+                    state.bad_evals
+                ));
                 stopped_early = true;
                 break;
             }
@@ -359,7 +385,13 @@ fn checkpoint_dir(out: &Path) -> PathBuf {
 
 /// Writes `checkpoints/step-N` through a temporary directory and one rename, then removes
 /// older ones: a kill at any moment leaves the previous checkpoint or the new one, whole.
-fn save_checkpoint(out: &Path, state: &TrainerState, params: &LoraParams, opt: &AdamW, best: Option<&[Tensor]>) -> Result<(), FinetuneError> {
+fn save_checkpoint(
+    out: &Path,
+    state: &TrainerState,
+    params: &LoraParams,
+    opt: &AdamW,
+    best: Option<&[Tensor]>,
+) -> Result<(), FinetuneError> {
     let root = checkpoint_dir(out);
     std::fs::create_dir_all(&root).map_err(|e| FinetuneError::io(&root, e))?;
     let tmp = root.join(format!("tmp-{}", state.step));
@@ -378,7 +410,8 @@ fn save_checkpoint(out: &Path, state: &TrainerState, params: &LoraParams, opt: &
     let file = tmp.join("state.safetensors");
     candle_core::safetensors::save(&tensors, &file).map_err(err)?;
     let json = tmp.join("trainer.json");
-    std::fs::write(&json, serde_json::to_vec_pretty(state).unwrap_or_default()).map_err(|e| FinetuneError::io(&json, e))?;
+    std::fs::write(&json, serde_json::to_vec_pretty(state).unwrap_or_default())
+        .map_err(|e| FinetuneError::io(&json, e))?;
     for f in [&file, &json] {
         std::fs::File::open(f).and_then(|f| f.sync_all()).map_err(|e| FinetuneError::io(f, e))?;
     }
@@ -418,15 +451,16 @@ fn load_checkpoint(out: &Path, fingerprint: &str) -> Result<Option<Loaded>, Fine
         .map_err(|e| FinetuneError::Training { detail: format!("{}: {e}", json.display()) })?;
     if state.fingerprint != fingerprint {
         return Err(FinetuneError::Config {
-            detail: format!("{} holds a checkpoint of a different job (other settings or data); use another --out", out.display()),
+            detail: format!(
+                "{} holds a checkpoint of a different job (other settings or data); use another --out",
+                out.display()
+            ),
         });
     }
     let tensors = candle_core::safetensors::load(dir.join("state.safetensors"), &Device::Cpu).map_err(err)?;
     let take = |prefix: &str| -> Vec<Tensor> {
-        let mut v: Vec<(usize, Tensor)> = tensors
-            .iter()
-            .filter_map(|(k, t)| Some((k.strip_prefix(prefix)?.parse().ok()?, t.clone())))
-            .collect();
+        let mut v: Vec<(usize, Tensor)> =
+            tensors.iter().filter_map(|(k, t)| Some((k.strip_prefix(prefix)?.parse().ok()?, t.clone()))).collect();
         v.sort_by_key(|(i, _)| *i);
         v.into_iter().map(|(_, t)| t).collect()
     };
@@ -439,10 +473,8 @@ fn truncate_log(path: &Path, step: usize) -> Result<(), FinetuneError> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(());
     };
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|l| serde_json::from_str::<StepLog>(l).is_ok_and(|s| s.step <= step))
-        .collect();
+    let kept: Vec<&str> =
+        text.lines().filter(|l| serde_json::from_str::<StepLog>(l).is_ok_and(|s| s.step <= step)).collect();
     let mut body = kept.join("\n");
     if !body.is_empty() {
         body.push('\n');
@@ -482,7 +514,9 @@ impl Progress {
                 bar.println(format!("step {:>5}  epoch {:.2}  {msg}  grad-norm {:.3}", s.step, s.epoch, s.grad_norm));
                 bar.set_position(s.step as u64);
             }
-            None if self.plain => eprintln!("step {:>5}  epoch {:.2}  {msg}  grad-norm {:.3}", s.step, s.epoch, s.grad_norm),
+            None if self.plain => {
+                eprintln!("step {:>5}  epoch {:.2}  {msg}  grad-norm {:.3}", s.step, s.epoch, s.grad_norm)
+            }
             None => {}
         }
     }
@@ -521,6 +555,9 @@ mod tests {
     fn neg_log_sigmoid_is_stable() {
         let x = Tensor::new(&[-100f32, 0.0, 100.0], &Device::Cpu).unwrap();
         let y = neg_log_sigmoid(&x).unwrap().to_vec1::<f32>().unwrap();
-        assert!((y[0] - 100.0).abs() < 1e-3 && (y[1] - std::f32::consts::LN_2).abs() < 1e-6 && y[2].abs() < 1e-6, "{y:?}");
+        assert!(
+            (y[0] - 100.0).abs() < 1e-3 && (y[1] - std::f32::consts::LN_2).abs() < 1e-6 && y[2].abs() < 1e-6,
+            "{y:?}"
+        );
     }
 }

@@ -18,12 +18,12 @@ use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 
 use super::sampling::choose;
-use crate::metrics::EngineMetrics;
 use super::stop::StopFilter;
 use super::{
     fit_to_context, Engine, EngineError, Event, FinishReason, Generation, GenerationRequest, ModelInfo, Prompt,
     Sampling,
 };
+use crate::metrics::EngineMetrics;
 
 /// How the candle engine runs, beyond the model file.
 #[derive(Debug, Clone, Default)]
@@ -95,15 +95,13 @@ impl CandleEngine {
         let tokenizer = Arc::new(tokenizer);
         let (jobs, rx) = std_mpsc::channel();
         let thread_tokenizer = tokenizer.clone();
-        std::thread::Builder::new()
-            .name("candle-scheduler".into())
-            .spawn({
-                let metrics = metrics.clone();
-                move || {
-                    let prefixes = PrefixCache::new(prefix_cache_bytes);
-                    Scheduler { runtime, tokenizer: thread_tokenizer, eos, context_len, rx, metrics, prefixes }.run()
-                }
-            })?;
+        std::thread::Builder::new().name("candle-scheduler".into()).spawn({
+            let metrics = metrics.clone();
+            move || {
+                let prefixes = PrefixCache::new(prefix_cache_bytes);
+                Scheduler { runtime, tokenizer: thread_tokenizer, eos, context_len, rx, metrics, prefixes }.run()
+            }
+        })?;
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         Ok(Self { info: ModelInfo { id, context_len, created }, tokenizer, template, shape, jobs, metrics })
     }
@@ -132,7 +130,10 @@ impl Engine for CandleEngine {
 
     async fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
         let text = match prompt {
-            Prompt::Chat(messages) => self.template.render(messages.iter().map(|m| (m.role.as_str(), m.content.as_str()))).map_err(EngineError::BadPrompt)?,
+            Prompt::Chat(messages) => self
+                .template
+                .render(messages.iter().map(|m| (m.role.as_str(), m.content.as_str())))
+                .map_err(EngineError::BadPrompt)?,
             Prompt::Text(t) => t.clone(),
         };
         let tokenizer = self.tokenizer.clone();

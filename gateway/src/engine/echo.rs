@@ -6,7 +6,9 @@
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use super::{fit_to_context, Engine, EngineError, Event, FinishReason, Generation, GenerationRequest, ModelInfo, Prompt};
+use super::{
+    fit_to_context, Engine, EngineError, Event, FinishReason, Generation, GenerationRequest, ModelInfo, Prompt,
+};
 
 pub struct EchoEngine {
     info: ModelInfo,

@@ -13,17 +13,16 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use candle_core::{Result as CandleResult, Tensor};
 use mistralrs::{
-    Constraint, CustomLogitsProcessor, GgufModelBuilder, Model, ModelDType, NormalRequest, Request,
-    RequestMessage, Response, SamplingParams, TextMessageRole, TextMessages, TextModelBuilder,
-    TokenSource,
+    Constraint, CustomLogitsProcessor, GgufModelBuilder, Model, ModelDType, NormalRequest, Request, RequestMessage,
+    Response, SamplingParams, TextMessageRole, TextMessages, TextModelBuilder, TokenSource,
 };
 use tokio::sync::mpsc;
 
 use super::sampling::choose;
 use super::stop::StopFilter;
 use super::{
-    fit_to_context, Engine, EngineError, Event, FinishReason, Generation, GenerationRequest,
-    ModelInfo, Prompt, Role, Sampling,
+    fit_to_context, Engine, EngineError, Event, FinishReason, Generation, GenerationRequest, ModelInfo, Prompt, Role,
+    Sampling,
 };
 
 /// Context used when the model does not declare one.
@@ -45,11 +44,9 @@ pub enum ModelSource {
 impl ModelSource {
     /// Inspects `path`; a message naming the path when it is not a usable model.
     pub fn detect(path: &Path) -> Result<Self, String> {
-        let meta = std::fs::metadata(path)
-            .map_err(|e| format!("model path {} cannot be read: {e}", path.display()))?;
+        let meta = std::fs::metadata(path).map_err(|e| format!("model path {} cannot be read: {e}", path.display()))?;
         if meta.is_file() {
-            std::fs::File::open(path)
-                .map_err(|e| format!("model file {} cannot be opened: {e}", path.display()))?;
+            std::fs::File::open(path).map_err(|e| format!("model file {} cannot be opened: {e}", path.display()))?;
             let file = path
                 .file_name()
                 .and_then(|f| f.to_str())
@@ -73,12 +70,7 @@ impl ModelSource {
 
 impl MistralEngine {
     /// Loads the model; fails with a message that names the path.
-    pub async fn load(
-        path: &Path,
-        id: String,
-        max_seqs: usize,
-        context_cap: Option<usize>,
-    ) -> anyhow::Result<Self> {
+    pub async fn load(path: &Path, id: String, max_seqs: usize, context_cap: Option<usize>) -> anyhow::Result<Self> {
         let source = ModelSource::detect(path).map_err(anyhow::Error::msg)?;
         let model = match &source {
             ModelSource::Gguf { dir, file } => {
@@ -184,9 +176,7 @@ impl Engine for MistralEngine {
     async fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
         let result = match prompt {
             Prompt::Chat(messages) => {
-                self.model
-                    .tokenize(either::Either::Left(text_messages(messages)), None, true, true, None)
-                    .await
+                self.model.tokenize(either::Either::Left(text_messages(messages)), None, true, true, None).await
             }
             Prompt::Text(text) => {
                 self.model.tokenize(either::Either::Right(text.clone()), None, true, false, None).await

@@ -175,9 +175,7 @@ pub fn fit_to_context(
     match max_tokens {
         None => Ok(room),
         Some(m) if m <= room => Ok(m),
-        Some(max_tokens) => {
-            Err(EngineError::MaxTokensTooLarge { max_tokens, prompt_tokens, context_len })
-        }
+        Some(max_tokens) => Err(EngineError::MaxTokensTooLarge { max_tokens, prompt_tokens, context_len }),
     }
 }
 

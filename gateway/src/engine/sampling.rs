@@ -55,12 +55,8 @@ pub fn argmax(logits: &[f32]) -> u32 {
 fn sample_top_p(logits: &[f32], temperature: f64, top_p: f64, rng: &mut StdRng) -> usize {
     let t = temperature as f32;
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(usize, f32)> = logits
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.is_finite())
-        .map(|(i, &l)| (i, ((l - max) / t).exp()))
-        .collect();
+    let mut probs: Vec<(usize, f32)> =
+        logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i, ((l - max) / t).exp())).collect();
     if probs.is_empty() {
         return 0;
     }

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 /// The default model, fetched by `scripts/fetch-models.sh`.
 pub fn default_model() -> PathBuf {
-    let path = std::env::var_os("SWITCHYARD_TEST_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
+    let path = std::env::var_os("SWITCHYARD_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf"));
     assert!(path.is_file(), "{} is missing: run scripts/fetch-models.sh first", path.display());
     path
 }
@@ -110,10 +110,7 @@ pub fn client() -> reqwest::Client {
 
 /// Parses an SSE body into its `data:` payloads.
 pub fn sse_data(body: &str) -> Vec<String> {
-    body.split("\n\n")
-        .filter_map(|frame| frame.strip_prefix("data: "))
-        .map(str::to_owned)
-        .collect()
+    body.split("\n\n").filter_map(|frame| frame.strip_prefix("data: ")).map(str::to_owned).collect()
 }
 
 /// Reads one metric's value from a Prometheus text page.
@@ -156,7 +153,6 @@ impl Drop for PrivateRedis {
     }
 }
 
-
 /// A free loopback port for a private server.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -171,6 +167,10 @@ pub fn metric_with(page: &str, name: &str, labels: &[(&str, &str)]) -> Option<f6
             None => ("", rest.trim_start()),
         };
         let has_all = labels.iter().all(|(k, v)| label_part.split(',').any(|pair| pair == format!("{k}=\"{v}\"")));
-        if has_all { value.trim().parse().ok() } else { None }
+        if has_all {
+            value.trim().parse().ok()
+        } else {
+            None
+        }
     })
 }

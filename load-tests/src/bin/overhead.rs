@@ -62,7 +62,9 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 /// latencies of the successful ones, the failure count and the wall time.
 async fn run(client: &reqwest::Client, args: &Args, rate: u64, chat: bool) -> (Vec<Duration>, usize, Duration) {
     let total = (rate * args.seconds) as usize;
-    let body = Arc::new(json!({"model": args.model, "messages": [{"role": "user", "content": "ping four words here"}], "max_tokens": 8}));
+    let body = Arc::new(
+        json!({"model": args.model, "messages": [{"role": "user", "content": "ping four words here"}], "max_tokens": 8}),
+    );
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(total);
     for i in 0..total {

@@ -86,7 +86,8 @@ fn measure(rt: &Runtime, adapters: &[&AdapterWeights], streams: usize, steps: us
             .collect();
         rt.forward(&mut ws, &mut seqs, &mut logits).expect("prefill");
     }
-    let mut next: Vec<[u32; 1]> = (0..streams).map(|s| [argmax(&logits[s * vocab as usize..(s + 1) * vocab as usize])]).collect();
+    let mut next: Vec<[u32; 1]> =
+        (0..streams).map(|s| [argmax(&logits[s * vocab as usize..(s + 1) * vocab as usize])]).collect();
     let start = Instant::now();
     for _ in 0..steps {
         let mut seqs: Vec<SeqInput<'_>> = caches
@@ -104,7 +105,8 @@ fn measure(rt: &Runtime, adapters: &[&AdapterWeights], streams: usize, steps: us
 }
 
 fn argmax(v: &[f32]) -> u32 {
-    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| if x > bv { (i, x) } else { (bi, bv) }).0 as u32
+    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| if x > bv { (i, x) } else { (bi, bv) }).0
+        as u32
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -187,7 +189,13 @@ fn main() -> Result<()> {
                 _ => String::new(),
             };
             let pair = pairs[li].map(|p| format!("{p:.3}")).unwrap_or_default();
-            println!("| {streams} | {} | {:.1} | {:.1} | {:.1} | {ratio} | {pair} |", load.name(), meds[li], s[0], s[s.len() - 1]);
+            println!(
+                "| {streams} | {} | {:.1} | {:.1} | {:.1} | {ratio} | {pair} |",
+                load.name(),
+                meds[li],
+                s[0],
+                s[s.len() - 1]
+            );
             rows.push(serde_json::json!({
                 "streams": streams, "load": load.name(), "tok_s_median": meds[li], "paired_ratio": pairs[li], "samples": s,
             }));
