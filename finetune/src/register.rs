@@ -152,14 +152,9 @@ pub fn decide(result: &JobResult, margin: Option<f64>) -> (bool, String) {
 }
 
 /// The directory of the version `alias` points at, read from a registry root this process may
-/// only read (the gateway is its writer).
-pub fn alias_dir(
-    registry_root: &Path,
-    name: &str,
-    alias: &str,
-    shape: adapters::BaseModelShape,
-) -> Option<(u64, PathBuf)> {
-    let registry = adapters::Registry::open(registry_root, shape, adapters::Limits::default()).ok()?;
-    let manifest = registry.resolve(name, &adapters::Selector::Alias(alias.to_owned())).ok()?;
-    Some((manifest.version, registry.version_dir(name, manifest.version)))
+/// only read (the gateway's admin API is its one way to write).
+pub fn alias_dir(registry_root: &Path, name: &str, alias: &str) -> Option<(u64, PathBuf)> {
+    let snapshot = adapters::registry::read_snapshot(registry_root).ok()?;
+    let manifest = snapshot.resolve(name, &adapters::Selector::Alias(alias.to_owned())).ok()?;
+    Some((manifest.version, adapters::registry::version_path(registry_root, name, manifest.version)))
 }

@@ -167,19 +167,6 @@ fn save_trained(data_dir: &Path, ids: &HashSet<String>) -> Result<(), FinetuneEr
     std::fs::rename(&tmp, &path).map_err(|e| FinetuneError::io(&path, e))
 }
 
-/// A reader's stand-in shape: opening the registry to resolve an alias validates nothing.
-fn reader_shape() -> adapters::BaseModelShape {
-    adapters::BaseModelShape {
-        name: "reader".into(),
-        num_layers: 0,
-        hidden_size: 0,
-        intermediate_size: 0,
-        num_heads: 0,
-        num_kv_heads: 0,
-        head_dim: 0,
-    }
-}
-
 /// Runs the sidecar until killed (or, with `once`, until nothing is left to do).
 pub fn run(cfg: &SidecarConfig) -> Result<(), FinetuneError> {
     let store = JobStore::under(&cfg.data_dir);
@@ -251,12 +238,7 @@ fn run_job(
         DatasetRef::Feedback => Source::Feedback { items: items.to_vec(), options: options.clone() },
         DatasetRef::File { path } => Source::File(path.clone()),
     };
-    let prod = register::alias_dir(
-        &cfg.data_dir.join("registry"),
-        &spec.adapter,
-        adapters::registry::DEFAULT_ALIAS,
-        reader_shape(),
-    );
+    let prod = register::alias_dir(&cfg.data_dir.join("registry"), &spec.adapter, adapters::registry::DEFAULT_ALIAS);
     let input = JobInput {
         job_id: spec.id.clone(),
         base: cfg.base.clone(),

@@ -15,28 +15,24 @@ use crate::error::ApiError;
 use crate::openai::ErrorResponse;
 use crate::server::{read_json, AppState};
 
-/// Checks the admin bearer token and returns the registry.
-pub(crate) fn authorize(state: &AppState, req: &HttpRequest) -> Result<Arc<Registry>, ApiError> {
+/// The one admin check, for every admin route (adapters, feedback review, training jobs).
+/// The middleware has already compared the bootstrap token (in constant time) and verified any
+/// JWT or API key, so this only reads the principal it left on the request.
+pub(crate) fn require_admin(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
     use actix_web::HttpMessage;
-    let admin = req.extensions().get::<Principal>().is_some_and(|p| p.role == Role::Admin);
-    if admin {
-        return state.registry().ok_or(ApiError::NotReady);
+    if req.extensions().get::<Principal>().is_some_and(|p| p.role == Role::Admin) {
+        return Ok(());
     }
-    let Some(expected) = state.admin_token.as_deref() else {
+    if state.admin_token.is_none() && !state.has_auth() {
         return Err(ApiError::Forbidden { message: "the admin API is disabled: set SWITCHYARD_ADMIN_TOKEN".into() });
-    };
-    let given = req
-        .headers()
-        .get(actix_web::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    // Compare every byte so the time taken does not tell how much of the token matched.
-    let same = given.len() == expected.len()
-        && given.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-    if !same {
-        return Err(ApiError::Unauthorized);
     }
+    Err(ApiError::Unauthorized)
+}
+
+/// The admin check, then the registry (503 while the model loads, and on an engine that
+/// serves no adapters).
+fn authorize(state: &AppState, req: &HttpRequest) -> Result<Arc<Registry>, ApiError> {
+    require_admin(state, req)?;
     state.registry().ok_or(ApiError::NotReady)
 }
 
@@ -260,7 +256,10 @@ pub(crate) async fn promote(
     let registry = authorize(&state, &req)?;
     let (name, alias) = path.into_inner();
     let body: PromoteRequest = read_json(&req, payload, state.body_limit).await?;
-    let change = registry.set_alias(&name, &alias, body.version, body.expected_version, "admin")?;
+    // A change waits for other processes' changes (the registry's file lock): off the worker.
+    let n = name.clone();
+    let change =
+        web::block(move || registry.set_alias(&n, &alias, body.version, body.expected_version, "admin")).await??;
     state.announce(&name).await;
     Ok(HttpResponse::Ok().json(change))
 }
@@ -283,7 +282,8 @@ pub(crate) async fn rollback(
 ) -> Result<HttpResponse, ApiError> {
     let registry = authorize(&state, &req)?;
     let (name, alias) = path.into_inner();
-    let change = registry.rollback(&name, &alias, "admin")?;
+    let n = name.clone();
+    let change = web::block(move || registry.rollback(&n, &alias, "admin")).await??;
     state.announce(&name).await;
     Ok(HttpResponse::Ok().json(change))
 }
@@ -307,7 +307,8 @@ pub(crate) async fn delete_version(
 ) -> Result<HttpResponse, ApiError> {
     let registry = authorize(&state, &req)?;
     let (name, version) = path.into_inner();
-    let manifest = registry.delete_version(&name, version, "admin")?;
+    let n = name.clone();
+    let manifest = web::block(move || registry.delete_version(&n, version, "admin")).await??;
     state.announce(&name).await;
     Ok(HttpResponse::Ok().json(serde_json::json!({"deleted": true, "manifest": manifest})))
 }

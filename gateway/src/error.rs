@@ -128,6 +128,12 @@ impl From<EngineError> for ApiError {
     }
 }
 
+impl From<actix_web::error::BlockingError> for ApiError {
+    fn from(e: actix_web::error::BlockingError) -> Self {
+        ApiError::Internal(format!("a blocking task failed: {e}"))
+    }
+}
+
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
@@ -157,4 +163,43 @@ impl ResponseError for ApiError {
         }
         HttpResponse::build(self.status_code()).json(self.body())
     }
+}
+
+/// Routes actix's own extractor failures into [`ApiError`], so they answer in the OpenAI shape
+/// like every other error. A path segment that does not parse (`/versions/-1`) names nothing
+/// that exists, so it is a 404; a bad query string or body is a 400 naming what failed.
+pub fn extractor_configs(cfg: &mut actix_web::web::ServiceConfig) {
+    use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
+    use actix_web::web;
+    cfg.app_data(web::PathConfig::default().error_handler(|e, req| {
+        let PathError::Deserialize(inner) = &e else {
+            return ApiError::invalid(e.to_string(), None).into();
+        };
+        ApiError::NotFound { message: format!("nothing at {}: {inner}", req.path()) }.into()
+    }))
+    .app_data(web::QueryConfig::default().error_handler(|e, _| {
+        let message = match &e {
+            QueryPayloadError::Deserialize(inner) => format!("invalid query string: {inner}"),
+            other => format!("invalid query string: {other}"),
+        };
+        ApiError::InvalidRequest { message, param: None, code: "invalid_value" }.into()
+    }))
+    .app_data(web::JsonConfig::default().error_handler(|e, _| {
+        match &e {
+            JsonPayloadError::Overflow { limit } | JsonPayloadError::OverflowKnownLength { limit, .. } => {
+                ApiError::PayloadTooLarge { limit: *limit }
+            }
+            JsonPayloadError::ContentType => ApiError::InvalidRequest {
+                message: "the body must be JSON (content-type: application/json)".into(),
+                param: None,
+                code: "invalid_content_type",
+            },
+            other => ApiError::InvalidRequest {
+                message: format!("We could not parse the JSON body of your request: {other}"),
+                param: None,
+                code: "invalid_json",
+            },
+        }
+        .into()
+    }));
 }

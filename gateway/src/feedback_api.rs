@@ -161,7 +161,7 @@ pub(crate) async fn list(
     req: HttpRequest,
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    crate::admin::authorize(&state, &req)?;
+    crate::admin::require_admin(&state, &req)?;
     let limit = query.limit.unwrap_or(100).min(1000);
     let data = state.feedback.list(query.status, query.offset, limit);
     Ok(HttpResponse::Ok().json(FeedbackList { object: "list".into(), data }))
@@ -205,7 +205,7 @@ pub(crate) async fn review(
     path: web::Path<String>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    crate::admin::authorize(&state, &req)?;
+    crate::admin::require_admin(&state, &req)?;
     let wire: ReviewRequest = read_json(&req, payload, state.body_limit).await?;
     let status = match wire.action {
         ReviewAction::Accept => ReviewStatus::Accepted,

@@ -92,7 +92,7 @@ pub(crate) async fn create(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    crate::admin::authorize(&state, &req)?;
+    crate::admin::require_admin(&state, &req)?;
     let body: CreateJobRequest = read_json(&req, payload, state.body_limit).await?;
     adapters::registry::validate_adapter_name(&body.adapter)
         .map_err(|e| ApiError::invalid(e.to_string(), Some("adapter".into())))?;
@@ -150,7 +150,7 @@ pub(crate) async fn create(
     responses((status = 200, description = "Every job, newest first", body = Object), JobErrors)
 )]
 pub(crate) async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    crate::admin::authorize(&state, &req)?;
+    crate::admin::require_admin(&state, &req)?;
     let store = store(&state);
     let data: Vec<JobStatus> = store.list().into_iter().map(|s| with_progress(&store, s)).collect();
     Ok(HttpResponse::Ok().json(serde_json::json!({"object": "list", "data": data})))
@@ -170,7 +170,7 @@ pub(crate) async fn show(
     req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    crate::admin::authorize(&state, &req)?;
+    crate::admin::require_admin(&state, &req)?;
     let store = store(&state);
     let id = path.into_inner();
     let status = store.status(&id).ok_or_else(|| not_found(&id))?;
@@ -204,7 +204,7 @@ pub(crate) async fn events(
     path: web::Path<String>,
     query: web::Query<EventsQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    crate::admin::authorize(&state, &req)?;
+    crate::admin::require_admin(&state, &req)?;
     let store = store(&state);
     let id = path.into_inner();
     store.status(&id).ok_or_else(|| not_found(&id))?;
@@ -253,7 +253,7 @@ pub(crate) async fn cancel(
     req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    crate::admin::authorize(&state, &req)?;
+    crate::admin::require_admin(&state, &req)?;
     let store = store(&state);
     let id = path.into_inner();
     match store.cancel(&id) {
@@ -293,7 +293,7 @@ pub(crate) async fn upload(
     use futures::StreamExt;
     use sha2::Digest;
     use std::io::Write;
-    crate::admin::authorize(&state, &req)?;
+    crate::admin::require_admin(&state, &req)?;
     let dir = store(&state).datasets_dir();
     std::fs::create_dir_all(&dir).map_err(|e| ApiError::Internal(format!("datasets directory: {e}")))?;
     let tmp = dir.join(format!(".upload-{}", uuid::Uuid::new_v4().simple()));

@@ -1,9 +1,10 @@
-//! Registry changes shared across gateway replicas through Redis pub/sub.
+//! How a replica learns that another process changed the shared registry.
 //!
-//! Every replica shares the registry directory; after a change one replica publishes the
-//! adapter's name and every replica (itself included) reloads its snapshot from disk. On every
-//! (re)subscription a replica reloads too, so one that missed messages while disconnected
-//! catches up as soon as it is back.
+//! Every replica shares the registry directory. Without Redis, each one polls the registry's
+//! generation counter ([`watch`], every [`POLL`]) and reloads when it moved. With Redis, after a
+//! change one replica also publishes the adapter's name and every replica (itself included)
+//! reloads at once; on every (re)subscription a replica reloads too, so one that missed
+//! messages while disconnected catches up as soon as it is back.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +13,39 @@ use futures::StreamExt;
 use redis::AsyncCommands;
 
 const CHANNEL: &str = "switchyard:registry";
+
+/// How often [`watch`] reads the generation counter: a change elsewhere is served here within
+/// this (plus the reload itself).
+pub const POLL: Duration = Duration::from_millis(200);
+
+/// Polls the registry's generation counter for as long as the process runs and reloads the
+/// snapshot when another process moved it. A failing reload keeps the previous snapshot and
+/// is logged once per distinct error.
+pub fn watch(registry: Arc<adapters::Registry>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut last_error = String::new();
+        loop {
+            tick.tick().await;
+            let r = registry.clone();
+            match tokio::task::spawn_blocking(move || r.reload_if_changed()).await {
+                Ok(Ok(reloaded)) => {
+                    if reloaded {
+                        tracing::debug!("registry changed on disk; reloaded");
+                    }
+                    last_error.clear();
+                }
+                Ok(Err(e)) if e.to_string() != last_error => {
+                    last_error = e.to_string();
+                    tracing::error!(error = %e, "registry reload failed; keeping the previous snapshot");
+                }
+                Ok(Err(_)) => {}
+                Err(e) => tracing::error!(error = %e, "registry watch task failed"),
+            }
+        }
+    });
+}
 
 /// Publishes registry changes; cheap to clone.
 #[derive(Clone)]

@@ -134,6 +134,11 @@ impl AppState {
         });
     }
 
+    /// Whether callers authenticate with JWTs or API keys (rather than all being anonymous).
+    pub fn has_auth(&self) -> bool {
+        self.auth.is_some()
+    }
+
     pub fn registry(&self) -> Option<Arc<adapters::Registry>> {
         self.registry.get().map(|(r, _)| r.clone())
     }
@@ -148,7 +153,8 @@ impl AppState {
         }
         let header = req.headers().get(actix_web::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         let bearer = header.and_then(|h| h.strip_prefix("Bearer "));
-        if bearer.is_some() && bearer == self.admin_token.as_deref() {
+        if bearer.zip(self.admin_token.as_deref()).is_some_and(|(given, token)| crate::auth::same_secret(given, token))
+        {
             return Ok(Some(Principal::plain("bootstrap-admin", "system", Role::Admin)));
         }
         let Some(auth) = &self.auth else {
@@ -659,6 +665,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 }
                 .instrument(span)
             })
+            .configure(crate::error::extractor_configs)
             .configure(|cfg| routes(cfg, metrics_here))
             .configure(crate::admin::routes)
             .configure(crate::feedback_api::routes)
@@ -751,6 +758,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                     eprintln!("error: the adapter registry cannot be opened: {e}");
                     handle.stop(false).await;
                     std::process::exit(1);
+                }
+                if let Some(registry) = loader_state.registry() {
+                    crate::replicas::watch(registry);
                 }
                 if let Some(client) = settings.redis.clone() {
                     loader_state.clone().into_inner().share_registry(client);

@@ -176,6 +176,40 @@ async fn versions_aliases_promote_rollback_and_restart() {
     assert_eq!(answer(&server, "bot@2").await.1, at2);
 }
 
+/// actix's own extractors (path, query) fail in the OpenAI error shape like every handler, and
+/// the admin check is the same on every admin route.
+#[tokio::test]
+async fn extractor_errors_come_in_the_openai_shape() {
+    let root = tempfile::tempdir().unwrap();
+    let model = root.path().join("tiny-llama");
+    adapters::testing::write_tiny_llama(&model, 5).unwrap();
+    let imports = root.path().join("imports");
+    std::fs::create_dir_all(&imports).unwrap();
+    let server = start(&model, &root.path().join("data"), &imports);
+    for (path, status, code) in [
+        ("/admin/adapters/x/versions/-1", 404, "not_found"),
+        ("/admin/adapters/x/versions/99999999999999999999999", 404, "not_found"),
+        ("/admin/audit?offset=-1", 400, "invalid_value"),
+        ("/admin/audit?limit=many", 400, "invalid_value"),
+        ("/admin/feedback?limit=-5", 400, "invalid_value"),
+        ("/admin/finetune/jobs/ftjob-1/events?after=x", 400, "invalid_value"),
+    ] {
+        let res = client().get(server.url(path)).bearer_auth(TOKEN).send().await.unwrap();
+        assert_eq!(res.status().as_u16(), status, "{path}");
+        assert!(res.headers()["content-type"].to_str().unwrap().starts_with("application/json"), "{path}");
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{path}: {body}");
+        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{path}: {body}");
+    }
+    // Every admin route answers a wrong token with 401 and a missing one likewise.
+    for path in ["/admin/adapters", "/admin/audit", "/admin/feedback", "/admin/finetune/jobs"] {
+        let res = client().get(server.url(path)).bearer_auth("wrong").send().await.unwrap();
+        assert_eq!(res.status().as_u16(), 401, "{path}");
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_api_key", "{path}");
+    }
+}
+
 /// A request resolves its adapter version once: a promote while it streams does not change it.
 #[tokio::test]
 async fn a_running_request_keeps_its_version_across_a_promote() {

@@ -23,6 +23,10 @@ pub(crate) const ALIASES_FILE: &str = "aliases.json";
 pub(crate) const META_FILE: &str = "meta.json";
 pub(crate) const AUDIT_FILE: &str = "audit.jsonl";
 pub(crate) const TRASH_DIR: &str = ".trash";
+/// Held (flock) by a writer for the length of one change, shared by a reader loading a snapshot.
+pub(crate) const LOCK_FILE: &str = ".lock";
+/// A counter bumped by every change, so other processes can tell their snapshot is stale.
+pub(crate) const GENERATION_FILE: &str = "generation";
 /// Half-written directories start with this and are invisible to loading.
 pub(crate) const TMP_PREFIX: &str = ".tmp";
 
@@ -103,10 +107,95 @@ pub(crate) fn empty_trash(root: &Path) {
     }
 }
 
-/// Reads the whole registry under `root` into a fresh snapshot.
+/// An OS lock on the registry's lock file, released when dropped (or when the process dies).
+pub(crate) struct DirLock {
+    _file: File,
+}
+
+/// Whether a lock excludes every other holder or only writers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LockMode {
+    /// A writer: no other writer or reader at the same time.
+    Exclusive,
+    /// A reader: any number of readers, no writer.
+    Shared,
+}
+
+/// Takes the registry's lock, creating the lock file if needed (readers that may not write
+/// call [`lock_if_present`] instead). Blocks until the lock is free.
+pub(crate) fn lock(root: &Path, mode: LockMode) -> Result<DirLock> {
+    let path = root.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| AdapterError::io(&path, e))?;
+    take(file, &path, mode)
+}
+
+/// A shared lock for a process that must not create files in the registry; `None` when no
+/// writer ever created the lock file (then there is nothing to race with).
+pub(crate) fn lock_if_present(root: &Path) -> Result<Option<DirLock>> {
+    let path = root.join(LOCK_FILE);
+    match File::open(&path) {
+        Ok(file) => take(file, &path, LockMode::Shared).map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(AdapterError::io(&path, e)),
+    }
+}
+
+fn take(file: File, path: &Path, mode: LockMode) -> Result<DirLock> {
+    let locked = match mode {
+        LockMode::Exclusive => file.lock(),
+        LockMode::Shared => file.lock_shared(),
+    };
+    locked.map_err(|e| AdapterError::io(path, e))?;
+    Ok(DirLock { _file: file })
+}
+
+/// The generation on disk; 0 before the first change.
+pub(crate) fn read_generation(root: &Path) -> Result<u64> {
+    let path = root.join(GENERATION_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map_err(|_| AdapterError::corrupt(&path, format!("not a number: {text:?}"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(AdapterError::io(&path, e)),
+    }
+}
+
+/// Replaces the generation counter; only a writer holding the exclusive lock calls this.
+pub(crate) fn write_generation(root: &Path, generation: u64) -> Result<()> {
+    let path = root.join(GENERATION_FILE);
+    let tmp = root.join(format!("{GENERATION_FILE}.tmp"));
+    write_file_synced(&tmp, format!("{generation}\n").as_bytes())?;
+    fs::rename(&tmp, &path).map_err(|e| AdapterError::io(&path, e))?;
+    sync_dir(root)
+}
+
+/// Removes half-written version directories that a crashed writer left behind. Only a writer
+/// holding the exclusive lock may call this: then no write is in progress anywhere.
+pub(crate) fn remove_stale_temps(root: &Path) -> Result<()> {
+    for (name, adapter_dir) in list_dir(&root.join(ADAPTERS_DIR))? {
+        if name.starts_with(TMP_PREFIX) || !adapter_dir.is_dir() {
+            continue;
+        }
+        for (entry, path) in list_dir(&adapter_dir.join(VERSIONS_DIR))? {
+            if entry.starts_with(TMP_PREFIX) {
+                if let Err(e) = fs::remove_dir_all(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "could not remove a half-written version");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads the whole registry under `root` into a fresh snapshot. The caller holds the lock
+/// (shared or exclusive), so no change is half-done while it reads.
 pub(crate) fn load_snapshot(root: &Path) -> Result<Snapshot> {
     let adapters_dir = root.join(ADAPTERS_DIR);
-    let mut snapshot = Snapshot::default();
+    let mut snapshot = Snapshot { generation: read_generation(root)?, ..Snapshot::default() };
     for (name, path) in list_dir(&adapters_dir)? {
         if name.starts_with(TMP_PREFIX) {
             continue;

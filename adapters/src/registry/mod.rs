@@ -10,14 +10,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 use serde_json::Value;
 
 use crate::error::{AdapterError, Result};
 use crate::peft::{
     content_hash, validate_adapter_bytes, AdapterFiles, BaseModelShape, Limits, CONFIG_FILE, WEIGHTS_FILE,
 };
-use disk::{Meta, ADAPTERS_DIR, ALIASES_FILE, MANIFEST_FILE, META_FILE, TMP_PREFIX, VERSIONS_DIR};
+use disk::{LockMode, Meta, ADAPTERS_DIR, ALIASES_FILE, MANIFEST_FILE, META_FILE, TMP_PREFIX, VERSIONS_DIR};
 
 pub use model::{
     parse_model_ref, validate_adapter_name, validate_alias_name, AdapterEntry, AdapterListing, AliasChange, AliasState,
@@ -31,19 +31,33 @@ const MAX_ALIAS_HISTORY: usize = 100;
 /// atomically swapped in-memory [`Snapshot`].
 ///
 /// Layout under the root: `adapters/{name}/versions/{N}/` (the two PEFT files plus
-/// `manifest.json`), `adapters/{name}/aliases.json`, `adapters/{name}/meta.json`, and an
-/// append-only `audit.jsonl`. Every state file is replaced atomically and every version
-/// directory appears by a single rename, so a crash never exposes half a version.
+/// `manifest.json`), `adapters/{name}/aliases.json`, `adapters/{name}/meta.json`, an
+/// append-only `audit.jsonl`, the `generation` counter and the `.lock` file. Every state file
+/// is replaced atomically and every version directory appears by a single rename, so a crash
+/// never exposes half a version.
 ///
-/// Writers in one process serialise on a mutex. Several processes sharing one root must
-/// have a single writer; the others only call [`Registry::reload`].
+/// Any number of processes may open one root and write to it. A change holds an exclusive
+/// OS lock on `.lock` (and this process's mutex) from reading the state it changes until the
+/// change is on disk: it first reloads the snapshot if the `generation` counter moved, bumps
+/// the counter, writes, and publishes. Readers never wait: requests read the in-memory
+/// snapshot, and [`Registry::reload`] takes the lock shared, so it reads no half-done change.
+/// Other processes notice a change by polling [`Registry::reload_if_changed`] (a one-line
+/// file read) or on a Redis announcement.
 pub struct Registry {
     root: PathBuf,
     shape: BaseModelShape,
     limits: Limits,
     current: ArcSwap<Snapshot>,
-    /// Held for every change so that read-modify-publish sequences never interleave.
+    /// Held for every change and reload in this process, outside the file lock, so a reload
+    /// never replaces a newer snapshot that a local change published meanwhile.
     writer: Mutex<()>,
+}
+
+/// A change in progress: both locks held, and the snapshot as it is on disk now.
+struct Change<'a> {
+    _local: MutexGuard<'a, ()>,
+    _file: disk::DirLock,
+    snap: Arc<Snapshot>,
 }
 
 impl Registry {
@@ -53,8 +67,13 @@ impl Registry {
         let root = root.into();
         let adapters = root.join(ADAPTERS_DIR);
         fs::create_dir_all(&adapters).map_err(|e| AdapterError::io(&adapters, e))?;
-        disk::empty_trash(&root);
-        let snapshot = disk::load_snapshot(&root)?;
+        let snapshot = {
+            // Leftovers of a crashed writer are only removed while no write can be in flight.
+            let _lock = disk::lock(&root, LockMode::Exclusive)?;
+            disk::empty_trash(&root);
+            disk::remove_stale_temps(&root)?;
+            disk::load_snapshot(&root)?
+        };
         Ok(Self { root, shape, limits, current: ArcSwap::from_pointee(snapshot), writer: Mutex::new(()) })
     }
 
@@ -133,9 +152,8 @@ impl Registry {
     ) -> Result<AliasChange> {
         validate_adapter_name(name)?;
         validate_alias_name(alias)?;
-        let _guard = self.writer.lock();
-        let snap = self.current.load_full();
-        let mut entry = entry_of(&snap, name)?.clone();
+        let change = self.begin()?;
+        let mut entry = entry_of(&change.snap, name)?.clone();
         if !entry.versions.contains_key(&version) {
             return Err(AdapterError::VersionNotFound { name: name.to_owned(), version });
         }
@@ -150,10 +168,10 @@ impl Registry {
                 });
             }
         }
-        let change = AliasChange { adapter: name.to_owned(), alias: alias.to_owned(), from: current, to: version };
+        let moved = AliasChange { adapter: name.to_owned(), alias: alias.to_owned(), from: current, to: version };
         if current == Some(version) {
             // Nothing moves, so nothing is written, audited or pushed onto the history.
-            return Ok(change);
+            return Ok(moved);
         }
         let state = entry.aliases.entry(alias.to_owned()).or_insert(AliasState { version, history: Vec::new() });
         if let Some(previous) = current {
@@ -162,6 +180,7 @@ impl Registry {
             state.history.drain(..excess);
             state.version = version;
         }
+        let generation = self.bump(&change)?;
         disk::write_json_atomic(&self.adapter_dir(name).join(ALIASES_FILE), &entry.aliases)?;
         self.audit_append(AuditRecord {
             alias: Some(alias.to_owned()),
@@ -169,9 +188,9 @@ impl Registry {
             to: Some(version),
             ..record(actor, AuditAction::Promote, name)
         });
-        self.publish(&snap, name, entry);
+        self.publish(&change, generation, name, entry);
         tracing::info!(adapter = name, alias, from = ?current, to = version, actor, "alias moved");
-        Ok(change)
+        Ok(moved)
     }
 
     /// Moves `alias` back to the most recent earlier target that still exists. Rollback
@@ -179,9 +198,8 @@ impl Registry {
     pub fn rollback(&self, name: &str, alias: &str, actor: &str) -> Result<AliasChange> {
         validate_adapter_name(name)?;
         validate_alias_name(alias)?;
-        let _guard = self.writer.lock();
-        let snap = self.current.load_full();
-        let mut entry = entry_of(&snap, name)?.clone();
+        let change = self.begin()?;
+        let mut entry = entry_of(&change.snap, name)?.clone();
         let not_found = || AdapterError::AliasNotFound { name: name.to_owned(), alias: alias.to_owned() };
         let state = entry.aliases.get_mut(alias).ok_or_else(not_found)?;
         let from = state.version;
@@ -193,6 +211,7 @@ impl Registry {
             }
         };
         state.version = to;
+        let generation = self.bump(&change)?;
         disk::write_json_atomic(&self.adapter_dir(name).join(ALIASES_FILE), &entry.aliases)?;
         self.audit_append(AuditRecord {
             alias: Some(alias.to_owned()),
@@ -200,7 +219,7 @@ impl Registry {
             to: Some(to),
             ..record(actor, AuditAction::Rollback, name)
         });
-        self.publish(&snap, name, entry);
+        self.publish(&change, generation, name, entry);
         tracing::info!(adapter = name, alias, from, to, actor, "alias rolled back");
         Ok(AliasChange { adapter: name.to_owned(), alias: alias.to_owned(), from: Some(from), to })
     }
@@ -209,9 +228,8 @@ impl Registry {
     /// whatever they loaded; its number is never handed out again.
     pub fn delete_version(&self, name: &str, version: u64, actor: &str) -> Result<Manifest> {
         validate_adapter_name(name)?;
-        let _guard = self.writer.lock();
-        let snap = self.current.load_full();
-        let mut entry = entry_of(&snap, name)?.clone();
+        let change = self.begin()?;
+        let mut entry = entry_of(&change.snap, name)?.clone();
         let manifest = entry
             .versions
             .remove(&version)
@@ -220,12 +238,13 @@ impl Registry {
         if !aliases.is_empty() {
             return Err(AdapterError::VersionInUse { name: name.to_owned(), version, aliases });
         }
+        let generation = self.bump(&change)?;
         // meta.json may be missing after a crash; without it a reload would derive the next
         // number from the remaining versions and could reuse this one.
         disk::write_json_atomic(&self.adapter_dir(name).join(META_FILE), &Meta { next_version: entry.next_version })?;
         disk::remove_dir_via_trash(&self.root, &self.version_dir(name, version), &format!("{name}-{version}"))?;
         self.audit_append(AuditRecord { version: Some(version), ..record(actor, AuditAction::Delete, name) });
-        self.publish(&snap, name, entry);
+        self.publish(&change, generation, name, entry);
         tracing::info!(adapter = name, version, actor, "version deleted");
         Ok(manifest)
     }
@@ -240,9 +259,8 @@ impl Registry {
         metrics: Option<Value>,
     ) -> Result<Manifest> {
         validate_adapter_name(name)?;
-        let _guard = self.writer.lock();
-        let snap = self.current.load_full();
-        let mut entry = entry_of(&snap, name)?.clone();
+        let change = self.begin()?;
+        let mut entry = entry_of(&change.snap, name)?.clone();
         let manifest = entry
             .versions
             .get_mut(&version)
@@ -254,8 +272,9 @@ impl Registry {
             manifest.metrics = metrics;
         }
         let manifest = manifest.clone();
+        let generation = self.bump(&change)?;
         disk::write_json_atomic(&self.version_dir(name, version).join(MANIFEST_FILE), &manifest)?;
-        self.publish(&snap, name, entry);
+        self.publish(&change, generation, name, entry);
         Ok(manifest)
     }
 
@@ -265,12 +284,24 @@ impl Registry {
         Ok(records.into_iter().rev().skip(offset).take(limit).collect())
     }
 
-    /// Re-reads everything from disk; replicas call this when another one changed state.
+    /// Re-reads everything from disk; replicas call this when another one changed state. It
+    /// waits for a change in progress to finish, never for readers.
     pub fn reload(&self) -> Result<()> {
         let _guard = self.writer.lock();
+        let _lock = disk::lock(&self.root, LockMode::Shared)?;
         let snapshot = disk::load_snapshot(&self.root)?;
         self.current.store(Arc::new(snapshot));
         Ok(())
+    }
+
+    /// Reloads when another process changed the registry since this snapshot was read (the
+    /// generation counter on disk moved); cheap enough to poll. True when it reloaded.
+    pub fn reload_if_changed(&self) -> Result<bool> {
+        if disk::read_generation(&self.root)? == self.current.load().generation {
+            return Ok(false);
+        }
+        self.reload()?;
+        Ok(true)
     }
 
     /// Recomputes a version's content hash and compares it with its manifest.
@@ -301,9 +332,8 @@ impl Registry {
     ) -> Result<Manifest> {
         // Validation is the slow part and touches nothing, so it runs before taking the lock.
         let validated = validate_adapter_bytes(config, weights, &self.shape, &self.limits)?;
-        let _guard = self.writer.lock();
-        let snap = self.current.load_full();
-        let mut entry = snap.adapter(name).cloned().unwrap_or_else(AdapterEntry::new);
+        let change = self.begin()?;
+        let mut entry = change.snap.adapter(name).cloned().unwrap_or_else(AdapterEntry::new);
         let version = entry.next_version;
         let manifest = Manifest {
             name: name.to_owned(),
@@ -320,11 +350,12 @@ impl Registry {
             lineage: Value::Null,
             metrics: Value::Null,
         };
+        let generation = self.bump(&change)?;
         self.write_version(&manifest, config, weights)?;
         self.audit_append(AuditRecord { version: Some(version), ..record(actor, AuditAction::Register, name) });
         entry.versions.insert(version, manifest.clone());
         entry.next_version = version + 1;
-        self.publish(&snap, name, entry);
+        self.publish(&change, generation, name, entry);
         tracing::info!(adapter = name, version, sha256 = %manifest.sha256, actor, "version registered");
         Ok(manifest)
     }
@@ -397,11 +428,74 @@ impl Registry {
         }
     }
 
-    fn publish(&self, base: &Snapshot, name: &str, entry: AdapterEntry) {
-        let mut next = base.clone();
+    /// Takes this process's mutex and the exclusive file lock, then makes sure the snapshot
+    /// the change starts from is what is on disk (another process may have written since).
+    fn begin(&self) -> Result<Change<'_>> {
+        let local = self.writer.lock();
+        let file = disk::lock(&self.root, LockMode::Exclusive)?;
+        let current = self.current.load_full();
+        let snap = if disk::read_generation(&self.root)? == current.generation {
+            current
+        } else {
+            let fresh = Arc::new(disk::load_snapshot(&self.root)?);
+            self.current.store(fresh.clone());
+            fresh
+        };
+        Ok(Change { _local: local, _file: file, snap })
+    }
+
+    /// Moves the generation on before the first byte of a change is written, so that another
+    /// process polling it reloads (and, through the shared lock, waits for the change to end).
+    /// A change that then fails has cost the others one needless reload.
+    fn bump(&self, change: &Change<'_>) -> Result<u64> {
+        let generation = change.snap.generation + 1;
+        disk::write_generation(&self.root, generation)?;
+        Ok(generation)
+    }
+
+    fn publish(&self, change: &Change<'_>, generation: u64, name: &str, entry: AdapterEntry) {
+        let mut next = (*change.snap).clone();
+        next.generation = generation;
         next.adapters.insert(name.to_owned(), Arc::new(entry));
         self.current.store(Arc::new(next));
     }
+}
+
+/// Reads the registry at `root` without writing anything there (not even the lock file): for
+/// processes that only look, such as the training sidecar. Waits for a change in progress.
+pub fn read_snapshot(root: &Path) -> Result<Snapshot> {
+    let _lock = disk::lock_if_present(root)?;
+    disk::load_snapshot(root)
+}
+
+/// Where version `version` of adapter `name` lives under the registry at `root`.
+pub fn version_path(root: &Path, name: &str, version: u64) -> PathBuf {
+    root.join(ADAPTERS_DIR).join(name).join(VERSIONS_DIR).join(version.to_string())
+}
+
+/// Checks the whole registry at `root`: it loads (every alias points at an existing version,
+/// every manifest matches its directory) and every version's files hash to its manifest.
+/// Returns one line per problem found; empty means it verifies.
+pub fn verify(root: &Path) -> Result<Vec<String>> {
+    let snapshot = read_snapshot(root)?;
+    let mut problems = Vec::new();
+    for (name, entry) in &snapshot.adapters {
+        for (version, manifest) in &entry.versions {
+            match content_hash(&version_path(root, name, *version)) {
+                Ok(hash) if hash == manifest.sha256 => {}
+                Ok(hash) => {
+                    problems.push(format!("{name}@{version}: files hash to {hash}, manifest says {}", manifest.sha256))
+                }
+                Err(e) => problems.push(format!("{name}@{version}: {e}")),
+            }
+        }
+        if let Some(max) = entry.versions.keys().next_back() {
+            if entry.next_version <= *max {
+                problems.push(format!("{name}: next version {} is not above {max}", entry.next_version));
+            }
+        }
+    }
+    Ok(problems)
 }
 
 /// Where one registration writes, and whether it created the adapter's directory.

@@ -78,6 +78,9 @@ pub struct AdapterEntry {
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub(crate) adapters: BTreeMap<String, Arc<AdapterEntry>>,
+    /// The registry's generation when this snapshot was read or written: every change bumps
+    /// the counter on disk, so a differing number means another process changed something.
+    pub(crate) generation: u64,
 }
 
 /// Which version of an adapter a model string asks for.
@@ -203,6 +206,11 @@ impl AdapterEntry {
 }
 
 impl Snapshot {
+    /// The on-disk generation this snapshot reflects.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// One adapter's entry.
     pub fn adapter(&self, name: &str) -> Option<&AdapterEntry> {
         self.adapters.get(name).map(Arc::as_ref)

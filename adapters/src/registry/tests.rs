@@ -374,3 +374,64 @@ fn alias_pointing_at_a_missing_version_fails_open() {
     assert_eq!(err.code(), "registry_corrupt");
     assert!(err.to_string().contains("version 5"), "{err}");
 }
+
+/// Two registries opened on one root stand for two processes: their changes serialise on the
+/// file lock, each starts from the other's latest state, and the result verifies.
+#[test]
+fn two_writers_on_one_root_never_collide() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = (open(root.path()), open(root.path()));
+    let first = register(&a, "bot", 0);
+    a.set_alias("bot", "prod", first.version, None, "ops").unwrap();
+    let staged: Vec<TempDir> = (0..4).map(staged).collect();
+    std::thread::scope(|s| {
+        for (t, reg) in [&a, &b, &a, &b].into_iter().enumerate() {
+            let staged = &staged;
+            s.spawn(move || {
+                for i in 0..10 {
+                    let m = reg.register("bot", staged[(t + i) % 4].path(), Source::Upload, "t").unwrap();
+                    // Compare-and-set against this writer's view, which may be stale: either it
+                    // moves from exactly that version or it reports the version it found.
+                    let seen = reg.snapshot().adapter("bot").unwrap().aliases["prod"].version;
+                    match reg.set_alias("bot", "prod", m.version, Some(seen), "t") {
+                        Ok(change) => assert_eq!(change.from, Some(seen)),
+                        Err(AdapterError::AliasConflict { current, .. }) => assert_ne!(current, Some(seen)),
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(verify(root.path()).unwrap(), Vec::<String>::new());
+    let on_disk = read_snapshot(root.path()).unwrap();
+    let entry = on_disk.adapter("bot").unwrap();
+    assert_eq!(entry.versions.keys().copied().collect::<Vec<_>>(), (1..=41).collect::<Vec<_>>());
+    assert_eq!(entry.next_version, 42);
+    let audit = a.audit(0, 1000).unwrap();
+    assert_eq!(audit.iter().filter(|r| r.action == AuditAction::Register).count(), 41);
+    // Moves of prod chain: each starts where the one before it ended.
+    let moves: Vec<&AuditRecord> = audit.iter().rev().filter(|r| r.alias.as_deref() == Some("prod")).collect();
+    for pair in moves.windows(2) {
+        assert_eq!(pair[1].from, pair[0].to);
+    }
+    // Each process catches up by polling the generation counter.
+    for reg in [&a, &b] {
+        reg.reload_if_changed().unwrap();
+        assert_eq!(reg.list(), on_disk.listing());
+        assert!(!reg.reload_if_changed().unwrap(), "nothing changed since");
+    }
+}
+
+/// A process that only reads never creates files in the registry.
+#[test]
+fn reading_a_snapshot_writes_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let missing = root.path().join("nothing-here");
+    assert!(read_snapshot(&missing).unwrap().listing().is_empty());
+    assert!(!missing.exists());
+    let reg = open(root.path());
+    register(&reg, "bot", 1);
+    let before = disk_listing(root.path());
+    assert_eq!(read_snapshot(root.path()).unwrap().listing(), reg.list());
+    assert_eq!(disk_listing(root.path()), before);
+}

@@ -92,6 +92,12 @@ impl Server {
         self.child.wait().expect("wait for switchyard")
     }
 
+    /// Sends SIGKILL: no drain, no clean-up, as a crash or an OOM kill would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
     }
