@@ -15,6 +15,18 @@ export SWITCHYARD_TEST_EMBED_MODEL="$models/all-MiniLM-L6-v2"
 # Tests that need Redis use 127.0.0.1:6379 unless told otherwise.
 export SWITCHYARD_TEST_REDIS="${SWITCHYARD_TEST_REDIS:-redis://127.0.0.1:6379}"
 
+# Formatting and lints first: they fail fast and cost no test time.
+cargo fmt --all --check
+cargo clippy --release --workspace --all-targets -- -D warnings
+
+# The schema-driven fuzzer (gateway/tests/api_fuzz.rs) runs schemathesis from a venv in the cache,
+# made once, never inside the clone.
+fuzz_venv="$cache/schemathesis-venv"
+if [ ! -x "$fuzz_venv/bin/st" ]; then
+  python3 -m venv "$fuzz_venv" && "$fuzz_venv/bin/pip" install -q schemathesis==4.32.5
+fi
+export SWITCHYARD_TEST_SCHEMATHESIS="$fuzz_venv/bin/st"
+
 # Unit and integration tests of every crate (there are no doc tests), then one summary line.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -40,12 +40,16 @@ fn authorize(state: &AppState, req: &HttpRequest) -> Result<Arc<Registry>, ApiEr
 #[derive(utoipa::IntoResponses)]
 #[allow(dead_code)]
 enum AdminErrors {
+    #[response(status = 400, description = "Invalid request: a bad name, path segment, query or body", example = json!({"error": {"message": "invalid query string: invalid digit found in string", "type": "invalid_request_error", "param": null, "code": "invalid_value"}}))]
+    Invalid(ErrorResponse),
     #[response(status = 401, description = "Missing or invalid bearer token", example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}}))]
     Unauthorized(ErrorResponse),
     #[response(status = 403, description = "Not an admin", example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}}))]
     NotAdmin(ErrorResponse),
     #[response(status = 404, description = "Unknown adapter, version or alias", example = json!({"error": {"message": "adapter \"bot\" does not exist", "type": "invalid_request_error", "param": null, "code": "adapter_not_found"}}))]
     Unknown(ErrorResponse),
+    #[response(status = 503, description = "The model is still loading, or the engine serves no adapters", example = json!({"error": {"message": "the model is not loaded yet", "type": "server_error", "param": null, "code": "model_not_ready"}}))]
+    NotReady(ErrorResponse),
 }
 
 /// Registers a version from a directory under `SWITCHYARD_IMPORT_ROOT`.
@@ -71,7 +75,8 @@ const MAX_PART: usize = 512 << 20;
         (status = 400, description = "Invalid request", body = ErrorResponse, example = json!({"error": {"message": "messages must contain at least one message", "type": "invalid_request_error", "param": "messages", "code": "invalid_value"}})),
         (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
         (status = 403, description = "Not an admin", body = ErrorResponse, example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}})),
-        (status = 413, description = "Body over the limit", body = ErrorResponse, example = json!({"error": {"message": "request body is larger than the limit of 4194304 bytes", "type": "invalid_request_error", "param": null, "code": "payload_too_large"}}))
+        (status = 413, description = "Body over the limit", body = ErrorResponse, example = json!({"error": {"message": "request body is larger than the limit of 4194304 bytes", "type": "invalid_request_error", "param": null, "code": "payload_too_large"}})),
+        (status = 503, description = "The model is still loading, or the engine serves no adapters", body = ErrorResponse, example = json!({"error": {"message": "the model is not loaded yet", "type": "server_error", "param": null, "code": "model_not_ready"}}))
     )
 )]
 pub(crate) async fn create_version(
@@ -172,7 +177,8 @@ pub(crate) async fn create_version(
     responses(
         (status = 200, description = "Every adapter with its versions and aliases", body = Object),
         (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
-        (status = 403, description = "Not an admin", body = ErrorResponse, example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}}))
+        (status = 403, description = "Not an admin", body = ErrorResponse, example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}})),
+        (status = 503, description = "The model is still loading, or the engine serves no adapters", body = ErrorResponse, example = json!({"error": {"message": "the model is not loaded yet", "type": "server_error", "param": null, "code": "model_not_ready"}}))
     )
 )]
 pub(crate) async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
@@ -242,7 +248,6 @@ pub struct PromoteRequest {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The alias change (adapter, alias, from, to)", body = Object),
-        (status = 400, description = "Invalid request", body = ErrorResponse, example = json!({"error": {"message": "messages must contain at least one message", "type": "invalid_request_error", "param": "messages", "code": "invalid_value"}})),
         AdminErrors,
         (status = 409, description = "Conflict", body = ErrorResponse, example = json!({"error": {"message": "alias \"prod\" of adapter \"bot\" points to version 2, not 1", "type": "conflict_error", "param": null, "code": "alias_conflict"}}))
     )
@@ -333,8 +338,7 @@ fn default_limit() -> usize {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Audit records, newest first", body = Object),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
-        (status = 403, description = "Not an admin", body = ErrorResponse, example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}}))
+        AdminErrors
     )
 )]
 pub(crate) async fn audit(

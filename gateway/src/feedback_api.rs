@@ -152,6 +152,7 @@ pub struct FeedbackList {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Feedback with its review state, oldest first", body = FeedbackList),
+        (status = 400, description = "A bad query string", body = ErrorResponse, example = json!({"error": {"message": "invalid query string: invalid digit found in string", "type": "invalid_request_error", "param": null, "code": "invalid_value"}})),
         (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
         (status = 403, description = "Not an admin", body = ErrorResponse, example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}}))
     )
@@ -195,6 +196,7 @@ pub enum ReviewAction {
     responses(
         (status = 200, description = "Reviewed; stored durably", body = Reviewed),
         (status = 400, description = "Malformed review", body = ErrorResponse, example = json!({"error": {"message": "a correction can only come with accept", "type": "invalid_request_error", "param": "correction", "code": "invalid_value"}})),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
         (status = 403, description = "Not an admin", body = ErrorResponse, example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}})),
         (status = 404, description = "No such feedback", body = ErrorResponse, example = json!({"error": {"message": "no feedback with id `fb-x`", "type": "invalid_request_error", "param": null, "code": "not_found"}}))
     )

@@ -18,6 +18,8 @@ use crate::server::{read_json, AppState};
 #[derive(utoipa::IntoResponses)]
 #[allow(dead_code)]
 enum JobErrors {
+    #[response(status = 400, description = "Invalid request: a bad path segment, query or body", example = json!({"error": {"message": "invalid query string: invalid digit found in string", "type": "invalid_request_error", "param": null, "code": "invalid_value"}}))]
+    Invalid(ErrorResponse),
     #[response(status = 401, description = "Missing or invalid bearer token", example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}}))]
     Unauthorized(ErrorResponse),
     #[response(status = 403, description = "Not an admin", example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}}))]

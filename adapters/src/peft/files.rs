@@ -122,10 +122,16 @@ pub fn ensure_within(root: &Path, path: &Path) -> Result<PathBuf> {
     let canonical_root = root.canonicalize().map_err(|e| AdapterError::io(root, e))?;
     let joined = canonical_root.join(path);
     let canonical = joined.canonicalize().map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            AdapterError::invalid(format!("{} does not exist", path.display()))
-        } else {
-            AdapterError::io(&joined, e)
+        use std::io::ErrorKind;
+        match e.kind() {
+            ErrorKind::NotFound | ErrorKind::NotADirectory => {
+                AdapterError::invalid(format!("{} does not exist", path.display()))
+            }
+            // A NUL byte or an over-long name: the caller's path can never name a file.
+            ErrorKind::InvalidInput | ErrorKind::InvalidFilename => {
+                AdapterError::invalid(format!("{:?} is not a valid path: {e}", path.display().to_string()))
+            }
+            _ => AdapterError::io(&joined, e),
         }
     })?;
     if canonical.starts_with(&canonical_root) {
