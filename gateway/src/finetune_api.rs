@@ -198,7 +198,7 @@ pub struct EventsQuery {
     tag = "admin",
     params(("id" = String, Path, description = "Job id (`ftjob-…`)"), EventsQuery),
     security(("bearer" = [])),
-    responses((status = 200, description = "The loss curve: one object per step (step, epoch, loss, lr, grad_norm, tokens_per_s, val_loss when evaluated)", body = Object), JobErrors)
+    responses((status = 200, description = "The loss curve: one object per step (step, epoch, loss, lr, grad_norm, tokens_per_s, val_loss when evaluated); with `stream=true`, each step as a server-sent event until the job ends (`data: [DONE]`)", content((Object = "application/json"), (Object = "text/event-stream"))), JobErrors)
 )]
 pub(crate) async fn events(
     state: web::Data<AppState>,

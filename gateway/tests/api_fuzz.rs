@@ -48,7 +48,7 @@ fn the_served_spec_holds_under_a_schema_driven_fuzzer() {
         .args(["--header", &format!("Authorization: Bearer {TOKEN}")])
         .args(["--max-examples", "25", "--seed", "1", "--workers", "2", "--no-color"])
         .args(["--phases", "examples,coverage,fuzzing"])
-        .args(["--request-timeout", "60"])
+        .args(["--request-timeout", "20"])
         .arg("--report-dir")
         .arg(&report)
         .env("SCHEMATHESIS_HOOKS", "")
