@@ -7,13 +7,13 @@
 //! in a reused [`Workspace`], matmuls run on [`QMatrix`] kernels and attention reads the cache
 //! in place.
 
+use adapters::LoraModule;
 use rayon::prelude::*;
 
 use super::{Llama, LlamaConfig};
-use crate::error::{AdapterError, Result};
+use crate::error::{Result, RuntimeError};
 use crate::kernels::{axpy, dot, prefetch, x_a_t, Activations, LowRank, QMatrix, PREFETCH_L2, XA_ROWS};
 use crate::lora::{AdapterWeights, BaseWeight, LoraPair, Served};
-use crate::peft::LoraModule;
 
 /// Query tokens per attention task during prefill.
 const ATTN_CHUNK: usize = 16;
@@ -708,8 +708,7 @@ impl Runtime {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("switchyard-matmul-{i}"))
-            .build()
-            .map_err(|e| AdapterError::invalid(format!("thread pool: {e}")))?;
+            .build()?;
         Ok(Self {
             norm: vec1(&model.norm)?,
             cos: vec1(&model.cos)?,
@@ -751,20 +750,20 @@ impl Runtime {
     pub fn forward(&self, ws: &mut Workspace, seqs: &mut [SeqInput<'_>], logits: &mut Vec<f32>) -> Result<()> {
         for s in seqs.iter() {
             if s.tokens.is_empty() {
-                return Err(AdapterError::invalid("a sequence in the step has no tokens"));
+                return Err(RuntimeError::invalid_step("a sequence in the step has no tokens"));
             }
             if s.cache.len + s.tokens.len() > s.cache.capacity {
-                return Err(AdapterError::invalid(format!(
+                return Err(RuntimeError::invalid_step(format!(
                     "a sequence needs {} positions but its cache holds {}",
                     s.cache.len + s.tokens.len(),
                     s.cache.capacity
                 )));
             }
             if s.cache.len + s.tokens.len() > self.config.max_position {
-                return Err(AdapterError::invalid("a sequence is longer than the model's context"));
+                return Err(RuntimeError::invalid_step("a sequence is longer than the model's context"));
             }
             if let Some(&t) = s.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-                return Err(AdapterError::invalid(format!("token id {t} is outside the vocabulary")));
+                return Err(RuntimeError::invalid_step(format!("token id {t} is outside the vocabulary")));
             }
         }
         self.pool.install(|| self.forward_inner(ws, seqs, logits));

@@ -8,12 +8,12 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use adapters::peft::{CONFIG_FILE, WEIGHTS_FILE};
+use adapters::{AdapterConfig, AdapterError, BaseModelShape, LoraModule, LoraPart, LoraTensorKey};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 
-use crate::error::{AdapterError, Result};
 use crate::frozen::FrozenLinear;
-use crate::peft::{AdapterConfig, BaseModelShape, LoraModule, LoraPart, LoraTensorKey, CONFIG_FILE, WEIGHTS_FILE};
 
 /// The frozen weight of a linear layer, `[out, in]`.
 #[derive(Debug, Clone)]
@@ -423,26 +423,32 @@ impl AdapterWeights {
         self.layers.len()
     }
 
-    /// Loads a PEFT directory that already passed validation against `shape`.
-    pub fn load_peft_dir(dir: &Path, shape: &BaseModelShape, device: &Device) -> Result<Self> {
+    /// Loads a PEFT directory that already passed validation against `shape`. Its errors are
+    /// the adapter format's: files that do not load are a bad adapter, not a runtime failure.
+    pub fn load_peft_dir(dir: &Path, shape: &BaseModelShape, device: &Device) -> adapters::Result<Self> {
         Self::load_peft_dir_as(dir, shape, device, LoraDtype::F32)
     }
 
     /// [`Self::load_peft_dir`], served in `dtype`.
-    pub fn load_peft_dir_as(dir: &Path, shape: &BaseModelShape, device: &Device, dtype: LoraDtype) -> Result<Self> {
-        let config_bytes =
-            std::fs::read(dir.join(CONFIG_FILE)).map_err(|e| AdapterError::io(dir.join(CONFIG_FILE), e))?;
+    pub fn load_peft_dir_as(
+        dir: &Path,
+        shape: &BaseModelShape,
+        device: &Device,
+        dtype: LoraDtype,
+    ) -> adapters::Result<Self> {
+        let config_bytes = std::fs::read(dir.join(CONFIG_FILE))
+            .map_err(|source| AdapterError::Io { path: dir.join(CONFIG_FILE), source })?;
         let config = AdapterConfig::from_json(&config_bytes)?;
         let scale = config.scale();
         let path = dir.join(WEIGHTS_FILE);
-        let tensors = candle_core::safetensors::load(&path, device)
-            .map_err(|e| AdapterError::invalid(format!("{}: {e}", path.display())))?;
+        let tensors =
+            candle_core::safetensors::load(&path, device).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
         let mut a_parts: HashMap<(usize, LoraModule), Tensor> = HashMap::new();
         let mut b_parts: HashMap<(usize, LoraModule), Tensor> = HashMap::new();
         for (name, t) in tensors {
-            let key = LoraTensorKey::parse(&name)
-                .ok_or_else(|| AdapterError::invalid(format!("tensor {name} is not a LoRA weight")))?;
-            let t = t.to_dtype(DType::F32).map_err(|e| AdapterError::invalid(format!("tensor {name}: {e}")))?;
+            let key =
+                LoraTensorKey::parse(&name).ok_or_else(|| invalid(format!("tensor {name} is not a LoRA weight")))?;
+            let t = t.to_dtype(DType::F32).map_err(|e| invalid(format!("tensor {name}: {e}")))?;
             match key.part {
                 LoraPart::A => a_parts.insert((key.layer, key.module), t),
                 LoraPart::B => b_parts.insert((key.layer, key.module), t),
@@ -450,15 +456,20 @@ impl AdapterWeights {
         }
         let mut pairs = Vec::with_capacity(a_parts.len());
         for ((layer, module), a) in a_parts {
-            let b = b_parts.remove(&(layer, module)).ok_or_else(|| {
-                AdapterError::invalid(format!("layer {layer} {} has lora_A without lora_B", module.name()))
-            })?;
+            let b = b_parts
+                .remove(&(layer, module))
+                .ok_or_else(|| invalid(format!("layer {layer} {} has lora_A without lora_B", module.name())))?;
             let pair = LoraPair::frozen_as(a, b, scale, dtype)
-                .map_err(|e| AdapterError::invalid(format!("layer {layer} {}: {e}", module.name())))?;
+                .map_err(|e| invalid(format!("layer {layer} {}: {e}", module.name())))?;
             pairs.push((layer, module, pair));
         }
         Ok(Self::from_pairs(shape.num_layers, pairs))
     }
+}
+
+/// The format's error for adapter files that do not load.
+fn invalid(reason: String) -> AdapterError {
+    AdapterError::InvalidAdapter { reason }
 }
 
 #[cfg(test)]
