@@ -14,6 +14,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::frozen::FrozenLinear;
+use crate::kernels::{axpy, dot, to_bf16_bits, Served, PANEL};
 
 /// The frozen weight of a linear layer, `[out, in]`.
 #[derive(Debug, Clone)]
@@ -154,51 +155,6 @@ impl std::str::FromStr for LoraDtype {
     }
 }
 
-/// The bf16 bit pattern nearest to `v` (ties to even; NaN stays NaN).
-pub fn to_bf16_bits(v: f32) -> u16 {
-    half::bf16::from_f32(v).to_bits()
-}
-
-/// A pair's served weights, in the precision chosen at load.
-#[derive(Debug, Clone, Copy)]
-pub enum Served<'a> {
-    F32(&'a [f32]),
-    Bf16(&'a [u16]),
-}
-
-impl Served<'_> {
-    /// Address of the data: equal for two views of the same weights.
-    pub fn as_ptr(&self) -> *const u8 {
-        match self {
-            Served::F32(v) => v.as_ptr().cast(),
-            Served::Bf16(v) => v.as_ptr().cast(),
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        match self {
-            Served::F32(v) => v.len(),
-            Served::Bf16(v) => v.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Element `i` as f32 (exact for bf16).
-    pub fn get(&self, i: usize) -> f32 {
-        use crate::kernels::Weight;
-        match self {
-            Served::F32(v) => v[i],
-            Served::Bf16(v) => v[i].f32(),
-        }
-    }
-}
-
-/// Output columns per panel of a served pair's `scale·Bᵀ` (one 8-lane vector).
-pub const PANEL: usize = 8;
-
 /// Up to this many rows, the delta is computed with plain loops rather than candle matmuls.
 const SMALL_ROWS: usize = 4;
 
@@ -304,11 +260,11 @@ impl LoraPair {
         for i in 0..n {
             let xi = &x[i * inp..(i + 1) * inp];
             for (j, tj) in t.iter_mut().enumerate() {
-                *tj = crate::kernels::dot(&f.a_v[j * inp..(j + 1) * inp], xi);
+                *tj = dot(&f.a_v[j * inp..(j + 1) * inp], xi);
             }
             let dst = &mut y[i * ldy + col0..i * ldy + col0 + out];
             for (j, &tj) in t.iter().enumerate() {
-                crate::kernels::axpy(tj, &f.bt_v[j * out..(j + 1) * out], dst);
+                axpy(tj, &f.bt_v[j * out..(j + 1) * out], dst);
             }
         }
     }

@@ -189,7 +189,8 @@ fn neighbours_on_one_adapter_share_its_terms_and_stay_exact() {
 #[test]
 fn bf16_served_weights_are_exact_for_bf16_values_and_close_otherwise() {
     use adapters::peft::LoraModule;
-    use runtime::lora::{to_bf16_bits, LoraDtype, LoraPair};
+    use runtime::kernels::to_bf16_bits;
+    use runtime::lora::{LoraDtype, LoraPair};
     let s = setup();
     let layers = s.runtime.config.num_layers;
     let round = |t: &Tensor| {

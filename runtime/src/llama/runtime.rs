@@ -12,8 +12,8 @@ use rayon::prelude::*;
 
 use super::{Llama, LlamaConfig};
 use crate::error::{Result, RuntimeError};
-use crate::kernels::{axpy, dot, prefetch, x_a_t, Activations, LowRank, QMatrix, PREFETCH_L2, XA_ROWS};
-use crate::lora::{AdapterWeights, BaseWeight, LoraPair, Served};
+use crate::kernels::{axpy, dot, prefetch, x_a_t, Activations, LowRank, QMatrix, Served, PREFETCH_L2, XA_ROWS};
+use crate::lora::{AdapterWeights, BaseWeight, LoraPair};
 
 /// Query tokens per attention task during prefill.
 const ATTN_CHUNK: usize = 16;
