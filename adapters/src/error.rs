@@ -58,14 +58,6 @@ pub enum AdapterError {
     #[error("registry state at {path:?} is corrupt: {reason}")]
     CorruptState { path: PathBuf, reason: String },
 
-    /// A base model file could not be loaded or does not describe a llama model.
-    #[error("model {}: {reason}", path.display())]
-    Model { path: PathBuf, reason: String },
-
-    /// A tensor computation failed (shapes, devices); a bug or a corrupt model, never client input.
-    #[error("tensor computation failed: {0}")]
-    Tensor(#[from] candle_core::Error),
-
     /// An operating-system error while touching `path`.
     #[error("i/o error on {path:?}: {source}")]
     Io {
@@ -109,8 +101,6 @@ impl AdapterError {
             Self::VersionInUse { .. } => "version_in_use",
             Self::PathEscape { .. } => "path_escape",
             Self::CorruptState { .. } => "registry_corrupt",
-            Self::Model { .. } => "model_error",
-            Self::Tensor(_) => "tensor_error",
             Self::Io { .. } => "io_error",
         }
     }
@@ -129,7 +119,7 @@ impl AdapterError {
             Self::AliasConflict { .. } | Self::NoRollbackTarget { .. } | Self::VersionInUse { .. } => {
                 ErrorClass::Conflict
             }
-            Self::CorruptState { .. } | Self::Io { .. } | Self::Model { .. } | Self::Tensor(_) => ErrorClass::Internal,
+            Self::CorruptState { .. } | Self::Io { .. } => ErrorClass::Internal,
         }
     }
 
@@ -154,10 +144,6 @@ impl AdapterError {
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io { path: path.into(), source }
-    }
-
-    pub(crate) fn model(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        Self::Model { path: path.into(), reason: reason.into() }
     }
 
     pub(crate) fn corrupt(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {

@@ -8,32 +8,26 @@
 //! - the versioned registry ([`registry`]): immutable numbered versions with a
 //!   [`Manifest`] each, aliases with promote / compare-and-set / rollback, deletion guarded
 //!   by aliases, and an append-only audit log, all behind [`Registry`] whose readers get an
-//!   atomically swapped [`Snapshot`];
-//! - the LoRA math shared by serving and training ([`lora`]: [`lora::LoraLinear`] wraps a
-//!   frozen base linear and applies per-row adapters) and the llama decoder built from it
-//!   ([`llama::Llama`], loaded from GGUF or HF safetensors), plus the serving runtime
-//!   ([`llama::Runtime`]) that runs the same model on packed quantized weights with the SIMD
-//!   kernels of [`kernels`].
+//!   atomically swapped [`Snapshot`].
+//!
+//! The model that runs adapters (kernels, llama, LoRA maths) is the `runtime` crate's; it
+//! depends on this one for the format, never the other way round.
 //!
 //! Errors are one enum, [`AdapterError`], whose [`AdapterError::code`] strings are stable
 //! and whose [`AdapterError::class`] tells the HTTP layer which status family applies.
 //!
 //! Invariants this crate must keep:
-//! - it never imports actix, tokio or anything HTTP; the gateway maps errors to responses;
+//! - it never imports actix, tokio or anything HTTP, nor any tensor library; the gateway maps
+//!   errors to responses;
 //! - a published version's files and hash never change (only a manifest's `lineage` and
 //!   `metrics` may be updated), and a version number is never reused, even after deletion;
 //! - a failed registration leaves disk and snapshot exactly as they were.
 
 mod error;
-pub mod frozen;
-pub mod kernels;
-pub mod llama;
-pub mod lora;
 pub mod peft;
 pub mod registry;
 #[cfg(test)]
 mod test_support;
-pub mod testing;
 
 pub use error::{AdapterError, ErrorClass, Result};
 pub use peft::{

@@ -6,9 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
-use adapters::llama::{ChatModel, Llama, Runtime};
-use adapters::lora::AdapterWeights;
 use adapters::{AdapterConfig, TargetModules};
+use runtime::llama::{ChatModel, Llama, Runtime};
+use runtime::lora::AdapterWeights;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 

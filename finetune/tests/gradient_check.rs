@@ -2,11 +2,11 @@
 //! gradients) match central finite differences on a tiny model, and match candle's own
 //! matmul backward on dense weights.
 
-use adapters::llama::Llama;
 use adapters::LoraModule;
 use candle_core::{Tensor, Var};
 use finetune::train::batch::{Batch, Seq};
 use finetune::train::params::LoraParams;
+use runtime::llama::Llama;
 
 fn loss(model: &Llama, params: &LoraParams, batch: &Batch) -> Tensor {
     let adapter = params.adapter(true);
@@ -21,14 +21,14 @@ fn value(t: &Tensor) -> f64 {
 #[test]
 fn lora_gradients_match_finite_differences() {
     let dir = tempfile::tempdir().unwrap();
-    let shape = adapters::testing::write_tiny_llama(dir.path(), 11).unwrap();
+    let shape = runtime::testing::write_tiny_llama(dir.path(), 11).unwrap();
     let dense = Llama::from_hf_dir(dir.path()).unwrap().with_autograd();
     let frozen = dense.for_training().unwrap();
     let params = LoraParams::init(&shape, &LoraModule::ALL, 2, 3.0, false, 0.0, 5).unwrap();
     // B starts at zero, which would make every gradient of A zero: give it values first.
     for (i, e) in params.entries.iter().enumerate() {
         let (out, r) = e.b.as_tensor().dims2().unwrap();
-        let v = adapters::testing::values(out * r, 100 + i as u64, 0.3);
+        let v = runtime::testing::values(out * r, 100 + i as u64, 0.3);
         e.b.set(&Tensor::from_vec(v, (out, r), &candle_core::Device::Cpu).unwrap()).unwrap();
     }
     let seqs = [
@@ -94,7 +94,7 @@ fn lora_gradients_match_finite_differences() {
     let mut dirs = Vec::new();
     for (k, var) in vars.iter().enumerate() {
         let g = grad_of(var);
-        let r = adapters::testing::values(g.len(), 900 + k as u64, 1.0);
+        let r = runtime::testing::values(g.len(), 900 + k as u64, 1.0);
         analytic += g.iter().zip(&r).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
         dirs.push(Tensor::from_vec(r, var.as_tensor().shape(), &candle_core::Device::Cpu).unwrap());
     }

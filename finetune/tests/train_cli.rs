@@ -38,7 +38,7 @@ fn colour_task(n: usize, seed: u64) -> String {
 fn tiny_model(dir: &Path) -> PathBuf {
     let model = dir.join("tiny-llama");
     // A head of ±2: behind the final norm, the default ±0.3 cannot separate tokens much.
-    adapters::testing::write_tiny_llama_with_head(&model, 3, 2.0).unwrap();
+    runtime::testing::write_tiny_llama_with_head(&model, 3, 2.0).unwrap();
     model
 }
 
@@ -103,7 +103,7 @@ fn training_writes_an_adapter_with_its_report_step_log_metrics_and_lineage() {
     assert!(cand_loss * 4.0 < base_loss, "validation loss {base_loss} -> {cand_loss}\n{stderr}");
 
     // A PEFT directory the registry would accept, a report, a step log and lineage.
-    let shape = adapters::testing::tiny_llama_shape();
+    let shape = runtime::testing::tiny_llama_shape();
     let checked = adapters::validate_adapter_dir(&out.join("adapter"), &shape, &adapters::Limits::default()).unwrap();
     assert_eq!((checked.config.r, checked.config.lora_alpha, checked.modules.len()), (8, 16.0, 7));
     let report = json(&out.join("report.json"));

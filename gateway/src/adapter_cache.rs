@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use adapters::lora::{AdapterWeights, LoraDtype};
 use adapters::BaseModelShape;
 use parking_lot::Mutex;
+use runtime::lora::{AdapterWeights, LoraDtype};
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;

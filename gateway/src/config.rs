@@ -183,14 +183,14 @@ pub struct ServeArgs {
     /// rounding is far below the 4-bit base's own) or `f32` (exactly the merged weights)
     /// [default: bf16].
     #[arg(long, env = "SWITCHYARD_LORA_DTYPE")]
-    pub lora_dtype: Option<adapters::lora::LoraDtype>,
+    pub lora_dtype: Option<runtime::lora::LoraDtype>,
     /// What the candle engine's decode steps multiply the 4- and 8-bit weights against: `f32`
     /// (exact: a dense matmul up to the order of additions) or `q8` (activations rounded to 8
     /// bits per block of 32 and integer dot products, as llama.cpp does: faster batches on
     /// CPUs without AVX-512, but logits move by a few tenths and greedy answers can change)
     /// [default: f32].
     #[arg(long, env = "SWITCHYARD_ACTIVATIONS")]
-    pub activations: Option<adapters::kernels::Activations>,
+    pub activations: Option<runtime::kernels::Activations>,
     /// Memory for the candle engine's prompt prefix cache, in MiB: prompts that start like a
     /// recent prompt or conversation (same adapter version) copy those keys and values
     /// instead of computing them; 0 turns it off [default: 128].
@@ -273,9 +273,9 @@ pub struct Settings {
     pub admin_token: Option<String>,
     pub import_root: Option<PathBuf>,
     pub adapter_cache_bytes: usize,
-    pub lora_dtype: adapters::lora::LoraDtype,
+    pub lora_dtype: runtime::lora::LoraDtype,
     pub prefix_cache_bytes: usize,
-    pub activations: adapters::kernels::Activations,
+    pub activations: runtime::kernels::Activations,
     pub redis: Option<redis::Client>,
     pub shutdown_timeout: u64,
     pub limits: crate::limits::Limits,
@@ -319,7 +319,7 @@ impl ServeArgs {
             admin_token: self.admin_token.or(file.admin_token).filter(|t| !t.is_empty()),
             import_root: self.import_root.or(file.import_root),
             adapter_cache_bytes: self.adapter_cache_mb.or(file.adapter_cache_mb).unwrap_or(512) << 20,
-            lora_dtype: self.lora_dtype.or(file.lora_dtype).unwrap_or(adapters::lora::LoraDtype::Bf16),
+            lora_dtype: self.lora_dtype.or(file.lora_dtype).unwrap_or(runtime::lora::LoraDtype::Bf16),
             prefix_cache_bytes: self.prefix_cache_mb.or(file.prefix_cache_mb).unwrap_or(128) << 20,
             activations: self.activations.or(file.activations).unwrap_or_default(),
             shutdown_timeout: self.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(30),
@@ -434,7 +434,7 @@ mod tests {
 
     #[test]
     fn lora_dtype_defaults_to_bf16_and_takes_f32_from_flag_or_file() {
-        use adapters::lora::LoraDtype;
+        use runtime::lora::LoraDtype;
         let off = || ServeArgs { auth: Some(AuthMode::Off), ..Default::default() };
         assert_eq!(off().into_settings().unwrap().lora_dtype, LoraDtype::Bf16);
         let flag = ServeArgs { lora_dtype: Some("f32".parse().unwrap()), ..off() };
@@ -455,7 +455,7 @@ mod tests {
 
     #[test]
     fn activations_default_to_exact_f32_and_take_q8_from_flag_or_file() {
-        use adapters::kernels::Activations;
+        use runtime::kernels::Activations;
         let off = || ServeArgs { auth: Some(AuthMode::Off), ..Default::default() };
         assert_eq!(off().into_settings().unwrap().activations, Activations::F32);
         let flag = ServeArgs { activations: Some("q8".parse().unwrap()), ..off() };

@@ -37,7 +37,7 @@ pub struct AppState {
     pub import_root: Option<std::path::PathBuf>,
     pub(crate) data_dir: std::path::PathBuf,
     adapter_cache_bytes: usize,
-    lora_dtype: adapters::lora::LoraDtype,
+    lora_dtype: runtime::lora::LoraDtype,
     /// `None`: auth switched off explicitly.
     auth: Option<Arc<crate::auth::Authenticator>>,
     pub limiter: Arc<Limiter>,

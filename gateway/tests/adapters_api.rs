@@ -69,11 +69,11 @@ async fn answer(server: &Server, model: &str) -> (u16, String) {
 async fn versions_aliases_promote_rollback_and_restart() {
     let root = tempfile::tempdir().unwrap();
     let model = root.path().join("tiny-llama");
-    let shape = adapters::testing::write_tiny_llama(&model, 3).unwrap();
+    let shape = runtime::testing::write_tiny_llama(&model, 3).unwrap();
     let imports = root.path().join("imports");
     let data = root.path().join("data");
-    adapters::testing::write_random_adapter(&imports.join("v1"), &shape, 4, 10, false).unwrap();
-    adapters::testing::write_random_adapter(&imports.join("v2"), &shape, 4, 20, false).unwrap();
+    runtime::testing::write_random_adapter(&imports.join("v1"), &shape, 4, 10, false).unwrap();
+    runtime::testing::write_random_adapter(&imports.join("v2"), &shape, 4, 20, false).unwrap();
     let server = start(&model, &data, &imports);
 
     // The admin API wants the token.
@@ -141,7 +141,7 @@ async fn versions_aliases_promote_rollback_and_restart() {
     let mut other = shape.clone();
     other.hidden_size = 48;
     other.name = "other-llama".into();
-    adapters::testing::write_random_adapter(&root.path().join("other"), &other, 4, 99, false).unwrap();
+    runtime::testing::write_random_adapter(&root.path().join("other"), &other, 4, 99, false).unwrap();
     let res = upload(&server, "bot", &root.path().join("other")).await;
     assert_eq!(res.status(), 400);
     let err: Value = res.json().await.unwrap();
@@ -217,8 +217,8 @@ async fn a_running_request_keeps_its_version_across_a_promote() {
     let root = tempfile::tempdir().unwrap();
     let shape = adapters::BaseModelShape::smollm2_135m();
     let imports = root.path().join("imports");
-    adapters::testing::write_random_adapter(&imports.join("v1"), &shape, 4, 10, false).unwrap();
-    adapters::testing::write_random_adapter(&imports.join("v2"), &shape, 4, 20, false).unwrap();
+    runtime::testing::write_random_adapter(&imports.join("v1"), &shape, 4, 10, false).unwrap();
+    runtime::testing::write_random_adapter(&imports.join("v2"), &shape, 4, 20, false).unwrap();
     let server = start(&common::default_model(), &root.path().join("data"), &imports);
     for v in ["v1", "v2"] {
         let (status, _) =
@@ -268,10 +268,10 @@ async fn answer_body(server: &Server, body: &Value) -> (u16, String) {
 async fn the_adapter_cache_evicts_least_recently_used_versions() {
     let root = tempfile::tempdir().unwrap();
     let model = root.path().join("tiny-llama");
-    let shape = adapters::testing::write_tiny_llama(&model, 3).unwrap();
+    let shape = runtime::testing::write_tiny_llama(&model, 3).unwrap();
     let imports = root.path().join("imports");
     for (i, name) in ["a", "b"].iter().enumerate() {
-        adapters::testing::write_random_adapter(&imports.join(name), &shape, 4, 50 + i as u64, false).unwrap();
+        runtime::testing::write_random_adapter(&imports.join(name), &shape, 4, 50 + i as u64, false).unwrap();
     }
     // A budget of 0 MiB holds exactly the version in use.
     let args: Vec<String> = [

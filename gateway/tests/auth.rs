@@ -75,7 +75,7 @@ async fn status_of(server: &Server, path: &str, token: Option<&str>, body: Optio
 async fn jwt_failures_roles_model_lists_and_api_keys() {
     let root = tempfile::tempdir().unwrap();
     let model = root.path().join("tiny-llama");
-    adapters::testing::write_tiny_llama(&model, 9).unwrap();
+    runtime::testing::write_tiny_llama(&model, 9).unwrap();
     let keys = root.path().join("keys.json");
     let api_key = "sk-test-0123456789";
     let out =
@@ -213,7 +213,7 @@ async fn public_key_algorithms_from_pem_and_jwks_files() {
     use jsonwebtoken::Algorithm::{ES256, HS256, RS256};
     let root = tempfile::tempdir().unwrap();
     let model = root.path().join("tiny-llama");
-    adapters::testing::write_tiny_llama(&model, 9).unwrap();
+    runtime::testing::write_tiny_llama(&model, 9).unwrap();
     let claims = json!({"sub": "svc", "tenant": "acme", "role": "user", "exp": now() + 600});
     let public_rsa = std::fs::read_to_string(fixture("rsa-public.pem")).unwrap();
     let confused = sign(claims.clone(), &public_rsa, HS256);

@@ -20,7 +20,7 @@ fn mint(sub: &str, tenant: &str, role: &str) -> String {
 fn start(root: &std::path::Path, extra: &[&str]) -> Server {
     let model = root.join("tiny-llama");
     if !model.exists() {
-        adapters::testing::write_tiny_llama(&model, 5).unwrap();
+        runtime::testing::write_tiny_llama(&model, 5).unwrap();
     }
     let mut args: Vec<String> = [
         "--model",

@@ -67,7 +67,7 @@ async fn replicas_share_feedback_through_a_stream_and_spool_while_redis_is_down(
     let url = format!("redis://127.0.0.1:{port}");
     let root = tempfile::tempdir().unwrap();
     let model = root.path().join("tiny-llama");
-    adapters::testing::write_tiny_llama(&model, 6).unwrap();
+    runtime::testing::write_tiny_llama(&model, 6).unwrap();
     let a = start(root.path(), &model, "a", &url);
     let b = start(root.path(), &model, "b", &url);
     let mut conn = group(port).await;

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 async fn an_hf_directory_serves_through_the_candle_engine() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny-llama");
-    adapters::testing::write_tiny_llama(&model, 11).unwrap();
+    runtime::testing::write_tiny_llama(&model, 11).unwrap();
     let server =
         Server::start_raw(&["--model".into(), model.display().to_string(), "--engine".into(), "candle".into()]);
     let models: Value = client().get(server.url("/v1/models")).send().await.unwrap().json().await.unwrap();

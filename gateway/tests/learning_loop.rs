@@ -20,7 +20,7 @@ const WORDS: [&str; 16] =
 fn tiny_model(root: &Path) -> PathBuf {
     let model = root.join("tiny-llama");
     // A head of ±2: behind the final norm, the default ±0.3 cannot separate tokens much.
-    adapters::testing::write_tiny_llama_with_head(&model, 3, 2.0).unwrap();
+    runtime::testing::write_tiny_llama_with_head(&model, 3, 2.0).unwrap();
     model
 }
 

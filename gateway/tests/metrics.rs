@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 async fn counters_move_by_the_traffic_sent() {
     let root = tempfile::tempdir().unwrap();
     let model = root.path().join("tiny-llama");
-    adapters::testing::write_tiny_llama(&model, 4).unwrap();
+    runtime::testing::write_tiny_llama(&model, 4).unwrap();
     let server = Server::start_raw(&["--model".into(), model.display().to_string()]);
     let body = json!({"model": "tiny-llama", "messages": [{"role": "user", "content": "the cat sat"}],
         "max_tokens": 5, "ignore_eos": true, "temperature": 0});

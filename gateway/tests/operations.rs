@@ -50,7 +50,7 @@ async fn sigterm_lets_a_running_stream_finish_then_exits_zero() {
 async fn the_spec_and_swagger_ui_are_served_without_a_token() {
     let root = tempfile::tempdir().unwrap();
     let model = root.path().join("tiny-llama");
-    adapters::testing::write_tiny_llama(&model, 1).unwrap();
+    runtime::testing::write_tiny_llama(&model, 1).unwrap();
     let args: Vec<String> =
         ["--model", &model.display().to_string(), "--auth", "on", "--jwt-hs256-secret", "s3cret-for-docs-test"]
             .iter()

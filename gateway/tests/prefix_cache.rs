@@ -97,7 +97,7 @@ async fn adapters_never_share_prefixes_and_concurrent_twins_compute_once() {
     let root = tempfile::tempdir().unwrap();
     let imports = root.path().join("imports");
     let shape = adapters::BaseModelShape::smollm2_135m();
-    adapters::testing::write_random_adapter(&imports.join("v1"), &shape, 4, 10, false).unwrap();
+    runtime::testing::write_random_adapter(&imports.join("v1"), &shape, 4, 10, false).unwrap();
     let server = Server::start(&[
         "--engine",
         "candle",

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 fn tiny(root: &std::path::Path) -> std::path::PathBuf {
     let model = root.join("tiny-llama");
-    adapters::testing::write_tiny_llama(&model, 2).unwrap();
+    runtime::testing::write_tiny_llama(&model, 2).unwrap();
     model
 }
 

@@ -64,10 +64,10 @@ async fn until_served(server: &Server, model: &str, want: &str) -> Duration {
 async fn a_promote_on_one_replica_is_served_by_the_other() {
     let root = tempfile::tempdir().unwrap();
     let model = root.path().join("tiny-llama");
-    let shape = adapters::testing::write_tiny_llama(&model, 5).unwrap();
+    let shape = runtime::testing::write_tiny_llama(&model, 5).unwrap();
     let imports = root.path().join("imports");
-    adapters::testing::write_random_adapter(&imports.join("v1"), &shape, 4, 31, false).unwrap();
-    adapters::testing::write_random_adapter(&imports.join("v2"), &shape, 4, 32, false).unwrap();
+    runtime::testing::write_random_adapter(&imports.join("v1"), &shape, 4, 31, false).unwrap();
+    runtime::testing::write_random_adapter(&imports.join("v2"), &shape, 4, 32, false).unwrap();
     let data = root.path().join("data");
     let a = start(&model, &data, &imports);
     let b = start(&model, &data, &imports);
@@ -95,10 +95,10 @@ async fn a_replica_that_missed_a_change_catches_up_when_redis_returns() {
     let url = format!("redis://127.0.0.1:{}", redis.port);
     let root = tempfile::tempdir().unwrap();
     let model = root.path().join("tiny-llama");
-    let shape = adapters::testing::write_tiny_llama(&model, 6).unwrap();
+    let shape = runtime::testing::write_tiny_llama(&model, 6).unwrap();
     let imports = root.path().join("imports");
-    adapters::testing::write_random_adapter(&imports.join("v1"), &shape, 4, 41, false).unwrap();
-    adapters::testing::write_random_adapter(&imports.join("v2"), &shape, 4, 42, false).unwrap();
+    runtime::testing::write_random_adapter(&imports.join("v1"), &shape, 4, 41, false).unwrap();
+    runtime::testing::write_random_adapter(&imports.join("v2"), &shape, 4, 42, false).unwrap();
     let data = root.path().join("data");
     let start = || {
         let args: Vec<String> = [

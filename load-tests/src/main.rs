@@ -353,7 +353,7 @@ async fn main() -> Result<()> {
         let shape = adapters::BaseModelShape::smollm2_135m();
         for i in 0..args.adapter_count {
             let path = dir.join(format!("a{i}"));
-            adapters::testing::write_bench_adapter(&path, &shape, 8, 1000 + i as u64)?;
+            runtime::testing::write_bench_adapter(&path, &shape, 8, 1000 + i as u64)?;
             println!("{}", path.display());
         }
         return Ok(());

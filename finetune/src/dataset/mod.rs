@@ -23,7 +23,7 @@ pub use pii::PiiCounts;
 use serde::{Deserialize, Serialize};
 
 /// Who speaks a message (the type the serving chat template takes).
-pub use adapters::llama::Role;
+pub use runtime::llama::Role;
 
 /// One turn of a conversation; `content` is already normalised.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,9 +1,9 @@
 //! Examples as token ids (the serving chat template, the answer closed by the end-of-turn
 //! token), padded micro-batches, and the per-token log-probabilities both losses start from.
 
-use adapters::llama::{ChatTemplate, Llama};
-use adapters::lora::AdapterWeights;
 use candle_core::{Device, Tensor, D};
+use runtime::llama::{ChatTemplate, Llama};
+use runtime::lora::AdapterWeights;
 use tokenizers::Tokenizer;
 
 use crate::dataset::Message;

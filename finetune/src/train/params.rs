@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use adapters::lora::{AdapterWeights, Dropout, LoraPair};
 use adapters::{BaseModelShape, LoraModule, LoraPart, LoraTensorKey};
 use candle_core::{DType, Device, Tensor, Var};
+use runtime::lora::{AdapterWeights, Dropout, LoraPair};
 
 use crate::error::FinetuneError;
 
@@ -277,7 +277,7 @@ mod tests {
 
     #[test]
     fn init_is_seeded_and_starts_as_the_base_model() {
-        let shape = adapters::testing::tiny_llama_shape();
+        let shape = runtime::testing::tiny_llama_shape();
         let a = LoraParams::init(&shape, &LoraModule::ALL, 4, 8.0, false, 0.0, 7).unwrap();
         let b = LoraParams::init(&shape, &LoraModule::ALL, 4, 8.0, false, 0.0, 7).unwrap();
         let c = LoraParams::init(&shape, &LoraModule::ALL, 4, 8.0, false, 0.0, 8).unwrap();

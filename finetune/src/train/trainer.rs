@@ -6,9 +6,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use adapters::llama::Llama;
-use adapters::lora::AdapterWeights;
 use candle_core::{Device, Tensor};
+use runtime::llama::Llama;
+use runtime::lora::AdapterWeights;
 use serde::{Deserialize, Serialize};
 
 use super::batch::{Batch, Seq};

@@ -10,10 +10,10 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use adapters::llama::{shared_prefix, ChatModel, ChatTemplate, KvCache, PrefixCache, Runtime, SeqInput, Workspace};
-use adapters::lora::AdapterWeights;
 use adapters::BaseModelShape;
 use async_trait::async_trait;
+use runtime::llama::{shared_prefix, ChatModel, ChatTemplate, KvCache, PrefixCache, Runtime, SeqInput, Workspace};
+use runtime::lora::AdapterWeights;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 
@@ -35,7 +35,7 @@ pub struct CandleOptions {
     /// Memory for the prompt prefix cache, in bytes (0: off).
     pub prefix_cache_bytes: usize,
     /// What decode steps multiply the packed weights against (f32: exact).
-    pub activations: adapters::kernels::Activations,
+    pub activations: runtime::kernels::Activations,
 }
 
 pub struct CandleEngine {
@@ -89,7 +89,7 @@ impl CandleEngine {
         runtime.set_activations(activations);
         drop(model);
         release_freed_memory();
-        tracing::info!(weight_bytes = runtime.weight_bytes(), threads = runtime.threads(), isa = ?adapters::kernels::isa(), ?activations, "candle engine packed");
+        tracing::info!(weight_bytes = runtime.weight_bytes(), threads = runtime.threads(), isa = ?runtime::kernels::isa(), ?activations, "candle engine packed");
         let context_len = context_cap.map_or(runtime.config.max_position, |c| c.min(runtime.config.max_position));
         let shape = runtime.config.shape(&id);
         let tokenizer = Arc::new(tokenizer);

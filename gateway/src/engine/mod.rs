@@ -12,8 +12,8 @@ pub mod stop;
 use std::fmt;
 use std::sync::Arc;
 
-use adapters::lora::AdapterWeights;
 use adapters::BaseModelShape;
+use runtime::lora::AdapterWeights;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
@@ -28,7 +28,7 @@ pub enum Prompt {
 }
 
 /// Who speaks a chat message (shared with the chat template and training).
-pub use adapters::llama::Role;
+pub use runtime::llama::Role;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {

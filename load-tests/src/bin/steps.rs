@@ -8,11 +8,11 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use adapters::llama::{KvCache, Llama, Runtime, SeqInput, Workspace};
-use adapters::lora::AdapterWeights;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::Parser;
+use runtime::llama::{KvCache, Llama, Runtime, SeqInput, Workspace};
+use runtime::lora::AdapterWeights;
 
 #[derive(Parser, Debug)]
 #[command(name = "switchyard-steps", about = "Decode steps per second of the candle engine, in process")]
@@ -37,10 +37,10 @@ struct Args {
     rank: usize,
     /// Precision the adapters are served in: f32 or bf16.
     #[arg(long, default_value = "f32")]
-    lora_dtype: adapters::lora::LoraDtype,
+    lora_dtype: runtime::lora::LoraDtype,
     /// What the decode matmuls multiply the packed weights against: f32 (exact) or q8.
     #[arg(long, default_value = "f32")]
-    activations: adapters::kernels::Activations,
+    activations: runtime::kernels::Activations,
     /// Loads to run: base, one, eight (for profiling one of them alone).
     #[arg(long, value_delimiter = ',', default_value = "base,one,eight")]
     loads: Vec<String>,
@@ -125,7 +125,7 @@ fn main() -> Result<()> {
     let mut owned = Vec::new();
     for i in 0..8 {
         let path = dir.join(format!("a{i}"));
-        adapters::testing::write_bench_adapter(&path, &shape, args.rank, 1000 + i)?;
+        runtime::testing::write_bench_adapter(&path, &shape, args.rank, 1000 + i)?;
         owned.push(AdapterWeights::load_peft_dir_as(&path, &shape, &Device::Cpu, args.lora_dtype)?);
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -138,7 +138,7 @@ fn main() -> Result<()> {
     println!(
         "Runtime::forward, {} threads, {:?} kernels, {:?} activations, rank-{} adapters on all modules served in {:?}; {} steps x {} rounds (median)\n",
         rt.threads(),
-        adapters::kernels::isa(),
+        runtime::kernels::isa(),
         args.activations,
         args.rank,
         args.lora_dtype,

@@ -1,7 +1,11 @@
 //! The packed kernels against a plain f32 reference, on every instruction set this CPU has.
 
+use super::low_rank::add_low_rank;
+use super::tiles::{claimed_tiles, q4_1_rows, q8_0_rows, FUSED_MAX};
 use super::*;
-use candle_core::quantized::QStorage;
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::Device;
+use half::f16;
 use std::borrow::Cow;
 
 /// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
@@ -258,7 +262,7 @@ fn prepared_low_rank_terms_add_what_ready_ones_add() {
     let m = QMatrix::from_q4_1_bytes(&q4_1_blocks(rows, cols, 5), rows, cols);
     let panel_len = |c: usize| c.div_ceil(PANEL) * rank * PANEL;
     let p32: Vec<f32> = activations(1, panel_len(101)).iter().map(|v| v * 0.1).collect();
-    let p16: Vec<u16> = activations(1, panel_len(77)).iter().map(|v| crate::lora::to_bf16_bits(v * 0.1)).collect();
+    let p16: Vec<u16> = activations(1, panel_len(77)).iter().map(|v| to_bf16_bits(v * 0.1)).collect();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     for n in [1, 2, 3, 4, 7, 9, 40] {
         let x = activations(n, cols);
@@ -337,7 +341,7 @@ fn low_rank_terms_add_the_same_bits_on_every_instruction_set() {
             let t: Vec<f32> = activations(rows, rank).iter().map(|v| v * 0.7).collect();
             let len = cols.div_ceil(PANEL) * rank * PANEL;
             let p32: Vec<f32> = activations(1, len + 5)[5..].iter().map(|v| v * 0.1).collect();
-            let p16: Vec<u16> = p32.iter().map(|&v| crate::lora::to_bf16_bits(v)).collect();
+            let p16: Vec<u16> = p32.iter().map(|&v| to_bf16_bits(v)).collect();
             let wide16: Vec<f32> = p16.iter().map(|&b| b.f32()).collect();
             for (panels, wide) in [(Served::F32(&p32), &p32), (Served::Bf16(&p16), &wide16)] {
                 let term = LowRank { row0: 1, rows, col0, cols, rank, t: &t, panels };
@@ -380,7 +384,7 @@ fn x_a_t_matches_a_float64_dot_product() {
     // the same products summed in f64.
     for (in_dim, rank) in [(64, 8), (70, 3), (576, 1), (15, 2), (12, 5), (7, 2)] {
         let a32: Vec<f32> = activations(1, rank * in_dim).iter().map(|v| v * 0.3).collect();
-        let a16: Vec<u16> = a32.iter().map(|&v| crate::lora::to_bf16_bits(v)).collect();
+        let a16: Vec<u16> = a32.iter().map(|&v| to_bf16_bits(v)).collect();
         for rows in 1..=XA_ROWS {
             let x = activations(rows, in_dim);
             for a in [Served::F32(&a32), Served::Bf16(&a16)] {

@@ -9,7 +9,7 @@ use minijinja::{context, Environment, Error, ErrorKind};
 use tokenizers::Tokenizer;
 
 use super::Llama;
-use crate::error::{AdapterError, Result};
+use crate::error::{Result, RuntimeError};
 
 /// Who speaks a chat message; the gateway's requests and training examples both use it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -59,7 +59,7 @@ impl ChatTemplate {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_template_owned("chat", source.unwrap_or(CHATML).to_owned()).map_err(|e| {
-            AdapterError::model("chat_template", format!("the model's chat template does not parse: {e}"))
+            RuntimeError::model("chat_template", format!("the model's chat template does not parse: {e}"))
         })?;
         let eos_token = eos_ids.first().and_then(|&id| tokenizer.id_to_token(id)).unwrap_or_default();
         Ok(Self { env, bos_token: bos_token.unwrap_or_default(), eos_token })
@@ -140,7 +140,7 @@ impl ChatModel {
         } else {
             let model = Llama::from_hf_dir(path)?;
             let file = path.join("tokenizer.json");
-            let tokenizer = Tokenizer::from_file(&file).map_err(|e| AdapterError::model(&file, e.to_string()))?;
+            let tokenizer = Tokenizer::from_file(&file).map_err(|e| RuntimeError::model(&file, e.to_string()))?;
             let (template, eos_ids) = ChatTemplate::from_hf_dir(path, &tokenizer)?;
             Ok(Self { model, tokenizer, template, eos_ids })
         }

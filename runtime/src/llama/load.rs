@@ -6,6 +6,7 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
+use adapters::LoraModule;
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -13,9 +14,8 @@ use candle_nn::VarBuilder;
 use tokenizers::Tokenizer;
 
 use super::{Block, Llama, LlamaConfig};
-use crate::error::{AdapterError, Result};
+use crate::error::{Result, RuntimeError};
 use crate::lora::{BaseWeight, LoraLinear};
-use crate::peft::LoraModule;
 
 /// What the GGUF file says about serving besides the weights.
 #[derive(Debug, Clone)]
@@ -67,8 +67,8 @@ impl Llama {
     /// Loads a llama-architecture GGUF file; returns the model and its serving metadata.
     pub fn from_gguf(path: &Path) -> Result<(Llama, GgufMeta, Tokenizer)> {
         let device = Device::Cpu;
-        let fail = |reason: String| AdapterError::model(path, reason);
-        let mut file = File::open(path).map_err(|e| AdapterError::io(path, e))?;
+        let fail = |reason: String| RuntimeError::model(path, reason);
+        let mut file = File::open(path).map_err(|e| RuntimeError::io(path, e))?;
         let ct = Content::read(&mut file).map_err(|e| fail(format!("not a readable GGUF file: {e}")))?;
         let arch = meta_str(&ct, "general.architecture").unwrap_or_default();
         if arch != "llama" {
@@ -80,7 +80,7 @@ impl Llama {
         let hidden = get("embedding_length")? as usize;
         let heads = get("attention.head_count")? as usize;
         let mut tensor = |name: &str| {
-            ct.tensor(&mut file, name, &device).map_err(|e| AdapterError::model(path, format!("tensor {name}: {e}")))
+            ct.tensor(&mut file, name, &device).map_err(|e| RuntimeError::model(path, format!("tensor {name}: {e}")))
         };
         let embed_q = tensor("token_embd.weight")?;
         let vocab = embed_q.shape().dims2()?.0;
@@ -155,9 +155,9 @@ impl Llama {
     /// Loads an HF llama directory (`config.json` + `*.safetensors`) as dense f32 weights.
     pub fn from_hf_dir(dir: &Path) -> Result<Llama> {
         let device = Device::Cpu;
-        let fail = |reason: String| AdapterError::model(dir, reason);
+        let fail = |reason: String| RuntimeError::model(dir, reason);
         let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| AdapterError::io(&cfg_path, e))?;
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| RuntimeError::io(&cfg_path, e))?;
         let raw: serde_json::Value = serde_json::from_str(&text).map_err(|e| fail(format!("config.json: {e}")))?;
         let num = |k: &str| raw.get(k).and_then(serde_json::Value::as_u64).map(|v| v as usize);
         let need = |k: &str| num(k).ok_or_else(|| fail(format!("config.json has no {k}")));
@@ -177,7 +177,7 @@ impl Llama {
         };
         let tied = raw.get("tie_word_embeddings").and_then(serde_json::Value::as_bool).unwrap_or(false);
         let mut files: Vec<_> = std::fs::read_dir(dir)
-            .map_err(|e| AdapterError::io(dir, e))?
+            .map_err(|e| RuntimeError::io(dir, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
             .collect();
@@ -188,10 +188,10 @@ impl Llama {
         // SAFETY: the files are only read; nothing else maps them mutably while we hold them.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &device)? };
         let get = |name: &str, shape: (usize, usize)| -> Result<Tensor> {
-            vb.get(shape, name).map_err(|e| AdapterError::model(dir, format!("tensor {name}: {e}")))
+            vb.get(shape, name).map_err(|e| RuntimeError::model(dir, format!("tensor {name}: {e}")))
         };
         let get1 = |name: &str, n: usize| -> Result<Tensor> {
-            vb.get(n, name).map_err(|e| AdapterError::model(dir, format!("tensor {name}: {e}")))
+            vb.get(n, name).map_err(|e| RuntimeError::model(dir, format!("tensor {name}: {e}")))
         };
         let embed = get("model.embed_tokens.weight", (config.vocab_size, hidden))?;
         let mut blocks = Vec::with_capacity(config.num_layers);

@@ -8,12 +8,13 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use adapters::peft::{CONFIG_FILE, WEIGHTS_FILE};
+use adapters::{AdapterConfig, AdapterError, BaseModelShape, LoraModule, LoraPart, LoraTensorKey};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 
-use crate::error::{AdapterError, Result};
 use crate::frozen::FrozenLinear;
-use crate::peft::{AdapterConfig, BaseModelShape, LoraModule, LoraPart, LoraTensorKey, CONFIG_FILE, WEIGHTS_FILE};
+use crate::kernels::{axpy, dot, to_bf16_bits, Served, PANEL};
 
 /// The frozen weight of a linear layer, `[out, in]`.
 #[derive(Debug, Clone)]
@@ -154,51 +155,6 @@ impl std::str::FromStr for LoraDtype {
     }
 }
 
-/// The bf16 bit pattern nearest to `v` (ties to even; NaN stays NaN).
-pub fn to_bf16_bits(v: f32) -> u16 {
-    half::bf16::from_f32(v).to_bits()
-}
-
-/// A pair's served weights, in the precision chosen at load.
-#[derive(Debug, Clone, Copy)]
-pub enum Served<'a> {
-    F32(&'a [f32]),
-    Bf16(&'a [u16]),
-}
-
-impl Served<'_> {
-    /// Address of the data: equal for two views of the same weights.
-    pub fn as_ptr(&self) -> *const u8 {
-        match self {
-            Served::F32(v) => v.as_ptr().cast(),
-            Served::Bf16(v) => v.as_ptr().cast(),
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        match self {
-            Served::F32(v) => v.len(),
-            Served::Bf16(v) => v.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Element `i` as f32 (exact for bf16).
-    pub fn get(&self, i: usize) -> f32 {
-        use crate::kernels::Weight;
-        match self {
-            Served::F32(v) => v[i],
-            Served::Bf16(v) => v[i].f32(),
-        }
-    }
-}
-
-/// Output columns per panel of a served pair's `scale·Bᵀ` (one 8-lane vector).
-pub const PANEL: usize = 8;
-
 /// Up to this many rows, the delta is computed with plain loops rather than candle matmuls.
 const SMALL_ROWS: usize = 4;
 
@@ -304,11 +260,11 @@ impl LoraPair {
         for i in 0..n {
             let xi = &x[i * inp..(i + 1) * inp];
             for (j, tj) in t.iter_mut().enumerate() {
-                *tj = crate::kernels::dot(&f.a_v[j * inp..(j + 1) * inp], xi);
+                *tj = dot(&f.a_v[j * inp..(j + 1) * inp], xi);
             }
             let dst = &mut y[i * ldy + col0..i * ldy + col0 + out];
             for (j, &tj) in t.iter().enumerate() {
-                crate::kernels::axpy(tj, &f.bt_v[j * out..(j + 1) * out], dst);
+                axpy(tj, &f.bt_v[j * out..(j + 1) * out], dst);
             }
         }
     }
@@ -423,26 +379,32 @@ impl AdapterWeights {
         self.layers.len()
     }
 
-    /// Loads a PEFT directory that already passed validation against `shape`.
-    pub fn load_peft_dir(dir: &Path, shape: &BaseModelShape, device: &Device) -> Result<Self> {
+    /// Loads a PEFT directory that already passed validation against `shape`. Its errors are
+    /// the adapter format's: files that do not load are a bad adapter, not a runtime failure.
+    pub fn load_peft_dir(dir: &Path, shape: &BaseModelShape, device: &Device) -> adapters::Result<Self> {
         Self::load_peft_dir_as(dir, shape, device, LoraDtype::F32)
     }
 
     /// [`Self::load_peft_dir`], served in `dtype`.
-    pub fn load_peft_dir_as(dir: &Path, shape: &BaseModelShape, device: &Device, dtype: LoraDtype) -> Result<Self> {
-        let config_bytes =
-            std::fs::read(dir.join(CONFIG_FILE)).map_err(|e| AdapterError::io(dir.join(CONFIG_FILE), e))?;
+    pub fn load_peft_dir_as(
+        dir: &Path,
+        shape: &BaseModelShape,
+        device: &Device,
+        dtype: LoraDtype,
+    ) -> adapters::Result<Self> {
+        let config_bytes = std::fs::read(dir.join(CONFIG_FILE))
+            .map_err(|source| AdapterError::Io { path: dir.join(CONFIG_FILE), source })?;
         let config = AdapterConfig::from_json(&config_bytes)?;
         let scale = config.scale();
         let path = dir.join(WEIGHTS_FILE);
-        let tensors = candle_core::safetensors::load(&path, device)
-            .map_err(|e| AdapterError::invalid(format!("{}: {e}", path.display())))?;
+        let tensors =
+            candle_core::safetensors::load(&path, device).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
         let mut a_parts: HashMap<(usize, LoraModule), Tensor> = HashMap::new();
         let mut b_parts: HashMap<(usize, LoraModule), Tensor> = HashMap::new();
         for (name, t) in tensors {
-            let key = LoraTensorKey::parse(&name)
-                .ok_or_else(|| AdapterError::invalid(format!("tensor {name} is not a LoRA weight")))?;
-            let t = t.to_dtype(DType::F32).map_err(|e| AdapterError::invalid(format!("tensor {name}: {e}")))?;
+            let key =
+                LoraTensorKey::parse(&name).ok_or_else(|| invalid(format!("tensor {name} is not a LoRA weight")))?;
+            let t = t.to_dtype(DType::F32).map_err(|e| invalid(format!("tensor {name}: {e}")))?;
             match key.part {
                 LoraPart::A => a_parts.insert((key.layer, key.module), t),
                 LoraPart::B => b_parts.insert((key.layer, key.module), t),
@@ -450,15 +412,20 @@ impl AdapterWeights {
         }
         let mut pairs = Vec::with_capacity(a_parts.len());
         for ((layer, module), a) in a_parts {
-            let b = b_parts.remove(&(layer, module)).ok_or_else(|| {
-                AdapterError::invalid(format!("layer {layer} {} has lora_A without lora_B", module.name()))
-            })?;
+            let b = b_parts
+                .remove(&(layer, module))
+                .ok_or_else(|| invalid(format!("layer {layer} {} has lora_A without lora_B", module.name())))?;
             let pair = LoraPair::frozen_as(a, b, scale, dtype)
-                .map_err(|e| AdapterError::invalid(format!("layer {layer} {}: {e}", module.name())))?;
+                .map_err(|e| invalid(format!("layer {layer} {}: {e}", module.name())))?;
             pairs.push((layer, module, pair));
         }
         Ok(Self::from_pairs(shape.num_layers, pairs))
     }
+}
+
+/// The format's error for adapter files that do not load.
+fn invalid(reason: String) -> AdapterError {
+    AdapterError::InvalidAdapter { reason }
 }
 
 #[cfg(test)]

@@ -1,9 +1,9 @@
 //! LoRA served per row equals the base model with the adapter merged into its weights.
 
-use adapters::llama::{Llama, Row, SeqCache};
-use adapters::lora::AdapterWeights;
-use adapters::testing::{write_random_adapter, write_tiny_llama};
 use candle_core::{Device, Tensor};
+use runtime::llama::{Llama, Row, SeqCache};
+use runtime::lora::AdapterWeights;
+use runtime::testing::{write_random_adapter, write_tiny_llama};
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()

@@ -4,12 +4,10 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use adapters::{write_adapter_dir, AdapterConfig, BaseModelShape, LoraModule, LoraPart, LoraTensorKey, TargetModules};
 use candle_core::{Device, Tensor};
 
-use crate::error::{AdapterError, Result};
-use crate::peft::{
-    write_adapter_dir, AdapterConfig, BaseModelShape, LoraModule, LoraPart, LoraTensorKey, TargetModules,
-};
+use crate::error::{Result, RuntimeError};
 
 /// The shape of the model [`write_tiny_llama`] writes.
 pub fn tiny_llama_shape() -> BaseModelShape {
@@ -49,7 +47,7 @@ pub fn write_tiny_llama(dir: &Path, seed: u64) -> Result<BaseModelShape> {
 /// get, and at 0.3 a tiny model cannot make any token much more likely than the rest.
 pub fn write_tiny_llama_with_head(dir: &Path, seed: u64, head_scale: f32) -> Result<BaseModelShape> {
     let shape = tiny_llama_shape();
-    std::fs::create_dir_all(dir).map_err(|e| AdapterError::io(dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| RuntimeError::io(dir, e))?;
     let mut vocab: Vec<String> = vec!["<unk>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
     vocab.extend(WORDS.split(' ').map(str::to_owned));
     let vocab_size = vocab.len();
@@ -127,7 +125,7 @@ pub fn write_tiny_llama_with_head(dir: &Path, seed: u64, head_scale: f32) -> Res
     {
         let path = dir.join(name);
         std::fs::write(&path, serde_json::to_vec_pretty(&value).unwrap_or_default())
-            .map_err(|e| AdapterError::io(&path, e))?;
+            .map_err(|e| RuntimeError::io(&path, e))?;
     }
     Ok(shape)
 }

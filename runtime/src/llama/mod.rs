@@ -9,6 +9,7 @@ mod load;
 mod prefix;
 mod runtime;
 
+use adapters::{BaseModelShape, LoraModule};
 use candle_core::{Device, IndexOp, Tensor, D};
 use candle_nn::kv_cache::KvCache as CandleKvCache;
 
@@ -16,7 +17,6 @@ use crate::error::Result;
 use crate::frozen::FrozenLinear;
 use crate::kernels::QMatrix;
 use crate::lora::{AdapterWeights, BaseWeight, LoraLinear, RowGroup};
-use crate::peft::{BaseModelShape, LoraModule};
 
 pub use chat::{ChatModel, ChatTemplate, Role};
 pub use load::{load_gguf_tokenizer, GgufMeta};

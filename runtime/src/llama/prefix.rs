@@ -12,7 +12,7 @@
 
 use std::sync::{Arc, Weak};
 
-use super::runtime::KvCache;
+use super::KvCache;
 use crate::lora::AdapterWeights;
 
 /// The KV of recent token sequences within a memory budget, least recently used out first.

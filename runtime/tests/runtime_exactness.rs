@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use adapters::llama::{KvCache, Llama, PrefixCache, Runtime, SeqInput, Workspace};
-use adapters::lora::AdapterWeights;
-use adapters::testing::{write_random_adapter, write_tiny_llama};
 use candle_core::{Device, Tensor};
+use runtime::llama::{KvCache, Llama, PrefixCache, Runtime, SeqInput, Workspace};
+use runtime::lora::AdapterWeights;
+use runtime::testing::{write_random_adapter, write_tiny_llama};
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -188,8 +188,9 @@ fn neighbours_on_one_adapter_share_its_terms_and_stay_exact() {
 
 #[test]
 fn bf16_served_weights_are_exact_for_bf16_values_and_close_otherwise() {
-    use adapters::lora::{to_bf16_bits, LoraDtype, LoraPair};
     use adapters::peft::LoraModule;
+    use runtime::kernels::to_bf16_bits;
+    use runtime::lora::{LoraDtype, LoraPair};
     let s = setup();
     let layers = s.runtime.config.num_layers;
     let round = |t: &Tensor| {

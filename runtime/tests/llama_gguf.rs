@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use adapters::llama::{argmax, Llama, Row, SeqCache};
 use candle_core::Tensor;
+use runtime::llama::{argmax, Llama, Row, SeqCache};
 
 fn model_path() -> PathBuf {
     let path = std::env::var_os("SWITCHYARD_TEST_MODEL")
@@ -112,7 +112,7 @@ fn greedy_candle(model: &Llama, ids: &[u32], steps: usize) -> (Vec<u32>, Vec<f32
 /// dense candle path decodes, and its logits differ only by summation order.
 #[test]
 fn packed_runtime_decodes_like_the_dense_reference() {
-    use adapters::llama::{KvCache, Runtime, SeqInput, Workspace};
+    use runtime::llama::{KvCache, Runtime, SeqInput, Workspace};
     let (model, _, tokenizer) = Llama::from_gguf(&model_path()).expect("load");
     let runtime = Runtime::from_llama(&model, 0).unwrap();
     assert!(

@@ -1092,7 +1092,7 @@ scaled_kernels!(
 /// One whole LoRA panel added to `rows` output rows: `out[i·ldy + c] += Σ_j t[i·rank + j] ·
 /// wide[j·8 + c]` for `c < 8`, with `wide` the panel widened to f32. Even and odd `j` go to
 /// separate accumulators, odd ranks end on the even one, and the two are summed before the
-/// addition: the order [`super::add_term`]'s portable code keeps, so the sums are bit for
+/// addition: the order [`super::low_rank::add_term`]'s portable code keeps, so the sums are bit for
 /// bit the same. Two rows at a time keep four FMA chains in flight; the accumulators stay in
 /// registers (the portable code's arrays of accumulators went through the stack, and reading
 /// them back in other widths stalled store forwarding: half of `add_low_rank`'s time on
