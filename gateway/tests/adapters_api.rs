@@ -182,7 +182,7 @@ async fn versions_aliases_promote_rollback_and_restart() {
 async fn extractor_errors_come_in_the_openai_shape() {
     let root = tempfile::tempdir().unwrap();
     let model = root.path().join("tiny-llama");
-    adapters::testing::write_tiny_llama(&model, 5).unwrap();
+    runtime::testing::write_tiny_llama(&model, 5).unwrap();
     let imports = root.path().join("imports");
     std::fs::create_dir_all(&imports).unwrap();
     let server = start(&model, &root.path().join("data"), &imports);

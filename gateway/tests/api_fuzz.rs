@@ -19,7 +19,7 @@ fn the_served_spec_holds_under_a_schema_driven_fuzzer() {
     };
     let root = tempfile::tempdir().unwrap();
     let model = root.path().join("tiny-llama");
-    adapters::testing::write_tiny_llama(&model, 5).unwrap();
+    runtime::testing::write_tiny_llama(&model, 5).unwrap();
     let imports = root.path().join("imports");
     std::fs::create_dir_all(&imports).unwrap();
     let args: Vec<String> = [

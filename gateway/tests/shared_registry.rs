@@ -32,10 +32,10 @@ struct Setup {
 fn setup() -> Setup {
     let root = tempfile::tempdir().unwrap();
     let model = root.path().join("tiny-llama");
-    let shape = adapters::testing::write_tiny_llama(&model, 5).unwrap();
+    let shape = runtime::testing::write_tiny_llama(&model, 5).unwrap();
     let imports = root.path().join("imports");
     for k in 0..VARIANTS {
-        adapters::testing::write_random_adapter(&imports.join(format!("v{k}")), &shape, 2, 100 + k, false).unwrap();
+        runtime::testing::write_random_adapter(&imports.join(format!("v{k}")), &shape, 2, 100 + k, false).unwrap();
     }
     let rows: String =
         (0..20).map(|i| format!("{}\n", json!({"instruction": format!("say {i}"), "output": "paris"}))).collect();
