@@ -11,9 +11,10 @@ use serde::Deserialize;
 
 use crate::auth::{Principal, Role};
 use crate::error::ApiError;
+use crate::extract::read_json;
 #[allow(unused_imports)]
 use crate::openai::ErrorResponse;
-use crate::server::{read_json, AppState};
+use crate::state::AppState;
 
 /// The one admin check, for every admin route (adapters, feedback review, training jobs).
 /// The middleware has already compared the bootstrap token (in constant time) and verified any

@@ -5,12 +5,13 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
+use crate::extract::{caller, read_json};
 #[allow(unused_imports)]
 use crate::feedback::FeedbackRecord;
 use crate::feedback::{ReviewStatus, Reviewed, Thumbs};
 #[allow(unused_imports)]
 use crate::openai::ErrorResponse;
-use crate::server::{caller, read_json, AppState};
+use crate::state::AppState;
 
 /// Most tags on one feedback record, and longest tag.
 const MAX_TAGS: usize = 32;

@@ -10,9 +10,10 @@ use finetune::jobs::{DatasetRef, JobStatus, JobStore};
 use serde::Deserialize;
 
 use crate::error::ApiError;
+use crate::extract::read_json;
 #[allow(unused_imports)]
 use crate::openai::ErrorResponse;
-use crate::server::{read_json, AppState};
+use crate::state::AppState;
 
 /// The errors every job route answers with.
 #[derive(utoipa::IntoResponses)]
@@ -133,7 +134,7 @@ pub(crate) async fn create(
             DatasetRef::File { path }
         }
     };
-    let who = crate::server::caller(&req).sub;
+    let who = crate::extract::caller(&req).sub;
     let store = store(&state);
     let (adapter, margin) = (body.adapter, body.promote_margin);
     let status = web::block(move || store.create(&adapter, dataset, params, margin, &who))

@@ -16,17 +16,21 @@ pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod extract;
 pub mod feedback;
 pub mod feedback_api;
 pub mod feedback_stream;
 pub mod finetune_api;
 pub mod limits;
 pub mod metrics;
+pub mod middleware;
 pub mod openai;
 pub mod openapi_doc;
 pub mod replicas;
 pub mod respond;
+pub mod routes;
 pub mod server;
+pub mod state;
 pub mod validate;
 
 /// Starts logging to stderr in the configured format; `RUST_LOG` overrides the level.

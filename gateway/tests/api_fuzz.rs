@@ -14,7 +14,9 @@ const TOKEN: &str = "fuzz-admin-token";
 #[test]
 fn the_served_spec_holds_under_a_schema_driven_fuzzer() {
     let Some(st) = std::env::var_os("SWITCHYARD_TEST_SCHEMATHESIS") else {
-        eprintln!("the fuzzer did not run: set SWITCHYARD_TEST_SCHEMATHESIS to schemathesis's `st` (scripts/test.sh does)");
+        eprintln!(
+            "the fuzzer did not run: set SWITCHYARD_TEST_SCHEMATHESIS to schemathesis's `st` (scripts/test.sh does)"
+        );
         return;
     };
     let root = tempfile::tempdir().unwrap();
@@ -57,5 +59,9 @@ fn the_served_spec_holds_under_a_schema_driven_fuzzer() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     println!("{stdout}");
-    assert!(output.status.success(), "schemathesis found problems:\n{stdout}\n{stderr}\nserver log:\n{}", server.stderr());
+    assert!(
+        output.status.success(),
+        "schemathesis found problems:\n{stdout}\n{stderr}\nserver log:\n{}",
+        server.stderr()
+    );
 }

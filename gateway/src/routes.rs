@@ -1,0 +1,280 @@
+//! The OpenAI-compatible routes and the operational ones (health, readiness, metrics, models,
+//! tokenize, the spec and its UI): thin handlers that validate, admit and respond.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use utoipa::OpenApi;
+
+use crate::engine::Prompt;
+use crate::error::ApiError;
+use crate::extract::{caller, read_json};
+#[allow(unused_imports)]
+use crate::openai::{ChatCompletionChunk, ChatCompletionResponse, CompletionResponse, ErrorResponse};
+use crate::openai::{
+    ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
+};
+use crate::respond::{self, Envelope, Kind};
+use crate::state::AppState;
+use crate::validate::{self, Validated};
+
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "openai",
+    request_body = ChatCompletionRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The answer: one JSON object, or with `stream: true` server-sent events (`data: {chunk}` lines ending with `data: [DONE]`)", content((ChatCompletionResponse = "application/json"), (ChatCompletionChunk = "text/event-stream"))),
+        GenerationErrors
+    )
+)]
+pub(crate) async fn chat_completions(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let wire: ChatCompletionRequest = read_json(&req, payload, state.body_limit).await?;
+    answer(&state, &req, Kind::Chat, validate::chat(wire, state.limits)?).await
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    tag = "openai",
+    request_body = CompletionRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The completion: one JSON object, or with `stream: true` server-sent events of the same shape ending with `data: [DONE]`", content((CompletionResponse = "application/json"), (CompletionResponse = "text/event-stream"))),
+        GenerationErrors
+    )
+)]
+pub(crate) async fn completions(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let wire: CompletionRequest = read_json(&req, payload, state.body_limit).await?;
+    answer(&state, &req, Kind::Text, validate::completion(wire, state.limits)?).await
+}
+
+/// The errors every generation route answers with, documented once for the OpenAPI spec.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum GenerationErrors {
+    #[response(status = 400, description = "Invalid request", example = json!({"error": {"message": "messages must contain at least one message", "type": "invalid_request_error", "param": "messages", "code": "invalid_value"}}))]
+    Invalid(ErrorResponse),
+    #[response(status = 401, description = "Missing or invalid bearer token", example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}}))]
+    Unauthorized(ErrorResponse),
+    #[response(status = 404, description = "Unknown model or adapter", example = json!({"error": {"message": "The model `gpt-9` does not exist or you do not have access to it.", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}))]
+    UnknownModel(ErrorResponse),
+    #[response(status = 413, description = "Body over the limit", example = json!({"error": {"message": "request body is larger than the limit of 4194304 bytes", "type": "invalid_request_error", "param": null, "code": "payload_too_large"}}))]
+    TooLarge(ErrorResponse),
+    #[response(status = 429, description = "Rate or concurrency limit reached (see Retry-After and x-ratelimit-* headers)", example = json!({"error": {"message": "rate limit reached for requests per minute; retry after the reset time", "type": "rate_limit_error", "param": null, "code": "rate_limit_exceeded"}}))]
+    Limited(ErrorResponse),
+    #[response(status = 503, description = "Model not loaded yet, or draining", example = json!({"error": {"message": "the model is not loaded yet", "type": "server_error", "param": null, "code": "model_not_ready"}}))]
+    NotReady(ErrorResponse),
+}
+
+async fn answer(state: &AppState, req: &HttpRequest, kind: Kind, v: Validated) -> Result<HttpResponse, ApiError> {
+    use actix_web::HttpMessage;
+    let caller = caller(req);
+    // The verdict rides on the request so that the outer middleware can add the headers to
+    // whatever answer this becomes, a 429 included.
+    let verdict = state.limiter.admit(&caller).await.map_err(|(e, verdict)| {
+        req.extensions_mut().insert(verdict);
+        e
+    })?;
+    req.extensions_mut().insert(verdict);
+    let slot = if v.stream { state.limiter.stream_slot(&caller)? } else { None };
+    let draft = crate::feedback::Draft {
+        tenant: caller.tenant.clone(),
+        sub: caller.sub.clone(),
+        prompt: match &v.generation.prompt {
+            Prompt::Chat(messages) => serde_json::Value::Array(
+                messages.iter().map(|m| serde_json::json!({"role": m.role.as_str(), "content": m.content})).collect(),
+            ),
+            Prompt::Text(t) => serde_json::Value::String(t.clone()),
+        },
+        params: {
+            let s = &v.generation.sampling;
+            serde_json::json!({
+                "max_tokens": v.generation.max_tokens, "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed,
+                "stop": s.stop, "frequency_penalty": s.frequency_penalty, "presence_penalty": s.presence_penalty,
+            })
+        },
+    };
+    let mut running = state.admit(&v.model, &caller, v.generation).await?;
+    running.log = Some((state.feedback.clone(), draft));
+    req.extensions_mut().insert(running.served.clone());
+    running.limits = Some((state.limiter.clone(), caller, slot));
+    let envelope = Envelope::new(kind, v.model);
+    if v.stream {
+        Ok(respond::streamed(envelope, running, v.include_usage))
+    } else {
+        respond::whole(envelope, running).await
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "openai",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The base model and every adapter name that routes", body = ModelList),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}}))
+    )
+)]
+pub(crate) async fn list_models(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let caller = caller(&req);
+    let mut data = Vec::new();
+    if let Some(engine) = state.engine.get() {
+        let info = engine.info();
+        let card = |id: String, created: u64, parent: Option<String>, version: Option<u64>| ModelCard {
+            id,
+            object: "model".into(),
+            created,
+            owned_by: "switchyard".into(),
+            max_model_len: info.context_len,
+            parent,
+            version,
+        };
+        data.push(card(info.id.clone(), info.created, None, None));
+        if let Some(registry) = state.registry() {
+            for adapter in registry.list() {
+                let parent = Some(info.id.clone());
+                for (alias, a) in &adapter.aliases {
+                    let created = adapter.versions.iter().find(|m| m.version == a.version).map_or(0, |m| m.created);
+                    if alias == adapters::registry::DEFAULT_ALIAS {
+                        data.push(card(adapter.name.clone(), created, parent.clone(), Some(a.version)));
+                    }
+                    data.push(card(format!("{}@{alias}", adapter.name), created, parent.clone(), Some(a.version)));
+                }
+                for m in &adapter.versions {
+                    data.push(card(
+                        format!("{}@{}", adapter.name, m.version),
+                        m.created,
+                        parent.clone(),
+                        Some(m.version),
+                    ));
+                }
+            }
+        }
+    }
+    data.retain(|card| caller.may_use(&card.id));
+    Ok(HttpResponse::Ok().json(ModelList { object: "list".into(), data }))
+}
+
+#[utoipa::path(
+    post,
+    path = "/tokenize",
+    tag = "openai",
+    request_body = TokenizeRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Token ids as the model will see them", body = TokenizeResponse),
+        (status = 400, description = "Invalid request", body = ErrorResponse, example = json!({"error": {"message": "messages must contain at least one message", "type": "invalid_request_error", "param": "messages", "code": "invalid_value"}})),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
+        (status = 404, description = "Unknown model or adapter", body = ErrorResponse, example = json!({"error": {"message": "The model `gpt-9` does not exist or you do not have access to it.", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}))
+    )
+)]
+pub(crate) async fn tokenize(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let wire: TokenizeRequest = read_json(&req, payload, state.body_limit).await?;
+    let engine = state.engine_for(&wire.model, &caller(&req))?;
+    let prompt = match (wire.prompt, wire.messages) {
+        (Some(p), None) => Prompt::Text(p),
+        (None, Some(messages)) => {
+            let chat = ChatCompletionRequest {
+                model: wire.model,
+                messages,
+                max_completion_tokens: None,
+                sampling: Default::default(),
+                extra: Default::default(),
+            };
+            validate::chat(chat, state.limits)?.generation.prompt
+        }
+        _ => return Err(ApiError::invalid("give exactly one of prompt or messages", Some("prompt".into()))),
+    };
+    let tokens = engine.tokenize(&prompt).await?;
+    Ok(HttpResponse::Ok().json(TokenizeResponse {
+        count: tokens.len(),
+        max_model_len: engine.info().context_len,
+        tokens,
+    }))
+}
+
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The process is alive", body = Object, example = json!({"status": "ok"}))
+    )
+)]
+pub(crate) async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The model is loaded and the gateway is not draining", body = Object, example = json!({"status": "ready"})),
+        (status = 503, description = "Model not loaded yet, or draining", body = ErrorResponse, example = json!({"error": {"message": "the model is not loaded yet", "type": "server_error", "param": null, "code": "model_not_ready"}}))
+    )
+)]
+pub(crate) async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    if state.is_ready() {
+        Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready"})))
+    } else {
+        Err(ApiError::NotReady)
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain")
+    )
+)]
+pub(crate) async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
+}
+
+async fn openapi_json() -> HttpResponse {
+    HttpResponse::Ok().content_type("application/json").body(crate::openapi_doc::spec_json())
+}
+
+async fn docs_redirect() -> HttpResponse {
+    HttpResponse::Found().insert_header(("Location", "/docs/")).finish()
+}
+
+pub(crate) async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound { message: format!("no route for {} {}", req.method(), req.path()) })
+}
+
+/// Registers every route on an app; shared by the server and tests.
+/// The API routes; `/metrics` among them unless it has its own listen address.
+pub fn routes(cfg: &mut web::ServiceConfig, metrics_here: bool) {
+    if metrics_here {
+        cfg.route("/metrics", web::get().to(metrics));
+    }
+    cfg.route("/v1/chat/completions", web::post().to(chat_completions))
+        .route("/v1/completions", web::post().to(completions))
+        .route("/v1/models", web::get().to(list_models))
+        .route("/tokenize", web::post().to(tokenize))
+        .route("/health", web::get().to(health))
+        .route("/ready", web::get().to(ready))
+        .route("/openapi.json", web::get().to(openapi_json))
+        .service(
+            utoipa_swagger_ui::SwaggerUi::new("/docs/{_:.*}")
+                .url("/docs/openapi.json", crate::openapi_doc::ApiDoc::openapi()),
+        )
+        .route("/docs", web::get().to(docs_redirect));
+}

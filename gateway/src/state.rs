@@ -1,0 +1,242 @@
+//! `AppState`, everything handlers share, built once before the server starts: the engine and
+//! registry, admission (one slot per running generation), authentication of a request, and the
+//! resolution of a `model` string to the base or one adapter version.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use tokio::sync::Semaphore;
+
+use crate::adapter_cache::AdapterCache;
+use crate::auth::{Principal, Role};
+use crate::config::Settings;
+use crate::engine::{AdapterHandle, Engine, GenerationRequest};
+use crate::error::ApiError;
+use crate::limits::Limiter;
+use crate::metrics::Metrics;
+use crate::respond::{Running, Served};
+use crate::validate::RequestLimits;
+
+/// Everything handlers share; built once before the server starts.
+pub struct AppState {
+    pub(crate) engine: OnceLock<Arc<dyn Engine>>,
+    /// Opened once the engine is loaded, when it can serve adapters.
+    registry: OnceLock<(Arc<adapters::Registry>, AdapterCache)>,
+    pub admin_token: Option<String>,
+    pub import_root: Option<std::path::PathBuf>,
+    pub(crate) data_dir: std::path::PathBuf,
+    adapter_cache_bytes: usize,
+    lora_dtype: runtime::lora::LoraDtype,
+    /// `None`: auth switched off explicitly.
+    auth: Option<Arc<crate::auth::Authenticator>>,
+    pub limiter: Arc<Limiter>,
+    /// Set once Redis is reachable, when one is configured.
+    announcer: OnceLock<crate::replicas::Announcer>,
+    admission: Arc<Semaphore>,
+    draining: AtomicBool,
+    pub limits: RequestLimits,
+    pub body_limit: usize,
+    pub model_id: String,
+    pub metrics: Arc<Metrics>,
+    pub feedback: Arc<crate::feedback::FeedbackStore>,
+}
+
+impl AppState {
+    pub fn new(settings: &Settings) -> std::io::Result<Self> {
+        let metrics = Arc::new(Metrics::new());
+        let feedback = crate::feedback::FeedbackStore::open(
+            &settings.data_dir.join("feedback"),
+            settings.feedback_log,
+            settings.feedback_rotate_bytes,
+        )?;
+        Ok(Self {
+            feedback: Arc::new(feedback),
+            engine: OnceLock::new(),
+            registry: OnceLock::new(),
+            admin_token: settings.admin_token.clone(),
+            import_root: settings.import_root.clone(),
+            data_dir: settings.data_dir.clone(),
+            adapter_cache_bytes: settings.adapter_cache_bytes,
+            lora_dtype: settings.lora_dtype,
+            announcer: OnceLock::new(),
+            auth: settings.auth.clone(),
+            limiter: Arc::new(Limiter::new(
+                settings.limits,
+                settings.redis.clone(),
+                settings.redis_failure,
+                metrics.clone(),
+            )),
+            admission: Arc::new(Semaphore::new(settings.max_concurrent)),
+            draining: AtomicBool::new(false),
+            limits: RequestLimits { max_tokens: settings.max_tokens, max_messages: settings.max_messages },
+            body_limit: settings.body_limit,
+            model_id: settings.model_id.clone(),
+            metrics,
+        })
+    }
+
+    /// Installs the loaded engine (and, when it serves adapters, opens the registry); from
+    /// now on `/ready` answers 200.
+    pub fn set_engine(&self, engine: Arc<dyn Engine>) -> Result<(), adapters::AdapterError> {
+        if let Some(shape) = engine.adapter_shape() {
+            let mut shape = shape.clone();
+            shape.name = self.model_id.clone();
+            let registry =
+                adapters::Registry::open(self.data_dir.join("registry"), shape.clone(), adapters::Limits::default())?;
+            let _ = self.registry.set((
+                Arc::new(registry),
+                AdapterCache::new(self.adapter_cache_bytes, shape, self.lora_dtype, self.metrics.clone()),
+            ));
+        }
+        let _ = self.engine.set(engine);
+        Ok(())
+    }
+
+    /// Tells the other replicas that `adapter` changed (nothing to do without Redis).
+    pub async fn announce(&self, adapter: &str) {
+        if let Some(a) = self.announcer.get() {
+            a.announce(adapter).await;
+        }
+    }
+
+    /// With Redis: follow other replicas' changes, and connect the announcer (retrying in the
+    /// background while Redis is unreachable).
+    pub(crate) fn share_registry(self: &Arc<Self>, client: redis::Client) {
+        let Some(registry) = self.registry() else { return };
+        crate::replicas::follow(client.clone(), registry);
+        let state = self.clone();
+        tokio::spawn(async move {
+            let mut backoff = std::time::Duration::from_millis(100);
+            loop {
+                match crate::replicas::Announcer::connect(&client).await {
+                    Ok(a) => {
+                        let _ = state.announcer.set(a);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "Redis unreachable for registry announcements")
+                    }
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+            }
+        });
+    }
+
+    /// Whether callers authenticate with JWTs or API keys (rather than all being anonymous).
+    pub fn has_auth(&self) -> bool {
+        self.auth.is_some()
+    }
+
+    pub fn registry(&self) -> Option<Arc<adapters::Registry>> {
+        self.registry.get().map(|(r, _)| r.clone())
+    }
+
+    /// Who is calling, for every route but the public ones (`None` there). With auth off every
+    /// caller is an anonymous user; the bootstrap admin token is an admin either way.
+    pub(crate) fn authenticate(&self, req: &actix_web::dev::ServiceRequest) -> Result<Option<Principal>, ApiError> {
+        const PUBLIC: [&str; 5] = ["/health", "/ready", "/metrics", "/openapi.json", "/docs"];
+        let path = req.path();
+        if PUBLIC.iter().any(|p| path == *p || path.starts_with(&format!("{p}/"))) {
+            return Ok(None);
+        }
+        let header = req.headers().get(actix_web::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let bearer = header.and_then(|h| h.strip_prefix("Bearer "));
+        if bearer.zip(self.admin_token.as_deref()).is_some_and(|(given, token)| crate::auth::same_secret(given, token))
+        {
+            return Ok(Some(Principal::plain("bootstrap-admin", "system", Role::Admin)));
+        }
+        let Some(auth) = &self.auth else {
+            return Ok(Some(Principal::plain("anonymous", "default", Role::User)));
+        };
+        let principal = auth.authenticate(header).map_err(|failure| {
+            self.metrics.auth_failures.with_label_values(&[failure.as_str()]).inc();
+            ApiError::Unauthorized
+        })?;
+        if path.starts_with("/admin") && principal.role != Role::Admin {
+            self.metrics.auth_failures.with_label_values(&["not_admin"]).inc();
+            return Err(ApiError::Forbidden { message: "this route needs an admin token".into() });
+        }
+        Ok(Some(principal))
+    }
+
+    /// Resolves `model` to the base alone or to one adapter version, once, at admission. A
+    /// model outside the caller's list is "not found", as if it did not exist.
+    async fn resolve(
+        &self,
+        model: &str,
+        caller: &Principal,
+    ) -> Result<(Arc<dyn Engine>, Option<AdapterHandle>), ApiError> {
+        if !caller.may_use(model) {
+            return Err(ApiError::ModelNotFound { model: model.to_owned() });
+        }
+        let engine = self.engine.get().cloned().ok_or(ApiError::NotReady)?;
+        if model == self.model_id {
+            return Ok((engine, None));
+        }
+        let not_found = || ApiError::ModelNotFound { model: model.to_owned() };
+        let (registry, cache) = self.registry.get().ok_or_else(not_found)?;
+        let manifest = registry.resolve_model(model).map_err(|e| {
+            if e.is_not_found() || e.is_client_error() {
+                not_found()
+            } else {
+                e.into()
+            }
+        })?;
+        let weights =
+            cache.get(&manifest.name, manifest.version, registry.version_dir(&manifest.name, manifest.version)).await?;
+        Ok((engine, Some(AdapterHandle { name: manifest.name, version: manifest.version, weights })))
+    }
+
+    /// From now on `/ready` answers 503, so a load balancer stops sending new requests.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.engine.get().is_some() && !self.draining.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn engine_for(&self, model: &str, caller: &Principal) -> Result<Arc<dyn Engine>, ApiError> {
+        if model != self.model_id || !caller.may_use(model) {
+            return Err(ApiError::ModelNotFound { model: model.to_owned() });
+        }
+        self.engine.get().cloned().ok_or(ApiError::NotReady)
+    }
+
+    /// Takes a concurrency slot (or answers 429) and starts the generation.
+    pub(crate) async fn admit(
+        &self,
+        model: &str,
+        caller: &Principal,
+        mut request: GenerationRequest,
+    ) -> Result<Running, ApiError> {
+        let (engine, adapter) = self.resolve(model, caller).await?;
+        let served = Served {
+            model: engine.info().id.clone(),
+            adapter: adapter.as_ref().map_or(String::new(), |a| format!("{}@{}", a.name, a.version)),
+        };
+        request.adapter = adapter;
+        let permit = self.admission.clone().try_acquire_owned().map_err(|_| {
+            self.metrics.rejected_concurrency.with_label_values(&["concurrency"]).inc();
+            ApiError::RateLimited {
+                message: "too many requests are running; retry shortly".into(),
+                code: "concurrency_limit_exceeded",
+            }
+        })?;
+        let started = Instant::now();
+        let generation = engine.generate(request).await?;
+        self.metrics.active_generations.inc();
+        Ok(Running {
+            generation,
+            _permit: permit,
+            metrics: self.metrics.clone(),
+            model: model.to_owned(),
+            started,
+            limits: None,
+            served,
+            log: None,
+        })
+    }
+}
