@@ -5,9 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use finetune::args::TrainArgs;
 use finetune::error::FinetuneError;
 use finetune::job::{self, CurateArgs, JobInput, Source};
+use protocol::params::TrainArgs;
 
 #[derive(Parser)]
 #[command(

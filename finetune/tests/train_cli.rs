@@ -303,7 +303,7 @@ fn a_cancelled_job_checkpoints_and_a_rerun_finishes_it() {
         base: model.clone(),
         source: Source::File(data.clone()),
         out: out.clone(),
-        args: finetune::args::TrainArgs { max_steps: Some(20), save_steps: Some(0), ..Default::default() },
+        args: protocol::params::TrainArgs { max_steps: Some(20), save_steps: Some(0), ..Default::default() },
         curate: CurateArgs::default(),
         init_adapter: None,
         compare: None,

@@ -4,10 +4,11 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
-use crate::error::ApiError;
 #[allow(unused_imports)]
-use crate::feedback::FeedbackRecord;
-use crate::feedback::{ReviewStatus, Reviewed, Thumbs};
+use protocol::FeedbackRecord;
+use protocol::{ReviewStatus, Reviewed, Thumbs};
+
+use crate::error::ApiError;
 #[allow(unused_imports)]
 use crate::openai::ErrorResponse;
 use crate::server::{caller, read_json, AppState};

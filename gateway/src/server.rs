@@ -56,7 +56,7 @@ impl AppState {
     pub fn new(settings: &Settings) -> std::io::Result<Self> {
         let metrics = Arc::new(Metrics::new());
         let feedback = crate::feedback::FeedbackStore::open(
-            &settings.data_dir.join("feedback"),
+            &settings.data_dir.join(protocol::names::FEEDBACK_DIR),
             settings.feedback_log,
             settings.feedback_rotate_bytes,
         )?;
@@ -585,7 +585,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let state = web::Data::new(AppState::new(&settings).map_err(|e| {
         anyhow::anyhow!(
             "the feedback store under {} cannot be opened: {e}",
-            settings.data_dir.join("feedback").display()
+            settings.data_dir.join(protocol::names::FEEDBACK_DIR).display()
         )
     })?);
     let app_state = state.clone();

@@ -6,9 +6,9 @@
 mod common;
 
 use common::{client, free_port, PrivateRedis, Server};
-use finetune::args::TrainArgs;
 use finetune::job::CurateArgs;
 use finetune::sidecar::SidecarConfig;
+use protocol::params::TrainArgs;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
