@@ -159,7 +159,7 @@ fn main() -> ExitCode {
 }
 
 fn train(cmd: TrainCmd) -> Result<(), FinetuneError> {
-    let job_id = format!("ftjob-{}", uuid::Uuid::new_v4().simple());
+    let job_id = protocol::jobs::new_job_id();
     let gateway = match (cmd.register, &cmd.admin_token) {
         (true, Some(token)) => Some(finetune::register::Gateway::new(&cmd.gateway, token)?),
         (true, None) => {

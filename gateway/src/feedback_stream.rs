@@ -147,7 +147,7 @@ impl SharedFeedback {
             }
         }
         if let Err(e) = self.append_spool(&envelope) {
-            tracing::error!(error = %e, "feedback could not be spooled; it stays in feedback.jsonl");
+            tracing::error!(error = %e, "feedback could not be spooled; it stays in {}", names::FEEDBACK_FILE);
         }
     }
 

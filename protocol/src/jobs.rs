@@ -170,7 +170,7 @@ impl JobStore {
         promote_margin: Option<f64>,
         requested_by: &str,
     ) -> Result<JobStatus, ProtocolError> {
-        let id = format!("{}{}", names::JOB_ID_PREFIX, uuid::Uuid::new_v4().simple());
+        let id = new_job_id();
         let spec = JobSpec {
             id: id.clone(),
             created: now(),
@@ -284,6 +284,11 @@ impl JobStore {
     }
 }
 
+/// A fresh job id: `ftjob-` and 32 hex digits.
+pub fn new_job_id() -> String {
+    format!("{}{}", names::JOB_ID_PREFIX, uuid::Uuid::new_v4().simple())
+}
+
 /// Job ids are `ftjob-` and hex: nothing that could walk out of the jobs directory.
 pub fn valid_id(id: &str) -> bool {
     id.strip_prefix(names::JOB_ID_PREFIX)
@@ -312,5 +317,35 @@ mod tests {
         assert_eq!((spec.id.as_str(), running.state), (a.id.as_str(), JobState::Running));
         assert!(store.claim_next().is_none(), "nothing else is queued");
         assert!(store.cancel(&a.id).unwrap().is_ok() && store.cancel_requested(&a.id));
+        assert!(valid_id(&new_job_id()));
+    }
+
+    #[test]
+    fn the_loss_curve_skips_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::under(dir.path());
+        let job = store.create("bot", DatasetRef::Feedback, TrainArgs::default(), None, "admin").unwrap();
+        let path = store.dir(&job.id).join(names::TRAIN_LOG_FILE);
+        let mut log = crate::jsonl::Appender::open(&path).unwrap();
+        for step in 1..=3 {
+            let line = StepLog {
+                step,
+                total_steps: 3,
+                epoch: 1.0,
+                loss: 1.0,
+                lr: 1e-3,
+                grad_norm: 1.0,
+                tokens: 1,
+                tokens_per_s: 1.0,
+                elapsed_s: 1.0,
+                val_loss: None,
+                reward_accuracy: None,
+            };
+            log.append(&line, crate::jsonl::Durability::Written).unwrap();
+        }
+        std::fs::write(&path, [std::fs::read(&path).unwrap(), b"{\"step\": 4, \xff".to_vec()].concat()).unwrap();
+        let steps: Vec<usize> = store.log_after(&job.id, 1).iter().map(|s| s.step).collect();
+        assert_eq!(steps, [2, 3]);
+        assert!(store.log_after("ftjob-0", 0).is_empty(), "no job, no log");
     }
 }

@@ -323,7 +323,7 @@ mod tests {
     fn directory_join_last_review_wins_and_torn_lines_are_skipped() {
         let dir = tempfile::tempdir().unwrap();
         write_lines(
-            &dir.path().join("feedback.jsonl"),
+            &dir.path().join(names::FEEDBACK_FILE),
             &[
                 feedback("fb-1", "r1", Some("down"), Some("the fix"), 10),
                 feedback("fb-2", "r2", Some("up"), None, 20),
@@ -333,7 +333,7 @@ mod tests {
             "{\"id\": \"fb-torn",
         );
         write_lines(
-            &dir.path().join("reviews.jsonl"),
+            &dir.path().join(names::REVIEWS_FILE),
             &[
                 review("fb-1", "rejected", None),
                 review("fb-1", "accepted", Some("the reviewed fix")),
@@ -345,12 +345,12 @@ mod tests {
             "",
         );
         write_lines(
-            &dir.path().join("completions-0.jsonl"),
+            &dir.path().join(names::completions_file(0)),
             &[completion("r1", chat_prompt("q1"), "wrong"), completion("other", json!("x"), "y")],
             "",
         );
         write_lines(
-            &dir.path().join("completions-1.jsonl"),
+            &dir.path().join(names::completions_file(1)),
             &[completion("r2", json!("raw prompt"), "right")],
             "{\"id\":",
         );
@@ -393,7 +393,7 @@ mod tests {
         view.add_review(review("fb-m", "accepted", None));
         view.add_review(review("fb-r", "accepted", Some("better")));
         view.add_completion("r1".into(), text(chat_prompt("q"), "a"));
-        view.add_completion("r3".into(), text(json!([{"role": "user", "content": "[redacted]"}]), "[redacted]"));
+        view.add_completion("r3".into(), text(json!([{"role": "user", "content": REDACTED}]), REDACTED));
         let out = examples_from_feedback(&view.items(), &FeedbackOptions::default());
         assert!(out.examples.is_empty() && out.range.is_none());
         let drops: Vec<&str> = out.dropped.iter().map(|d| d.reason.code()).collect();
