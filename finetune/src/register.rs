@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use adapters::peft::{CONFIG_FILE, WEIGHTS_FILE};
 use protocol::api::{AdapterListing, AliasChange, ErrorResponse, SetAlias, VersionCreated};
+use protocol::api::{JOB_ID_PART, LINEAGE_PART, METRICS_PART};
 use serde::de::DeserializeOwned;
 
 use crate::error::FinetuneError;
@@ -78,11 +80,11 @@ impl Gateway {
         let part =
             |bytes: Vec<u8>, file: &str| reqwest::blocking::multipart::Part::bytes(bytes).file_name(file.to_owned());
         let form = reqwest::blocking::multipart::Form::new()
-            .part("adapter_config.json", part(read(adapters::peft::CONFIG_FILE)?, "adapter_config.json"))
-            .part("adapter_model.safetensors", part(read(adapters::peft::WEIGHTS_FILE)?, "adapter_model.safetensors"))
-            .part("lineage.json", part(serde_json::to_vec(&result.lineage).unwrap_or_default(), "lineage.json"))
-            .part("metrics.json", part(serde_json::to_vec(&result.metrics).unwrap_or_default(), "metrics.json"))
-            .text("job_id", job_id.to_owned());
+            .part(CONFIG_FILE, part(read(CONFIG_FILE)?, CONFIG_FILE))
+            .part(WEIGHTS_FILE, part(read(WEIGHTS_FILE)?, WEIGHTS_FILE))
+            .part(LINEAGE_PART, part(serde_json::to_vec(&result.lineage).unwrap_or_default(), LINEAGE_PART))
+            .part(METRICS_PART, part(serde_json::to_vec(&result.metrics).unwrap_or_default(), METRICS_PART))
+            .text(JOB_ID_PART, job_id.to_owned());
         let resp = self
             .client
             .post(format!("{}/admin/adapters/{name}/versions", self.base))

@@ -22,6 +22,12 @@ pub struct ErrorDetail {
     pub code: Option<String>,
 }
 
+/// The multipart parts of `POST /admin/adapters/{name}/versions` besides the two PEFT files
+/// (`adapters::peft::CONFIG_FILE`, `adapters::peft::WEIGHTS_FILE`): what a training job adds.
+pub const LINEAGE_PART: &str = "lineage.json";
+pub const METRICS_PART: &str = "metrics.json";
+pub const JOB_ID_PART: &str = "job_id";
+
 /// `POST /admin/adapters/{name}/versions` (201): the version just registered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VersionCreated {
