@@ -60,3 +60,16 @@ impl FinetuneError {
         Self::Io { path: path.into(), source }
     }
 }
+
+/// The shared files' failures keep their variants (and so their codes) here.
+impl From<protocol::ProtocolError> for FinetuneError {
+    fn from(e: protocol::ProtocolError) -> Self {
+        use protocol::ProtocolError as P;
+        match e {
+            P::Io { path, source } => Self::Io { path, source },
+            P::Json { path, line, detail } => Self::Json { path, line, detail },
+            P::EmptyDataset => Self::EmptyDataset,
+            P::UnknownFormat { detail } => Self::UnknownFormat { detail },
+        }
+    }
+}

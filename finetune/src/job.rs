@@ -12,16 +12,15 @@ use runtime::lora::AdapterWeights;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::args::TrainArgs;
 use crate::dataset::{
     self, CurationConfig, CurationReport, DatasetFormat, Example, FeedbackItem, FeedbackOptions, Target,
 };
 use crate::error::FinetuneError;
 use crate::eval::{self, EvalRow, Probe};
 use crate::train::batch::{Batch, Encoder, Seq};
-use crate::train::config::Stage;
 use crate::train::params::LoraParams;
 use crate::train::trainer::{Item, Outcome, Trainer};
+use protocol::params::{Stage, TrainArgs};
 
 /// Fewer curated examples than this is not a dataset worth an adapter version.
 pub const MIN_EXAMPLES: usize = 4;

@@ -5,9 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use finetune::args::TrainArgs;
 use finetune::error::FinetuneError;
 use finetune::job::{self, CurateArgs, JobInput, Source};
+use protocol::params::TrainArgs;
 
 #[derive(Parser)]
 #[command(
@@ -159,7 +159,7 @@ fn main() -> ExitCode {
 }
 
 fn train(cmd: TrainCmd) -> Result<(), FinetuneError> {
-    let job_id = format!("ftjob-{}", uuid::Uuid::new_v4().simple());
+    let job_id = protocol::jobs::new_job_id();
     let gateway = match (cmd.register, &cmd.admin_token) {
         (true, Some(token)) => Some(finetune::register::Gateway::new(&cmd.gateway, token)?),
         (true, None) => {

@@ -5,7 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::Value;
+use adapters::peft::{CONFIG_FILE, WEIGHTS_FILE};
+use protocol::api::{AdapterListing, AliasChange, ErrorResponse, SetAlias, VersionCreated};
+use protocol::api::{JOB_ID_PART, LINEAGE_PART, METRICS_PART};
+use serde::de::DeserializeOwned;
 
 use crate::error::FinetuneError;
 use crate::job::JobResult;
@@ -39,13 +42,16 @@ impl Gateway {
         Ok(Self { base: base.trim_end_matches('/').to_owned(), token: token.to_owned(), client })
     }
 
-    fn check(resp: reqwest::blocking::Response) -> Result<Value, FinetuneError> {
+    /// The success body as `T`, or the gateway's error message.
+    fn read<T: DeserializeOwned>(resp: reqwest::blocking::Response) -> Result<T, FinetuneError> {
         let status = resp.status();
-        let body: Value = resp.json().unwrap_or(Value::Null);
+        let body = resp.bytes().map_err(|e| reg_err(format!("the gateway's answer ({status}) broke off: {e}")))?;
         if status.is_success() {
-            Ok(body)
+            serde_json::from_slice(&body)
+                .map_err(|e| reg_err(format!("the gateway's answer ({status}) is not the expected body: {e}")))
         } else {
-            let message = body["error"]["message"].as_str().unwrap_or("no message").to_owned();
+            let message = serde_json::from_slice::<ErrorResponse>(&body)
+                .map_or_else(|_| String::from_utf8_lossy(&body).into_owned(), |b| b.error.message);
             Err(reg_err(format!("the gateway answered {status}: {message}")))
         }
     }
@@ -61,8 +67,8 @@ impl Gateway {
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
         }
-        let body = Self::check(resp)?;
-        Ok(body["aliases"][alias]["version"].as_u64())
+        let listing: AdapterListing = Self::read(resp)?;
+        Ok(listing.aliases.get(alias).map(|a| a.version))
     }
 
     /// Uploads the adapter with its lineage and metrics as a new version of `name`.
@@ -74,11 +80,11 @@ impl Gateway {
         let part =
             |bytes: Vec<u8>, file: &str| reqwest::blocking::multipart::Part::bytes(bytes).file_name(file.to_owned());
         let form = reqwest::blocking::multipart::Form::new()
-            .part("adapter_config.json", part(read(adapters::peft::CONFIG_FILE)?, "adapter_config.json"))
-            .part("adapter_model.safetensors", part(read(adapters::peft::WEIGHTS_FILE)?, "adapter_model.safetensors"))
-            .part("lineage.json", part(serde_json::to_vec(&result.lineage).unwrap_or_default(), "lineage.json"))
-            .part("metrics.json", part(serde_json::to_vec(&result.metrics).unwrap_or_default(), "metrics.json"))
-            .text("job_id", job_id.to_owned());
+            .part(CONFIG_FILE, part(read(CONFIG_FILE)?, CONFIG_FILE))
+            .part(WEIGHTS_FILE, part(read(WEIGHTS_FILE)?, WEIGHTS_FILE))
+            .part(LINEAGE_PART, part(serde_json::to_vec(&result.lineage).unwrap_or_default(), LINEAGE_PART))
+            .part(METRICS_PART, part(serde_json::to_vec(&result.metrics).unwrap_or_default(), METRICS_PART))
+            .text(JOB_ID_PART, job_id.to_owned());
         let resp = self
             .client
             .post(format!("{}/admin/adapters/{name}/versions", self.base))
@@ -86,19 +92,25 @@ impl Gateway {
             .multipart(form)
             .send()
             .map_err(|e| reg_err(e.to_string()))?;
-        Self::check(resp)?["version"].as_u64().ok_or_else(|| reg_err("the gateway's answer names no version"))
+        Ok(Self::read::<VersionCreated>(resp)?.version)
     }
 
     /// Points `alias` at `version`; with `expected`, only if it still points there.
-    pub fn set_alias(&self, name: &str, alias: &str, version: u64, expected: Option<u64>) -> Result<(), FinetuneError> {
+    pub fn set_alias(
+        &self,
+        name: &str,
+        alias: &str,
+        version: u64,
+        expected: Option<u64>,
+    ) -> Result<AliasChange, FinetuneError> {
         let resp = self
             .client
             .put(format!("{}/admin/adapters/{name}/aliases/{alias}", self.base))
             .bearer_auth(&self.token)
-            .json(&serde_json::json!({"version": version, "expected_version": expected}))
+            .json(&SetAlias { version, expected_version: expected })
             .send()
             .map_err(|e| reg_err(e.to_string()))?;
-        Self::check(resp).map(|_| ())
+        Self::read(resp)
     }
 
     /// Registers the result, points `candidate` at it, and applies the promotion policy: with

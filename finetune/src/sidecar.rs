@@ -4,23 +4,25 @@
 //! gateway), registering each result as `candidate` through the gateway's admin API.
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::args::TrainArgs;
+use protocol::jobs::{now, DatasetRef, JobError, JobSpec, JobState, JobStatus, JobStore};
+use protocol::jsonl::{Appender, Durability};
+use protocol::names::{self, FEEDBACK_STREAM, SIDECAR_CONSUMER, SIDECAR_GROUP, STREAM_FIELD};
+use protocol::params::TrainArgs;
+use protocol::{AnsweredBy, Envelope};
+
 use crate::dataset::{self, FeedbackItem, FeedbackOptions, FeedbackView};
 use crate::error::FinetuneError;
 use crate::job::{self, CurateArgs, JobInput, Source};
-use crate::jobs::{now, DatasetRef, JobError, JobSpec, JobState, JobStatus, JobStore};
 use crate::register::{self, Gateway};
 
-/// The stream the gateway adds feedback and review records to.
-pub const STREAM: &str = "switchyard:feedback";
-/// The sidecar's consumer group on it.
-pub const GROUP: &str = "finetune";
-/// The sidecar's consumer name in that group (one sidecar runs jobs at a time).
-pub const CONSUMER: &str = "finetune-sidecar";
+/// The sidecar's inbox under `<data_dir>/finetune/`: the stream entries it has taken from its
+/// consumer group, each fsynced before it is acknowledged.
+pub const INBOX_FILE: &str = "inbox.jsonl";
+/// Feedback ids already trained into a registered version, under `<data_dir>/finetune/`.
+const TRAINED_FILE: &str = "trained.json";
 
 /// What the sidecar watches and how it trains.
 pub struct SidecarConfig {
@@ -46,34 +48,23 @@ pub struct SidecarConfig {
     pub progress: bool,
 }
 
-/// Feedback read from the Redis stream, kept in an fsynced `inbox.jsonl` before it is
-/// acknowledged: a record is acknowledged only once it is on disk, and a redelivered one
-/// (a crash between the two) is recognised by its id.
+/// Feedback read from the Redis stream, kept in an fsynced inbox before it is acknowledged:
+/// an entry is acknowledged only once it is on disk, and a redelivered one (a crash between
+/// the two) is recognised by its id.
 struct Inbox {
     path: PathBuf,
     view: FeedbackView,
     client: redis::Client,
-    consumer: String,
 }
 
 impl Inbox {
     fn open(dir: &Path, url: &str) -> Result<Self, FinetuneError> {
         std::fs::create_dir_all(dir).map_err(|e| FinetuneError::io(dir, e))?;
-        let path = dir.join("inbox.jsonl");
-        let mut view = FeedbackView::new();
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                if let Ok(v) = serde_json::from_str(line) {
-                    view.add_record(v);
-                }
-            }
-        }
+        let path = dir.join(INBOX_FILE);
+        let view = dataset::read_inbox(&path)?;
         let client =
             redis::Client::open(url).map_err(|e| FinetuneError::Config { detail: format!("--redis-url: {e}") })?;
-        // One stable name: what a crashed sidecar read but never acknowledged stays pending
-        // under it, and the next start reads those entries first.
-        let consumer = CONSUMER.to_owned();
-        Ok(Self { path, view, client, consumer })
+        Ok(Self { path, view, client })
     }
 
     /// Reads what the group has not yet acknowledged (ours from before a crash first, then
@@ -82,8 +73,13 @@ impl Inbox {
     fn pull(&mut self) -> Result<usize, FinetuneError> {
         let rerr = |e: redis::RedisError| FinetuneError::Registry { detail: format!("redis: {e}") };
         let mut conn = self.client.get_connection_with_timeout(Duration::from_secs(2)).map_err(rerr)?;
-        let created: redis::RedisResult<()> =
-            redis::cmd("XGROUP").arg("CREATE").arg(STREAM).arg(GROUP).arg("0").arg("MKSTREAM").query(&mut conn);
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(FEEDBACK_STREAM)
+            .arg(SIDECAR_GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query(&mut conn);
         if let Err(e) = created {
             if e.code() != Some("BUSYGROUP") {
                 return Err(rerr(e));
@@ -94,12 +90,12 @@ impl Inbox {
             loop {
                 let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
                     .arg("GROUP")
-                    .arg(GROUP)
-                    .arg(&self.consumer)
+                    .arg(SIDECAR_GROUP)
+                    .arg(SIDECAR_CONSUMER)
                     .arg("COUNT")
                     .arg(100)
                     .arg("STREAMS")
-                    .arg(STREAM)
+                    .arg(FEEDBACK_STREAM)
                     .arg(start)
                     .query(&mut conn)
                     .map_err(rerr)?;
@@ -107,38 +103,46 @@ impl Inbox {
                 if entries.is_empty() {
                     break;
                 }
-                let mut lines = Vec::new();
+                let mut kept = Vec::new();
                 for entry in &entries {
-                    let Some(json) = entry.get::<String>("record") else { continue };
-                    let Ok(mut value) = serde_json::from_str::<serde_json::Value>(&json) else { continue };
-                    if let Some(rid) = value.get("response_id").and_then(|v| v.as_str()).map(str::to_owned) {
+                    let parsed = entry.get::<String>(STREAM_FIELD).map(|json| Envelope::from_json(&json));
+                    let mut envelope = match parsed {
+                        Some(Ok(envelope)) => envelope,
+                        // Acknowledged all the same: a foreign entry never becomes readable.
+                        Some(Err(e)) => {
+                            tracing::warn!(entry = %entry.id, error = %e, "skipping a stream entry that is not an envelope");
+                            continue;
+                        }
+                        None => {
+                            tracing::warn!(entry = %entry.id, "skipping a stream entry without a `{STREAM_FIELD}` field");
+                            continue;
+                        }
+                    };
+                    if let Envelope::Feedback(feedback) = &mut envelope {
                         let answered: Option<String> = redis::cmd("GET")
-                            .arg(format!("switchyard:response:{rid}"))
+                            .arg(names::response_key(&feedback.record.response_id))
                             .query(&mut conn)
                             .map_err(rerr)?;
-                        let by: Option<serde_json::Value> = answered.and_then(|s| serde_json::from_str(&s).ok());
-                        if let Some(by) = by.filter(|b| b.get("answer").is_some()) {
-                            value["completion"] = serde_json::json!({"prompt": by["prompt"], "answer": by["answer"]});
-                        }
+                        let by = answered.and_then(|s| serde_json::from_str::<AnsweredBy>(&s).ok());
+                        feedback.completion = by.and_then(|b| b.completion());
                     }
-                    lines.push(value);
+                    kept.push(envelope);
                 }
-                let mut file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&self.path)
-                    .map_err(|e| FinetuneError::io(&self.path, e))?;
-                for value in &lines {
-                    let mut line = serde_json::to_vec(value).unwrap_or_default();
-                    line.push(b'\n');
-                    file.write_all(&line).map_err(|e| FinetuneError::io(&self.path, e))?;
+                let mut inbox = Appender::open(&self.path)?;
+                for envelope in &kept {
+                    inbox.append(envelope, Durability::Written)?;
                 }
-                file.sync_data().map_err(|e| FinetuneError::io(&self.path, e))?;
-                for value in lines {
-                    self.view.add_record(value);
+                inbox.sync()?;
+                for envelope in kept {
+                    self.view.add_envelope(envelope);
                 }
                 let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
-                let _: usize = redis::cmd("XACK").arg(STREAM).arg(GROUP).arg(&ids).query(&mut conn).map_err(rerr)?;
+                let _: usize = redis::cmd("XACK")
+                    .arg(FEEDBACK_STREAM)
+                    .arg(SIDECAR_GROUP)
+                    .arg(&ids)
+                    .query(&mut conn)
+                    .map_err(rerr)?;
                 total += entries.len();
                 if start == "0" && entries.len() < 100 {
                     break;
@@ -151,7 +155,7 @@ impl Inbox {
 
 /// Feedback ids already trained into a registered version (per adapter).
 fn trained_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("finetune").join("trained.json")
+    data_dir.join(names::FINETUNE_DIR).join(TRAINED_FILE)
 }
 
 fn load_trained(data_dir: &Path) -> HashSet<String> {
@@ -171,7 +175,7 @@ fn save_trained(data_dir: &Path, ids: &HashSet<String>) -> Result<(), FinetuneEr
 pub fn run(cfg: &SidecarConfig) -> Result<(), FinetuneError> {
     let store = JobStore::under(&cfg.data_dir);
     let mut inbox = match &cfg.redis_url {
-        Some(url) => Some(Inbox::open(&cfg.data_dir.join("finetune"), url)?),
+        Some(url) => Some(Inbox::open(&cfg.data_dir.join(names::FINETUNE_DIR), url)?),
         None => None,
     };
     let gateway = Gateway::new(&cfg.gateway, &cfg.admin_token)?;
@@ -187,7 +191,7 @@ pub fn run(cfg: &SidecarConfig) -> Result<(), FinetuneError> {
                 inbox.view.items()
             }
             None => {
-                let dir = cfg.data_dir.join("feedback");
+                let dir = cfg.data_dir.join(names::FEEDBACK_DIR);
                 if dir.exists() {
                     dataset::read_feedback_dir(&dir)?.items()
                 } else {
@@ -238,7 +242,8 @@ fn run_job(
         DatasetRef::Feedback => Source::Feedback { items: items.to_vec(), options: options.clone() },
         DatasetRef::File { path } => Source::File(path.clone()),
     };
-    let prod = register::alias_dir(&cfg.data_dir.join("registry"), &spec.adapter, adapters::registry::DEFAULT_ALIAS);
+    let prod =
+        register::alias_dir(&cfg.data_dir.join(names::REGISTRY_DIR), &spec.adapter, adapters::registry::DEFAULT_ALIAS);
     let input = JobInput {
         job_id: spec.id.clone(),
         base: cfg.base.clone(),

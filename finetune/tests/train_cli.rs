@@ -111,7 +111,7 @@ fn training_writes_an_adapter_with_its_report_step_log_metrics_and_lineage() {
         (report["format"].as_str(), report["train"].as_u64(), report["val"].as_u64()),
         (Some("alpaca"), Some(270), Some(30))
     );
-    let steps: Vec<serde_json::Value> = std::fs::read_to_string(out.join("train_log.jsonl"))
+    let steps: Vec<serde_json::Value> = std::fs::read_to_string(out.join(protocol::names::TRAIN_LOG_FILE))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -190,7 +190,7 @@ fn a_killed_job_resumes_from_its_checkpoint_to_the_same_adapter() {
     let a = std::fs::read(straight.join("adapter/adapter_model.safetensors")).unwrap();
     let b = std::fs::read(resumed.join("adapter/adapter_model.safetensors")).unwrap();
     assert!(a == b, "the resumed job produced a different adapter");
-    let log_steps: Vec<u64> = std::fs::read_to_string(resumed.join("train_log.jsonl"))
+    let log_steps: Vec<u64> = std::fs::read_to_string(resumed.join(protocol::names::TRAIN_LOG_FILE))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
@@ -284,9 +284,10 @@ fn dpo_on_preference_pairs_prefers_the_chosen_answers() {
     eprintln!("DPO held-out: loss {loss:.4} (ln 2 = 0.6931 before), pairs ranked right {ranked:.3}");
     assert!(loss < 0.3 && ranked >= 0.9, "{candidate}\n{stderr}");
     assert_eq!(json(&out.join("lineage.json"))["stage"], "dpo");
-    let first: serde_json::Value =
-        serde_json::from_str(std::fs::read_to_string(out.join("train_log.jsonl")).unwrap().lines().next().unwrap())
-            .unwrap();
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(out.join(protocol::names::TRAIN_LOG_FILE)).unwrap().lines().next().unwrap(),
+    )
+    .unwrap();
     assert!(first["loss"].as_f64().unwrap() > 0.6, "DPO starts at ln 2: {first}");
 }
 
@@ -303,7 +304,7 @@ fn a_cancelled_job_checkpoints_and_a_rerun_finishes_it() {
         base: model.clone(),
         source: Source::File(data.clone()),
         out: out.clone(),
-        args: finetune::args::TrainArgs { max_steps: Some(20), save_steps: Some(0), ..Default::default() },
+        args: protocol::params::TrainArgs { max_steps: Some(20), save_steps: Some(0), ..Default::default() },
         curate: CurateArgs::default(),
         init_adapter: None,
         compare: None,

@@ -5,15 +5,17 @@
 //!
 //! Files: `completions-<n>.jsonl` (one [`CompletionRecord`] a line), `feedback.jsonl`
 //! ([`FeedbackRecord`]s) and `reviews.jsonl` ([`ReviewRecord`]s; the last one for a feedback
-//! id wins). A torn last line (a crash mid-write) is skipped with a warning, never fatal.
+//! id wins). The records, names and JSONL handling are `protocol`'s: a torn line of any kind
+//! (a crash mid-write) is skipped with a warning, never fatal.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
+use protocol::jsonl::{self, Appender, Durability};
+use protocol::names::{self, REDACTED};
+use protocol::{CompletionRecord, FeedbackRecord, ReviewJoin, ReviewRecord, ReviewStatus, Reviewed, Thumbs};
+use serde::Deserialize;
 
 use crate::error::ApiError;
 
@@ -27,83 +29,6 @@ pub enum LogMode {
     Off,
     /// Message text is replaced by `[redacted]`; ids, models, parameters and usage remain.
     Redact,
-}
-
-/// One returned completion.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct CompletionRecord {
-    pub id: String,
-    pub created: u64,
-    pub tenant: String,
-    pub sub: String,
-    /// The base model that served it.
-    pub model: String,
-    /// `name@version`, or empty for the base.
-    pub adapter: String,
-    /// Chat messages (`[{role, content}]`) or the raw prompt text.
-    pub prompt: serde_json::Value,
-    pub answer: String,
-    pub finish_reason: String,
-    /// Sampling parameters and limits as the request gave them.
-    pub params: serde_json::Value,
-    pub prompt_tokens: usize,
-    pub completion_tokens: usize,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Thumbs {
-    Up,
-    Down,
-}
-
-/// What a user said about one answer.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
-pub struct FeedbackRecord {
-    /// `fb-…`
-    pub id: String,
-    /// Always `feedback`.
-    pub object: String,
-    pub response_id: String,
-    pub created: u64,
-    pub tenant: String,
-    pub sub: String,
-    pub model: String,
-    pub adapter: String,
-    pub thumbs: Option<Thumbs>,
-    pub rating: Option<u8>,
-    pub correction: Option<String>,
-    pub comment: Option<String>,
-    pub tags: Vec<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum ReviewStatus {
-    Pending,
-    Accepted,
-    Rejected,
-}
-
-/// An admin's decision on one feedback record.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
-pub struct ReviewRecord {
-    pub feedback_id: String,
-    pub status: ReviewStatus,
-    /// The correction training will use (the user's, or the reviewer's edit of it).
-    pub correction: Option<String>,
-    pub reviewer: String,
-    pub at: u64,
-}
-
-/// A feedback record with its review state, as the admin API lists it.
-#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
-pub struct Reviewed {
-    #[serde(flatten)]
-    pub feedback: FeedbackRecord,
-    pub status: ReviewStatus,
-    /// Set once reviewed: what training will use.
-    pub accepted_correction: Option<String>,
 }
 
 /// A completion being generated; becomes a [`CompletionRecord`] when it finishes.
@@ -124,20 +49,19 @@ struct Answered {
 }
 
 struct Files {
-    completions: Option<File>,
+    completions: Option<Appender>,
     completions_bytes: u64,
     completions_seq: u64,
-    feedback: File,
-    reviews: File,
+    feedback: Appender,
+    reviews: Appender,
 }
 
 struct State {
     responses: HashMap<String, Answered>,
-    feedback: Vec<FeedbackRecord>,
-    by_id: HashMap<String, usize>,
+    /// Feedback with its review decisions (the last one wins).
+    join: ReviewJoin,
     /// (response id, sub): one feedback per user per answer.
     given: HashSet<(String, String)>,
-    reviews: HashMap<String, ReviewRecord>,
 }
 
 pub struct FeedbackStore {
@@ -154,55 +78,8 @@ fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Opens a log for appending; a torn last line (no newline) is closed first, so the next record
-/// starts on a line of its own.
-fn open_append(path: &Path) -> std::io::Result<File> {
-    let mut file = OpenOptions::new().create(true).append(true).read(true).open(path)?;
-    let len = file.metadata()?.len();
-    if len > 0 {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut last = [0u8; 1];
-        file.seek(SeekFrom::Start(len - 1))?;
-        file.read_exact(&mut last)?;
-        if last[0] != b'\n' {
-            file.write_all(b"\n")?;
-        }
-    }
-    Ok(file)
-}
-
-/// Every parseable line of a JSONL file; unparseable ones (a torn tail) are skipped and logged.
-fn read_lines<T: serde::de::DeserializeOwned>(path: &Path) -> std::io::Result<Vec<T>> {
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    let mut out = Vec::new();
-    for (n, line) in BufReader::new(file).lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str(&line) {
-            Ok(v) => out.push(v),
-            Err(e) => {
-                tracing::warn!(file = %path.display(), line = n + 1, error = %e, "skipping an unreadable feedback log line")
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// Appends one JSON line; with `durable`, returns only after the data reached the disk.
-fn append<T: Serialize>(file: &mut File, value: &T, durable: bool) -> std::io::Result<u64> {
-    let mut line = serde_json::to_vec(value).map_err(std::io::Error::other)?;
-    line.push(b'\n');
-    file.write_all(&line)?;
-    if durable {
-        file.sync_data()?;
-    }
-    Ok(line.len() as u64)
+fn io(e: protocol::ProtocolError) -> std::io::Error {
+    std::io::Error::other(e)
 }
 
 impl FeedbackStore {
@@ -211,31 +88,25 @@ impl FeedbackStore {
         std::fs::create_dir_all(dir)?;
         let mut responses = HashMap::new();
         let mut seq = 0;
-        let mut names: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter_map(|p| {
-                let n = p.file_name()?.to_str()?.strip_prefix("completions-")?.strip_suffix(".jsonl")?.parse().ok()?;
-                Some((n, p))
-            })
-            .collect();
-        names.sort();
-        for (n, path) in &names {
-            seq = seq.max(*n);
-            for r in read_lines::<CompletionRecord>(path)? {
+        for (n, path) in names::completion_logs(dir)? {
+            seq = seq.max(n);
+            jsonl::for_each(&path, |r: CompletionRecord| {
                 responses.insert(r.id, Answered { tenant: r.tenant, model: r.model, adapter: r.adapter });
-            }
+            })
+            .map_err(io)?;
         }
-        let feedback: Vec<FeedbackRecord> = read_lines(&dir.join("feedback.jsonl"))?;
-        let mut reviews = HashMap::new();
-        for r in read_lines::<ReviewRecord>(&dir.join("reviews.jsonl"))? {
-            reviews.insert(r.feedback_id.clone(), r);
-        }
-        let by_id = feedback.iter().enumerate().map(|(i, f)| (f.id.clone(), i)).collect();
-        let given = feedback.iter().map(|f| (f.response_id.clone(), f.sub.clone())).collect();
-        let current = dir.join(format!("completions-{seq}.jsonl"));
+        let mut join = ReviewJoin::new();
+        let mut given = HashSet::new();
+        jsonl::for_each(&dir.join(names::FEEDBACK_FILE), |f: FeedbackRecord| {
+            given.insert((f.response_id.clone(), f.sub.clone()));
+            join.add_feedback(f);
+        })
+        .map_err(io)?;
+        jsonl::for_each(&dir.join(names::REVIEWS_FILE), |r| join.add_review(r)).map_err(io)?;
+        let current = dir.join(names::completions_file(seq));
         let completions = match mode {
             LogMode::Off => None,
-            _ => Some(open_append(&current)?),
+            _ => Some(Appender::open(&current).map_err(io)?),
         };
         let completions_bytes = std::fs::metadata(&current).map_or(0, |m| m.len());
         Ok(Self {
@@ -247,10 +118,10 @@ impl FeedbackStore {
                 completions,
                 completions_bytes,
                 completions_seq: seq,
-                feedback: open_append(&dir.join("feedback.jsonl"))?,
-                reviews: open_append(&dir.join("reviews.jsonl"))?,
+                feedback: Appender::open(&dir.join(names::FEEDBACK_FILE)).map_err(io)?,
+                reviews: Appender::open(&dir.join(names::REVIEWS_FILE)).map_err(io)?,
             }),
-            state: Mutex::new(State { responses, feedback, by_id, given, reviews }),
+            state: Mutex::new(State { responses, join, given }),
         })
     }
 
@@ -280,13 +151,13 @@ impl FeedbackStore {
     pub fn log_completion(&self, mut record: CompletionRecord) {
         if self.mode == LogMode::Redact {
             redact(&mut record.prompt);
-            record.answer = "[redacted]".into();
+            record.answer = REDACTED.into();
         }
         if let Some(shared) = self.shared.get().cloned() {
             let logged = self.mode != LogMode::Off;
             let (id, by) = (
                 record.id.clone(),
-                crate::feedback_stream::AnsweredBy {
+                protocol::AnsweredBy {
                     tenant: record.tenant.clone(),
                     model: record.model.clone(),
                     adapter: record.adapter.clone(),
@@ -306,11 +177,11 @@ impl FeedbackStore {
         let mut files = self.files.lock();
         if files.completions_bytes >= self.rotate_bytes {
             files.completions_seq += 1;
-            let next = self.dir.join(format!("completions-{}.jsonl", files.completions_seq));
-            match open_append(&next) {
+            let next = self.dir.join(names::completions_file(files.completions_seq));
+            match Appender::open(&next) {
                 Ok(f) => {
                     if let Some(old) = files.completions.replace(f) {
-                        let _ = old.sync_all();
+                        let _ = old.sync();
                     }
                     files.completions_bytes = 0;
                 }
@@ -319,7 +190,7 @@ impl FeedbackStore {
         }
         let Files { completions, completions_bytes, .. } = &mut *files;
         if let Some(file) = completions {
-            match append(file, &record, false) {
+            match file.append(&record, Durability::Written) {
                 Ok(n) => *completions_bytes += n,
                 Err(e) => tracing::error!(error = %e, "cannot write the completion log"),
             }
@@ -368,34 +239,20 @@ impl FeedbackStore {
         if self.state.lock().given.contains(&(record.response_id.clone(), record.sub.clone())) {
             return Err(ApiError::Conflict { message: format!("feedback on `{response_id}` was already given") });
         }
-        append(&mut files.feedback, &record, true)
+        files
+            .feedback
+            .append(&record, Durability::Synced)
             .map_err(|e| ApiError::Internal(format!("feedback not stored: {e}")))?;
         let mut state = self.state.lock();
         state.given.insert((record.response_id.clone(), record.sub.clone()));
-        let index = state.feedback.len();
-        state.by_id.insert(record.id.clone(), index);
-        state.feedback.push(record.clone());
+        state.join.add_feedback(record.clone());
         Ok(record)
     }
 
     /// Feedback records with their review state, oldest first, optionally of one status.
     pub fn list(&self, status: Option<ReviewStatus>, offset: usize, limit: usize) -> Vec<Reviewed> {
         let state = self.state.lock();
-        state
-            .feedback
-            .iter()
-            .map(|f| {
-                let review = state.reviews.get(&f.id);
-                Reviewed {
-                    feedback: f.clone(),
-                    status: review.map_or(ReviewStatus::Pending, |r| r.status),
-                    accepted_correction: review.and_then(|r| r.correction.clone()),
-                }
-            })
-            .filter(|r| status.is_none_or(|s| r.status == s))
-            .skip(offset)
-            .take(limit)
-            .collect()
+        state.join.all().filter(|r| status.is_none_or(|s| r.status == s)).skip(offset).take(limit).collect()
     }
 
     /// Accepts (optionally with an edited correction) or rejects one record; durable on `Ok`.
@@ -406,14 +263,13 @@ impl FeedbackStore {
         edited: Option<String>,
         reviewer: &str,
     ) -> Result<(Reviewed, ReviewRecord), ApiError> {
-        let feedback = {
-            let state = self.state.lock();
-            let i = *state
-                .by_id
-                .get(id)
-                .ok_or_else(|| ApiError::NotFound { message: format!("no feedback with id `{id}`") })?;
-            state.feedback[i].clone()
-        };
+        let feedback = self
+            .state
+            .lock()
+            .join
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ApiError::NotFound { message: format!("no feedback with id `{id}`") })?;
         if status == ReviewStatus::Pending {
             return Err(ApiError::invalid("a review accepts or rejects", Some("action".to_owned())));
         }
@@ -424,8 +280,11 @@ impl FeedbackStore {
         let record =
             ReviewRecord { feedback_id: id.to_owned(), status, correction, reviewer: reviewer.to_owned(), at: now() };
         let mut files = self.files.lock();
-        append(&mut files.reviews, &record, true).map_err(|e| ApiError::Internal(format!("review not stored: {e}")))?;
-        self.state.lock().reviews.insert(id.to_owned(), record.clone());
+        files
+            .reviews
+            .append(&record, Durability::Synced)
+            .map_err(|e| ApiError::Internal(format!("review not stored: {e}")))?;
+        self.state.lock().join.add_review(record.clone());
         Ok((Reviewed { feedback, status, accepted_correction: record.correction.clone() }, record))
     }
 }
@@ -433,11 +292,11 @@ impl FeedbackStore {
 /// Replaces every string under a `content` key (chat) or a bare string (raw prompt).
 fn redact(v: &mut serde_json::Value) {
     match v {
-        serde_json::Value::String(s) => *s = "[redacted]".into(),
+        serde_json::Value::String(s) => *s = REDACTED.into(),
         serde_json::Value::Array(items) => items.iter_mut().for_each(redact),
         serde_json::Value::Object(map) => {
             if let Some(c) = map.get_mut("content") {
-                *c = serde_json::Value::String("[redacted]".into());
+                *c = serde_json::Value::String(REDACTED.into());
             }
         }
         _ => {}
@@ -475,14 +334,14 @@ mod tests {
         let files: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().starts_with("completions-"))
+            .filter(|e| names::completions_seq(&e.file_name().to_string_lossy()).is_some())
             .collect();
         assert!(files.len() >= 2, "the log rotated");
         store.add("t", "u", "r3", Some(Thumbs::Up), None, None, None, vec![]).unwrap();
         drop(store);
         // A crash mid-line leaves a torn tail.
-        let mut f = open_append(&dir.path().join("feedback.jsonl")).unwrap();
-        f.write_all(b"{\"id\": \"fb-torn").unwrap();
+        let mut f = std::fs::OpenOptions::new().append(true).open(dir.path().join(names::FEEDBACK_FILE)).unwrap();
+        std::io::Write::write_all(&mut f, b"{\"id\": \"fb-torn\xff").unwrap();
         let store = FeedbackStore::open(dir.path(), LogMode::On, 300).unwrap();
         assert_eq!(store.list(None, 0, 10).len(), 1);
         assert!(matches!(
@@ -500,7 +359,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FeedbackStore::open(dir.path(), LogMode::Redact, 1 << 20).unwrap();
         store.log_completion(record("r1", "t"));
-        let text = std::fs::read_to_string(dir.path().join("completions-0.jsonl")).unwrap();
-        assert!(!text.contains("a@b.c") && text.contains("[redacted]") && text.contains("\"role\":\"user\""), "{text}");
+        let text = std::fs::read_to_string(dir.path().join(names::completions_file(0))).unwrap();
+        assert!(!text.contains("a@b.c") && text.contains(REDACTED) && text.contains("\"role\":\"user\""), "{text}");
     }
 }

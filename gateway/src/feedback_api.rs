@@ -4,11 +4,12 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
+#[allow(unused_imports)]
+use protocol::FeedbackRecord;
+use protocol::{ReviewStatus, Reviewed, Thumbs};
+
 use crate::error::ApiError;
 use crate::extract::{caller, read_json};
-#[allow(unused_imports)]
-use crate::feedback::FeedbackRecord;
-use crate::feedback::{ReviewStatus, Reviewed, Thumbs};
 #[allow(unused_imports)]
 use crate::openai::ErrorResponse;
 use crate::state::AppState;

@@ -1,21 +1,21 @@
 //! Feedback shared through Redis: answered response ids (so any replica takes feedback on any
 //! replica's answer), the one-per-user rule across replicas, and the `switchyard:feedback`
 //! stream that the training sidecar reads with a consumer group (each record once, across
-//! restarts), followed by review decisions. When Redis is down, records go to an fsynced spool file and are replayed, in
-//! order, once it is back; nothing acknowledged is lost.
+//! restarts), followed by review decisions. When Redis is down, entries go to an fsynced spool
+//! file and are replayed, in order, once it is back; nothing acknowledged is lost. Keys, the
+//! stream and its [`Envelope`] are `protocol`'s.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use protocol::jsonl::{self, Appender, Durability};
+use protocol::names::{self, FEEDBACK_STREAM, STREAM_FIELD};
+use protocol::{AnsweredBy, Envelope, FeedbackRecord, ReviewRecord};
 use redis::AsyncCommands;
 
-use crate::feedback::{FeedbackRecord, ReviewRecord};
 use crate::metrics::Metrics;
 
-/// The stream every feedback record is added to (field `record`: the JSON).
-pub const STREAM: &str = "switchyard:feedback";
 /// How long answered ids and one-per-user claims are kept in Redis.
 const TTL_SECONDS: u64 = 30 * 24 * 3600;
 const TIMEOUT: Duration = Duration::from_millis(250);
@@ -28,20 +28,6 @@ pub struct SharedFeedback {
     /// Serialises spool appends and replays.
     spool_lock: tokio::sync::Mutex<()>,
     metrics: Arc<Metrics>,
-}
-
-/// Who answered a response, as stored under `switchyard:response:{id}`.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct AnsweredBy {
-    pub tenant: String,
-    pub model: String,
-    pub adapter: String,
-    /// The messages and answer as the completion log keeps them (redacted in `redact` mode,
-    /// absent with logging off), so the training sidecar can join feedback to what it rates.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prompt: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub answer: Option<String>,
 }
 
 async fn timed<T>(f: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, String> {
@@ -58,7 +44,7 @@ impl SharedFeedback {
         let me = Arc::new(Self {
             client,
             conn: OnceLock::new(),
-            spool: dir.join("spool.jsonl"),
+            spool: dir.join(names::SPOOL_FILE),
             spool_lock: tokio::sync::Mutex::new(()),
             metrics,
         });
@@ -98,7 +84,7 @@ impl SharedFeedback {
     pub async fn remember(&self, id: &str, by: &AnsweredBy) {
         let value = serde_json::to_string(by).unwrap_or_default();
         let result = match self.conn() {
-            Ok(mut c) => timed(c.set_ex::<_, _, ()>(format!("switchyard:response:{id}"), value, TTL_SECONDS)).await,
+            Ok(mut c) => timed(c.set_ex::<_, _, ()>(names::response_key(id), value, TTL_SECONDS)).await,
             Err(e) => Err(e),
         };
         if let Err(e) = result {
@@ -109,7 +95,7 @@ impl SharedFeedback {
     /// Who answered `id`, when another replica recorded it.
     pub async fn lookup(&self, id: &str) -> Option<AnsweredBy> {
         let mut c = self.conn().ok()?;
-        match timed(c.get::<_, Option<String>>(format!("switchyard:response:{id}"))).await {
+        match timed(c.get::<_, Option<String>>(names::response_key(id))).await {
             Ok(v) => v.and_then(|s| serde_json::from_str(&s).ok()),
             Err(e) => {
                 self.error("feedback_lookup", &e);
@@ -122,7 +108,7 @@ impl SharedFeedback {
     /// first, `Some(false)` if it was given (on any replica), `None` if Redis cannot say.
     pub async fn claim(&self, response_id: &str, sub: &str) -> Option<bool> {
         let mut c = self.conn().ok()?;
-        let key = format!("switchyard:feedback-given:{response_id}:{sub}");
+        let key = names::feedback_given_key(response_id, sub);
         let cmd = redis::cmd("SET").arg(&key).arg(1).arg("NX").arg("EX").arg(TTL_SECONDS).to_owned();
         match timed(cmd.query_async::<Option<String>>(&mut c)).await {
             Ok(v) => Some(v.is_some()),
@@ -136,61 +122,66 @@ impl SharedFeedback {
     /// Gives a claim back (the record could not be stored after all).
     pub async fn release(&self, response_id: &str, sub: &str) {
         if let Ok(mut c) = self.conn() {
-            let _ = timed(c.del::<_, ()>(format!("switchyard:feedback-given:{response_id}:{sub}"))).await;
+            let _ = timed(c.del::<_, ()>(names::feedback_given_key(response_id, sub))).await;
         }
     }
 
     /// Adds a stored record to the stream, or to the spool when Redis does not take it.
     pub async fn publish(&self, record: &FeedbackRecord) {
-        self.publish_json(serde_json::to_string(record).unwrap_or_default()).await;
+        self.publish_envelope(Envelope::feedback(record.clone())).await;
     }
 
-    /// Adds an admin's review decision to the stream (same field, told apart by its shape), so
-    /// the sidecar learns which records may be trained on.
+    /// Adds an admin's review decision to the stream, so the sidecar learns which records may
+    /// be trained on.
     pub async fn publish_review(&self, review: &ReviewRecord) {
-        self.publish_json(serde_json::to_string(review).unwrap_or_default()).await;
+        self.publish_envelope(Envelope::Review(review.clone())).await;
     }
 
-    async fn publish_json(&self, json: String) {
-        // Behind the spool lock, so a record never overtakes older spooled ones.
+    async fn publish_envelope(&self, envelope: Envelope) {
+        // Behind the spool lock, so an entry never overtakes older spooled ones.
         let _guard = self.spool_lock.lock().await;
         if self.spool_is_empty() {
-            match self.xadd(&json).await {
+            match self.xadd(&envelope).await {
                 Ok(()) => return,
                 Err(e) => self.error("feedback_publish", &e),
             }
         }
-        if let Err(e) = self.append_spool(&json) {
-            tracing::error!(error = %e, "feedback could not be spooled; it stays in feedback.jsonl");
+        if let Err(e) = self.append_spool(&envelope) {
+            tracing::error!(error = %e, "feedback could not be spooled; it stays in {}", names::FEEDBACK_FILE);
         }
     }
 
-    async fn xadd(&self, json: &str) -> Result<(), String> {
+    async fn xadd(&self, envelope: &Envelope) -> Result<(), String> {
         let mut c = self.conn()?;
-        timed(c.xadd::<_, _, _, _, String>(STREAM, "*", &[("record", json)])).await.map(|_| ())
+        let json = envelope.to_json();
+        timed(c.xadd::<_, _, _, _, String>(FEEDBACK_STREAM, "*", &[(STREAM_FIELD, json)])).await.map(|_| ())
     }
 
     fn spool_is_empty(&self) -> bool {
         std::fs::metadata(&self.spool).map_or(true, |m| m.len() == 0)
     }
 
-    fn append_spool(&self, json: &str) -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.spool)?;
-        f.write_all(format!("{json}\n").as_bytes())?;
-        f.sync_data()
+    fn append_spool(&self, envelope: &Envelope) -> Result<(), protocol::ProtocolError> {
+        Appender::open(&self.spool)?.append(envelope, Durability::Synced).map(|_| ())
     }
 
-    /// Sends spooled records in order; what is not sent stays spooled.
+    /// Sends spooled entries in order; what is not sent stays spooled. Lines that are not a
+    /// whole entry (a torn tail) are skipped with a warning and dropped at the next rewrite.
     async fn replay(&self) {
         let _guard = self.spool_lock.lock().await;
-        let Ok(text) = std::fs::read_to_string(&self.spool) else { return };
-        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-        if lines.is_empty() {
+        if self.spool_is_empty() {
             return;
         }
+        let spooled = match jsonl::read::<Envelope>(&self.spool) {
+            Ok(spooled) => spooled,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the feedback spool");
+                return;
+            }
+        };
         let mut sent = 0;
-        for line in &lines {
-            match self.xadd(line).await {
+        for envelope in &spooled.records {
+            match self.xadd(envelope).await {
                 Ok(()) => sent += 1,
                 Err(e) => {
                     self.error("feedback_replay", &e);
@@ -198,18 +189,13 @@ impl SharedFeedback {
                 }
             }
         }
-        if sent == 0 {
+        if sent == 0 && spooled.skipped == 0 {
             return;
         }
-        let rest: String = lines[sent..].iter().map(|l| format!("{l}\n")).collect();
+        let left = &spooled.records[sent..];
         // Write-then-rename, so a crash here never loses the unsent tail.
-        let tmp = self.spool.with_extension("tmp");
-        let written = std::fs::File::create(&tmp).and_then(|mut f| {
-            f.write_all(rest.as_bytes())?;
-            f.sync_all()
-        });
-        match written.and_then(|()| std::fs::rename(&tmp, &self.spool)) {
-            Ok(()) => tracing::info!(sent, left = lines.len() - sent, "replayed spooled feedback into Redis"),
+        match jsonl::replace(&self.spool, left) {
+            Ok(()) => tracing::info!(sent, left = left.len(), "replayed spooled feedback into Redis"),
             Err(e) => tracing::error!(error = %e, "cannot rewrite the feedback spool; records may be sent twice"),
         }
     }

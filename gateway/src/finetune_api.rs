@@ -1,12 +1,13 @@
 //! The admin API for training jobs: start one (on reviewed feedback or a dataset file under the
 //! import root), list them, follow one's loss curve (polling or SSE) and cancel it. Jobs live
-//! in the queue the `finetune` sidecar runs (`finetune::jobs`, under `<data_dir>/finetune/`).
+//! in the queue the `finetune` sidecar runs (`protocol::jobs`, under `<data_dir>/finetune/`).
 
 use std::time::Duration;
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use finetune::args::TrainArgs;
-use finetune::jobs::{DatasetRef, JobStatus, JobStore};
+use protocol::api::ObjectList;
+use protocol::jobs::{DatasetRef, JobStatus, JobStore};
+use protocol::params::TrainArgs;
 use serde::Deserialize;
 
 use crate::error::ApiError;
@@ -71,8 +72,10 @@ fn not_found(id: &str) -> ApiError {
 /// The status with the step the running job's log has reached.
 fn with_progress(store: &JobStore, mut status: JobStatus) -> JobStatus {
     if let Some(last) = store.log_after(&status.id, status.step).last() {
-        status.step = last["step"].as_u64().unwrap_or(0) as usize;
-        status.total_steps = last["total_steps"].as_u64().map_or(status.total_steps, |t| t as usize);
+        status.step = last.step;
+        if last.total_steps > 0 {
+            status.total_steps = last.total_steps;
+        }
     }
     status
 }
@@ -156,7 +159,7 @@ pub(crate) async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result
     crate::admin::require_admin(&state, &req)?;
     let store = store(&state);
     let data: Vec<JobStatus> = store.list().into_iter().map(|s| with_progress(&store, s)).collect();
-    Ok(HttpResponse::Ok().json(serde_json::json!({"object": "list", "data": data})))
+    Ok(HttpResponse::Ok().json(ObjectList::new(data)))
 }
 
 #[utoipa::path(
@@ -212,8 +215,7 @@ pub(crate) async fn events(
     let id = path.into_inner();
     store.status(&id).ok_or_else(|| not_found(&id))?;
     if !query.stream {
-        let data = store.log_after(&id, query.after);
-        return Ok(HttpResponse::Ok().json(serde_json::json!({"object": "list", "data": data})));
+        return Ok(HttpResponse::Ok().json(ObjectList::new(store.log_after(&id, query.after))));
     }
     let body = futures::stream::unfold((store, id, query.after, false), |(store, id, after, done)| async move {
         if done {
@@ -222,8 +224,11 @@ pub(crate) async fn events(
         loop {
             let steps = store.log_after(&id, after);
             if let Some(last) = steps.last() {
-                let next = last["step"].as_u64().unwrap_or(after as u64) as usize;
-                let text: String = steps.iter().map(|s| format!("data: {s}\n\n")).collect();
+                let next = last.step;
+                let text: String = steps
+                    .iter()
+                    .map(|s| format!("data: {}\n\n", serde_json::to_string(s).unwrap_or_default()))
+                    .collect();
                 return Some((Ok::<_, actix_web::Error>(web::Bytes::from(text)), (store, id, next, false)));
             }
             if store.status(&id).is_none_or(|s| s.state.is_finished()) {
@@ -318,7 +323,7 @@ pub(crate) async fn upload(
     file.sync_all().map_err(|e| cleanup(ApiError::Internal(format!("dataset upload: {e}"))))?;
     drop(file);
     let check = tmp.clone();
-    let loaded = web::block(move || finetune::dataset::load_file(&check))
+    let loaded = web::block(move || protocol::dataset::load_file(&check))
         .await
         .map_err(|e| cleanup(ApiError::Internal(e.to_string())))?;
     let loaded = match loaded {
@@ -328,7 +333,7 @@ pub(crate) async fn upload(
             return Err(cleanup(ApiError::InvalidRequest { message, param: None, code: e.code() }));
         }
     };
-    let id = format!("ds-{}", &hex::encode(hasher.finalize())[..16]);
+    let id = format!("{}{}", protocol::names::DATASET_ID_PREFIX, &hex::encode(hasher.finalize())[..16]);
     std::fs::rename(&tmp, dir.join(&id)).map_err(|e| cleanup(ApiError::Internal(format!("dataset upload: {e}"))))?;
     Ok(HttpResponse::Created().json(serde_json::json!({
         "id": id, "object": "dataset", "bytes": bytes, "format": loaded.format.as_str(),

@@ -55,7 +55,7 @@ impl Running {
     /// Logs the finished completion when logging is wired up for it.
     fn log_completion(&self, envelope: &Envelope, answer: &str, finish_reason: &str, usage: &Usage) {
         if let Some((store, draft)) = &self.log {
-            store.log_completion(crate::feedback::CompletionRecord {
+            store.log_completion(protocol::CompletionRecord {
                 id: envelope.id.clone(),
                 created: envelope.created,
                 tenant: draft.tenant.clone(),

@@ -21,7 +21,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let state = web::Data::new(AppState::new(&settings).map_err(|e| {
         anyhow::anyhow!(
             "the feedback store under {} cannot be opened: {e}",
-            settings.data_dir.join("feedback").display()
+            settings.data_dir.join(protocol::names::FEEDBACK_DIR).display()
         )
     })?);
     let app_state = state.clone();

@@ -46,7 +46,7 @@ impl AppState {
     pub fn new(settings: &Settings) -> std::io::Result<Self> {
         let metrics = Arc::new(Metrics::new());
         let feedback = crate::feedback::FeedbackStore::open(
-            &settings.data_dir.join("feedback"),
+            &settings.data_dir.join(protocol::names::FEEDBACK_DIR),
             settings.feedback_log,
             settings.feedback_rotate_bytes,
         )?;
@@ -82,8 +82,11 @@ impl AppState {
         if let Some(shape) = engine.adapter_shape() {
             let mut shape = shape.clone();
             shape.name = self.model_id.clone();
-            let registry =
-                adapters::Registry::open(self.data_dir.join("registry"), shape.clone(), adapters::Limits::default())?;
+            let registry = adapters::Registry::open(
+                self.data_dir.join(protocol::names::REGISTRY_DIR),
+                shape.clone(),
+                adapters::Limits::default(),
+            )?;
             let _ = self.registry.set((
                 Arc::new(registry),
                 AdapterCache::new(self.adapter_cache_bytes, shape, self.lora_dtype, self.metrics.clone()),

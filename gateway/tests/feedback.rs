@@ -50,12 +50,10 @@ async fn get(server: &Server, path: &str, token: &str) -> (u16, Value) {
 }
 
 fn completion_log(root: &std::path::Path) -> String {
-    let dir = root.join("data/feedback");
+    let dir = root.join("data").join(protocol::names::FEEDBACK_DIR);
     let mut text = String::new();
-    for e in std::fs::read_dir(dir).unwrap().filter_map(Result::ok) {
-        if e.file_name().to_string_lossy().starts_with("completions-") {
-            text.push_str(&std::fs::read_to_string(e.path()).unwrap());
-        }
+    for (_, path) in protocol::names::completion_logs(&dir).unwrap() {
+        text.push_str(&std::fs::read_to_string(path).unwrap());
     }
     text
 }
@@ -182,7 +180,9 @@ async fn redacted_logs_keep_no_message_text() {
     assert_eq!(status, 200);
     let log = completion_log(root.path());
     assert!(
-        log.contains(answer["id"].as_str().unwrap()) && !log.contains("red dog") && log.contains("[redacted]"),
+        log.contains(answer["id"].as_str().unwrap())
+            && !log.contains("red dog")
+            && log.contains(protocol::names::REDACTED),
         "{log}"
     );
     // Feedback still works on a redacted answer.

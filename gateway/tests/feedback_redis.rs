@@ -5,6 +5,8 @@
 mod common;
 
 use common::{client, free_port, PrivateRedis, Server};
+use protocol::names::{FEEDBACK_STREAM, STREAM_FIELD};
+use protocol::Envelope;
 use redis::AsyncCommands;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -36,18 +38,19 @@ async fn feedback(server: &Server, id: &str) -> u16 {
     client().post(server.url("/v1/feedback")).json(&body).send().await.unwrap().status().as_u16()
 }
 
-/// Response ids of the records the group has not read yet, acknowledging them.
+/// Response ids of the feedback records the group has not read yet, acknowledging them.
 async fn read_group(conn: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
     let opts = redis::streams::StreamReadOptions::default().group("trainer", "t1").count(100);
-    let reply: redis::streams::StreamReadReply =
-        conn.xread_options(&["switchyard:feedback"], &[">"], &opts).await.unwrap();
+    let reply: redis::streams::StreamReadReply = conn.xread_options(&[FEEDBACK_STREAM], &[">"], &opts).await.unwrap();
     let mut ids = Vec::new();
     for key in reply.keys {
         for entry in key.ids {
-            let record: String = entry.get("record").unwrap();
-            let v: Value = serde_json::from_str(&record).unwrap();
-            ids.push(v["response_id"].as_str().unwrap().to_owned());
-            let _: i64 = conn.xack("switchyard:feedback", "trainer", &[&entry.id]).await.unwrap();
+            let json: String = entry.get(STREAM_FIELD).unwrap();
+            match Envelope::from_json(&json).unwrap() {
+                Envelope::Feedback(f) => ids.push(f.record.response_id),
+                other => panic!("only feedback is posted here, got {other:?}"),
+            }
+            let _: i64 = conn.xack(FEEDBACK_STREAM, "trainer", &[&entry.id]).await.unwrap();
         }
     }
     ids
@@ -56,7 +59,7 @@ async fn read_group(conn: &mut redis::aio::MultiplexedConnection) -> Vec<String>
 async fn group(port: u16) -> redis::aio::MultiplexedConnection {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let _: Result<(), _> = conn.xgroup_create_mkstream("switchyard:feedback", "trainer", "0").await;
+    let _: Result<(), _> = conn.xgroup_create_mkstream(FEEDBACK_STREAM, "trainer", "0").await;
     conn
 }
 
@@ -91,7 +94,8 @@ async fn replicas_share_feedback_through_a_stream_and_spool_while_redis_is_down(
     let local = answer(&b).await;
     redis.stop();
     assert_eq!(feedback(&b, &local).await, 201);
-    assert!(std::fs::read_to_string(root.path().join("b/feedback/spool.jsonl")).unwrap().contains(&local));
+    let spool = root.path().join("b").join(protocol::names::FEEDBACK_DIR).join(protocol::names::SPOOL_FILE);
+    assert!(std::fs::read_to_string(&spool).unwrap().contains(&local));
     let _redis = PrivateRedis::start(port);
     let mut conn = group(port).await;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -102,5 +106,5 @@ async fn replicas_share_feedback_through_a_stream_and_spool_while_redis_is_down(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(seen, vec![local], "replayed once, nothing else");
-    assert_eq!(std::fs::read_to_string(root.path().join("b/feedback/spool.jsonl")).unwrap_or_default(), "");
+    assert_eq!(std::fs::read_to_string(&spool).unwrap_or_default(), "");
 }

@@ -6,9 +6,9 @@
 mod common;
 
 use common::{client, free_port, PrivateRedis, Server};
-use finetune::args::TrainArgs;
 use finetune::job::CurateArgs;
 use finetune::sidecar::SidecarConfig;
+use protocol::params::TrainArgs;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -109,6 +109,9 @@ async fn check_candidate(server: &Server) {
     assert_eq!(job["version"], 1);
     let (_, adapter) = admin(server, reqwest::Method::GET, "/admin/adapters/support-bot", None).await;
     assert_eq!(adapter["aliases"]["candidate"]["version"], 1, "{adapter}");
+    let typed: protocol::api::AdapterListing =
+        serde_json::from_value(adapter.clone()).expect("the sidecar reads this body");
+    assert_eq!(typed.aliases["candidate"].version, 1);
     assert!(adapter["aliases"].get("prod").is_none(), "no promotion policy: prod is left to an admin");
     let manifest = &adapter["versions"][0];
     assert_eq!(manifest["source"]["kind"], "training");

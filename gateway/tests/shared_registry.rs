@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{client, Server};
-use finetune::args::TrainArgs;
 use finetune::job::CurateArgs;
 use finetune::sidecar::SidecarConfig;
+use protocol::params::TrainArgs;
 use reqwest::Method;
 use serde_json::{json, Value};
 use tokio::task::JoinSet;

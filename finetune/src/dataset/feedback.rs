@@ -1,85 +1,20 @@
 //! Gateway feedback joined with reviews and logged completions, turned into examples.
 //!
-//! The source is `<data_dir>/feedback/` or stream records; only admin-accepted records train.
-//!
-//! The record types mirror the gateway's JSON but are defined here: this crate never depends
-//! on the gateway. Unknown fields are ignored so the gateway may add some.
+//! The source is `<data_dir>/feedback/` or the sidecar's inbox of stream entries; only
+//! admin-accepted records train. The records, the join and the files are `protocol`'s.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
+use protocol::names::{self, REDACTED};
+use protocol::{jsonl, CompletionRecord, CompletionText, Envelope, FeedbackRecord, ReviewJoin, ReviewRecord};
+use protocol::{ReviewStatus, Thumbs};
+use serde::Serialize;
 use serde_json::Value;
 
-use super::formats::{chat, Reject};
 use super::{normalize_text, DropReason, Dropped, Example, Message, Role, Target};
 use crate::error::FinetuneError;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Thumbs {
-    Up,
-    Down,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ReviewStatus {
-    Pending,
-    Accepted,
-    Rejected,
-}
-
-/// What a user said about one answer (a line of `feedback.jsonl`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FeedbackRecord {
-    pub id: String,
-    pub response_id: String,
-    #[serde(default)]
-    pub created: u64,
-    #[serde(default)]
-    pub tenant: String,
-    #[serde(default)]
-    pub sub: String,
-    #[serde(default)]
-    pub model: String,
-    /// `name@version`, or empty for the base model.
-    #[serde(default)]
-    pub adapter: String,
-    #[serde(default)]
-    pub thumbs: Option<Thumbs>,
-    #[serde(default)]
-    pub rating: Option<u8>,
-    #[serde(default)]
-    pub correction: Option<String>,
-    #[serde(default)]
-    pub comment: Option<String>,
-    #[serde(default)]
-    pub tags: Vec<String>,
-}
-
-/// An admin's decision (a line of `reviews.jsonl`; the last one per feedback id wins).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ReviewRecord {
-    pub feedback_id: String,
-    pub status: ReviewStatus,
-    /// The correction training will use: the user's, or the reviewer's edit of it.
-    #[serde(default)]
-    pub correction: Option<String>,
-    #[serde(default)]
-    pub reviewer: String,
-    #[serde(default)]
-    pub at: u64,
-}
-
-/// The part of a logged completion that training needs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CompletionText {
-    /// Chat messages (`[{role, content}]`) or the raw prompt of `/v1/completions`.
-    pub prompt: Value,
-    pub answer: String,
-}
+use protocol::dataset::{chat, Reject};
 
 /// One feedback record with its review state and, when the log still has it, its completion.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,12 +26,10 @@ pub struct FeedbackItem {
     pub completion: Option<CompletionText>,
 }
 
-/// Joins feedback, reviews and completions arriving in any order, from files or a stream.
+/// Feedback, reviews and completions arriving in any order, from files or a stream, joined.
 #[derive(Debug, Default)]
 pub struct FeedbackView {
-    feedback: Vec<FeedbackRecord>,
-    index: HashMap<String, usize>,
-    reviews: HashMap<String, ReviewRecord>,
+    join: ReviewJoin,
     completions: HashMap<String, CompletionText>,
     skipped: usize,
 }
@@ -106,94 +39,55 @@ impl FeedbackView {
         Self::default()
     }
 
-    /// Adds a feedback record; a stream record may embed its completion as
-    /// `completion: {prompt, answer}`. A repeated id (a redelivered stream entry) is ignored.
-    /// Returns false, and counts the record as skipped, when it does not parse.
-    pub fn add_feedback(&mut self, mut value: Value) -> bool {
-        let embedded = value.as_object_mut().and_then(|o| o.remove("completion"));
-        let Ok(record) = serde_json::from_value::<FeedbackRecord>(value) else {
-            self.skipped += 1;
-            return false;
-        };
-        if let Some(completion) = embedded.and_then(|c| serde_json::from_value::<CompletionText>(c).ok()) {
-            self.completions.insert(record.response_id.clone(), completion);
-        }
-        if !self.index.contains_key(&record.id) {
-            self.index.insert(record.id.clone(), self.feedback.len());
-            self.feedback.push(record);
-        }
-        true
+    /// Adds a feedback record; a repeated id (a redelivered stream entry) is ignored.
+    pub fn add_feedback(&mut self, record: FeedbackRecord) {
+        self.join.add_feedback(record);
     }
 
     /// Adds a review; a later review of the same feedback replaces an earlier one.
-    pub fn add_review(&mut self, value: Value) -> bool {
-        match serde_json::from_value::<ReviewRecord>(value) {
-            Ok(review) => {
-                self.reviews.insert(review.feedback_id.clone(), review);
-                true
-            }
-            Err(_) => {
-                self.skipped += 1;
-                false
-            }
-        }
+    pub fn add_review(&mut self, review: ReviewRecord) {
+        self.join.add_review(review);
     }
 
-    /// Adds a logged completion (its `id` is the response id feedback refers to).
-    pub fn add_completion(&mut self, value: Value) -> bool {
-        let id = value.get("id").and_then(Value::as_str).map(str::to_owned);
-        match (id, serde_json::from_value::<CompletionText>(value)) {
-            (Some(id), Ok(completion)) => {
-                self.completions.insert(id, completion);
-                true
-            }
-            _ => {
-                self.skipped += 1;
-                false
-            }
-        }
+    /// Adds the completion that answered `response_id`.
+    pub fn add_completion(&mut self, response_id: String, completion: CompletionText) {
+        self.completions.insert(response_id, completion);
     }
 
-    /// Adds a record of any of the three kinds, told apart by their keys (for a stream that
-    /// carries them all).
-    pub fn add_record(&mut self, value: Value) -> bool {
-        if value.get("feedback_id").is_some() {
-            self.add_review(value)
-        } else if value.get("response_id").is_some() {
-            self.add_feedback(value)
-        } else if value.get("answer").is_some() {
-            self.add_completion(value)
-        } else {
-            self.skipped += 1;
-            false
+    /// Adds a stream entry: a feedback record (with the completion the sidecar joined to it, if
+    /// any) or a review.
+    pub fn add_envelope(&mut self, envelope: Envelope) {
+        match envelope {
+            Envelope::Feedback(entry) => {
+                let entry = *entry;
+                if let Some(completion) = entry.completion {
+                    self.add_completion(entry.record.response_id.clone(), completion);
+                }
+                self.add_feedback(entry.record);
+            }
+            Envelope::Review(review) => self.add_review(review),
         }
     }
 
     /// Whether some feedback refers to this response id (so its completion is worth keeping).
     pub fn wants_completion(&self, response_id: &str) -> bool {
-        self.feedback.iter().any(|f| f.response_id == response_id)
+        self.join.records().iter().any(|f| f.response_id == response_id)
     }
 
-    /// Records (or lines) that could not be read: torn writes, foreign JSON.
+    /// Lines that could not be read: torn writes, foreign JSON.
     pub fn skipped(&self) -> usize {
         self.skipped
     }
 
     /// Every feedback record in arrival order, joined with its review and completion.
     pub fn items(&self) -> Vec<FeedbackItem> {
-        self.feedback
-            .iter()
-            .map(|f| {
-                let review = self.reviews.get(&f.id);
-                let status = review.map_or(ReviewStatus::Pending, |r| r.status);
-                FeedbackItem {
-                    feedback: f.clone(),
-                    status,
-                    accepted_correction: review
-                        .filter(|r| r.status == ReviewStatus::Accepted)
-                        .and_then(|r| r.correction.clone()),
-                    completion: self.completions.get(&f.response_id).cloned(),
-                }
+        self.join
+            .all()
+            .map(|r| FeedbackItem {
+                completion: self.completions.get(&r.feedback.response_id).cloned(),
+                feedback: r.feedback,
+                status: r.status,
+                accepted_correction: r.accepted_correction,
             })
             .collect()
     }
@@ -203,54 +97,29 @@ impl FeedbackView {
 /// `completions-<n>.jsonl` logs. Missing files are empty; unreadable lines are counted in
 /// [`FeedbackView::skipped`]. Only completions that some feedback refers to are kept.
 pub fn read_feedback_dir(dir: &Path) -> Result<FeedbackView, FinetuneError> {
+    // A directory that is not there is a mistake in the caller's path, not an empty log.
+    std::fs::read_dir(dir).map_err(|e| FinetuneError::io(dir, e))?;
     let mut view = FeedbackView::new();
-    let entries = std::fs::read_dir(dir).map_err(|e| FinetuneError::io(dir, e))?;
-    let mut logs: Vec<(u64, std::path::PathBuf)> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter_map(|p| {
-            let n = p.file_name()?.to_str()?.strip_prefix("completions-")?.strip_suffix(".jsonl")?.parse().ok()?;
-            Some((n, p))
-        })
-        .collect();
-    logs.sort();
-    view.skipped += for_each_line(&dir.join("feedback.jsonl"), |v| {
-        view.add_feedback(v);
-    })?;
-    view.skipped += for_each_line(&dir.join("reviews.jsonl"), |v| {
-        view.add_review(v);
-    })?;
-    let wanted: HashSet<String> = view.feedback.iter().map(|f| f.response_id.clone()).collect();
-    for (_, path) in logs {
-        view.skipped += for_each_line(&path, |v| {
-            if v.get("id").and_then(Value::as_str).is_some_and(|id| wanted.contains(id)) {
-                view.add_completion(v);
+    view.skipped += jsonl::for_each(&dir.join(names::FEEDBACK_FILE), |f| view.add_feedback(f))?;
+    view.skipped += jsonl::for_each(&dir.join(names::REVIEWS_FILE), |r| view.add_review(r))?;
+    let wanted: HashSet<String> = view.join.records().iter().map(|f| f.response_id.clone()).collect();
+    for (_, path) in names::completion_logs(dir).map_err(|e| FinetuneError::io(dir, e))? {
+        view.skipped += jsonl::for_each(&path, |c: CompletionRecord| {
+            if wanted.contains(&c.id) {
+                let text = c.text();
+                view.add_completion(c.id, text);
             }
         })?;
     }
     Ok(view)
 }
 
-/// Calls `f` with each parseable non-blank line of a JSONL file and returns how many lines
-/// did not parse. A missing file has no lines.
-fn for_each_line(path: &Path, mut f: impl FnMut(Value)) -> Result<usize, FinetuneError> {
-    let file = match std::fs::File::open(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(FinetuneError::io(path, e)),
-    };
-    let mut skipped = 0;
-    // Split on bytes, not `lines()`: a torn multi-byte character must skip one line, not fail the file.
-    for line in BufReader::new(file).split(b'\n') {
-        let line = line.map_err(|e| FinetuneError::io(path, e))?;
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        match serde_json::from_slice::<Value>(&line) {
-            Ok(v) => f(v),
-            Err(_) => skipped += 1,
-        }
-    }
-    Ok(skipped)
+/// Reads the sidecar's inbox: stream entries as it kept them. A missing inbox is empty;
+/// unreadable lines are counted in [`FeedbackView::skipped`].
+pub fn read_inbox(path: &Path) -> Result<FeedbackView, FinetuneError> {
+    let mut view = FeedbackView::new();
+    view.skipped += jsonl::for_each(path, |e| view.add_envelope(e))?;
+    Ok(view)
 }
 
 /// Which feedback to train on; everything else is left out silently (it belongs to another
@@ -394,15 +263,14 @@ fn from_item(item: &FeedbackItem) -> Result<Vec<Result<Example, Dropped>>, Rejec
     Ok(vec![Ok(example(f.id.clone(), Target::Sft { answer: correction })), pair])
 }
 
-/// The gateway's redact mode replaces every text with this marker.
+/// The gateway's redact mode replaces every text with [`REDACTED`].
 fn is_redacted(prompt: &Value, answer: &str) -> bool {
-    const MARK: &str = "[redacted]";
     let prompt_redacted = match prompt {
-        Value::String(s) => s == MARK,
-        Value::Array(items) => items.iter().any(|m| m.get("content").and_then(Value::as_str) == Some(MARK)),
+        Value::String(s) => s == REDACTED,
+        Value::Array(items) => items.iter().any(|m| m.get("content").and_then(Value::as_str) == Some(REDACTED)),
         _ => false,
     };
-    prompt_redacted || answer == MARK
+    prompt_redacted || answer == REDACTED
 }
 
 #[cfg(test)]
@@ -410,27 +278,43 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn feedback(id: &str, response: &str, thumbs: Option<&str>, correction: Option<&str>, created: u64) -> Value {
-        json!({"id": id, "object": "feedback", "response_id": response, "created": created, "tenant": "t", "sub": "u",
-               "model": "m", "adapter": "bot@3", "thumbs": thumbs, "rating": null, "correction": correction,
-               "comment": null, "tags": []})
+    fn feedback(
+        id: &str,
+        response: &str,
+        thumbs: Option<&str>,
+        correction: Option<&str>,
+        created: u64,
+    ) -> FeedbackRecord {
+        serde_json::from_value(json!({"id": id, "object": "feedback", "response_id": response, "created": created,
+               "tenant": "t", "sub": "u", "model": "m", "adapter": "bot@3", "thumbs": thumbs, "rating": null,
+               "correction": correction, "comment": null, "tags": []}))
+        .unwrap()
     }
 
-    fn review(id: &str, status: &str, correction: Option<&str>) -> Value {
-        json!({"feedback_id": id, "status": status, "correction": correction, "reviewer": "admin", "at": 5})
+    fn review(id: &str, status: &str, correction: Option<&str>) -> ReviewRecord {
+        serde_json::from_value(
+            json!({"feedback_id": id, "status": status, "correction": correction, "reviewer": "admin", "at": 5}),
+        )
+        .unwrap()
     }
 
-    fn completion(id: &str, prompt: Value, answer: &str) -> Value {
-        json!({"id": id, "created": 1, "tenant": "t", "sub": "u", "model": "m", "adapter": "bot@3", "prompt": prompt,
-               "answer": answer, "finish_reason": "stop", "params": {}, "prompt_tokens": 3, "completion_tokens": 1})
+    fn completion(id: &str, prompt: Value, answer: &str) -> CompletionRecord {
+        serde_json::from_value(json!({"id": id, "created": 1, "tenant": "t", "sub": "u", "model": "m",
+               "adapter": "bot@3", "prompt": prompt, "answer": answer, "finish_reason": "stop", "params": {},
+               "prompt_tokens": 3, "completion_tokens": 1}))
+        .unwrap()
+    }
+
+    fn text(prompt: Value, answer: &str) -> CompletionText {
+        CompletionText { prompt, answer: answer.into() }
     }
 
     fn chat_prompt(q: &str) -> Value {
         json!([{"role": "system", "content": "be kind"}, {"role": "user", "content": q}])
     }
 
-    fn write_lines(path: &Path, values: &[Value], tail: &str) {
-        let mut text: String = values.iter().map(|v| v.to_string() + "\n").collect();
+    fn write_lines<T: Serialize>(path: &Path, values: &[T], tail: &str) {
+        let mut text: String = values.iter().map(|v| serde_json::to_string(v).unwrap() + "\n").collect();
         text.push_str(tail);
         std::fs::write(path, text).unwrap();
     }
@@ -439,7 +323,7 @@ mod tests {
     fn directory_join_last_review_wins_and_torn_lines_are_skipped() {
         let dir = tempfile::tempdir().unwrap();
         write_lines(
-            &dir.path().join("feedback.jsonl"),
+            &dir.path().join(names::FEEDBACK_FILE),
             &[
                 feedback("fb-1", "r1", Some("down"), Some("the fix"), 10),
                 feedback("fb-2", "r2", Some("up"), None, 20),
@@ -449,7 +333,7 @@ mod tests {
             "{\"id\": \"fb-torn",
         );
         write_lines(
-            &dir.path().join("reviews.jsonl"),
+            &dir.path().join(names::REVIEWS_FILE),
             &[
                 review("fb-1", "rejected", None),
                 review("fb-1", "accepted", Some("the reviewed fix")),
@@ -461,12 +345,12 @@ mod tests {
             "",
         );
         write_lines(
-            &dir.path().join("completions-0.jsonl"),
+            &dir.path().join(names::completions_file(0)),
             &[completion("r1", chat_prompt("q1"), "wrong"), completion("other", json!("x"), "y")],
             "",
         );
         write_lines(
-            &dir.path().join("completions-1.jsonl"),
+            &dir.path().join(names::completions_file(1)),
             &[completion("r2", json!("raw prompt"), "right")],
             "{\"id\":",
         );
@@ -508,10 +392,8 @@ mod tests {
         view.add_feedback(feedback("fb-r", "r3", None, None, 3));
         view.add_review(review("fb-m", "accepted", None));
         view.add_review(review("fb-r", "accepted", Some("better")));
-        view.add_completion(completion("r1", chat_prompt("q"), "a"));
-        view.add_completion(
-            json!({"id": "r3", "prompt": [{"role": "user", "content": "[redacted]"}], "answer": "[redacted]"}),
-        );
+        view.add_completion("r1".into(), text(chat_prompt("q"), "a"));
+        view.add_completion("r3".into(), text(json!([{"role": "user", "content": REDACTED}]), REDACTED));
         let out = examples_from_feedback(&view.items(), &FeedbackOptions::default());
         assert!(out.examples.is_empty() && out.range.is_none());
         let drops: Vec<&str> = out.dropped.iter().map(|d| d.reason.code()).collect();
@@ -519,17 +401,24 @@ mod tests {
     }
 
     #[test]
-    fn stream_records_embed_completions_and_filters_select() {
-        let mut view = FeedbackView::new();
+    fn inbox_entries_embed_completions_and_filters_select() {
+        let dir = tempfile::tempdir().unwrap();
         let mut fb = feedback("fb-1", "r1", None, None, 100);
-        fb["rating"] = json!(5);
-        fb["completion"] = json!({"prompt": chat_prompt("q"), "answer": "a"});
-        assert!(view.add_record(fb.clone()));
-        assert!(view.add_record(fb), "a redelivered entry is accepted but not doubled");
-        assert!(view.add_record(review("fb-1", "accepted", None)));
-        assert!(!view.add_record(json!({"unrelated": true})));
-        assert!(!view.add_feedback(json!({"id": 3})));
+        fb.rating = Some(5);
+        let entry = Envelope::Feedback(Box::new(protocol::FeedbackEntry {
+            record: fb,
+            completion: Some(text(chat_prompt("q"), "a")),
+        }));
+        let untagged = serde_json::to_string(&feedback("fb-2", "r2", Some("up"), None, 1)).unwrap();
+        // A redelivered entry, an entry without a kind, and a torn tail.
+        write_lines(
+            &dir.path().join("inbox.jsonl"),
+            &[entry.clone(), entry, Envelope::Review(review("fb-1", "accepted", None))],
+            &format!("{untagged}\n{{\"kind\": \"feedback\", \"id\": \"fb-3"),
+        );
+        let view = read_inbox(&dir.path().join("inbox.jsonl")).unwrap();
         assert_eq!((view.items().len(), view.skipped()), (1, 2));
+        assert_eq!(read_inbox(&dir.path().join("missing.jsonl")).unwrap().items().len(), 0);
         assert!(view.wants_completion("r1") && !view.wants_completion("r9"));
         let items = view.items();
         let all =
@@ -550,10 +439,10 @@ mod tests {
         let mut view = FeedbackView::new();
         view.add_feedback(feedback("fb-1", "r1", Some("down"), Some("same"), 1));
         view.add_review(review("fb-1", "accepted", Some("same\r\n")));
-        view.add_completion(completion("r1", json!([{"role": "assistant", "content": "hi"}]), "same"));
+        view.add_completion("r1".into(), text(json!([{"role": "assistant", "content": "hi"}]), "same"));
         let out = examples_from_feedback(&view.items(), &FeedbackOptions::default());
         assert_eq!(out.dropped[0].reason, DropReason::BadRoles, "a prompt must end with the user");
-        view.add_completion(completion("r1", chat_prompt("q"), "same"));
+        view.add_completion("r1".into(), text(chat_prompt("q"), "same"));
         let out = examples_from_feedback(&view.items(), &FeedbackOptions::default());
         assert_eq!(out.examples.len(), 1);
         assert_eq!((out.dropped[0].id.as_str(), out.dropped[0].reason), ("fb-1:pref", DropReason::NoSignal));

@@ -1,4 +1,5 @@
-//! LoRA training in candle on the layer that serves: hyper-parameters ([`config`]), trainable
+//! LoRA training in candle on the layer that serves: the schedule the hyper-parameters imply
+//! ([`config`]; the parameters are `protocol::params`), trainable
 //! pairs and AdamW ([`params`]), token batches and log-probabilities ([`batch`]) and the loop
 //! with checkpoints, early stopping and progress ([`trainer`]).
 
@@ -7,4 +8,4 @@ pub mod config;
 pub mod params;
 pub mod trainer;
 
-pub use config::{Schedule, Stage, TrainConfig};
+pub use config::RunPlan;

@@ -2,7 +2,6 @@
 //! accumulation, clipping, AdamW, evaluation with early stopping, checkpoints that a killed
 //! job resumes from bit for bit, a progress bar, and a JSON line per step.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -12,9 +11,13 @@ use runtime::lora::AdapterWeights;
 use serde::{Deserialize, Serialize};
 
 use super::batch::{Batch, Seq};
-use super::config::TrainConfig;
+use super::config::RunPlan;
 use super::params::{AdamW, LoraParams};
 use crate::error::FinetuneError;
+use protocol::jobs::StepLog;
+use protocol::jsonl::{Appender, Durability};
+use protocol::names::TRAIN_LOG_FILE;
+use protocol::params::TrainConfig;
 
 /// One training or validation item.
 #[derive(Debug, Clone)]
@@ -37,26 +40,6 @@ impl Item {
             Item::Pair { .. } => 1,
         }
     }
-}
-
-/// One line of `train_log.jsonl`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct StepLog {
-    pub step: usize,
-    #[serde(default)]
-    pub total_steps: usize,
-    pub epoch: f64,
-    pub loss: f64,
-    pub lr: f64,
-    pub grad_norm: f64,
-    pub tokens: usize,
-    pub tokens_per_s: f64,
-    pub elapsed_s: f64,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub val_loss: Option<f64>,
-    /// DPO: share of pairs whose chosen answer gained on the rejected one.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub reward_accuracy: Option<f64>,
 }
 
 /// How a run ended.
@@ -220,13 +203,9 @@ impl Trainer<'_> {
             }
             None => None,
         };
-        let log_path = self.out.join("train_log.jsonl");
+        let log_path = self.out.join(TRAIN_LOG_FILE);
         truncate_log(&log_path, state.step)?;
-        let mut log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| FinetuneError::io(&log_path, e))?;
+        let mut log = Appender::open(&log_path)?;
         let bar = Progress::new(total as u64, state.step as u64, self.progress);
         if let Some(step) = resumed_from {
             bar.line(&format!("resuming from the checkpoint at step {step}"));
@@ -343,9 +322,7 @@ impl Trainer<'_> {
                     acc.map_or(String::new(), |a| format!(", reward accuracy {a:.3}"))
                 ));
             }
-            let mut line = serde_json::to_vec(&entry).unwrap_or_default();
-            line.push(b'\n');
-            log.write_all(&line).map_err(|e| FinetuneError::io(&log_path, e))?;
+            log.append(&entry, Durability::Written)?;
             bar.step(&entry);
             if cfg.early_stopping_patience > 0 && state.bad_evals >= cfg.early_stopping_patience {
                 bar.line(&format!(
@@ -360,7 +337,7 @@ impl Trainer<'_> {
             }
         }
         bar.finish();
-        log.sync_all().map_err(|e| FinetuneError::io(&log_path, e))?;
+        log.sync()?;
         if let Some(values) = &best {
             params.restore(values)?;
         }
@@ -470,16 +447,16 @@ fn load_checkpoint(out: &Path, fingerprint: &str) -> Result<Option<Loaded>, Fine
 
 /// Drops log lines past `step` (written after the checkpoint a resumed job starts from).
 fn truncate_log(path: &Path, step: usize) -> Result<(), FinetuneError> {
-    let Ok(text) = std::fs::read_to_string(path) else {
+    if !path.exists() {
         return Ok(());
-    };
-    let kept: Vec<&str> =
-        text.lines().filter(|l| serde_json::from_str::<StepLog>(l).is_ok_and(|s| s.step <= step)).collect();
-    let mut body = kept.join("\n");
-    if !body.is_empty() {
-        body.push('\n');
     }
-    std::fs::write(path, body).map_err(|e| FinetuneError::io(path, e))
+    let mut kept = Vec::new();
+    protocol::jsonl::for_each(path, |s: StepLog| {
+        if s.step <= step {
+            kept.push(s)
+        }
+    })?;
+    Ok(protocol::jsonl::replace(path, &kept)?)
 }
 
 /// A progress bar on a terminal; otherwise one plain line per step on stderr.

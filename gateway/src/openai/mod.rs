@@ -253,17 +253,5 @@ pub struct TokenizeResponse {
     pub tokens: Vec<u32>,
 }
 
-/// The body of every error answer: `{"error": {...}}`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ErrorResponse {
-    pub error: ErrorDetail,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ErrorDetail {
-    pub message: String,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub param: Option<String>,
-    pub code: Option<String>,
-}
+/// The body of every error answer, `{"error": {...}}`; `protocol`'s, because the sidecar reads it too.
+pub use protocol::api::{ErrorDetail, ErrorResponse};

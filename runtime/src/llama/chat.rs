@@ -11,25 +11,9 @@ use tokenizers::Tokenizer;
 use super::Llama;
 use crate::error::{Result, RuntimeError};
 
-/// Who speaks a chat message; the gateway's requests and training examples both use it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    System,
-    User,
-    Assistant,
-}
-
-impl Role {
-    /// The name chat templates see.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::System => "system",
-            Self::User => "user",
-            Self::Assistant => "assistant",
-        }
-    }
-}
+/// Who speaks a chat message: the contract's type, so requests, logs and training examples
+/// reach the template unchanged.
+pub use protocol::dataset::Role;
 
 const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::args::TrainArgs;
-use crate::error::FinetuneError;
+use crate::error::ProtocolError;
+use crate::names;
+use crate::params::TrainArgs;
 
 /// Where a job's examples come from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -88,6 +89,27 @@ pub struct JobError {
     pub message: String,
 }
 
+/// One line of a job's `train_log.jsonl`: the trainer appends one per optimiser step, and the
+/// admin API serves them as the loss curve.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepLog {
+    pub step: usize,
+    #[serde(default)]
+    pub total_steps: usize,
+    pub epoch: f64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: usize,
+    pub tokens_per_s: f64,
+    pub elapsed_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub val_loss: Option<f64>,
+    /// DPO: share of pairs whose chosen answer gained on the rejected one.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reward_accuracy: Option<f64>,
+}
+
 pub fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -98,23 +120,27 @@ pub struct JobStore {
     root: PathBuf,
 }
 
-fn write_atomic(path: &Path, value: &impl Serialize) -> Result<(), FinetuneError> {
+fn write_atomic(path: &Path, value: &impl Serialize) -> Result<(), ProtocolError> {
     let tmp = path.with_extension("json.tmp");
-    let bytes = serde_json::to_vec_pretty(value).map_err(|e| FinetuneError::Training { detail: e.to_string() })?;
-    std::fs::write(&tmp, bytes).map_err(|e| FinetuneError::io(&tmp, e))?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| FinetuneError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| FinetuneError::io(path, e))
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| ProtocolError::io(path, e.into()))?;
+    std::fs::write(&tmp, bytes).map_err(|e| ProtocolError::io(&tmp, e))?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| ProtocolError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| ProtocolError::io(path, e))
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, FinetuneError> {
-    let bytes = std::fs::read(path).map_err(|e| FinetuneError::io(path, e))?;
-    serde_json::from_slice(&bytes).map_err(|e| FinetuneError::Training { detail: format!("{}: {e}", path.display()) })
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ProtocolError> {
+    let bytes = std::fs::read(path).map_err(|e| ProtocolError::io(path, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| ProtocolError::Json {
+        path: path.to_owned(),
+        line: e.line(),
+        detail: e.to_string(),
+    })
 }
 
 impl JobStore {
     /// The store under a data directory (`<data_dir>/finetune/jobs`).
     pub fn under(data_dir: &Path) -> Self {
-        Self { root: data_dir.join("finetune").join("jobs") }
+        Self { root: data_dir.join(names::FINETUNE_DIR).join(names::JOBS_DIR) }
     }
 
     pub fn dir(&self, id: &str) -> PathBuf {
@@ -123,12 +149,14 @@ impl JobStore {
 
     /// Where uploaded datasets are kept (`<data_dir>/finetune/datasets/ds-<hash>`).
     pub fn datasets_dir(&self) -> PathBuf {
-        self.root.with_file_name("datasets")
+        self.root.with_file_name(names::DATASETS_DIR)
     }
 
     /// The file of an uploaded dataset, if `id` names one.
     pub fn dataset_path(&self, id: &str) -> Option<PathBuf> {
-        let ok = id.strip_prefix("ds-").is_some_and(|h| h.len() == 16 && h.chars().all(|c| c.is_ascii_hexdigit()));
+        let ok = id
+            .strip_prefix(names::DATASET_ID_PREFIX)
+            .is_some_and(|h| h.len() == 16 && h.chars().all(|c| c.is_ascii_hexdigit()));
         let path = self.datasets_dir().join(id);
         (ok && path.is_file()).then_some(path)
     }
@@ -141,8 +169,8 @@ impl JobStore {
         params: TrainArgs,
         promote_margin: Option<f64>,
         requested_by: &str,
-    ) -> Result<JobStatus, FinetuneError> {
-        let id = format!("ftjob-{}", uuid::Uuid::new_v4().simple());
+    ) -> Result<JobStatus, ProtocolError> {
+        let id = new_job_id();
         let spec = JobSpec {
             id: id.clone(),
             created: now(),
@@ -153,8 +181,8 @@ impl JobStore {
             requested_by: requested_by.to_owned(),
         };
         let tmp = self.root.join(format!(".tmp-{id}"));
-        std::fs::create_dir_all(&tmp).map_err(|e| FinetuneError::io(&tmp, e))?;
-        write_atomic(&tmp.join("spec.json"), &spec)?;
+        std::fs::create_dir_all(&tmp).map_err(|e| ProtocolError::io(&tmp, e))?;
+        write_atomic(&tmp.join(names::JOB_SPEC_FILE), &spec)?;
         let status = JobStatus {
             id: id.clone(),
             object: "fine_tuning.job".into(),
@@ -170,14 +198,14 @@ impl JobStore {
             metrics: serde_json::Value::Null,
             error: None,
         };
-        write_atomic(&tmp.join("status.json"), &status)?;
+        write_atomic(&tmp.join(names::JOB_STATUS_FILE), &status)?;
         // The job appears whole or not at all.
-        std::fs::rename(&tmp, self.dir(&id)).map_err(|e| FinetuneError::io(self.dir(&id), e))?;
+        std::fs::rename(&tmp, self.dir(&id)).map_err(|e| ProtocolError::io(self.dir(&id), e))?;
         Ok(status)
     }
 
-    pub fn spec(&self, id: &str) -> Result<JobSpec, FinetuneError> {
-        read_json(&self.dir(id).join("spec.json"))
+    pub fn spec(&self, id: &str) -> Result<JobSpec, ProtocolError> {
+        read_json(&self.dir(id).join(names::JOB_SPEC_FILE))
     }
 
     /// `None` for an id that names no job (or a malformed id).
@@ -185,11 +213,11 @@ impl JobStore {
         if !valid_id(id) {
             return None;
         }
-        read_json(&self.dir(id).join("status.json")).ok()
+        read_json(&self.dir(id).join(names::JOB_STATUS_FILE)).ok()
     }
 
-    pub fn set_status(&self, status: &JobStatus) -> Result<(), FinetuneError> {
-        write_atomic(&self.dir(&status.id).join("status.json"), status)
+    pub fn set_status(&self, status: &JobStatus) -> Result<(), ProtocolError> {
+        write_atomic(&self.dir(&status.id).join(names::JOB_STATUS_FILE), status)
     }
 
     /// Every job, newest first.
@@ -212,7 +240,7 @@ impl JobStore {
         if status.state.is_finished() {
             return Some(Err(status));
         }
-        let marker = self.dir(id).join("cancel");
+        let marker = self.dir(id).join(names::JOB_CANCEL_FILE);
         if std::fs::write(&marker, b"").is_err() {
             return Some(Err(status));
         }
@@ -225,18 +253,22 @@ impl JobStore {
     }
 
     pub fn cancel_requested(&self, id: &str) -> bool {
-        self.dir(id).join("cancel").exists()
+        self.dir(id).join(names::JOB_CANCEL_FILE).exists()
     }
 
-    /// Training log lines with `step > after`, for loss curves and following a job.
-    pub fn log_after(&self, id: &str, after: usize) -> Vec<serde_json::Value> {
-        let Ok(text) = std::fs::read_to_string(self.dir(id).join("train_log.jsonl")) else {
-            return Vec::new();
-        };
-        text.lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v.get("step").and_then(serde_json::Value::as_u64).is_some_and(|s| s as usize > after))
-            .collect()
+    /// The training log's steps after `after`, for loss curves and following a job. A log that
+    /// cannot be read has no steps; torn lines are skipped.
+    pub fn log_after(&self, id: &str, after: usize) -> Vec<StepLog> {
+        let mut steps = Vec::new();
+        let path = self.dir(id).join(names::TRAIN_LOG_FILE);
+        if let Err(e) = crate::jsonl::for_each(&path, |s: StepLog| {
+            if s.step > after {
+                steps.push(s)
+            }
+        }) {
+            tracing::warn!(error = %e, "cannot read a training log");
+        }
+        steps
     }
 
     /// The oldest queued job, claimed (marked running) for this process.
@@ -252,9 +284,14 @@ impl JobStore {
     }
 }
 
+/// A fresh job id: `ftjob-` and 32 hex digits.
+pub fn new_job_id() -> String {
+    format!("{}{}", names::JOB_ID_PREFIX, uuid::Uuid::new_v4().simple())
+}
+
 /// Job ids are `ftjob-` and hex: nothing that could walk out of the jobs directory.
 pub fn valid_id(id: &str) -> bool {
-    id.strip_prefix("ftjob-")
+    id.strip_prefix(names::JOB_ID_PREFIX)
         .is_some_and(|rest| !rest.is_empty() && rest.len() <= 64 && rest.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
@@ -280,5 +317,35 @@ mod tests {
         assert_eq!((spec.id.as_str(), running.state), (a.id.as_str(), JobState::Running));
         assert!(store.claim_next().is_none(), "nothing else is queued");
         assert!(store.cancel(&a.id).unwrap().is_ok() && store.cancel_requested(&a.id));
+        assert!(valid_id(&new_job_id()));
+    }
+
+    #[test]
+    fn the_loss_curve_skips_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::under(dir.path());
+        let job = store.create("bot", DatasetRef::Feedback, TrainArgs::default(), None, "admin").unwrap();
+        let path = store.dir(&job.id).join(names::TRAIN_LOG_FILE);
+        let mut log = crate::jsonl::Appender::open(&path).unwrap();
+        for step in 1..=3 {
+            let line = StepLog {
+                step,
+                total_steps: 3,
+                epoch: 1.0,
+                loss: 1.0,
+                lr: 1e-3,
+                grad_norm: 1.0,
+                tokens: 1,
+                tokens_per_s: 1.0,
+                elapsed_s: 1.0,
+                val_loss: None,
+                reward_accuracy: None,
+            };
+            log.append(&line, crate::jsonl::Durability::Written).unwrap();
+        }
+        std::fs::write(&path, [std::fs::read(&path).unwrap(), b"{\"step\": 4, \xff".to_vec()].concat()).unwrap();
+        let steps: Vec<usize> = store.log_after(&job.id, 1).iter().map(|s| s.step).collect();
+        assert_eq!(steps, [2, 3]);
+        assert!(store.log_after("ftjob-0", 0).is_empty(), "no job, no log");
     }
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use super::{normalize_text, DatasetFormat, DropReason, Dropped, Example, Message, Role, Target};
-use crate::error::FinetuneError;
+use crate::error::ProtocolError;
 
 /// One record as it appears in the file, with the id examples and drops will carry.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,11 +31,11 @@ pub struct Loaded {
 
 /// Reads a dataset file. The format is decided by the first record; records of another shape
 /// are dropped with a reason rather than failing the whole file.
-pub fn load_file(path: &Path) -> Result<Loaded, FinetuneError> {
-    let bytes = std::fs::read(path).map_err(|e| FinetuneError::io(path, e))?;
+pub fn load_file(path: &Path) -> Result<Loaded, ProtocolError> {
+    let bytes = std::fs::read(path).map_err(|e| ProtocolError::io(path, e))?;
     let text = String::from_utf8(bytes).map_err(|e| {
         let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
-        FinetuneError::Json {
+        ProtocolError::Json {
             path: path.to_owned(),
             line: valid.iter().filter(|&&b| b == b'\n').count() + 1,
             detail: "the file is not UTF-8 text".into(),
@@ -46,9 +46,9 @@ pub fn load_file(path: &Path) -> Result<Loaded, FinetuneError> {
 
 /// Splits file text into records: a JSON array when the first non-blank character is `[`,
 /// otherwise one JSON value per non-blank line. `path` only names the file in errors.
-pub fn read_records(text: &str, path: &Path) -> Result<Vec<RawRecord>, FinetuneError> {
+pub fn read_records(text: &str, path: &Path) -> Result<Vec<RawRecord>, ProtocolError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let json_error = |line: usize, detail: String| FinetuneError::Json { path: path.to_owned(), line, detail };
+    let json_error = |line: usize, detail: String| ProtocolError::Json { path: path.to_owned(), line, detail };
     if text.trim_start().starts_with('[') {
         return match serde_json::from_str::<Value>(text) {
             Ok(Value::Array(items)) => Ok(items
@@ -81,9 +81,9 @@ pub fn read_records(text: &str, path: &Path) -> Result<Vec<RawRecord>, FinetuneE
 }
 
 /// Detects the format from the first record and parses every record into an example or a drop.
-pub fn parse_records(records: Vec<RawRecord>) -> Result<Loaded, FinetuneError> {
-    let first = records.first().ok_or(FinetuneError::EmptyDataset)?;
-    let format = detect_format(&first.value).ok_or_else(|| FinetuneError::UnknownFormat {
+pub fn parse_records(records: Vec<RawRecord>) -> Result<Loaded, ProtocolError> {
+    let first = records.first().ok_or(ProtocolError::EmptyDataset)?;
+    let format = detect_format(&first.value).ok_or_else(|| ProtocolError::UnknownFormat {
         detail: format!("{}: {}", first.id, describe_shape(&first.value)),
     })?;
     let mut loaded = Loaded { format, records: records.len(), examples: Vec::new(), dropped: Vec::new() };
@@ -149,7 +149,7 @@ fn describe_shape(value: &Value) -> String {
 
 /// Why one record could not become an example.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Reject {
+pub struct Reject {
     pub reason: DropReason,
     pub detail: String,
 }
@@ -294,7 +294,7 @@ fn reply(obj: &Map<String, Value>, field: &str) -> Result<String, Reject> {
 /// Parses a list of chat turns into a prompt: the system text (top-level `system` and any
 /// leading system turns) first, then turns alternating user/assistant from a user turn to
 /// one spoken by `last`.
-pub(crate) fn chat(turns: &Value, field: &str, system: Option<String>, last: Role) -> Result<Vec<Message>, Reject> {
+pub fn chat(turns: &Value, field: &str, system: Option<String>, last: Role) -> Result<Vec<Message>, Reject> {
     let items = match turns {
         Value::Array(items) => items,
         Value::Null => return Err(Reject::schema(format!("missing field `{field}`"))),
@@ -346,7 +346,7 @@ pub(crate) fn chat(turns: &Value, field: &str, system: Option<String>, last: Rol
 
 /// One `{from, value}` or `{role, content}` message; OpenAI content-part arrays count when
 /// every part is text.
-pub(crate) fn message(value: &Value, at: &str) -> Result<Message, Reject> {
+pub fn message(value: &Value, at: &str) -> Result<Message, Reject> {
     let obj = value
         .as_object()
         .ok_or_else(|| Reject::schema(format!("`{at}` must be a message object, found {}", type_name(value))))?;
@@ -396,7 +396,7 @@ fn req_str(obj: &Map<String, Value>, field: &str) -> Result<String, Reject> {
     opt_str(obj, field)?.ok_or_else(|| Reject::schema(format!("missing field `{field}`")))
 }
 
-pub(crate) fn type_name(value: &Value) -> &'static str {
+pub fn type_name(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -421,7 +421,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn parse(text: &str) -> Result<Loaded, FinetuneError> {
+    fn parse(text: &str) -> Result<Loaded, ProtocolError> {
         parse_records(read_records(text, Path::new("data.jsonl"))?)
     }
 
@@ -574,11 +574,11 @@ mod tests {
 
     #[test]
     fn empty_unknown_and_garbage_files_are_errors() {
-        assert!(matches!(parse(""), Err(FinetuneError::EmptyDataset)));
-        assert!(matches!(parse("\n  \n"), Err(FinetuneError::EmptyDataset)));
-        assert!(matches!(parse("[]"), Err(FinetuneError::EmptyDataset)));
+        assert!(matches!(parse(""), Err(ProtocolError::EmptyDataset)));
+        assert!(matches!(parse("\n  \n"), Err(ProtocolError::EmptyDataset)));
+        assert!(matches!(parse("[]"), Err(ProtocolError::EmptyDataset)));
         match parse("{\"text\": \"x\"}\n") {
-            Err(FinetuneError::UnknownFormat { detail }) => {
+            Err(ProtocolError::UnknownFormat { detail }) => {
                 assert!(detail.contains("line-1") && detail.contains("text"), "{detail}")
             }
             other => panic!("{other:?}"),
@@ -589,15 +589,15 @@ mod tests {
             json!({"instruction": "q", "output": "b"})
         );
         match parse(&garbage) {
-            Err(FinetuneError::Json { line, path, .. }) => assert_eq!((line, path.to_str()), (3, Some("data.jsonl"))),
+            Err(ProtocolError::Json { line, path, .. }) => assert_eq!((line, path.to_str()), (3, Some("data.jsonl"))),
             other => panic!("{other:?}"),
         }
         match parse("[\n{\"instruction\": \"q\", \"output\": \"a\"},\n{oops}\n]") {
-            Err(FinetuneError::Json { line, .. }) => assert_eq!(line, 3),
+            Err(ProtocolError::Json { line, .. }) => assert_eq!(line, 3),
             other => panic!("{other:?}"),
         }
         match parse("{\n  \"instruction\": \"q\",\n  \"output\": \"a\"\n}\n") {
-            Err(FinetuneError::Json { line, detail, .. }) => {
+            Err(ProtocolError::Json { line, detail, .. }) => {
                 assert!(line == 1 && detail.contains("several lines"), "{detail}")
             }
             other => panic!("{other:?}"),
@@ -616,7 +616,7 @@ mod tests {
         let loaded = load_file(&path).unwrap();
         assert_eq!((loaded.format, loaded.examples[0].id.as_str()), (DatasetFormat::OpenAiMessages, "line-1"));
         std::fs::write(&path, b"{\"instruction\": \"q\", \"output\": \"a\"}\n{\"instruction\": \"\xff\"}\n").unwrap();
-        assert!(matches!(load_file(&path), Err(FinetuneError::Json { line: 2, .. })));
-        assert!(matches!(load_file(&dir.path().join("missing.jsonl")), Err(FinetuneError::Io { .. })));
+        assert!(matches!(load_file(&path), Err(ProtocolError::Json { line: 2, .. })));
+        assert!(matches!(load_file(&dir.path().join("missing.jsonl")), Err(ProtocolError::Io { .. })));
     }
 }
