@@ -5,8 +5,10 @@ use std::sync::Arc;
 
 use actix_multipart::Multipart;
 use actix_web::{web, HttpRequest, HttpResponse};
+use adapters::peft::{CONFIG_FILE, WEIGHTS_FILE};
 use adapters::{Registry, Source};
 use futures::StreamExt;
+use protocol::api::{AdapterListing, ObjectList, SetAlias, VersionCreated, JOB_ID_PART, LINEAGE_PART, METRICS_PART};
 use serde::Deserialize;
 
 use crate::auth::{Principal, Role};
@@ -113,18 +115,18 @@ pub(crate) async fn create_version(
                 bytes.extend_from_slice(&chunk);
             }
             match label.as_str() {
-                "adapter_config.json" => config = Some(bytes),
-                "adapter_model.safetensors" => weights = Some(bytes),
-                "lineage.json" | "metrics.json" => {
+                CONFIG_FILE => config = Some(bytes),
+                WEIGHTS_FILE => weights = Some(bytes),
+                LINEAGE_PART | METRICS_PART => {
                     let value: serde_json::Value = serde_json::from_slice(&bytes)
                         .map_err(|e| ApiError::invalid(format!("{label} is not JSON: {e}"), Some(label.clone())))?;
-                    if label == "lineage.json" {
+                    if label == LINEAGE_PART {
                         lineage = Some(value)
                     } else {
                         metrics = Some(value)
                     }
                 }
-                "job_id" => {
+                JOB_ID_PART => {
                     let id = String::from_utf8(bytes).map_err(|_| ApiError::invalid("job_id is not UTF-8", Some("job_id".into())))?;
                     job_id = Some(id.trim().to_owned());
                 }
@@ -165,9 +167,7 @@ pub(crate) async fn create_version(
             .map_err(|e| ApiError::Internal(e.to_string()))??
     };
     state.announce(&name).await;
-    Ok(HttpResponse::Created().json(serde_json::json!({
-        "name": manifest.name, "version": manifest.version, "sha256": manifest.sha256, "manifest": manifest,
-    })))
+    Ok(HttpResponse::Created().json(VersionCreated::from(manifest)))
 }
 
 #[utoipa::path(
@@ -184,7 +184,7 @@ pub(crate) async fn create_version(
 )]
 pub(crate) async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let registry = authorize(&state, &req)?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({"object": "list", "data": registry.list()})))
+    Ok(HttpResponse::Ok().json(ObjectList::new(registry.list().into_iter().map(AdapterListing::from).collect())))
 }
 
 #[utoipa::path(
@@ -207,7 +207,7 @@ pub(crate) async fn show(
     let name = path.into_inner();
     let listing =
         registry.list().into_iter().find(|l| l.name == name).ok_or(adapters::AdapterError::AdapterNotFound { name })?;
-    Ok(HttpResponse::Ok().json(listing))
+    Ok(HttpResponse::Ok().json(AdapterListing::from(listing)))
 }
 
 #[utoipa::path(
@@ -231,21 +231,12 @@ pub(crate) async fn show_version(
     Ok(HttpResponse::Ok().json(registry.resolve(&name, &adapters::Selector::Version(version))?))
 }
 
-/// Points an alias at a version; `expected_version` makes it a compare-and-set.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PromoteRequest {
-    version: u64,
-    #[serde(default)]
-    expected_version: Option<u64>,
-}
-
 #[utoipa::path(
     put,
     path = "/admin/adapters/{name}/aliases/{alias}",
     tag = "admin",
     params(("name" = String, Path), ("alias" = String, Path)),
-    request_body = PromoteRequest,
+    request_body = SetAlias,
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The alias change (adapter, alias, from, to)", body = Object),
@@ -261,7 +252,7 @@ pub(crate) async fn promote(
 ) -> Result<HttpResponse, ApiError> {
     let registry = authorize(&state, &req)?;
     let (name, alias) = path.into_inner();
-    let body: PromoteRequest = read_json(&req, payload, state.body_limit).await?;
+    let body: SetAlias = read_json(&req, payload, state.body_limit).await?;
     // A change waits for other processes' changes (the registry's file lock): off the worker.
     let n = name.clone();
     let change =

@@ -49,7 +49,7 @@ use crate::openai::{
         ChatCompletionRequest, CompletionRequest, SamplingFields, StopParam, MessageContent, ContentPart, ChatMessage,
         StreamOptions, ChatCompletionResponse, ChatChoice, AssistantMessage, Usage, PromptTokensDetails, ChatCompletionChunk,
         ChatChunkChoice, ChunkDelta, CompletionResponse, CompletionChoice, ModelList, ModelCard, TokenizeRequest,
-        TokenizeResponse, ErrorResponse, ErrorDetail, crate::admin::ImportRequest, crate::admin::PromoteRequest,
+        TokenizeResponse, ErrorResponse, ErrorDetail, crate::admin::ImportRequest, protocol::api::SetAlias,
         crate::feedback_api::FeedbackRequest, protocol::FeedbackRecord, protocol::Thumbs,
         crate::feedback_api::FeedbackList, protocol::Reviewed, protocol::ReviewStatus,
         crate::feedback_api::ReviewRequest, crate::feedback_api::ReviewAction,

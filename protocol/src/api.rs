@@ -60,7 +60,8 @@ impl From<adapters::AdapterListing> for AdapterListing {
 /// `PUT /admin/adapters/{name}/aliases/{alias}`: point the alias at `version`; with
 /// `expected_version`, only if it still points there (compare-and-set). Answered with an
 /// [`AliasChange`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct SetAlias {
     pub version: u64,
     #[serde(default)]
