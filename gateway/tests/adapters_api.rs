@@ -210,6 +210,25 @@ async fn extractor_errors_come_in_the_openai_shape() {
     }
 }
 
+/// The admin check does not depend on the engine: on one that serves no adapters (echo), the
+/// feedback-review and training-job routes work and only the adapter routes answer 503.
+#[tokio::test]
+async fn admin_routes_without_adapters_still_authorize() {
+    let root = tempfile::tempdir().unwrap();
+    let args: Vec<String> =
+        ["--engine", "echo", "--data-dir", &root.path().join("data").display().to_string(), "--admin-token", TOKEN]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let server = Server::start_raw(&args);
+    for (path, status) in [("/admin/feedback", 200), ("/admin/finetune/jobs", 200), ("/admin/adapters", 503)] {
+        let (got, body) = admin(&server, reqwest::Method::GET, path, None).await;
+        assert_eq!(got, status, "{path}: {body}");
+        let res = client().get(server.url(path)).send().await.unwrap();
+        assert_eq!(res.status().as_u16(), 401, "{path} without the token");
+    }
+}
+
 /// A request resolves its adapter version once: a promote while it streams does not change it.
 #[tokio::test]
 async fn a_running_request_keeps_its_version_across_a_promote() {
