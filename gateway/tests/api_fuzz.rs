@@ -48,12 +48,13 @@ fn the_served_spec_holds_under_a_schema_driven_fuzzer() {
         .args(["--url", &server.base])
         .args(["--checks", "not_a_server_error,status_code_conformance,content_type_conformance"])
         .args(["--header", &format!("Authorization: Bearer {TOKEN}")])
-        .args(["--max-examples", "25", "--seed", "1", "--workers", "2", "--no-color"])
+        // One worker: Python 3.11's ast.parse is not thread-safe ("AST constructor recursion depth
+        // mismatch"), and hypothesis parses lambda sources while it generates.
+        .args(["--max-examples", "25", "--seed", "1", "--workers", "1", "--no-color"])
         .args(["--phases", "examples,coverage,fuzzing"])
         .args(["--request-timeout", "20"])
         .arg("--report-dir")
         .arg(&report)
-        .env("SCHEMATHESIS_HOOKS", "")
         .output()
         .expect("run schemathesis");
     let stdout = String::from_utf8_lossy(&output.stdout);
