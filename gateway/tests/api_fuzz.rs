@@ -53,6 +53,9 @@ fn the_served_spec_holds_under_a_schema_driven_fuzzer() {
         .args(["--max-examples", "25", "--seed", "1", "--workers", "1", "--no-color"])
         .args(["--phases", "examples,coverage,fuzzing"])
         .args(["--request-timeout", "20"])
+        // Nothing is kept between runs, and nothing is written into the clone.
+        .args(["--generation-database", "none"])
+        .current_dir(root.path())
         .arg("--report-dir")
         .arg(&report)
         .output()
