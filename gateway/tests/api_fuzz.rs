@@ -56,6 +56,7 @@ fn the_served_spec_holds_under_a_schema_driven_fuzzer() {
         // Nothing is kept between runs, and nothing is written into the clone.
         .args(["--generation-database", "none"])
         .current_dir(root.path())
+        .env("PWD", root.path())
         .arg("--report-dir")
         .arg(&report)
         .output()
