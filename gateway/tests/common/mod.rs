@@ -35,6 +35,11 @@ impl Server {
 
     /// Starts the gateway with exactly `args` (plus `--auth off` unless they say otherwise).
     pub fn start_raw(args: &[String]) -> Server {
+        Self::start_with_env(args, &[])
+    }
+
+    /// Like [`Server::start_raw`], with extra environment variables (secrets, for example).
+    pub fn start_with_env(args: &[String], env: &[(&str, &str)]) -> Server {
         let mut args = args.to_vec();
         if !args.iter().any(|a| a == "--auth") {
             args.extend(["--auth".to_owned(), "off".to_owned()]);
@@ -47,6 +52,7 @@ impl Server {
             .args(&args)
             .env_remove("SWITCHYARD_MODEL")
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
