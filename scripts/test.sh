@@ -18,6 +18,7 @@ export SWITCHYARD_TEST_REDIS="${SWITCHYARD_TEST_REDIS:-redis://127.0.0.1:6379}"
 # Formatting and lints first: they fail fast and cost no test time.
 cargo fmt --all --check
 cargo clippy --release --workspace --all-targets -- -D warnings
+./scripts/lint-deploy.sh
 
 # The schema-driven fuzzer (gateway/tests/api_fuzz.rs) runs schemathesis from a venv in the cache,
 # made once, never inside the clone.
