@@ -62,6 +62,10 @@ struct State {
     join: ReviewJoin,
     /// (response id, sub): one feedback per user per answer.
     given: HashSet<(String, String)>,
+    /// How far `feedback.jsonl` and `reviews.jsonl` have been read: other replicas sharing the
+    /// data directory append to them too, and [`FeedbackStore::catch_up`] reads on from here.
+    feedback_read: u64,
+    reviews_read: u64,
 }
 
 pub struct FeedbackStore {
@@ -95,14 +99,9 @@ impl FeedbackStore {
             })
             .map_err(io)?;
         }
-        let mut join = ReviewJoin::new();
-        let mut given = HashSet::new();
-        jsonl::for_each(&dir.join(names::FEEDBACK_FILE), |f: FeedbackRecord| {
-            given.insert((f.response_id.clone(), f.sub.clone()));
-            join.add_feedback(f);
-        })
-        .map_err(io)?;
-        jsonl::for_each(&dir.join(names::REVIEWS_FILE), |r| join.add_review(r)).map_err(io)?;
+        let mut state =
+            State { responses, join: ReviewJoin::new(), given: HashSet::new(), feedback_read: 0, reviews_read: 0 };
+        catch_up(dir, &mut state).map_err(io)?;
         let current = dir.join(names::completions_file(seq));
         let completions = match mode {
             LogMode::Off => None,
@@ -121,7 +120,7 @@ impl FeedbackStore {
                 feedback: Appender::open(&dir.join(names::FEEDBACK_FILE)).map_err(io)?,
                 reviews: Appender::open(&dir.join(names::REVIEWS_FILE)).map_err(io)?,
             }),
-            state: Mutex::new(State { responses, join, given }),
+            state: Mutex::new(state),
         })
     }
 
@@ -251,7 +250,8 @@ impl FeedbackStore {
 
     /// Feedback records with their review state, oldest first, optionally of one status.
     pub fn list(&self, status: Option<ReviewStatus>, offset: usize, limit: usize) -> Vec<Reviewed> {
-        let state = self.state.lock();
+        let mut state = self.state.lock();
+        self.catch_up_locked(&mut state);
         state.join.all().filter(|r| status.is_none_or(|s| r.status == s)).skip(offset).take(limit).collect()
     }
 
@@ -263,13 +263,15 @@ impl FeedbackStore {
         edited: Option<String>,
         reviewer: &str,
     ) -> Result<(Reviewed, ReviewRecord), ApiError> {
-        let feedback = self
-            .state
-            .lock()
-            .join
-            .get(id)
-            .cloned()
-            .ok_or_else(|| ApiError::NotFound { message: format!("no feedback with id `{id}`") })?;
+        let feedback = {
+            let mut state = self.state.lock();
+            if state.join.get(id).is_none() {
+                // Perhaps another replica took it: read what they appended since.
+                self.catch_up_locked(&mut state);
+            }
+            state.join.get(id).cloned()
+        }
+        .ok_or_else(|| ApiError::NotFound { message: format!("no feedback with id `{id}`") })?;
         if status == ReviewStatus::Pending {
             return Err(ApiError::invalid("a review accepts or rejects", Some("action".to_owned())));
         }
@@ -287,6 +289,29 @@ impl FeedbackStore {
         self.state.lock().join.add_review(record.clone());
         Ok((Reviewed { feedback, status, accepted_correction: record.correction.clone() }, record))
     }
+}
+
+impl FeedbackStore {
+    /// Reads the feedback and reviews other processes appended since the last read; a failure
+    /// is logged and leaves what is known as it was.
+    fn catch_up_locked(&self, state: &mut State) {
+        if let Err(e) = catch_up(&self.dir, state) {
+            tracing::warn!(error = %e, "cannot read other replicas' feedback");
+        }
+    }
+}
+
+/// Adds the whole records appended to `feedback.jsonl` and `reviews.jsonl` since `state` last
+/// read them. This process's own records come round again and change nothing: feedback is
+/// keyed by id, and reviews replay in file order, so the last one in the file wins.
+fn catch_up(dir: &Path, state: &mut State) -> Result<(), protocol::ProtocolError> {
+    let State { join, given, feedback_read, reviews_read, .. } = state;
+    *feedback_read = jsonl::for_each_from(&dir.join(names::FEEDBACK_FILE), *feedback_read, |f: FeedbackRecord| {
+        given.insert((f.response_id.clone(), f.sub.clone()));
+        join.add_feedback(f);
+    })?;
+    *reviews_read = jsonl::for_each_from(&dir.join(names::REVIEWS_FILE), *reviews_read, |r| join.add_review(r))?;
+    Ok(())
 }
 
 /// Replaces every string under a `content` key (chat) or a bare string (raw prompt).

@@ -43,6 +43,11 @@ impl Topology {
     }
 
     fn start(dir: &Path, model: &Path, imports: &Path, redis_url: &str) -> Self {
+        Self::start_with(dir, model, imports, redis_url, "")
+    }
+
+    /// Like [`Topology::start`], with extra flags for both replicas.
+    fn start_with(dir: &Path, model: &Path, imports: &Path, redis_url: &str, extra: &str) -> Self {
         let bin = PathBuf::from(env!("CARGO_BIN_EXE_switchyard"));
         let script_env = vec![
             ("SWITCHYARD_BIN".to_owned(), bin.display().to_string()),
@@ -52,6 +57,7 @@ impl Topology {
             ("REDIS_URL".to_owned(), redis_url.to_owned()),
             ("ADMIN_TOKEN".to_owned(), TOKEN.to_owned()),
             ("RUST_LOG".to_owned(), "warn".to_owned()),
+            ("EXTRA_GATEWAY_ARGS".to_owned(), extra.to_owned()),
         ];
         let mut t = Topology { dir: dir.to_owned(), env: HashMap::new(), script_env };
         t.script(&["start", &dir.display().to_string()]);
@@ -270,5 +276,85 @@ async fn two_replicas_behind_nginx_share_one_registry_and_survive_kills_and_rest
         rolled.as_millis()
     );
     assert!(failed.is_empty(), "requests failed during the rolling restart: {:?}", &failed[..failed.len().min(5)]);
+    drop(topo);
+}
+
+/// Through the same topology: feedback posted through nginx (to either replica) is trained on
+/// exactly once by the sidecar, and a rate limit is one window for both replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn feedback_is_trained_once_and_a_rate_limit_is_shared() {
+    let root = tempfile::tempdir().unwrap();
+    let model = root.path().join("tiny-llama");
+    runtime::testing::write_tiny_llama_with_head(&model, 3, 2.0).unwrap();
+    let imports = root.path().join("imports");
+    std::fs::create_dir_all(&imports).unwrap();
+    let redis = PrivateRedis::start(common::free_port());
+    let redis_url = format!("redis://127.0.0.1:{}", redis.port);
+    let mut topo =
+        Topology::start_with(&root.path().join("topology"), &model, &imports, &redis_url, "--rate-limit-rpm 200");
+    topo.reload_env();
+    let (nginx, a, b) = (topo.url("NGINX_URL"), topo.url("GATEWAY_A_URL"), topo.url("GATEWAY_B_URL"));
+
+    // 24 answers with corrections, each accepted, all through nginx.
+    for i in 0..24 {
+        let body = json!({"model": "tiny-llama", "messages": [{"role": "user", "content": format!("question {i}")}], "max_tokens": 4, "temperature": 0});
+        let answer: Value = client()
+            .post(format!("{nginx}/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let fb = json!({"response_id": answer["id"], "thumbs": "down", "correction": "paris"});
+        let res = client().post(format!("{nginx}/v1/feedback")).json(&fb).send().await.unwrap();
+        assert_eq!(res.status(), 201, "feedback on an answer from either replica");
+        let record: Value = res.json().await.unwrap();
+        let path = format!("/admin/feedback/{}/review", record["id"].as_str().unwrap());
+        let (status, reviewed) = admin(&nginx, reqwest::Method::POST, &path, json!({"action": "accept"})).await;
+        assert_eq!(status, 200, "a review through either replica: {reviewed}");
+    }
+    // The sidecar (Redis stream, 20 new accepted records start a job) trains once.
+    let started = Instant::now();
+    let job = loop {
+        let (_, jobs) = admin(&nginx, reqwest::Method::GET, "/admin/finetune/jobs", Value::Null).await;
+        let list = jobs["data"].as_array().cloned().unwrap_or_default();
+        if let Some(done) = list.iter().find(|j| j["state"] == "succeeded" || j["state"] == "failed") {
+            break done.clone();
+        }
+        assert!(started.elapsed() < Duration::from_secs(180), "no job finished: {jobs}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(job["state"], "succeeded", "{job}");
+    // A few more sidecar polls start nothing new: every record was trained on once.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, jobs) = admin(&nginx, reqwest::Method::GET, "/admin/finetune/jobs", Value::Null).await;
+    assert_eq!(jobs["data"].as_array().unwrap().len(), 1, "{jobs}");
+    let (_, adapter) = admin(&nginx, reqwest::Method::GET, "/admin/adapters/support-bot", Value::Null).await;
+    assert_eq!(adapter["versions"][0]["lineage"]["dataset"]["feedback"]["count"], 24, "{adapter}");
+    println!("24 feedback records through nginx: one job, trained in {} s", started.elapsed().as_secs());
+
+    // One window for both replicas: each request, to either one, leaves one fewer.
+    let remaining = |res: &reqwest::Response| {
+        res.headers()["x-ratelimit-remaining-requests"].to_str().unwrap().parse::<i64>().unwrap()
+    };
+    let first = remaining(
+        &client()
+            .post(format!("{a}/v1/completions"))
+            .json(&json!({"model": "tiny-llama", "prompt": "x", "max_tokens": 1}))
+            .send()
+            .await
+            .unwrap(),
+    );
+    for (k, base) in [&b, &a, &b, &a].into_iter().enumerate() {
+        let res = client()
+            .post(format!("{base}/v1/completions"))
+            .json(&json!({"model": "tiny-llama", "prompt": "x", "max_tokens": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(remaining(&res), first - 1 - k as i64, "request {k} to {base}");
+    }
     drop(topo);
 }

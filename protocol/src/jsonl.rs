@@ -98,6 +98,39 @@ pub fn for_each<T: DeserializeOwned>(path: &Path, mut f: impl FnMut(T)) -> Resul
     Ok(skipped)
 }
 
+/// Like [`for_each`], for the whole lines from byte `offset` on, where another process may be
+/// appending: a last line without its newline is left for the next call. Returns the offset
+/// just past the last whole line, to pass next time.
+pub fn for_each_from<T: DeserializeOwned>(
+    path: &Path,
+    offset: u64,
+    mut f: impl FnMut(T),
+) -> Result<u64, ProtocolError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(offset),
+        Err(e) => return Err(ProtocolError::io(path, e)),
+    };
+    let mut bytes = Vec::new();
+    file.seek(SeekFrom::Start(offset))
+        .and_then(|_| file.read_to_end(&mut bytes))
+        .map_err(|e| ProtocolError::io(path, e))?;
+    let Some(end) = bytes.iter().rposition(|&b| b == b'\n') else {
+        return Ok(offset);
+    };
+    for line in bytes[..end].split(|&b| b == b'\n') {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match serde_json::from_slice::<T>(line) {
+            Ok(record) => f(record),
+            Err(e) => tracing::warn!(file = %path.display(), error = %e, "skipping a line that is not a whole record"),
+        }
+    }
+    Ok(offset + end as u64 + 1)
+}
+
 /// Every record of a JSONL file, and how many lines were skipped (see [`for_each`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Records<T> {
@@ -130,6 +163,24 @@ pub fn replace<T: Serialize>(path: &Path, records: &[T]) -> Result<(), ProtocolE
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn reading_from_an_offset_leaves_a_line_in_progress_for_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.jsonl");
+        std::fs::write(&path, b"{\"a\":1}\n{\"a\":2}\n{\"a\":").unwrap();
+        let mut seen = Vec::new();
+        let at = super::for_each_from(&path, 0, |v: serde_json::Value| seen.push(v["a"].as_i64().unwrap())).unwrap();
+        assert_eq!((seen.clone(), at), (vec![1, 2], 16));
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map(|mut f| std::io::Write::write_all(&mut f, b"3}\n"))
+            .unwrap()
+            .unwrap();
+        let at = super::for_each_from(&path, at, |v: serde_json::Value| seen.push(v["a"].as_i64().unwrap())).unwrap();
+        assert_eq!((seen, at), (vec![1, 2, 3], 24));
+    }
+
     use super::*;
     use rand::{Rng, SeedableRng};
     use serde::Deserialize;
