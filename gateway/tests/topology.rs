@@ -201,7 +201,23 @@ async fn two_replicas_behind_nginx_share_one_registry_and_survive_kills_and_rest
     }
     println!("promote on replica a served by replica b within {} ms (worst of 3)", worst.as_millis());
 
-    // SIGKILL replica b under 16 streams of load and registry writes through nginx.
+    // Answers to give feedback on while a replica dies.
+    let mut answers = Vec::new();
+    for i in 0..60 {
+        let body = json!({"model": "tiny-llama", "messages": [{"role": "user", "content": format!("q {i}")}], "max_tokens": 2});
+        let v: Value = client()
+            .post(format!("{nginx}/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        answers.push(v["id"].as_str().unwrap().to_owned());
+    }
+
+    // SIGKILL replica b under 16 streams of load, registry writes and feedback through nginx.
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = load(nginx.clone(), 16, stop.clone());
     let writer = {
@@ -226,6 +242,23 @@ async fn two_replicas_behind_nginx_share_one_registry_and_survive_kills_and_rest
             acked
         })
     };
+    let feedback = {
+        let nginx = nginx.clone();
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for id in answers {
+                let fb = json!({"response_id": id, "thumbs": "up"});
+                if let Ok(res) = client().post(format!("{nginx}/v1/feedback")).json(&fb).send().await {
+                    if res.status() == 201 {
+                        let v: Value = res.json().await.unwrap();
+                        acked.push(v["id"].as_str().unwrap().to_owned());
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            acked
+        })
+    };
     tokio::time::sleep(Duration::from_millis(500)).await;
     topo.signal("b", "-KILL");
     let killed = Instant::now();
@@ -241,6 +274,13 @@ async fn two_replicas_behind_nginx_share_one_registry_and_survive_kills_and_rest
     stop.store(true, Ordering::SeqCst);
     let (ok, failed) = traffic.await.unwrap();
     let acked = writer.await.unwrap();
+    let feedback_acked = feedback.await.unwrap();
+    let (_, listed) = admin(&nginx, reqwest::Method::GET, "/admin/feedback?limit=1000", Value::Null).await;
+    let listed: Vec<&str> = listed["data"].as_array().unwrap().iter().filter_map(|r| r["id"].as_str()).collect();
+    for id in &feedback_acked {
+        assert!(listed.contains(&id.as_str()), "acknowledged feedback {id} was lost");
+    }
+    println!("feedback during the kill: {} of 60 acknowledged, none lost", feedback_acked.len());
     println!(
         "SIGKILL of replica b under 16 streams: {ok} requests answered, {} failed (in flight on b), {} registry writes acknowledged, kill settled in {} ms",
         failed.len(),
