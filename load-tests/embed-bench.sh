@@ -4,7 +4,8 @@
 # and 64 and their ratio, with the CPU model. Usage: load-tests/embed-bench.sh [OUT_DIR]
 # Env: ST_VENV (a venv with sentence-transformers; default: a throwaway one in a temp dir, which
 # downloads PyTorch), SWITCHYARD_EMBED_MODEL (default models/all-MiniLM-L6-v2), SENTENCES (512),
-# PORT (18095). Build first: cargo test --release --workspace --lib --bins --tests --no-run.
+# ROUNDS (3: the sides alternate and each keeps its best round), PORT (18095).
+# Build first: cargo test --release --workspace --lib --bins --tests --no-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-bench-out/embed}"
@@ -31,7 +32,7 @@ grep -q '^switchyard ready' "$work/stdout" || { cat "$work/stderr" >&2; exit 1; 
 
 cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
 echo "machine: $cpu, $(nproc) cores" | tee "$out/machine.txt"
-"$venv/bin/python" load-tests/embed_bench.py "http://127.0.0.1:$port" "$model" "${SENTENCES:-512}" | tee "$out/embed.json"
+"$venv/bin/python" load-tests/embed_bench.py "http://127.0.0.1:$port" "$model" "${SENTENCES:-512}" "${ROUNDS:-3}" | tee "$out/embed.json"
 "$venv/bin/python" - "$out/embed.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
