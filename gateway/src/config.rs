@@ -7,6 +7,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
 pub const DEFAULT_MODEL_PATH: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// Served at `/v1/embeddings` when this directory exists and no `embed_model` is set.
+pub const DEFAULT_EMBED_MODEL_PATH: &str = "models/all-MiniLM-L6-v2";
 
 #[derive(Debug, Parser)]
 #[command(name = "switchyard", version, about = "OpenAI-compatible gateway for local models and LoRA adapters")]
@@ -131,6 +133,11 @@ pub struct ServeArgs {
     /// The name clients use in `model` [default: derived from the file name].
     #[arg(long, env = "SWITCHYARD_MODEL_ID")]
     pub model_id: Option<String>,
+    /// A sentence-transformers BERT directory (config.json, model.safetensors, tokenizer.json)
+    /// served at `/v1/embeddings` under the directory's name; `off` turns embeddings off
+    /// [default: models/all-MiniLM-L6-v2 if that directory exists, else off].
+    #[arg(long, env = "SWITCHYARD_EMBED_MODEL")]
+    pub embed_model: Option<PathBuf>,
     /// Completion logging for feedback: `on`, `off`, or `redact` (message text removed)
     /// [default: on].
     #[arg(long, env = "SWITCHYARD_FEEDBACK_LOG")]
@@ -255,6 +262,8 @@ pub struct Settings {
     pub port: u16,
     pub model_path: PathBuf,
     pub model_id: String,
+    /// `None`: no embedding model, `/v1/embeddings` answers 404 for every model.
+    pub embed_model: Option<PathBuf>,
     pub engine: EngineKind,
     /// 0: every core.
     pub threads: usize,
@@ -303,6 +312,7 @@ impl ServeArgs {
             port: self.port.or(file.port).unwrap_or(8080),
             model_path,
             model_id,
+            embed_model: embed_model(self.embed_model.or(file.embed_model))?,
             engine,
             threads: self.threads.or(file.threads).unwrap_or(0),
             feedback_log: self.feedback_log.or(file.feedback_log).unwrap_or(crate::feedback::LogMode::On),
@@ -395,6 +405,20 @@ impl Settings {
     }
 }
 
+/// An explicit directory must hold a model; the default is used only when it does.
+fn embed_model(setting: Option<PathBuf>) -> Result<Option<PathBuf>, String> {
+    let is_model = |p: &Path| p.join("config.json").is_file();
+    match setting {
+        Some(p) if p.as_os_str().is_empty() || p == Path::new("off") => Ok(None),
+        Some(p) if is_model(&p) => Ok(Some(p)),
+        Some(p) => Err(format!(
+            "setting embed_model (SWITCHYARD_EMBED_MODEL) {}: not a model directory (no config.json there)",
+            p.display()
+        )),
+        None => Ok(Some(PathBuf::from(DEFAULT_EMBED_MODEL_PATH)).filter(|p| is_model(p))),
+    }
+}
+
 fn read_file(path: &Path) -> Result<ServeArgs, String> {
     let text =
         std::fs::read_to_string(path).map_err(|e| format!("config file {} cannot be read: {e}", path.display()))?;
@@ -472,6 +496,23 @@ mod tests {
         assert!(err.contains("int4") || err.contains("activations"), "{err}");
         let err = "int4".parse::<Activations>().unwrap_err();
         assert!(err.contains("expected f32 or q8"), "{err}");
+    }
+
+    #[test]
+    fn embed_model_must_be_a_model_directory_and_off_turns_it_off() {
+        let off = || ServeArgs { auth: Some(AuthMode::Off), ..Default::default() };
+        let dir = tempfile::tempdir().unwrap();
+        let err = ServeArgs { embed_model: Some(dir.path().to_owned()), ..off() }.into_settings().unwrap_err();
+        assert!(err.contains("SWITCHYARD_EMBED_MODEL") && err.contains("config.json"), "{err}");
+        std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+        let s = ServeArgs { embed_model: Some(dir.path().to_owned()), ..off() }.into_settings().unwrap();
+        assert_eq!(s.embed_model.as_deref(), Some(dir.path()));
+        let s = ServeArgs { embed_model: Some(PathBuf::from("off")), ..off() }.into_settings().unwrap();
+        assert_eq!(s.embed_model, None);
+        let toml = dir.path().join("s.toml");
+        std::fs::write(&toml, format!("embed_model = {:?}\n", dir.path().join("nope"))).unwrap();
+        let err = ServeArgs { config: Some(toml), ..off() }.into_settings().unwrap_err();
+        assert!(err.contains("embed_model"), "{err}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod adapter_cache;
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod embeddings;
 pub mod engine;
 pub mod error;
 pub mod extract;

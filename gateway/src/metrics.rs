@@ -29,6 +29,10 @@ pub struct Metrics {
     pub adapter_load_seconds: Histogram,
     pub auth_failures: IntCounterVec,
     pub redis_errors: IntCounterVec,
+    /// Inputs embedded, by model (their tokens count in `prompt_tokens`).
+    pub embedding_inputs: IntCounterVec,
+    /// Inputs in each forward of the embedding batcher (several requests' when merged).
+    pub embedding_batch_size: Histogram,
     pub engine: EngineMetrics,
 }
 
@@ -117,6 +121,22 @@ impl Metrics {
             &["op"],
         )
         .expect("metric definition is valid");
+        let embedding_inputs = IntCounterVec::new(
+            Opts::new(
+                "switchyard_embedding_inputs_total",
+                "Inputs (texts or token lists) embedded, by model; their tokens count in switchyard_prompt_tokens_total",
+            ),
+            &["model"],
+        )
+        .expect("metric definition is valid");
+        let embedding_batch_size = Histogram::with_opts(
+            HistogramOpts::new(
+                "switchyard_embedding_batch_size",
+                "Inputs in each forward of the embedding batcher, concurrent requests merged",
+            )
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 2048.0]),
+        )
+        .expect("metric definition is valid");
         let engine = EngineMetrics {
             batch_size: Histogram::with_opts(
                 HistogramOpts::new("switchyard_batch_size", "Sequences in each decode step of the engine")
@@ -148,6 +168,8 @@ impl Metrics {
             Box::new(adapter_load_seconds.clone()),
             Box::new(auth_failures.clone()),
             Box::new(redis_errors.clone()),
+            Box::new(embedding_inputs.clone()),
+            Box::new(embedding_batch_size.clone()),
             Box::new(engine.batch_size.clone()),
             Box::new(engine.queue_depth.clone()),
             Box::new(engine.prefix_cache_bytes.clone()),
@@ -169,6 +191,8 @@ impl Metrics {
             adapter_load_seconds,
             auth_failures,
             redis_errors,
+            embedding_inputs,
+            embedding_batch_size,
             engine,
         }
     }

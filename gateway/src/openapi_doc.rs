@@ -7,9 +7,10 @@ use utoipa::{Modify, OpenApi};
 
 use crate::openai::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-    ChatMessage, ChunkDelta, CompletionChoice, CompletionRequest, CompletionResponse, ContentPart, ErrorDetail,
-    ErrorResponse, MessageContent, ModelCard, ModelList, PromptTokensDetails, SamplingFields, StopParam, StreamOptions,
-    TokenizeRequest, TokenizeResponse, Usage,
+    ChatMessage, ChunkDelta, CompletionChoice, CompletionRequest, CompletionResponse, ContentPart, Embedding,
+    EmbeddingInput, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, EmbeddingVector, EncodingFormat, ErrorDetail,
+    ErrorResponse, MessageContent, ModelCard, ModelKind, ModelList, PromptTokensDetails, SamplingFields, StopParam,
+    StreamOptions, TokenizeRequest, TokenizeResponse, Usage,
 };
 
 #[derive(OpenApi)]
@@ -22,6 +23,7 @@ use crate::openai::{
     paths(
         crate::routes::chat_completions,
         crate::routes::completions,
+        crate::routes::embeddings,
         crate::routes::list_models,
         crate::routes::tokenize,
         crate::routes::health,
@@ -48,12 +50,13 @@ use crate::openai::{
     components(schemas(
         ChatCompletionRequest, CompletionRequest, SamplingFields, StopParam, MessageContent, ContentPart, ChatMessage,
         StreamOptions, ChatCompletionResponse, ChatChoice, AssistantMessage, Usage, PromptTokensDetails, ChatCompletionChunk,
-        ChatChunkChoice, ChunkDelta, CompletionResponse, CompletionChoice, ModelList, ModelCard, TokenizeRequest,
+        ChatChunkChoice, ChunkDelta, CompletionResponse, CompletionChoice, ModelList, ModelCard, ModelKind, TokenizeRequest,
         TokenizeResponse, ErrorResponse, ErrorDetail, crate::admin::ImportRequest, protocol::api::SetAlias,
         crate::feedback_api::FeedbackRequest, protocol::FeedbackRecord, protocol::Thumbs,
         crate::feedback_api::FeedbackList, protocol::Reviewed, protocol::ReviewStatus,
         crate::feedback_api::ReviewRequest, crate::feedback_api::ReviewAction,
         crate::finetune_api::CreateJobRequest, crate::finetune_api::DatasetRequest,
+        EmbeddingRequest, EmbeddingInput, EncodingFormat, EmbeddingResponse, Embedding, EmbeddingVector, EmbeddingUsage,
     )),
     modifiers(&Bearer),
     tags(

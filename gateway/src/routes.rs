@@ -1,5 +1,6 @@
-//! The OpenAI-compatible routes and the operational ones (health, readiness, metrics, models,
-//! tokenize, the spec and its UI): thin handlers that validate, admit and respond.
+//! The OpenAI-compatible routes (chat, completions, embeddings, models, tokenize) and the
+//! operational ones (health, readiness, metrics, the spec and its UI): thin handlers that
+//! validate, admit and respond.
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use utoipa::OpenApi;
@@ -10,7 +11,8 @@ use crate::extract::{caller, read_json};
 #[allow(unused_imports)]
 use crate::openai::{ChatCompletionChunk, ChatCompletionResponse, CompletionResponse, ErrorResponse};
 use crate::openai::{
-    ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
+    ChatCompletionRequest, CompletionRequest, Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage,
+    EmbeddingVector, EncodingFormat, ModelCard, ModelKind, ModelList, TokenizeRequest, TokenizeResponse,
 };
 use crate::respond::{self, Envelope, Kind};
 use crate::state::AppState;
@@ -115,12 +117,97 @@ async fn answer(state: &AppState, req: &HttpRequest, kind: Kind, v: Validated) -
 }
 
 #[utoipa::path(
+    post,
+    path = "/v1/embeddings",
+    tag = "openai",
+    request_body = EmbeddingRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "One vector per input, in order (L2-normalised; inputs past `max_model_len` tokens are cut and marked `truncated`)", body = EmbeddingResponse),
+        EmbeddingErrors
+    )
+)]
+pub(crate) async fn embeddings(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    use actix_web::HttpMessage;
+    let wire: EmbeddingRequest = read_json(&req, payload, state.body_limit).await?;
+    let caller = caller(&req);
+    let model = state.embeddings_for(&wire.model, &caller)?;
+    let v = validate::embeddings(wire, model.limits())?;
+    let verdict = state.limiter.admit(&caller).await.map_err(|(e, verdict)| {
+        req.extensions_mut().insert(verdict);
+        e
+    })?;
+    req.extensions_mut().insert(verdict);
+    // Tokenizing a few MB of text takes a while: not on the actix worker.
+    let encoder = model.encoder();
+    let tokens = web::block(move || -> runtime::Result<Vec<runtime::bert::Tokens>> {
+        match v.inputs {
+            validate::EmbedInputs::Texts(texts) => texts.iter().map(|t| encoder.tokenize(t)).collect(),
+            validate::EmbedInputs::Tokens(lists) => Ok(lists.iter().map(|ids| encoder.wrap(ids)).collect()),
+        }
+    })
+    .await?
+    .map_err(|e| ApiError::invalid(e.to_string(), Some("input".to_owned())))?;
+    let prompt_tokens: usize = tokens.iter().map(|t| t.ids.len()).sum();
+    let truncated: Vec<bool> = tokens.iter().map(|t| t.truncated).collect();
+    let vectors = model.embed(tokens.into_iter().map(|t| t.ids).collect()).await?;
+    state.limiter.charge(&caller, prompt_tokens as u64);
+    state.metrics.embedding_inputs.with_label_values(&[&model.id]).inc_by(vectors.len() as u64);
+    state.metrics.prompt_tokens.with_label_values(&[&model.id]).inc_by(prompt_tokens as u64);
+    req.extensions_mut().insert(respond::Served { model: model.id.clone(), adapter: String::new() });
+    let data = vectors
+        .into_iter()
+        .zip(truncated)
+        .enumerate()
+        .map(|(index, (vector, truncated))| Embedding {
+            object: "embedding".into(),
+            index,
+            embedding: match v.encoding {
+                EncodingFormat::Float => EmbeddingVector::Float(vector),
+                EncodingFormat::Base64 => EmbeddingVector::base64(&vector),
+            },
+            truncated,
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(EmbeddingResponse {
+        object: "list".into(),
+        data,
+        model: model.id.clone(),
+        usage: EmbeddingUsage { prompt_tokens, total_tokens: prompt_tokens },
+    }))
+}
+
+/// What `/v1/embeddings` answers besides 200, documented once for the OpenAPI spec.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum EmbeddingErrors {
+    #[response(status = 400, description = "Invalid request: empty input, an empty string or token list, more than 2048 inputs, a token id outside the vocabulary, `dimensions`, an unknown parameter, or a chat model", example = json!({"error": {"message": "dimensions is not supported: all-MiniLM-L6-v2 has a fixed width of 384; leave dimensions out", "type": "invalid_request_error", "param": "dimensions", "code": "unsupported_parameter"}}))]
+    Invalid(ErrorResponse),
+    #[response(status = 401, description = "Missing or invalid bearer token", example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}}))]
+    Unauthorized(ErrorResponse),
+    #[response(status = 404, description = "Unknown embedding model (or embeddings are off)", example = json!({"error": {"message": "The model `text-embedding-3-small` does not exist or you do not have access to it.", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}))]
+    UnknownModel(ErrorResponse),
+    #[response(status = 413, description = "Body over the limit", example = json!({"error": {"message": "request body is larger than the limit of 4194304 bytes", "type": "invalid_request_error", "param": null, "code": "payload_too_large"}}))]
+    TooLarge(ErrorResponse),
+    #[response(status = 429, description = "Rate limit reached, or too many embedding requests waiting", example = json!({"error": {"message": "too many embedding requests are waiting; retry shortly", "type": "rate_limit_error", "param": null, "code": "concurrency_limit_exceeded"}}))]
+    Limited(ErrorResponse),
+    #[response(status = 500, description = "The forward failed (a bug or a corrupt model, never client input)", example = json!({"error": {"message": "internal error: tensor computation failed", "type": "server_error", "param": null, "code": "internal_error"}}))]
+    Failed(ErrorResponse),
+    #[response(status = 503, description = "Draining", example = json!({"error": {"message": "embeddings are stopping", "type": "server_error", "param": null, "code": "service_unavailable"}}))]
+    Stopping(ErrorResponse),
+}
+
+#[utoipa::path(
     get,
     path = "/v1/models",
     tag = "openai",
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "The base model and every adapter name that routes", body = ModelList),
+        (status = 200, description = "The base model, every adapter name that routes, and the embedding model, each with its `kind`", body = ModelList),
         (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}}))
     )
 )]
@@ -135,6 +222,7 @@ pub(crate) async fn list_models(state: web::Data<AppState>, req: HttpRequest) ->
             created,
             owned_by: "switchyard".into(),
             max_model_len: info.context_len,
+            kind: ModelKind::Chat,
             parent,
             version,
         };
@@ -159,6 +247,18 @@ pub(crate) async fn list_models(state: web::Data<AppState>, req: HttpRequest) ->
                 }
             }
         }
+    }
+    if let Some(e) = state.embeddings.get() {
+        data.push(ModelCard {
+            id: e.id.clone(),
+            object: "model".into(),
+            created: e.created,
+            owned_by: "switchyard".into(),
+            max_model_len: e.max_tokens(),
+            kind: ModelKind::Embedding,
+            parent: None,
+            version: None,
+        });
     }
     data.retain(|card| caller.may_use(&card.id));
     Ok(HttpResponse::Ok().json(ModelList { object: "list".into(), data }))
@@ -267,6 +367,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, metrics_here: bool) {
     }
     cfg.route("/v1/chat/completions", web::post().to(chat_completions))
         .route("/v1/completions", web::post().to(completions))
+        .route("/v1/embeddings", web::post().to(embeddings))
         .route("/v1/models", web::get().to(list_models))
         .route("/tokenize", web::post().to(tokenize))
         .route("/health", web::get().to(health))

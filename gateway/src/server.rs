@@ -1,5 +1,6 @@
-//! Start-up and shutdown: builds the state, composes the app (middlewares, extractor error
-//! handlers, routes), binds, loads the model in the background, and drains on SIGTERM.
+//! Start-up and shutdown: builds the state, loads the embedding model, composes the app
+//! (middlewares, extractor error handlers, routes), binds, loads the chat model in the
+//! background, and drains on SIGTERM.
 
 use std::sync::Arc;
 
@@ -12,7 +13,8 @@ use crate::engine::Engine;
 use crate::routes::{metrics, not_found, routes};
 use crate::state::AppState;
 
-/// Binds, prints the address, loads the model, prints `ready`, and serves until stopped.
+/// Loads the embedding model (if any), binds, prints the address, loads the chat model, prints
+/// `ready`, and serves until stopped.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // Check the model path before binding, so a typo fails fast with the path in the message.
     if settings.engine != EngineKind::Echo {
@@ -24,6 +26,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             settings.data_dir.join(protocol::names::FEEDBACK_DIR).display()
         )
     })?);
+    if let Some(dir) = &settings.embed_model {
+        let embeddings = crate::embeddings::Embeddings::start(dir, &state.metrics)
+            .map_err(|e| anyhow::anyhow!("setting embed_model (SWITCHYARD_EMBED_MODEL) {}: {e}", dir.display()))?;
+        tracing::info!(model = %embeddings.id, dimension = embeddings.limits().dimension, "embedding model loaded");
+        let _ = state.embeddings.set(embeddings);
+    }
     let app_state = state.clone();
     let metrics_here = settings.metrics_listen.is_none();
     let server = HttpServer::new(move || {

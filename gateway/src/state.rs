@@ -21,6 +21,8 @@ use crate::validate::RequestLimits;
 /// Everything handlers share; built once before the server starts.
 pub struct AppState {
     pub(crate) engine: OnceLock<Arc<dyn Engine>>,
+    /// The embedding model, set once before serving when one is configured.
+    pub(crate) embeddings: OnceLock<crate::embeddings::Embeddings>,
     /// Opened once the engine is loaded, when it can serve adapters.
     registry: OnceLock<(Arc<adapters::Registry>, AdapterCache)>,
     pub admin_token: Option<String>,
@@ -53,6 +55,7 @@ impl AppState {
         Ok(Self {
             feedback: Arc::new(feedback),
             engine: OnceLock::new(),
+            embeddings: OnceLock::new(),
             registry: OnceLock::new(),
             admin_token: settings.admin_token.clone(),
             import_root: settings.import_root.clone(),
@@ -199,6 +202,30 @@ impl AppState {
 
     pub fn is_ready(&self) -> bool {
         self.engine.get().is_some() && !self.draining.load(Ordering::Relaxed)
+    }
+
+    /// The embedding model, when `model` names it and the caller may use it. The chat model's
+    /// id gets a 400 that says which model embeds; any other name is "not found".
+    pub(crate) fn embeddings_for(
+        &self,
+        model: &str,
+        caller: &Principal,
+    ) -> Result<&crate::embeddings::Embeddings, ApiError> {
+        let served = self.embeddings.get();
+        if !caller.may_use(model) {
+            return Err(ApiError::ModelNotFound { model: model.to_owned() });
+        }
+        match served {
+            Some(e) if e.id == model => Ok(e),
+            _ if model == self.model_id => Err(ApiError::invalid(
+                match served {
+                    Some(e) => format!("`{model}` is a chat model; embeddings are served by `{}`", e.id),
+                    None => format!("`{model}` is a chat model, and this server serves no embedding model"),
+                },
+                Some("model".to_owned()),
+            )),
+            _ => Err(ApiError::ModelNotFound { model: model.to_owned() }),
+        }
     }
 
     pub(crate) fn engine_for(&self, model: &str, caller: &Principal) -> Result<Arc<dyn Engine>, ApiError> {

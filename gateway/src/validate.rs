@@ -1,10 +1,14 @@
-//! Parse, don't validate: OpenAI wire requests become `GenerationRequest`s once, here.
+//! Parse, don't validate: OpenAI wire requests become `GenerationRequest`s (and embedding
+//! requests `ValidatedEmbeddings`) once, here.
 
 use serde_json::{Map, Value};
 
 use crate::engine::{GenerationRequest, Message, Prompt, Role, Sampling};
 use crate::error::ApiError;
-use crate::openai::{ChatCompletionRequest, CompletionRequest, MessageContent, SamplingFields, StopParam};
+use crate::openai::{
+    ChatCompletionRequest, CompletionRequest, EmbeddingInput, EmbeddingRequest, EncodingFormat, MessageContent,
+    SamplingFields, StopParam, MAX_EMBEDDING_INPUTS,
+};
 
 /// OpenAI allows at most this many stop sequences.
 const MAX_STOPS: usize = 4;
@@ -228,6 +232,102 @@ fn check_extra(extra: &Map<String, Value>, legacy: bool) -> Result<(), ApiError>
     Ok(())
 }
 
+/// What an embedding model accepts; from the loaded model.
+#[derive(Debug, Clone, Copy)]
+pub struct EmbedLimits {
+    /// The model's fixed width.
+    pub dimension: usize,
+    /// Token ids are below this.
+    pub vocab_size: usize,
+}
+
+/// A validated `POST /v1/embeddings`: non-empty inputs, at most [`MAX_EMBEDDING_INPUTS`].
+#[derive(Debug, Clone)]
+pub struct ValidatedEmbeddings {
+    pub model: String,
+    pub inputs: EmbedInputs,
+    pub encoding: EncodingFormat,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EmbedInputs {
+    Texts(Vec<String>),
+    /// Word-piece ids, each below the model's vocabulary size.
+    Tokens(Vec<Vec<u32>>),
+}
+
+impl EmbedInputs {
+    pub fn len(&self) -> usize {
+        match self {
+            EmbedInputs::Texts(t) => t.len(),
+            EmbedInputs::Tokens(t) => t.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub fn embeddings(req: EmbeddingRequest, limits: EmbedLimits) -> Result<ValidatedEmbeddings, ApiError> {
+    if let Some(key) = req.extra.keys().next() {
+        return Err(ApiError::InvalidRequest {
+            message: format!("Unrecognized request argument supplied: {key}"),
+            param: Some(key.clone()),
+            code: "unknown_parameter",
+        });
+    }
+    if req.dimensions.as_ref().is_some_and(|d| !d.is_null()) {
+        return Err(ApiError::unsupported(
+            "dimensions",
+            format!(
+                "dimensions is not supported: {} has a fixed width of {}; leave dimensions out",
+                req.model, limits.dimension
+            ),
+        ));
+    }
+    // A single string or id list is named `input`; an item of a list `input[i]`.
+    let (inputs, single) = match req.input {
+        EmbeddingInput::Text(t) => (EmbedInputs::Texts(vec![t]), true),
+        EmbeddingInput::Texts(t) => (EmbedInputs::Texts(t), false),
+        EmbeddingInput::Tokens(ids) => (EmbedInputs::Tokens(vec![ids]), true),
+        EmbeddingInput::TokenLists(lists) => (EmbedInputs::Tokens(lists), false),
+    };
+    let name = |i: usize| if single { "input".to_owned() } else { format!("input[{i}]") };
+    if inputs.is_empty() {
+        return Err(ApiError::invalid("input must contain at least one string or token list", Some("input".into())));
+    }
+    if inputs.len() > MAX_EMBEDDING_INPUTS {
+        return Err(ApiError::invalid(
+            format!("input has {} items, more than the limit of {MAX_EMBEDDING_INPUTS}", inputs.len()),
+            Some("input".into()),
+        ));
+    }
+    match &inputs {
+        EmbedInputs::Texts(texts) => {
+            if let Some(i) = texts.iter().position(String::is_empty) {
+                return Err(ApiError::invalid(format!("{} must not be an empty string", name(i)), Some(name(i))));
+            }
+        }
+        EmbedInputs::Tokens(lists) => {
+            for (i, ids) in lists.iter().enumerate() {
+                if ids.is_empty() {
+                    return Err(ApiError::invalid(format!("{} must not be an empty list", name(i)), Some(name(i))));
+                }
+                if let Some(j) = ids.iter().position(|&id| id as usize >= limits.vocab_size) {
+                    let at = if single { format!("input[{j}]") } else { format!("input[{i}][{j}]") };
+                    return Err(ApiError::invalid(
+                        format!("{at} is {}, not a token id of this model (0 to {})", ids[j], limits.vocab_size - 1),
+                        Some(at),
+                    ));
+                }
+            }
+        }
+    }
+    let encoding = req.encoding_format.unwrap_or_default();
+    Ok(ValidatedEmbeddings { model: req.model, inputs, encoding })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,5 +380,57 @@ mod tests {
         assert!(completion(ok, LIMITS).is_ok());
         let many: CompletionRequest = serde_json::from_value(json!({"model":"m","prompt":["a","b"]})).unwrap();
         assert_eq!(completion(many, LIMITS).unwrap_err().code(), "unsupported_parameter");
+    }
+
+    fn embed_json(v: Value) -> Result<ValidatedEmbeddings, ApiError> {
+        let limits = EmbedLimits { dimension: 384, vocab_size: 100 };
+        embeddings(serde_json::from_value(v).map_err(|e| ApiError::invalid(e.to_string(), None))?, limits)
+    }
+
+    #[test]
+    fn embedding_inputs_of_every_shape_validate() {
+        let texts = |v: ValidatedEmbeddings| v.inputs;
+        assert_eq!(
+            texts(embed_json(json!({"model":"e","input":"hi"})).unwrap()),
+            EmbedInputs::Texts(vec!["hi".into()])
+        );
+        assert_eq!(
+            texts(embed_json(json!({"model":"e","input":["a","b"],"user":"u"})).unwrap()),
+            EmbedInputs::Texts(vec!["a".into(), "b".into()])
+        );
+        assert_eq!(
+            texts(embed_json(json!({"model":"e","input":[1,2]})).unwrap()),
+            EmbedInputs::Tokens(vec![vec![1, 2]])
+        );
+        let v = embed_json(json!({"model":"e","input":[[1],[2,3]],"encoding_format":"base64"})).unwrap();
+        assert_eq!((v.inputs, v.encoding), (EmbedInputs::Tokens(vec![vec![1], vec![2, 3]]), EncodingFormat::Base64));
+    }
+
+    #[test]
+    fn bad_embedding_requests_name_their_param() {
+        let many: Vec<String> = vec!["x".into(); MAX_EMBEDDING_INPUTS + 1];
+        for (body, param) in [
+            (json!({"model":"e","input":[]}), "input"),
+            (json!({"model":"e","input":""}), "input"),
+            (json!({"model":"e","input":["a",""]}), "input[1]"),
+            (json!({"model":"e","input":[[1],[]]}), "input[1]"),
+            (json!({"model":"e","input":[1,100]}), "input[1]"),
+            (json!({"model":"e","input":[[1],[2,100]]}), "input[1][1]"),
+            (json!({"model":"e","input":many}), "input"),
+            (json!({"model":"e","input":"a","dimensions":128}), "dimensions"),
+            (json!({"model":"e","input":"a","truncate":true}), "truncate"),
+        ] {
+            let err = embed_json(body.clone()).unwrap_err();
+            assert_eq!(err.body().error.param.as_deref(), Some(param), "{body}: {err}");
+        }
+        for body in [
+            json!({"model":"e","input":["a",1]}),
+            json!({"model":"e","input":[1,-2]}),
+            json!({"model":"e","input":{"text":"a"}}),
+            json!({"model":"e","input":"a","encoding_format":"int8"}),
+        ] {
+            let err = serde_json::from_value::<EmbeddingRequest>(body.clone()).unwrap_err().to_string();
+            assert!(err.contains("input") || err.contains("int8"), "{body}: {err}");
+        }
     }
 }

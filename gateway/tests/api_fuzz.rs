@@ -33,6 +33,9 @@ fn the_served_spec_holds_under_a_schema_driven_fuzzer() {
         TOKEN,
         "--import-root",
         &imports.display().to_string(),
+        // `/v1/embeddings` serves the real model (the spec's example names it).
+        "--embed-model",
+        &common::embed_model().display().to_string(),
         // Keep generation short whatever max_tokens the fuzzer picks.
         "--context-len",
         "256",

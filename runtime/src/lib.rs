@@ -12,6 +12,8 @@
 //!   [`llama::PrefixCache`];
 //! - the matrix and attention kernels those run on ([`kernels`]: [`kernels::QMatrix`], SIMD
 //!   chosen at run time);
+//! - the BERT sentence encoder that serves embeddings ([`bert::SentenceEncoder`]: tokenizer,
+//!   [`bert::Bert`], mean pooling and L2 normalisation, as sentence-transformers computes them);
 //! - tiny deterministic models and adapters written to disk for tests ([`testing`]).
 //!
 //! Errors are one enum, [`RuntimeError`], with stable [`RuntimeError::code`] strings; reading
@@ -24,6 +26,7 @@
 //!   runtime only loads directories it is given);
 //! - change a kernel's arithmetic without the exactness tests that pin its bits.
 
+pub mod bert;
 mod error;
 pub mod frozen;
 pub mod kernels;

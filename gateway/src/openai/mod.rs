@@ -220,14 +220,25 @@ pub struct ModelCard {
     pub object: String,
     pub created: u64,
     pub owned_by: String,
-    /// Longest prompt plus completion, in tokens.
+    /// Longest prompt plus completion, in tokens; for an embedding model, the most tokens of
+    /// one input (longer inputs are cut).
     pub max_model_len: usize,
+    /// What the model serves: `chat` (chat and text completions) or `embedding`
+    /// (`/v1/embeddings`).
+    pub kind: ModelKind,
     /// For an adapter: the base model it runs on (vLLM's field).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
     /// For an adapter: the version this name resolves to now.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    Chat,
+    Embedding,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -255,3 +266,144 @@ pub struct TokenizeResponse {
 
 /// The body of every error answer, `{"error": {...}}`; `protocol`'s, because the sidecar reads it too.
 pub use protocol::api::{ErrorDetail, ErrorResponse};
+
+/// Most inputs one `POST /v1/embeddings` may carry (OpenAI's own limit).
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+/// `POST /v1/embeddings` body.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[schema(example = json!({"model": "all-MiniLM-L6-v2", "input": ["How do I reset my password?", "Refund policy"]}))]
+pub struct EmbeddingRequest {
+    pub model: String,
+    pub input: EmbeddingInput,
+    /// `float` (the default) or `base64`: each vector's little-endian f32 bytes, base64-encoded.
+    #[serde(default)]
+    pub encoding_format: Option<EncodingFormat>,
+    /// Refused: the served models have a fixed width.
+    #[serde(default)]
+    #[schema(value_type = Option<i64>)]
+    pub dimensions: Option<Value>,
+    /// Accepted and ignored, as OpenAI does for end-user ids.
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub extra: Map<String, Value>,
+}
+
+/// `input`: a string, a list of strings, a list of token ids, or a list of token-id lists.
+/// Token ids are the model's word pieces without `[CLS]`/`[SEP]`, which the server adds.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum EmbeddingInput {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+impl<'de> Deserialize<'de> for EmbeddingInput {
+    /// By hand rather than `untagged`, so that a wrong element is named (`input[3]`) instead
+    /// of "did not match any variant".
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let id = |v: &Value, at: String| -> Result<u32, D::Error> {
+            v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| {
+                D::Error::custom(format!("{at} must be a token id (an integer from 0 to {}), got {v}", u32::MAX))
+            })
+        };
+        let expected = "a string, a list of strings, a list of token ids, or a list of token-id lists";
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(EmbeddingInput::Text(s)),
+            Value::Array(items) => match items.first() {
+                None => Ok(EmbeddingInput::Texts(Vec::new())),
+                Some(Value::String(_)) => items
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, v)| match v {
+                        Value::String(s) => Ok(s),
+                        other => Err(D::Error::custom(format!(
+                            "input[{i}] must be a string like the items before it, got {other}"
+                        ))),
+                    })
+                    .collect::<Result<_, _>>()
+                    .map(EmbeddingInput::Texts),
+                Some(Value::Number(_)) => items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| id(v, format!("input[{i}]")))
+                    .collect::<Result<_, _>>()
+                    .map(EmbeddingInput::Tokens),
+                Some(Value::Array(_)) => items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, list)| match list {
+                        Value::Array(ids) => {
+                            ids.iter().enumerate().map(|(j, v)| id(v, format!("input[{i}][{j}]"))).collect()
+                        }
+                        other => Err(D::Error::custom(format!("input[{i}] must be a list of token ids, got {other}"))),
+                    })
+                    .collect::<Result<_, _>>()
+                    .map(EmbeddingInput::TokenLists),
+                Some(other) => Err(D::Error::custom(format!("input[0] must be a string or a token id, got {other}"))),
+            },
+            other => Err(D::Error::custom(format!("input must be {expected}, got {other}"))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EncodingFormat {
+    #[default]
+    Float,
+    Base64,
+}
+
+/// One vector: a list of floats, or with `encoding_format: base64` its little-endian f32 bytes
+/// in base64.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum EmbeddingVector {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
+impl EmbeddingVector {
+    /// The vector as OpenAI's `encoding_format: base64` sends it: little-endian f32 bytes.
+    pub fn base64(vector: &[f32]) -> Self {
+        use base64::Engine as _;
+        let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+        EmbeddingVector::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Embedding {
+    /// Always `embedding`.
+    pub object: String,
+    /// The input's position in the request.
+    pub index: usize,
+    pub embedding: EmbeddingVector,
+    /// Present (and `true`) when the input was longer than the model's `max_model_len` tokens
+    /// and its end was cut off before embedding, as sentence-transformers does.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct EmbeddingUsage {
+    /// Tokens the model ran, `[CLS]` and `[SEP]` included, after truncation.
+    pub prompt_tokens: usize,
+    pub total_tokens: usize,
+}
+
+/// `POST /v1/embeddings` answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EmbeddingResponse {
+    /// Always `list`.
+    pub object: String,
+    pub data: Vec<Embedding>,
+    pub model: String,
+    pub usage: EmbeddingUsage,
+}

@@ -18,6 +18,21 @@ pub fn default_model() -> PathBuf {
 
 pub const MODEL_ID: &str = "smollm2-135m-instruct";
 
+/// The default embedding model directory, fetched by `scripts/fetch-models.sh`.
+pub fn embed_model() -> PathBuf {
+    let path = std::env::var_os("SWITCHYARD_TEST_EMBED_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-MiniLM-L6-v2"));
+    assert!(
+        path.join("model.safetensors").is_file(),
+        "{} is missing: run scripts/fetch-models.sh first",
+        path.display()
+    );
+    path
+}
+
+pub const EMBED_MODEL_ID: &str = "all-MiniLM-L6-v2";
+
 pub struct Server {
     child: Child,
     pub base: String,
@@ -51,6 +66,7 @@ impl Server {
             .args(["--host", "127.0.0.1", "--port", "0"])
             .args(&args)
             .env_remove("SWITCHYARD_MODEL")
+            .env_remove("SWITCHYARD_EMBED_MODEL")
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())

@@ -7,7 +7,7 @@
 mod chat;
 mod load;
 mod prefix;
-mod runtime;
+pub(crate) mod runtime;
 
 use adapters::{BaseModelShape, LoraModule};
 use candle_core::{Device, IndexOp, Tensor, D};

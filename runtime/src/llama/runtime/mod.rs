@@ -10,7 +10,7 @@
 mod attention;
 mod kv_cache;
 mod lora_terms;
-mod ops;
+pub(crate) mod ops;
 
 pub use kv_cache::KvCache;
 

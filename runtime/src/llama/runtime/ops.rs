@@ -47,7 +47,7 @@ fn silu(g: f32) -> f32 {
 /// `|r| ≤ ln2/2` and a degree-7 Taylor polynomial (relative error below 2e-8 before rounding,
 /// i.e. within an ulp of libm); inputs below -87 flush to the smallest normal scale.
 #[inline]
-pub(super) fn exp_nonpositive(x: f32) -> f32 {
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
