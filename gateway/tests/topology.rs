@@ -115,6 +115,14 @@ async fn completion(base: &str, model: &str) -> Result<String, String> {
     Ok(v["choices"][0]["text"].as_str().unwrap_or_default().to_owned())
 }
 
+/// A short greedy chat answer through `base`; its id, for feedback.
+async fn chat_id(base: &str, text: &str) -> String {
+    let body = json!({"model": "tiny-llama", "messages": [{"role": "user", "content": text}], "max_tokens": 2, "temperature": 0});
+    let answer: Value =
+        client().post(format!("{base}/v1/chat/completions")).json(&body).send().await.unwrap().json().await.unwrap();
+    answer["id"].as_str().unwrap().to_owned()
+}
+
 async fn admin(base: &str, method: reqwest::Method, path: &str, body: Value) -> (u16, Value) {
     let res = client().request(method, format!("{base}{path}")).bearer_auth(TOKEN).json(&body).send().await.unwrap();
     (res.status().as_u16(), res.json().await.unwrap_or(Value::Null))
@@ -204,17 +212,7 @@ async fn two_replicas_behind_nginx_share_one_registry_and_survive_kills_and_rest
     // Answers to give feedback on while a replica dies.
     let mut answers = Vec::new();
     for i in 0..60 {
-        let body = json!({"model": "tiny-llama", "messages": [{"role": "user", "content": format!("q {i}")}], "max_tokens": 2});
-        let v: Value = client()
-            .post(format!("{nginx}/v1/chat/completions"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        answers.push(v["id"].as_str().unwrap().to_owned());
+        answers.push(chat_id(&nginx, &format!("q {i}")).await);
     }
 
     // SIGKILL replica b under 16 streams of load, registry writes and feedback through nginx.
@@ -337,17 +335,8 @@ async fn feedback_is_trained_once_and_a_rate_limit_is_shared() {
 
     // 24 answers with corrections, each accepted, all through nginx.
     for i in 0..24 {
-        let body = json!({"model": "tiny-llama", "messages": [{"role": "user", "content": format!("question {i}")}], "max_tokens": 4, "temperature": 0});
-        let answer: Value = client()
-            .post(format!("{nginx}/v1/chat/completions"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let fb = json!({"response_id": answer["id"], "thumbs": "down", "correction": "paris"});
+        let id = chat_id(&nginx, &format!("question {i}")).await;
+        let fb = json!({"response_id": id, "thumbs": "down", "correction": "paris"});
         let res = client().post(format!("{nginx}/v1/feedback")).json(&fb).send().await.unwrap();
         assert_eq!(res.status(), 201, "feedback on an answer from either replica");
         let record: Value = res.json().await.unwrap();
