@@ -110,7 +110,7 @@ impl Registry {
 
     /// Where a version's files live; `name` must already be a valid adapter name.
     pub fn version_dir(&self, name: &str, version: u64) -> PathBuf {
-        self.adapter_dir(name).join(VERSIONS_DIR).join(version.to_string())
+        version_path(&self.root, name, version)
     }
 
     /// Every adapter with its versions and aliases.
