@@ -122,7 +122,9 @@ impl From<EngineError> for ApiError {
             },
             EngineError::BadPrompt(_) => ApiError::invalid(e.to_string(), Some("messages".to_owned())),
             EngineError::Closed => ApiError::NotReady,
-            EngineError::AdaptersUnsupported => ApiError::invalid(e.to_string(), Some("model".to_owned())),
+            EngineError::AdaptersUnsupported | EngineError::ScoringUnsupported => {
+                ApiError::invalid(e.to_string(), Some("model".to_owned()))
+            }
             EngineError::Backend(msg) => ApiError::Internal(msg),
         }
     }

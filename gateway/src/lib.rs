@@ -32,6 +32,7 @@ pub mod respond;
 pub mod routes;
 pub mod server;
 pub mod state;
+pub mod tasks;
 pub mod validate;
 
 /// Starts logging to stderr in the configured format; `RUST_LOG` overrides the level.

@@ -33,6 +33,10 @@ pub struct Metrics {
     pub embedding_inputs: IntCounterVec,
     /// Inputs in each forward of the embedding batcher (several requests' when merged).
     pub embedding_batch_size: Histogram,
+    /// Application task requests (`classify`, `qa`, `generate`, `recommend`, `knowledge`), by
+    /// outcome (`ok`, `error`, and task-specific ones such as Q&A's `not_in_documents`).
+    pub task_requests: IntCounterVec,
+    pub task_duration: HistogramVec,
     pub engine: EngineMetrics,
 }
 
@@ -137,6 +141,17 @@ impl Metrics {
             .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 2048.0]),
         )
         .expect("metric definition is valid");
+        let task_requests = IntCounterVec::new(
+            Opts::new("switchyard_task_requests_total", "Application task requests answered, by task and outcome"),
+            &["task", "outcome"],
+        )
+        .expect("metric definition is valid");
+        let task_duration = HistogramVec::new(
+            HistogramOpts::new("switchyard_task_duration_seconds", "Time an application task took, by task")
+                .buckets(vec![0.001, 0.005, 0.02, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]),
+            &["task"],
+        )
+        .expect("metric definition is valid");
         let engine = EngineMetrics {
             batch_size: Histogram::with_opts(
                 HistogramOpts::new("switchyard_batch_size", "Sequences in each decode step of the engine")
@@ -170,6 +185,8 @@ impl Metrics {
             Box::new(redis_errors.clone()),
             Box::new(embedding_inputs.clone()),
             Box::new(embedding_batch_size.clone()),
+            Box::new(task_requests.clone()),
+            Box::new(task_duration.clone()),
             Box::new(engine.batch_size.clone()),
             Box::new(engine.queue_depth.clone()),
             Box::new(engine.prefix_cache_bytes.clone()),
@@ -193,6 +210,8 @@ impl Metrics {
             redis_errors,
             embedding_inputs,
             embedding_batch_size,
+            task_requests,
+            task_duration,
             engine,
         }
     }

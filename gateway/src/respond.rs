@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures::stream;
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::engine::{Event, Generation};
+use crate::engine::{Event, FinishReason, Generation};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::openai::{
@@ -89,6 +89,12 @@ pub struct Envelope {
 }
 
 impl Envelope {
+    /// A task's envelope: its own id prefix (`clf`, `qa`, `gen`, `rec`), logged as a chat answer.
+    pub fn task(prefix: &str, model: String) -> Self {
+        let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        Self { kind: Kind::Chat, id: format!("{prefix}-{}", uuid::Uuid::new_v4().simple()), created, model }
+    }
+
     pub fn new(kind: Kind, model: String) -> Self {
         let prefix = match kind {
             Kind::Chat => "chatcmpl",
@@ -139,8 +145,15 @@ impl Envelope {
     }
 }
 
-/// Reads the whole generation and answers with one JSON body.
-pub async fn whole(envelope: Envelope, mut run: Running) -> Result<HttpResponse, ApiError> {
+/// A whole generation: its text, why it ended and what it used (counted and logged).
+pub struct Collected {
+    pub text: String,
+    pub reason: FinishReason,
+    pub usage: Usage,
+}
+
+/// Reads the whole generation, charges its tokens and logs it under the envelope's id.
+pub async fn collect(envelope: &Envelope, run: &mut Running) -> Result<Collected, ApiError> {
     let mut text = String::new();
     let mut first = true;
     while let Some(event) = run.generation.events.recv().await {
@@ -154,45 +167,51 @@ pub async fn whole(envelope: Envelope, mut run: Running) -> Result<HttpResponse,
             }
             Event::Finished { reason, completion_tokens, cached_tokens } => {
                 let usage = Usage::new(run.generation.prompt_tokens, completion_tokens).with_cached(cached_tokens);
-                count_tokens(&run, &usage);
-                run.log_completion(&envelope, &text, reason.as_str(), &usage);
-                let body = match envelope.kind {
-                    Kind::Chat => serde_json::to_value(ChatCompletionResponse {
-                        id: envelope.id,
-                        object: "chat.completion".into(),
-                        created: envelope.created,
-                        model: envelope.model,
-                        choices: vec![ChatChoice {
-                            index: 0,
-                            message: AssistantMessage { role: "assistant".into(), content: text },
-                            finish_reason: reason.as_str().into(),
-                            logprobs: None,
-                        }],
-                        usage,
-                        system_fingerprint: FINGERPRINT.into(),
-                    }),
-                    Kind::Text => serde_json::to_value(CompletionResponse {
-                        id: envelope.id,
-                        object: "text_completion".into(),
-                        created: envelope.created,
-                        model: envelope.model,
-                        choices: vec![CompletionChoice {
-                            index: 0,
-                            text,
-                            finish_reason: Some(reason.as_str().into()),
-                            logprobs: None,
-                        }],
-                        usage: Some(usage),
-                        system_fingerprint: FINGERPRINT.into(),
-                    }),
-                };
-                let body = body.map_err(|e| ApiError::Internal(e.to_string()))?;
-                return Ok(HttpResponse::Ok().json(body));
+                count_tokens(run, &usage);
+                run.log_completion(envelope, &text, reason.as_str(), &usage);
+                return Ok(Collected { text, reason, usage });
             }
             Event::Failed(msg) => return Err(ApiError::Internal(msg)),
         }
     }
     Err(ApiError::Internal("the engine ended the generation without finishing it".into()))
+}
+
+/// Reads the whole generation and answers with one JSON body.
+pub async fn whole(envelope: Envelope, mut run: Running) -> Result<HttpResponse, ApiError> {
+    let Collected { text, reason, usage } = collect(&envelope, &mut run).await?;
+    let body = match envelope.kind {
+        Kind::Chat => serde_json::to_value(ChatCompletionResponse {
+            id: envelope.id,
+            object: "chat.completion".into(),
+            created: envelope.created,
+            model: envelope.model,
+            choices: vec![ChatChoice {
+                index: 0,
+                message: AssistantMessage { role: "assistant".into(), content: text },
+                finish_reason: reason.as_str().into(),
+                logprobs: None,
+            }],
+            usage,
+            system_fingerprint: FINGERPRINT.into(),
+        }),
+        Kind::Text => serde_json::to_value(CompletionResponse {
+            id: envelope.id,
+            object: "text_completion".into(),
+            created: envelope.created,
+            model: envelope.model,
+            choices: vec![CompletionChoice {
+                index: 0,
+                text,
+                finish_reason: Some(reason.as_str().into()),
+                logprobs: None,
+            }],
+            usage: Some(usage),
+            system_fingerprint: FINGERPRINT.into(),
+        }),
+    };
+    let body = body.map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(HttpResponse::Ok().json(body))
 }
 
 fn count_tokens(run: &Running, usage: &Usage) {
@@ -312,4 +331,74 @@ fn sse_text(json: &str) -> String {
 
 fn sse(json: &str) -> Bytes {
     Bytes::from(sse_text(json))
+}
+
+/// Streams a task's generation (Q&A, templated generation) as server-sent events: `first`
+/// (what the task knows before generating, such as citations), then `{id, object:
+/// "<object>.delta", delta}` per piece of text, then `{id, object: "<object>.done",
+/// finish_reason, usage}`, then `data: [DONE]`. The answer is logged under the envelope's id.
+pub fn streamed_task(envelope: Envelope, run: Running, first: serde_json::Value, object: &'static str) -> HttpResponse {
+    struct TaskSse {
+        envelope: Envelope,
+        run: Running,
+        first: Option<serde_json::Value>,
+        text: String,
+        done: bool,
+        pending: Vec<String>,
+    }
+    let state = TaskSse { envelope, run, first: Some(first), text: String::new(), done: false, pending: Vec::new() };
+    let body = stream::unfold(state, move |mut s| async move {
+        loop {
+            if let Some(frame) = s.pending.pop() {
+                return Some((Ok::<_, actix_web::Error>(Bytes::from(frame)), s));
+            }
+            if s.done {
+                return None;
+            }
+            if let Some(first) = s.first.take() {
+                return Some((Ok(sse(&first.to_string())), s));
+            }
+            let Some(event) = s.run.generation.events.recv().await else {
+                s.done = true;
+                let err = ApiError::Internal("the engine ended the generation without finishing it".into());
+                return Some((Ok(sse(&serde_json::to_string(&err.body()).unwrap_or_default())), s));
+            };
+            match event {
+                Event::Delta(d) if d.is_empty() => continue,
+                Event::Delta(d) => {
+                    if s.text.is_empty() {
+                        s.run.metrics.time_to_first_token.observe(s.run.started.elapsed().as_secs_f64());
+                    }
+                    s.text.push_str(&d);
+                    let frame =
+                        serde_json::json!({"id": s.envelope.id, "object": format!("{object}.delta"), "delta": d});
+                    return Some((Ok(sse(&frame.to_string())), s));
+                }
+                Event::Finished { reason, completion_tokens, cached_tokens } => {
+                    let usage =
+                        Usage::new(s.run.generation.prompt_tokens, completion_tokens).with_cached(cached_tokens);
+                    count_tokens(&s.run, &usage);
+                    s.run.log_completion(&s.envelope, &s.text, reason.as_str(), &usage);
+                    s.done = true;
+                    s.pending.push("data: [DONE]\n\n".to_owned());
+                    let frame = serde_json::json!({
+                        "id": s.envelope.id, "object": format!("{object}.done"),
+                        "finish_reason": reason.as_str(), "usage": usage,
+                    });
+                    return Some((Ok(sse(&frame.to_string())), s));
+                }
+                Event::Failed(msg) => {
+                    tracing::error!(error = %msg, "task generation failed mid-stream");
+                    s.done = true;
+                    let err = ApiError::Internal(msg);
+                    return Some((Ok(sse(&serde_json::to_string(&err.body()).unwrap_or_default())), s));
+                }
+            }
+        }
+    });
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(body)
 }

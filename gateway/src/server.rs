@@ -30,7 +30,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         let embeddings = crate::embeddings::Embeddings::start(dir, &state.metrics)
             .map_err(|e| anyhow::anyhow!("setting embed_model (SWITCHYARD_EMBED_MODEL) {}: {e}", dir.display()))?;
         tracing::info!(model = %embeddings.id, dimension = embeddings.limits().dimension, "embedding model loaded");
+        let dimension = embeddings.limits().dimension;
         let _ = state.embeddings.set(embeddings);
+        state.clone().into_inner().open_applications(dimension, settings.redis.clone())?;
     }
     let app_state = state.clone();
     let metrics_here = settings.metrics_listen.is_none();
@@ -45,6 +47,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             .configure(crate::admin::routes)
             .configure(crate::feedback_api::routes)
             .configure(crate::finetune_api::routes)
+            .configure(crate::tasks::routes)
             .default_service(web::to(not_found))
     })
     .workers(settings.http_workers)

@@ -18,6 +18,11 @@ use crate::metrics::Metrics;
 use crate::respond::{Running, Served};
 use crate::validate::RequestLimits;
 
+/// Under the data directory: prompt templates, knowledge bases, recommendation items and events.
+pub const TEMPLATES_DIR: &str = "templates";
+pub const KNOWLEDGE_DIR: &str = "knowledge";
+pub const RECOMMEND_DIR: &str = "recommend";
+
 /// Everything handlers share; built once before the server starts.
 pub struct AppState {
     pub(crate) engine: OnceLock<Arc<dyn Engine>>,
@@ -42,6 +47,13 @@ pub struct AppState {
     pub model_id: String,
     pub metrics: Arc<Metrics>,
     pub feedback: Arc<crate::feedback::FeedbackStore>,
+    /// Prompt templates for `/v1/generate`.
+    pub(crate) templates: Arc<crate::tasks::templates::Templates>,
+    /// Knowledge bases and the recommender, opened once the embedding model is loaded.
+    pub(crate) knowledge: OnceLock<Arc<knowledge::store::KnowledgeBases>>,
+    pub(crate) recommender: OnceLock<Arc<recommend::Recommender>>,
+    /// Set once Redis is reachable: tells other replicas a knowledge base changed.
+    knowledge_announcer: OnceLock<crate::replicas::Announcer>,
 }
 
 impl AppState {
@@ -52,8 +64,13 @@ impl AppState {
             settings.feedback_log,
             settings.feedback_rotate_bytes,
         )?;
+        let templates = crate::tasks::templates::Templates::open(&settings.data_dir.join(TEMPLATES_DIR))?;
         Ok(Self {
             feedback: Arc::new(feedback),
+            templates: Arc::new(templates),
+            knowledge: OnceLock::new(),
+            recommender: OnceLock::new(),
+            knowledge_announcer: OnceLock::new(),
             engine: OnceLock::new(),
             embeddings: OnceLock::new(),
             registry: OnceLock::new(),
@@ -128,6 +145,43 @@ impl AppState {
                 backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
             }
         });
+    }
+
+    /// Opens the knowledge bases and the recommender for vectors of `dimension` floats (the
+    /// embedding model's), and starts following other replicas' knowledge-base changes.
+    pub(crate) fn open_applications(
+        self: &Arc<Self>,
+        dimension: usize,
+        redis: Option<redis::Client>,
+    ) -> anyhow::Result<()> {
+        let dir = self.data_dir.join(KNOWLEDGE_DIR);
+        let kbs = knowledge::store::KnowledgeBases::open(&dir, dimension)
+            .map_err(|e| anyhow::anyhow!("the knowledge bases under {} cannot be opened: {e}", dir.display()))?;
+        let kbs = Arc::new(kbs);
+        let _ = self.knowledge.set(kbs.clone());
+        let dir = self.data_dir.join(RECOMMEND_DIR);
+        let rec = recommend::Recommender::open(&dir, dimension)
+            .map_err(|e| anyhow::anyhow!("the recommendation store under {} cannot be opened: {e}", dir.display()))?;
+        let _ = self.recommender.set(Arc::new(rec));
+        let refresh: Arc<dyn crate::replicas::Refresh> = kbs;
+        crate::replicas::watch_store(refresh.clone());
+        if let Some(client) = redis {
+            crate::replicas::follow_store(client.clone(), crate::replicas::KNOWLEDGE_CHANNEL, refresh);
+            let state = self.clone();
+            tokio::spawn(async move {
+                if let Ok(a) = crate::replicas::Announcer::connect(&client).await {
+                    let _ = state.knowledge_announcer.set(a.on(crate::replicas::KNOWLEDGE_CHANNEL));
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Tells the other replicas that a knowledge base changed (they also notice by polling).
+    pub async fn announce_knowledge(&self) {
+        if let Some(a) = self.knowledge_announcer.get() {
+            a.announce("knowledge").await;
+        }
     }
 
     /// Whether callers authenticate with JWTs or API keys (rather than all being anonymous).
@@ -233,6 +287,32 @@ impl AppState {
             return Err(ApiError::ModelNotFound { model: model.to_owned() });
         }
         self.engine.get().cloned().ok_or(ApiError::NotReady)
+    }
+
+    /// Scores fixed continuations after a prompt with `model` (the base, or an adapter
+    /// version resolved once), under a concurrency slot like a generation.
+    pub(crate) async fn score(
+        &self,
+        model: &str,
+        caller: &Principal,
+        prompt: crate::engine::Prompt,
+        continuations: Vec<String>,
+    ) -> Result<(crate::engine::Scores, Served), ApiError> {
+        let (engine, adapter) = self.resolve(model, caller).await?;
+        let served = Served {
+            model: engine.info().id.clone(),
+            adapter: adapter.as_ref().map_or(String::new(), |a| format!("{}@{}", a.name, a.version)),
+        };
+        let _permit = self.admission.clone().try_acquire_owned().map_err(|_| {
+            self.metrics.rejected_concurrency.with_label_values(&["concurrency"]).inc();
+            ApiError::RateLimited {
+                message: "too many requests are running; retry shortly".into(),
+                code: "concurrency_limit_exceeded",
+            }
+        })?;
+        let scores = engine.score(crate::engine::ScoreRequest { prompt, adapter, continuations }).await?;
+        self.metrics.prompt_tokens.with_label_values(&[model]).inc_by(scores.prompt_tokens as u64);
+        Ok((scores, served))
     }
 
     /// Takes a concurrency slot (or answers 429) and starts the generation.

@@ -4,8 +4,10 @@
 //! Each request becomes a sequence that holds its adapter version (`Arc`) until its last token,
 //! so an alias moving meanwhile never changes a running answer.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -15,13 +17,13 @@ use async_trait::async_trait;
 use runtime::llama::{shared_prefix, ChatModel, ChatTemplate, KvCache, PrefixCache, Runtime, SeqInput, Workspace};
 use runtime::lora::AdapterWeights;
 use tokenizers::Tokenizer;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::sampling::choose;
 use super::stop::StopFilter;
 use super::{
     fit_to_context, Engine, EngineError, Event, FinishReason, Generation, GenerationRequest, ModelInfo, Prompt,
-    Sampling,
+    Sampling, ScoreRequest, Scores,
 };
 use crate::metrics::EngineMetrics;
 
@@ -54,6 +56,56 @@ struct Job {
     seed: u64,
     max_tokens: usize,
     events: mpsc::UnboundedSender<Event>,
+    /// Set for a scoring job: instead of sampling after the prompt, score these continuations.
+    forced: Option<Forced>,
+}
+
+/// The continuations a scoring job reads after its prompt, and where their scores go.
+struct Forced {
+    continuations: Vec<Vec<u32>>,
+    reply: oneshot::Sender<Result<Vec<f64>, String>>,
+}
+
+/// The scores of one scoring job, filled in as its continuations finish.
+struct Pending {
+    scores: Vec<f64>,
+    left: usize,
+    reply: Option<oneshot::Sender<Result<Vec<f64>, String>>>,
+}
+
+impl Pending {
+    fn finish(&mut self, which: usize, logprob: f64) {
+        self.scores[which] = logprob;
+        self.left -= 1;
+        if self.left == 0 {
+            if let Some(reply) = self.reply.take() {
+                let _ = reply.send(Ok(std::mem::take(&mut self.scores)));
+            }
+        }
+    }
+
+    fn fail(&mut self, error: &str) {
+        if let Some(reply) = self.reply.take() {
+            let _ = reply.send(Err(error.to_owned()));
+        }
+    }
+
+    fn abandoned(&self) -> bool {
+        self.reply.as_ref().is_none_or(|r| r.is_closed())
+    }
+}
+
+/// One continuation of a scoring job past its first token: a copy of the prompt's keys and
+/// values, fed one forced token per step while the log-probability of the next adds up.
+struct Fork {
+    cache: KvCache,
+    adapter: Option<Arc<AdapterWeights>>,
+    tokens: Vec<u32>,
+    /// The token this step feeds; its logits score `tokens[pos + 1]`.
+    pos: usize,
+    logprob: f64,
+    which: usize,
+    pending: Rc<RefCell<Pending>>,
 }
 
 /// A sequence the scheduler is running.
@@ -79,6 +131,17 @@ struct Seq {
 }
 
 impl CandleEngine {
+    /// The prompt as the model reads it: chat messages through the model's own template.
+    fn render(&self, prompt: &Prompt) -> Result<String, EngineError> {
+        match prompt {
+            Prompt::Chat(messages) => self
+                .template
+                .render(messages.iter().map(|m| (m.role.as_str(), m.content.as_str())))
+                .map_err(EngineError::BadPrompt),
+            Prompt::Text(t) => Ok(t.clone()),
+        }
+    }
+
     /// Loads a GGUF file or an HF directory and starts the scheduler thread.
     pub fn load(path: &Path, id: String, options: CandleOptions, metrics: EngineMetrics) -> anyhow::Result<Self> {
         let CandleOptions { context_cap, threads, prefix_cache_bytes, activations } = options;
@@ -129,13 +192,7 @@ impl Engine for CandleEngine {
     }
 
     async fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
-        let text = match prompt {
-            Prompt::Chat(messages) => self
-                .template
-                .render(messages.iter().map(|m| (m.role.as_str(), m.content.as_str())))
-                .map_err(EngineError::BadPrompt)?,
-            Prompt::Text(t) => t.clone(),
-        };
+        let text = self.render(prompt)?;
         let tokenizer = self.tokenizer.clone();
         let encoding = tokio::task::spawn_blocking(move || tokenizer.encode(text, false))
             .await
@@ -160,10 +217,76 @@ impl Engine for CandleEngine {
             seed,
             max_tokens,
             events,
+            forced: None,
         };
         self.jobs.send(job).map_err(|_| EngineError::Closed)?;
         self.metrics.queue_depth.inc();
         Ok(Generation { prompt_tokens, events: rx })
+    }
+
+    async fn score(&self, request: ScoreRequest) -> Result<Scores, EngineError> {
+        if request.continuations.is_empty() {
+            return Err(EngineError::BadPrompt("there is nothing to score".into()));
+        }
+        let text = self.render(&request.prompt)?;
+        // A chat answer ends with the end-of-turn token: scoring it tells `yes` from `yes, but`.
+        let end = match request.prompt {
+            Prompt::Chat(_) => self.template.eos_token().to_owned(),
+            Prompt::Text(_) => String::new(),
+        };
+        let tokenizer = self.tokenizer.clone();
+        let continuations = request.continuations;
+        let (prompt, continuations) = tokio::task::spawn_blocking(move || {
+            let encode = |t: String| tokenizer.encode(t, false).map(|e| e.get_ids().to_vec());
+            let prompt = encode(text.clone())?;
+            let mut tails = Vec::with_capacity(continuations.len());
+            for c in continuations {
+                // Tokenized together with the prompt, as generation would have produced it;
+                // alone only where the two merge across the boundary.
+                let whole = encode(format!("{text}{c}{end}"))?;
+                tails.push(match whole.strip_prefix(prompt.as_slice()) {
+                    Some(tail) => tail.to_vec(),
+                    None => encode(format!("{c}{end}"))?,
+                });
+            }
+            Ok::<_, tokenizers::Error>((prompt, tails))
+        })
+        .await
+        .map_err(|e| EngineError::Backend(e.to_string()))?
+        .map_err(|e| EngineError::BadPrompt(e.to_string()))?;
+        if prompt.is_empty() {
+            return Err(EngineError::BadPrompt("the prompt has no tokens".into()));
+        }
+        if continuations.iter().any(Vec::is_empty) {
+            return Err(EngineError::BadPrompt("a continuation has no tokens".into()));
+        }
+        let longest = continuations.iter().map(Vec::len).max().unwrap_or(0);
+        fit_to_context(prompt.len(), Some(longest), self.info.context_len)?;
+        let tokens = continuations.iter().map(Vec::len).collect();
+        let prompt_tokens = prompt.len();
+        let (reply, answer) = oneshot::channel();
+        let (events, _events) = mpsc::unbounded_channel();
+        let job = Job {
+            tokens: prompt,
+            adapter: request.adapter.map(|a| a.weights),
+            sampling: Sampling {
+                temperature: None,
+                top_p: None,
+                seed: None,
+                stop: Vec::new(),
+                frequency_penalty: None,
+                presence_penalty: None,
+                ignore_eos: false,
+            },
+            seed: 0,
+            max_tokens: 0,
+            events,
+            forced: Some(Forced { continuations, reply }),
+        };
+        self.jobs.send(job).map_err(|_| EngineError::Closed)?;
+        self.metrics.queue_depth.inc();
+        let logprobs = answer.await.map_err(|_| EngineError::Closed)?.map_err(EngineError::Backend)?;
+        Ok(Scores { prompt_tokens, logprobs, tokens })
     }
 }
 
@@ -192,10 +315,12 @@ impl Scheduler {
         // Sequences still reading their prompts, oldest first, and sequences decoding.
         let mut reading: VecDeque<Seq> = VecDeque::new();
         let mut decoding: Vec<Seq> = Vec::new();
+        // Continuations of scoring jobs past their first token.
+        let mut forks: Vec<Fork> = Vec::new();
         loop {
             // Block only when there is nothing to run.
             let mut incoming = Vec::new();
-            if reading.is_empty() && decoding.is_empty() {
+            if reading.is_empty() && decoding.is_empty() && forks.is_empty() {
                 match self.rx.recv() {
                     Ok(job) => incoming.push(job),
                     Err(_) => return,
@@ -207,19 +332,28 @@ impl Scheduler {
                 reading.push_back(self.admit(job));
             }
             // Cancelled requests leave before they cost a step.
-            reading.retain(|s| !s.job.events.is_closed());
+            reading.retain(|s| !s.job.events.is_closed() && s.job.forced.as_ref().is_none_or(|f| !f.reply.is_closed()));
+            forks.retain(|f| !f.pending.borrow().abandoned());
 
             // This step: every decoding sequence's last token, then prompt chunks up to the budget.
             let chunks = self.plan_prompts(&mut reading);
-            self.metrics.batch_size.observe((decoding.len() + chunks) as f64);
+            self.metrics.batch_size.observe((decoding.len() + forks.len() + chunks) as f64);
             let result = {
-                let mut inputs: Vec<SeqInput<'_>> = Vec::with_capacity(decoding.len() + chunks);
+                let mut inputs: Vec<SeqInput<'_>> = Vec::with_capacity(decoding.len() + forks.len() + chunks);
                 for seq in decoding.iter_mut() {
                     let Seq { job, cache, next, .. } = seq;
                     inputs.push(SeqInput {
                         tokens: std::slice::from_ref(next),
                         cache,
                         adapter: job.adapter.as_deref(),
+                        logits: true,
+                    });
+                }
+                for fork in forks.iter_mut() {
+                    inputs.push(SeqInput {
+                        tokens: std::slice::from_ref(&fork.tokens[fork.pos]),
+                        cache: &mut fork.cache,
+                        adapter: fork.adapter.as_deref(),
                         logits: true,
                     });
                 }
@@ -239,7 +373,17 @@ impl Scheduler {
                 let (failed, waiting): (Vec<Seq>, Vec<Seq>) = reading.drain(..).partition(|s| s.take > 0);
                 reading = waiting.into();
                 for seq in decoding.drain(..).chain(failed) {
-                    let _ = seq.job.events.send(Event::Failed(e.to_string()));
+                    match seq.job.forced {
+                        Some(forced) => {
+                            let _ = forced.reply.send(Err(e.to_string()));
+                        }
+                        None => {
+                            let _ = seq.job.events.send(Event::Failed(e.to_string()));
+                        }
+                    }
+                }
+                for fork in forks.drain(..) {
+                    fork.pending.borrow_mut().fail(&e.to_string());
                 }
                 continue;
             }
@@ -251,6 +395,18 @@ impl Scheduler {
                     next_decoding.push(seq);
                 }
             }
+            let mut next_forks = Vec::with_capacity(forks.len());
+            for mut fork in forks.drain(..) {
+                let Some(l) = rows.next() else { break };
+                fork.pos += 1;
+                fork.logprob += log_softmax_at(l, fork.tokens[fork.pos]);
+                if fork.pos + 1 == fork.tokens.len() {
+                    fork.pending.borrow_mut().finish(fork.which, fork.logprob);
+                } else {
+                    next_forks.push(fork);
+                }
+            }
+            forks = next_forks;
             let mut still_reading = VecDeque::with_capacity(reading.len());
             for mut seq in reading.drain(..) {
                 if seq.take == 0 {
@@ -264,7 +420,10 @@ impl Scheduler {
                 }
                 // The whole prompt is in: later prompts that start the same way copy it.
                 self.prefixes.store(&seq.job.tokens, seq.job.adapter.as_ref(), &seq.cache);
-                if let Some(seq) = rows.next().and_then(|l| self.advance(seq, l)) {
+                let Some(l) = rows.next() else { continue };
+                if seq.job.forced.is_some() {
+                    forks.extend(self.fork(seq, l));
+                } else if let Some(seq) = self.advance(seq, l) {
                     next_decoding.push(seq);
                 }
             }
@@ -338,6 +497,38 @@ impl Scheduler {
         }
     }
 
+    /// A scoring job whose prompt is in: each continuation's first token is scored from the
+    /// prompt's own logits, and each longer one goes on as a [`Fork`] with a copy of the
+    /// prompt's keys and values.
+    fn fork(&self, seq: Seq, logits: &[f32]) -> Vec<Fork> {
+        let Some(Forced { continuations, reply }) = seq.job.forced else { return Vec::new() };
+        let pending = Rc::new(RefCell::new(Pending {
+            scores: vec![0.0; continuations.len()],
+            left: continuations.len(),
+            reply: Some(reply),
+        }));
+        let mut forks = Vec::new();
+        for (which, tokens) in continuations.into_iter().enumerate() {
+            let logprob = log_softmax_at(logits, tokens[0]);
+            if tokens.len() == 1 {
+                pending.borrow_mut().finish(which, logprob);
+                continue;
+            }
+            let mut cache = KvCache::new(&self.runtime.config, seq.cache.len() + tokens.len());
+            cache.copy_prefix_from(&seq.cache, seq.cache.len());
+            forks.push(Fork {
+                cache,
+                adapter: seq.job.adapter.clone(),
+                tokens,
+                pos: 0,
+                logprob,
+                which,
+                pending: pending.clone(),
+            });
+        }
+        forks
+    }
+
     /// Samples from `logits`, emits the text, and keeps the sequence if it goes on. A
     /// sequence that ends leaves its conversation so far in the prefix cache (the next turn
     /// of a chat starts with it).
@@ -403,6 +594,13 @@ impl Scheduler {
         seq.next = token;
         true
     }
+}
+
+/// `log softmax(logits)[token]`, in f64 so long label sums keep their precision.
+fn log_softmax_at(logits: &[f32], token: u32) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    logits.get(token as usize).map_or(f64::NEG_INFINITY, |&l| l as f64 - max - sum.ln())
 }
 
 /// Whether two sequences run on the same adapter version (or both on the base).

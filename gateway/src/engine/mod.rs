@@ -80,6 +80,24 @@ pub struct GenerationRequest {
     pub sampling: Sampling,
 }
 
+/// Fixed continuations to score after one prompt (label scoring for classification): each
+/// continuation is the assistant's whole answer, so its end-of-turn token is scored too.
+#[derive(Debug, Clone)]
+pub struct ScoreRequest {
+    pub prompt: Prompt,
+    pub adapter: Option<AdapterHandle>,
+    pub continuations: Vec<String>,
+}
+
+/// What [`Engine::score`] found: per continuation, the summed log-probability of its tokens
+/// (end of turn included) and how many tokens that was.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scores {
+    pub prompt_tokens: usize,
+    pub logprobs: Vec<f64>,
+    pub tokens: Vec<usize>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     Stop,
@@ -142,6 +160,8 @@ pub enum EngineError {
     Backend(String),
     #[error("this engine cannot apply LoRA adapters; serve the base with --engine candle")]
     AdaptersUnsupported,
+    #[error("this engine cannot score labels; serve the model with --engine candle")]
+    ScoringUnsupported,
     #[error("the engine is shutting down")]
     Closed,
 }
@@ -160,6 +180,13 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Admit a request: check it against the context, then start generating.
     async fn generate(&self, request: GenerationRequest) -> Result<Generation, EngineError>;
+
+    /// Scores each continuation after the prompt, computing the prompt's keys and values once
+    /// for all of them.
+    async fn score(&self, request: ScoreRequest) -> Result<Scores, EngineError> {
+        let _ = request;
+        Err(EngineError::ScoringUnsupported)
+    }
 }
 
 /// Checks a prompt and completion budget against the context; returns the budget to use.
