@@ -32,8 +32,6 @@ const MAX_DESCRIPTION_CHARS: usize = 500;
 /// Inputs of one request scored at once (each holds a concurrency slot).
 const PARALLEL_INPUTS: usize = 4;
 
-/// The single-label instruction; training examples from feedback carry it unchanged.
-pub const SYSTEM: &str = "You are a text classifier. Reply with exactly one label from the list, and nothing else.";
 /// The multi-label instruction: one yes/no question per label.
 pub const SYSTEM_MULTI: &str = "You are a text classifier. Reply with yes or no, and nothing else.";
 
@@ -197,10 +195,13 @@ pub fn prompt(labels: &[(String, Option<String>)], text: &str) -> Vec<Message> {
             None => format!("- {name}"),
         })
         .collect();
-    vec![
-        message(Role::System, SYSTEM),
-        message(Role::User, format!("Labels:\n{}\n\nText:\n{text}\n\nWhich label fits the text?", list.join("\n"))),
-    ]
+    vec![message(
+        Role::User,
+        format!(
+            "Here is a text:\n{text}\n\nChoose the best label for it from this list:\n{}\nReply with the label only.",
+            list.join("\n")
+        ),
+    )]
 }
 
 /// The multi-label prompt of one label.
@@ -413,7 +414,10 @@ mod tests {
     #[test]
     fn the_prompt_lists_labels_with_descriptions() {
         let m = prompt(&[("a".into(), Some("first".into())), ("b".into(), None)], "hello");
-        assert_eq!(m[0].content, SYSTEM);
-        assert_eq!(m[1].content, "Labels:\n- a: first\n- b\n\nText:\nhello\n\nWhich label fits the text?");
+        assert_eq!(m.len(), 1, "no system message: the model's own default leads");
+        assert_eq!(
+            m[0].content,
+            "Here is a text:\nhello\n\nChoose the best label for it from this list:\n- a: first\n- b\nReply with the label only."
+        );
     }
 }

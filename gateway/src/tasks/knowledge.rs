@@ -343,18 +343,19 @@ async fn read_document(state: &AppState, req: &HttpRequest, payload: web::Payloa
         .to_owned();
     if !content_type.starts_with("multipart/form-data") {
         let wire: AddDocument = read_json(req, payload, state.body_limit).await?;
-        let format =
-            match wire.format.as_deref() {
-                None | Some("text") => Format::Text,
-                Some("markdown") => Format::Markdown,
-                Some("html") => Format::Html,
-                Some(other) => return Err(ApiError::invalid(
+        let format = match wire.format.as_deref() {
+            None | Some("text") => Format::Text,
+            Some("markdown") => Format::Markdown,
+            Some("html") => Format::Html,
+            Some(other) => {
+                return Err(ApiError::invalid(
                     format!(
                         "format `{other}` is not one of text, markdown, html (upload PDF and DOCX files as multipart)"
                     ),
                     Some("format".to_owned()),
-                )),
-            };
+                ))
+            }
+        };
         let metadata = metadata(wire.metadata)?;
         let text = if format == Format::Text {
             wire.text

@@ -399,9 +399,14 @@ pub(crate) fn render(
             _ => {}
         }
     }
+    // Optional variables left out are present as none, so `{% if rush %}` reads them.
+    let mut context = variables.clone();
+    for v in &t.variables {
+        context.entry(v.name.clone()).or_insert(serde_json::Value::Null);
+    }
     let env = environment();
     let compiled = env.template_from_str(&t.template).map_err(|e| ApiError::Internal(e.to_string()))?;
-    compiled.render(minijinja::Value::from_serialize(variables)).map_err(|e| {
+    compiled.render(minijinja::Value::from_serialize(&context)).map_err(|e| {
         ApiError::invalid(
             format!("template `{}` v{} failed to render: {e}", t.name, t.version),
             Some("variables".to_owned()),
