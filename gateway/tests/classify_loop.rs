@@ -127,7 +127,7 @@ async fn classification_corrections_train_an_adapter_that_classifies_better() {
         min_new_records: 60,
         poll: Duration::from_millis(200),
         promote_margin: None,
-        args: TrainArgs { epochs: Some(2.0), learning_rate: Some(2e-3), val_ratio: Some(0.1), ..TrainArgs::default() },
+        args: TrainArgs { epochs: Some(4.0), learning_rate: Some(3e-3), val_ratio: Some(0.1), ..TrainArgs::default() },
         curate: CurateArgs::default(),
         once: true,
         progress: false,
@@ -136,6 +136,7 @@ async fn classification_corrections_train_an_adapter_that_classifies_better() {
     let res = client().get(server.url("/admin/finetune/jobs")).bearer_auth(TOKEN).send().await.unwrap();
     let jobs: Value = res.json().await.unwrap();
     assert_eq!(jobs["data"][0]["state"], "succeeded", "{jobs}");
+    println!("training job: {}", jobs["data"][0]["metrics"]);
 
     let held_out = tickets(15, true, 99);
     let base = accuracy(&server, common::MODEL_ID, &held_out).await;
