@@ -59,35 +59,51 @@ async fn two_replicas_share(redis: Option<&str>) {
     let kb = kb["id"].as_str().unwrap().to_owned();
     let docs = format!("/v1/knowledge-bases/{kb}/documents");
     let (status, doc) =
-        post(&a, &docs, json!({"title": "Boiler", "text": "The boiler is serviced every October by the landlord."})).await;
+        post(&a, &docs, json!({"title": "Boiler", "text": "The boiler is serviced every October by the landlord."}))
+            .await;
     assert_eq!(status, 201, "{doc}");
-    let took = served_within(&b, &docs, |s, body| s == 200 && body["data"].as_array().is_some_and(|d| d.len() == 1)).await;
+    let took =
+        served_within(&b, &docs, |s, body| s == 200 && body["data"].as_array().is_some_and(|d| d.len() == 1)).await;
     assert!(took < Duration::from_secs(1), "the document reached the other replica in {took:?}");
-    let (status, hits) = post(&b, &format!("/v1/knowledge-bases/{kb}/search"), json!({"query": "when is the boiler serviced"})).await;
+    let (status, hits) =
+        post(&b, &format!("/v1/knowledge-bases/{kb}/search"), json!({"query": "when is the boiler serviced"})).await;
     assert_eq!(status, 200, "{hits}");
     assert_eq!(hits["data"][0]["document_id"], doc["id"]);
     // Deleted on B, gone on A.
     let res = client().delete(b.url(&format!("{docs}/{}", doc["id"].as_str().unwrap()))).send().await.unwrap();
     assert_eq!(res.status(), 200);
-    let took = served_within(&a, &docs, |s, body| s == 200 && body["data"].as_array().is_some_and(|d| d.is_empty())).await;
+    let took =
+        served_within(&a, &docs, |s, body| s == 200 && body["data"].as_array().is_some_and(|d| d.is_empty())).await;
     assert!(took < Duration::from_secs(1), "the deletion reached the other replica in {took:?}");
 
     // Recommendation: items and an event through A change B's very next answer.
-    for (id, text) in [("tea-green", "Green tea leaves"), ("tea-black", "Black tea leaves"), ("bike-helmet", "Cycling helmet")] {
+    for (id, text) in
+        [("tea-green", "Green tea leaves"), ("tea-black", "Black tea leaves"), ("bike-helmet", "Cycling helmet")]
+    {
         let (status, _) = post(&a, "/v1/recommend/items", json!({"id": id, "text": text})).await;
         assert_eq!(status, 201);
     }
-    let (status, _) = post(&a, "/v1/recommend/events", json!({"user": "kim", "item": "tea-green", "event": "purchase"})).await;
+    let (status, _) =
+        post(&a, "/v1/recommend/events", json!({"user": "kim", "item": "tea-green", "event": "purchase"})).await;
     assert_eq!(status, 201);
     let (status, rec) = post(&b, "/v1/recommend", json!({"user": "kim", "k": 2, "exclude_seen": true})).await;
     assert_eq!(status, 200, "{rec}");
-    assert_eq!((rec["cold_start"].as_bool(), rec["items"][0]["id"].as_str()), (Some(false), Some("tea-black")), "{rec}");
+    assert_eq!(
+        (rec["cold_start"].as_bool(), rec["items"][0]["id"].as_str()),
+        (Some(false), Some("tea-black")),
+        "{rec}"
+    );
 
     // A template made through A renders through B.
-    let (status, t) =
-        post(&a, "/admin/templates", json!({"name": "hello", "template": "Say hello to {{ who }}.", "variables": ["who"]})).await;
+    let (status, t) = post(
+        &a,
+        "/admin/templates",
+        json!({"name": "hello", "template": "Say hello to {{ who }}.", "variables": ["who"]}),
+    )
+    .await;
     assert_eq!(status, 201, "{t}");
-    let (status, g) = post(&b, "/v1/generate", json!({"template": "hello", "variables": {"who": "Kim"}, "max_tokens": 4})).await;
+    let (status, g) =
+        post(&b, "/v1/generate", json!({"template": "hello", "variables": {"who": "Kim"}, "max_tokens": 4})).await;
     assert_eq!(status, 200, "{g}");
     assert_eq!(g["template"]["version"], 1);
 }

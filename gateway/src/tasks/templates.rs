@@ -182,10 +182,13 @@ pub struct TenantQuery {
     pub tenant: Option<String>,
 }
 
+/// A tenant's file as last read, with the modification time and size it had then.
+type Cached = (std::time::SystemTime, u64, Arc<TenantFile>);
+
 /// Every tenant's templates, cached per file.
 pub struct Templates {
     dir: PathBuf,
-    cache: Mutex<HashMap<String, (std::time::SystemTime, u64, Arc<TenantFile>)>>,
+    cache: Mutex<HashMap<String, Cached>>,
 }
 
 impl Templates {
