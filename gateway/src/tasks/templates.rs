@@ -464,6 +464,7 @@ pub(crate) async fn create(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Every template of the tenant with its versions and aliases", body = TemplateList),
+        (status = 400, description = "A blank or overlong `tenant`", body = ErrorResponse),
         (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse),
         (status = 403, description = "Not an admin", body = ErrorResponse)
     )
@@ -498,6 +499,7 @@ fn listing(name: &str, e: &TemplateEntry) -> TemplateListing {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The template's versions and aliases", body = TemplateListing),
+        (status = 400, description = "A blank or overlong `tenant`", body = ErrorResponse),
         (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse),
         (status = 403, description = "Not an admin", body = ErrorResponse),
         (status = 404, description = "No such template", body = ErrorResponse)
