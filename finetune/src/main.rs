@@ -91,6 +91,10 @@ struct WatchCmd {
     /// Only feedback on answers of this model string (`name`, `name@7`, or `` for the base).
     #[arg(long)]
     feedback_from: Option<String>,
+    /// Only feedback on answers of one application endpoint (`classify`, `qa`, `generate`,
+    /// `recommend`), or `chat` for chat and text completions: an adapter per task.
+    #[arg(long)]
+    feedback_task: Option<String>,
     /// Accepted feedback records not yet trained on that start a job.
     #[arg(long, default_value_t = 20)]
     min_new_records: usize,
@@ -137,6 +141,7 @@ fn main() -> ExitCode {
             redis_url: cmd.redis_url,
             adapter: cmd.adapter,
             feedback_from: cmd.feedback_from,
+            feedback_task: cmd.feedback_task,
             min_new_records: cmd.min_new_records,
             poll: Duration::from_secs(cmd.poll_seconds.max(1)),
             promote_margin: cmd.promote_margin,

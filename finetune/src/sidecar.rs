@@ -37,6 +37,8 @@ pub struct SidecarConfig {
     /// Only feedback on answers of this model string (`name`, `name@7`, `""` for the base);
     /// all feedback when `None`.
     pub feedback_from: Option<String>,
+    /// Only feedback on answers of this endpoint (`classify`, …, or `chat`); all when `None`.
+    pub feedback_task: Option<String>,
     /// Accepted records not yet trained on that start a job.
     pub min_new_records: usize,
     pub poll: Duration,
@@ -179,7 +181,11 @@ pub fn run(cfg: &SidecarConfig) -> Result<(), FinetuneError> {
         None => None,
     };
     let gateway = Gateway::new(&cfg.gateway, &cfg.admin_token)?;
-    let options = FeedbackOptions { adapter: cfg.feedback_from.clone(), ..FeedbackOptions::default() };
+    let options = FeedbackOptions {
+        adapter: cfg.feedback_from.clone(),
+        task: cfg.feedback_task.clone(),
+        ..FeedbackOptions::default()
+    };
     loop {
         let items: Vec<FeedbackItem> = match inbox.as_mut() {
             Some(inbox) => {

@@ -162,6 +162,7 @@ impl FeedbackStore {
                     adapter: record.adapter.clone(),
                     prompt: logged.then(|| record.prompt.clone()),
                     answer: logged.then(|| record.answer.clone()),
+                    task: record.task(),
                 },
             );
             tokio::spawn(async move { shared.remember(&id, &by).await });

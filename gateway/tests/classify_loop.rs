@@ -124,6 +124,8 @@ async fn classification_corrections_train_an_adapter_that_classifies_better() {
         redis_url: None,
         adapter: "ticket-router".into(),
         feedback_from: None,
+        // Classification feedback only: an adapter for /v1/classify.
+        feedback_task: Some("classify".into()),
         min_new_records: 60,
         poll: Duration::from_millis(200),
         promote_margin: None,

@@ -86,6 +86,7 @@ fn sidecar(server: &Server, data: &Path, model: &Path, redis: Option<String>) ->
         redis_url: redis,
         adapter: "support-bot".into(),
         feedback_from: None,
+        feedback_task: None,
         min_new_records: 20,
         poll: Duration::from_millis(200),
         promote_margin: None,

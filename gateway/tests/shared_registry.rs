@@ -135,6 +135,7 @@ fn sidecar(s: &Setup, gateway: &str) -> SidecarConfig {
         redis_url: None,
         adapter: "bot".into(),
         feedback_from: None,
+        feedback_task: None,
         min_new_records: 1_000_000,
         poll: Duration::from_millis(100),
         promote_margin: None,

@@ -99,6 +99,7 @@ fn sidecar(server: &Server, data: &Path, model: &Path, redis: Option<String>) ->
         redis_url: redis,
         adapter: "bot".into(),
         feedback_from: None,
+        feedback_task: None,
         // Read feedback only: never enough to queue a job.
         min_new_records: 1000,
         poll: Duration::from_millis(50),

@@ -79,6 +79,7 @@ mod tests {
             completion: Some(CompletionText {
                 prompt: serde_json::json!([{"role": "user", "content": "q"}]),
                 answer: "a".into(),
+                task: Some("classify".into()),
             }),
         }));
         for (envelope, kind) in

@@ -29,7 +29,13 @@ pub struct CompletionRecord {
 impl CompletionRecord {
     /// The part training needs.
     pub fn text(&self) -> CompletionText {
-        CompletionText { prompt: self.prompt.clone(), answer: self.answer.clone() }
+        CompletionText { prompt: self.prompt.clone(), answer: self.answer.clone(), task: self.task() }
+    }
+
+    /// The application endpoint that answered (`classify`, `qa`, `generate`, `recommend`, as
+    /// `params.task` says); `None` for chat and text completions.
+    pub fn task(&self) -> Option<String> {
+        self.params.get("task").and_then(|t| t.as_str()).map(str::to_owned)
     }
 }
 
@@ -39,6 +45,9 @@ pub struct CompletionText {
     /// Chat messages (`[{role, content}]`) or the raw prompt of `/v1/completions`.
     pub prompt: serde_json::Value,
     pub answer: String,
+    /// The application endpoint that answered; `None` for chat and text completions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
 }
 
 /// Who answered a response, as stored under [`crate::names::response_key`].
@@ -53,13 +62,16 @@ pub struct AnsweredBy {
     pub prompt: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub answer: Option<String>,
+    /// The application endpoint that answered; `None` for chat and text completions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
 }
 
 impl AnsweredBy {
     /// The logged completion, when logging kept one.
     pub fn completion(&self) -> Option<CompletionText> {
         let answer = self.answer.clone()?;
-        Some(CompletionText { prompt: self.prompt.clone().unwrap_or_default(), answer })
+        Some(CompletionText { prompt: self.prompt.clone().unwrap_or_default(), answer, task: self.task.clone() })
     }
 }
 
@@ -247,8 +259,14 @@ mod tests {
         let flat = serde_json::to_value(&reviewed).unwrap();
         assert_eq!((flat["id"].as_str(), flat["status"].as_str()), (Some("fb-1"), Some("accepted")));
         assert_eq!(serde_json::from_value::<Reviewed>(flat).unwrap(), reviewed);
-        let by =
-            AnsweredBy { tenant: "t".into(), model: "m".into(), adapter: String::new(), prompt: None, answer: None };
+        let by = AnsweredBy {
+            tenant: "t".into(),
+            model: "m".into(),
+            adapter: String::new(),
+            prompt: None,
+            answer: None,
+            task: None,
+        };
         assert_eq!(serde_json::to_string(&by).unwrap(), r#"{"tenant":"t","model":"m","adapter":""}"#);
         assert!(by.completion().is_none(), "logging was off");
     }

@@ -131,6 +131,9 @@ pub struct FeedbackOptions {
     pub tenant: Option<String>,
     /// Only feedback created at or after this Unix time, for incremental runs.
     pub since: Option<u64>,
+    /// Only feedback on answers of this application endpoint (`classify`, `qa`, `generate`,
+    /// `recommend`), or `chat` for chat and text completions.
+    pub task: Option<String>,
 }
 
 impl FeedbackOptions {
@@ -140,6 +143,16 @@ impl FeedbackOptions {
             .as_deref()
             .is_none_or(|want| f.adapter == want || f.adapter.split_once('@').is_some_and(|(name, _)| name == want));
         adapter_ok && self.tenant.as_deref().is_none_or(|t| f.tenant == t) && self.since.is_none_or(|s| f.created >= s)
+    }
+
+    /// Whether the answer came from the endpoint `task` names (an unknown answer passes here
+    /// and is dropped later for having no completion).
+    fn selects_task(&self, completion: Option<&CompletionText>) -> bool {
+        match (self.task.as_deref(), completion) {
+            (None, _) | (_, None) => true,
+            (Some("chat"), Some(c)) => c.task.is_none(),
+            (Some(want), Some(c)) => c.task.as_deref() == Some(want),
+        }
     }
 }
 
@@ -173,7 +186,7 @@ pub fn examples_from_feedback(items: &[FeedbackItem], opts: &FeedbackOptions) ->
     let mut used: Vec<&FeedbackRecord> = Vec::new();
     for item in items {
         let f = &item.feedback;
-        if !opts.selects(f) {
+        if !opts.selects(f) || !opts.selects_task(item.completion.as_ref()) {
             out.not_selected += 1;
             continue;
         }
@@ -306,7 +319,7 @@ mod tests {
     }
 
     fn text(prompt: Value, answer: &str) -> CompletionText {
-        CompletionText { prompt, answer: answer.into() }
+        CompletionText { prompt, answer: answer.into(), task: None }
     }
 
     fn chat_prompt(q: &str) -> Value {
@@ -428,10 +441,32 @@ mod tests {
             FeedbackOptions { adapter: Some("bot@2".into()), ..Default::default() },
             FeedbackOptions { tenant: Some("other".into()), ..Default::default() },
             FeedbackOptions { since: Some(101), ..Default::default() },
+            FeedbackOptions { task: Some("classify".into()), ..Default::default() },
         ] {
             let out = examples_from_feedback(&items, &opts);
             assert_eq!((out.examples.len(), out.dropped.len(), out.not_selected), (0, 0, 1), "{opts:?}");
         }
+        let chat = examples_from_feedback(&items, &FeedbackOptions { task: Some("chat".into()), ..Default::default() });
+        assert_eq!(chat.examples.len(), 1, "a chat answer has no task");
+    }
+
+    #[test]
+    fn a_task_filter_keeps_that_endpoints_answers_only() {
+        let mut view = FeedbackView::default();
+        for (id, task) in [("1", Some("classify")), ("2", Some("qa")), ("3", None)] {
+            view.add_feedback(feedback(&format!("fb-{id}"), &format!("r{id}"), Some("up"), None, 1));
+            view.add_review(review(&format!("fb-{id}"), "accepted", None));
+            let mut t = text(chat_prompt("q"), "a");
+            t.task = task.map(str::to_owned);
+            view.add_completion(format!("r{id}"), t);
+        }
+        let ids = |task: &str| -> Vec<String> {
+            let opts = FeedbackOptions { task: Some(task.into()), ..Default::default() };
+            examples_from_feedback(&view.items(), &opts).examples.into_iter().map(|e| e.id).collect()
+        };
+        assert_eq!(ids("classify"), ["fb-1"]);
+        assert_eq!(ids("qa"), ["fb-2"]);
+        assert_eq!(ids("chat"), ["fb-3"]);
     }
 
     #[test]
