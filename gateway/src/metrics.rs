@@ -33,8 +33,9 @@ pub struct Metrics {
     pub embedding_inputs: IntCounterVec,
     /// Inputs in each forward of the embedding batcher (several requests' when merged).
     pub embedding_batch_size: Histogram,
-    /// Application task requests (`classify`, `qa`, `generate`, `recommend`, `knowledge`), by
-    /// outcome (`ok`, `error`, and task-specific ones such as Q&A's `not_in_documents`).
+    /// Application task requests (`classify`, `qa`, `generate`, `recommend`, `search`, and
+    /// `knowledge` for document ingestion), by outcome (`ok`, `error`, `ingested`, and Q&A's
+    /// `not_in_documents`).
     pub task_requests: IntCounterVec,
     pub task_duration: HistogramVec,
     pub engine: EngineMetrics,

@@ -66,7 +66,7 @@ pub struct ItemResponse {
 pub struct EventRequest {
     pub user: String,
     pub item: String,
-    /// `view` (1), `click` (2), `add_to_cart` (3), `like` (3), `share` (3), `purchase` (5), or any name with a `weight`.
+    /// `view` (1), `click` (2), `add_to_cart`, `like`, `share`, `rating` (3), `purchase` (5), or any name with a `weight`.
     pub event: String,
     pub weight: Option<f32>,
     /// Unix seconds (default: now).
