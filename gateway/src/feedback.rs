@@ -31,6 +31,13 @@ pub enum LogMode {
     Redact,
 }
 
+/// Chat messages as the completion log and training keep them: `[{role, content}]`.
+pub fn messages_json(messages: &[crate::engine::Message]) -> serde_json::Value {
+    serde_json::Value::Array(
+        messages.iter().map(|m| serde_json::json!({"role": m.role.as_str(), "content": m.content})).collect(),
+    )
+}
+
 /// A completion being generated; becomes a [`CompletionRecord`] when it finishes.
 #[derive(Debug, Clone)]
 pub struct Draft {

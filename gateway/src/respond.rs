@@ -318,6 +318,14 @@ pub fn streamed(envelope: Envelope, run: Running, include_usage: bool) -> HttpRe
             }
         }
     });
+    sse_response(body)
+}
+
+/// A `text/event-stream` answer of `body`, unbuffered by caches and proxies.
+pub fn sse_response<S>(body: S) -> HttpResponse
+where
+    S: futures::Stream<Item = Result<Bytes, actix_web::Error>> + 'static,
+{
     HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header(("Cache-Control", "no-cache"))
@@ -396,9 +404,5 @@ pub fn streamed_task(envelope: Envelope, run: Running, first: serde_json::Value,
             }
         }
     });
-    HttpResponse::Ok()
-        .content_type("text/event-stream")
-        .insert_header(("Cache-Control", "no-cache"))
-        .insert_header(("X-Accel-Buffering", "no"))
-        .streaming(body)
+    sse_response(body)
 }

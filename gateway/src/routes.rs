@@ -77,23 +77,14 @@ enum GenerationErrors {
 }
 
 async fn answer(state: &AppState, req: &HttpRequest, kind: Kind, v: Validated) -> Result<HttpResponse, ApiError> {
-    use actix_web::HttpMessage;
     let caller = caller(req);
-    // The verdict rides on the request so that the outer middleware can add the headers to
-    // whatever answer this becomes, a 429 included.
-    let verdict = state.limiter.admit(&caller).await.map_err(|(e, verdict)| {
-        req.extensions_mut().insert(verdict);
-        e
-    })?;
-    req.extensions_mut().insert(verdict);
+    state.admit_caller(req, &caller).await?;
     let slot = if v.stream { state.limiter.stream_slot(&caller)? } else { None };
     let draft = crate::feedback::Draft {
         tenant: caller.tenant.clone(),
         sub: caller.sub.clone(),
         prompt: match &v.generation.prompt {
-            Prompt::Chat(messages) => serde_json::Value::Array(
-                messages.iter().map(|m| serde_json::json!({"role": m.role.as_str(), "content": m.content})).collect(),
-            ),
+            Prompt::Chat(messages) => crate::feedback::messages_json(messages),
             Prompt::Text(t) => serde_json::Value::String(t.clone()),
         },
         params: {
@@ -104,10 +95,7 @@ async fn answer(state: &AppState, req: &HttpRequest, kind: Kind, v: Validated) -
             })
         },
     };
-    let mut running = state.admit(&v.model, &caller, v.generation).await?;
-    running.log = Some((state.feedback.clone(), draft));
-    req.extensions_mut().insert(running.served.clone());
-    running.limits = Some((state.limiter.clone(), caller, slot));
+    let running = state.start_logged(req, &v.model, caller, v.generation, draft, slot).await?;
     let envelope = Envelope::new(kind, v.model);
     if v.stream {
         Ok(respond::streamed(envelope, running, v.include_usage))
@@ -137,11 +125,7 @@ pub(crate) async fn embeddings(
     let caller = caller(&req);
     let model = state.embeddings_for(&wire.model, &caller)?;
     let v = validate::embeddings(wire, model.limits())?;
-    let verdict = state.limiter.admit(&caller).await.map_err(|(e, verdict)| {
-        req.extensions_mut().insert(verdict);
-        e
-    })?;
-    req.extensions_mut().insert(verdict);
+    state.admit_caller(&req, &caller).await?;
     // Tokenizing a few MB of text takes a while: not on the actix worker.
     let encoder = model.encoder();
     let tokens = web::block(move || -> runtime::Result<Vec<runtime::bert::Tokens>> {

@@ -127,12 +127,12 @@ impl AppState {
     /// background while Redis is unreachable).
     pub(crate) fn share_registry(self: &Arc<Self>, client: redis::Client) {
         let Some(registry) = self.registry() else { return };
-        crate::replicas::follow(client.clone(), registry);
+        crate::replicas::follow(client.clone(), crate::replicas::REGISTRY_CHANNEL, registry);
         let state = self.clone();
         tokio::spawn(async move {
             let mut backoff = std::time::Duration::from_millis(100);
             loop {
-                match crate::replicas::Announcer::connect(&client).await {
+                match crate::replicas::Announcer::connect(&client, crate::replicas::REGISTRY_CHANNEL).await {
                     Ok(a) => {
                         let _ = state.announcer.set(a);
                         return;
@@ -164,13 +164,13 @@ impl AppState {
             .map_err(|e| anyhow::anyhow!("the recommendation store under {} cannot be opened: {e}", dir.display()))?;
         let _ = self.recommender.set(Arc::new(rec));
         let refresh: Arc<dyn crate::replicas::Refresh> = kbs;
-        crate::replicas::watch_store(refresh.clone());
+        crate::replicas::watch(refresh.clone());
         if let Some(client) = redis {
-            crate::replicas::follow_store(client.clone(), crate::replicas::KNOWLEDGE_CHANNEL, refresh);
+            crate::replicas::follow(client.clone(), crate::replicas::KNOWLEDGE_CHANNEL, refresh);
             let state = self.clone();
             tokio::spawn(async move {
-                if let Ok(a) = crate::replicas::Announcer::connect(&client).await {
-                    let _ = state.knowledge_announcer.set(a.on(crate::replicas::KNOWLEDGE_CHANNEL));
+                if let Ok(a) = crate::replicas::Announcer::connect(&client, crate::replicas::KNOWLEDGE_CHANNEL).await {
+                    let _ = state.knowledge_announcer.set(a);
                 }
             });
         }
@@ -289,6 +289,29 @@ impl AppState {
         self.engine.get().cloned().ok_or(ApiError::NotReady)
     }
 
+    /// Admits the caller against the rate limiter. The verdict rides on the request (a 429's
+    /// too) so that the outer middleware adds the `x-ratelimit-*` headers to whatever answers.
+    pub(crate) async fn admit_caller(&self, req: &actix_web::HttpRequest, caller: &Principal) -> Result<(), ApiError> {
+        use actix_web::HttpMessage;
+        let verdict = self.limiter.admit(caller).await.map_err(|(e, verdict)| {
+            req.extensions_mut().insert(verdict);
+            e
+        })?;
+        req.extensions_mut().insert(verdict);
+        Ok(())
+    }
+
+    /// A concurrency slot, without waiting: 429 when none is free.
+    fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.admission.clone().try_acquire_owned().map_err(|_| {
+            self.metrics.rejected_concurrency.with_label_values(&["concurrency"]).inc();
+            ApiError::RateLimited {
+                message: "too many requests are running; retry shortly".into(),
+                code: "concurrency_limit_exceeded",
+            }
+        })
+    }
+
     /// Scores fixed continuations after a prompt with `model` (the base, or an adapter
     /// version resolved once), under a concurrency slot like a generation.
     pub(crate) async fn score(
@@ -299,20 +322,31 @@ impl AppState {
         continuations: Vec<String>,
     ) -> Result<(crate::engine::Scores, Served), ApiError> {
         let (engine, adapter) = self.resolve(model, caller).await?;
-        let served = Served {
-            model: engine.info().id.clone(),
-            adapter: adapter.as_ref().map_or(String::new(), |a| format!("{}@{}", a.name, a.version)),
-        };
-        let _permit = self.admission.clone().try_acquire_owned().map_err(|_| {
-            self.metrics.rejected_concurrency.with_label_values(&["concurrency"]).inc();
-            ApiError::RateLimited {
-                message: "too many requests are running; retry shortly".into(),
-                code: "concurrency_limit_exceeded",
-            }
-        })?;
+        let served = served(engine.as_ref(), adapter.as_ref());
+        let _permit = self.permit()?;
         let scores = engine.score(crate::engine::ScoreRequest { prompt, adapter, continuations }).await?;
         self.metrics.prompt_tokens.with_label_values(&[model]).inc_by(scores.prompt_tokens as u64);
         Ok((scores, served))
+    }
+
+    /// [`AppState::admit`], then: the answer is logged with `draft` when it finishes (so
+    /// feedback can name it), its tokens are charged to `caller`, and the request's metrics
+    /// are labelled with what it resolved to.
+    pub(crate) async fn start_logged(
+        &self,
+        req: &actix_web::HttpRequest,
+        model: &str,
+        caller: Principal,
+        request: GenerationRequest,
+        draft: crate::feedback::Draft,
+        slot: Option<crate::limits::StreamSlot>,
+    ) -> Result<Running, ApiError> {
+        use actix_web::HttpMessage;
+        let mut running = self.admit(model, &caller, request).await?;
+        running.log = Some((self.feedback.clone(), draft));
+        req.extensions_mut().insert(running.served.clone());
+        running.limits = Some((self.limiter.clone(), caller, slot));
+        Ok(running)
     }
 
     /// Takes a concurrency slot (or answers 429) and starts the generation.
@@ -323,18 +357,9 @@ impl AppState {
         mut request: GenerationRequest,
     ) -> Result<Running, ApiError> {
         let (engine, adapter) = self.resolve(model, caller).await?;
-        let served = Served {
-            model: engine.info().id.clone(),
-            adapter: adapter.as_ref().map_or(String::new(), |a| format!("{}@{}", a.name, a.version)),
-        };
+        let served = served(engine.as_ref(), adapter.as_ref());
         request.adapter = adapter;
-        let permit = self.admission.clone().try_acquire_owned().map_err(|_| {
-            self.metrics.rejected_concurrency.with_label_values(&["concurrency"]).inc();
-            ApiError::RateLimited {
-                message: "too many requests are running; retry shortly".into(),
-                code: "concurrency_limit_exceeded",
-            }
-        })?;
+        let permit = self.permit()?;
         let started = Instant::now();
         let generation = engine.generate(request).await?;
         self.metrics.active_generations.inc();
@@ -348,5 +373,13 @@ impl AppState {
             served,
             log: None,
         })
+    }
+}
+
+/// What a request resolved to, for its metrics' labels.
+fn served(engine: &dyn Engine, adapter: Option<&AdapterHandle>) -> Served {
+    Served {
+        model: engine.info().id.clone(),
+        adapter: adapter.map_or(String::new(), |a| format!("{}@{}", a.name, a.version)),
     }
 }

@@ -269,15 +269,7 @@ impl Engine for CandleEngine {
         let job = Job {
             tokens: prompt,
             adapter: request.adapter.map(|a| a.weights),
-            sampling: Sampling {
-                temperature: None,
-                top_p: None,
-                seed: None,
-                stop: Vec::new(),
-                frequency_penalty: None,
-                presence_penalty: None,
-                ignore_eos: false,
-            },
+            sampling: Sampling::default(),
             seed: 0,
             max_tokens: 0,
             events,

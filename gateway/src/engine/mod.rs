@@ -37,7 +37,8 @@ pub struct Message {
 }
 
 /// Sampling settings after validation; every value is in range.
-#[derive(Debug, Clone, PartialEq)]
+/// The default is greedy with no stop sequences and no penalties.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Sampling {
     /// `None` or `Some(0.0)` means greedy.
     pub temperature: Option<f64>,

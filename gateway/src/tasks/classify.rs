@@ -11,7 +11,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{admit, log_answer, message, model_or_base, TaskAnswer, TaskTimer};
+use super::{log_answer, message, model_or_base, TaskAnswer, TaskTimer};
 use crate::auth::Principal;
 use crate::engine::{Message, Prompt, Role};
 use crate::error::ApiError;
@@ -346,7 +346,7 @@ async fn run(state: &AppState, req: &HttpRequest, payload: web::Payload) -> Resu
     let wire: ClassifyRequest = read_json(req, payload, state.body_limit).await?;
     let caller = caller(req);
     let c = check(state, wire)?;
-    admit(state, req, &caller).await?;
+    state.admit_caller(req, &caller).await?;
     let outcomes: Vec<Result<(Classification, usize, Served), ApiError>> = futures::stream::iter(0..c.inputs.len())
         .map(|i| classify_one(state, &caller, &c, i))
         .buffered(PARALLEL_INPUTS)

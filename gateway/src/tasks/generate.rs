@@ -8,7 +8,7 @@ use sha2::Digest;
 use utoipa::ToSchema;
 
 use super::templates::render;
-use super::{admit, draft, message, TaskTimer};
+use super::{draft, message, TaskTimer};
 use crate::engine::{GenerationRequest, Prompt, Role, Sampling};
 use crate::error::ApiError;
 use crate::extract::{caller, read_json};
@@ -87,7 +87,6 @@ pub(crate) async fn generate(
 }
 
 async fn run(state: &AppState, req: &HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
-    use actix_web::HttpMessage;
     let wire: GenerateRequest = read_json(req, payload, state.body_limit).await?;
     let caller = caller(req);
     super::required_text(&wire.template, "template", 200)?;
@@ -115,17 +114,9 @@ async fn run(state: &AppState, req: &HttpRequest, payload: web::Payload) -> Resu
     }
     messages.push(message(Role::User, rendered.clone()));
     let prompt_sha256 = hex::encode(sha2::Sha256::digest(rendered.as_bytes()));
-    admit(state, req, &caller).await?;
+    state.admit_caller(req, &caller).await?;
     let slot = if wire.stream { state.limiter.stream_slot(&caller)? } else { None };
-    let sampling = Sampling {
-        temperature,
-        top_p,
-        seed: wire.seed,
-        stop: Vec::new(),
-        frequency_penalty: None,
-        presence_penalty: None,
-        ignore_eos: false,
-    };
+    let sampling = Sampling { temperature, top_p, seed: wire.seed, ..Sampling::default() };
     let params = serde_json::json!({
         "template": template.name, "template_version": template.version, "prompt_sha256": prompt_sha256,
         "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": wire.seed,
@@ -133,10 +124,7 @@ async fn run(state: &AppState, req: &HttpRequest, payload: web::Payload) -> Resu
     let log = draft(&caller, "generate", &messages, params);
     let request =
         GenerationRequest { prompt: Prompt::Chat(messages), adapter: None, max_tokens: Some(max_tokens), sampling };
-    let mut running = state.admit(&model, &caller, request).await?;
-    running.log = Some((state.feedback.clone(), log));
-    req.extensions_mut().insert(running.served.clone());
-    running.limits = Some((state.limiter.clone(), caller, slot));
+    let mut running = state.start_logged(req, &model, caller, request, log, slot).await?;
     let envelope = Envelope::task("gen", model.clone());
     let template_ref = TemplateRef { name: template.name.clone(), version: template.version };
     if wire.stream {

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{admit, draft, embed, log_answer, message, TaskAnswer, TaskTimer};
+use super::{draft, embed, log_answer, message, TaskAnswer, TaskTimer};
 use crate::engine::{GenerationRequest, Message, Prompt, Role, Sampling};
 use crate::error::ApiError;
 use crate::extract::{caller, read_json};
@@ -625,7 +625,6 @@ pub(crate) async fn qa(
 }
 
 async fn answer(state: &AppState, req: &HttpRequest, payload: web::Payload) -> Result<(HttpResponse, bool), ApiError> {
-    use actix_web::HttpMessage;
     let wire: QaRequest = read_json(req, payload, state.body_limit).await?;
     let who = caller(req);
     super::required_text(&wire.question, "question", 4096)?;
@@ -649,7 +648,7 @@ async fn answer(state: &AppState, req: &HttpRequest, payload: web::Payload) -> R
         return Err(ApiError::invalid("temperature must be between 0 and 2", Some("temperature".to_owned())));
     }
     let model = super::model_or_base(state, wire.model)?;
-    admit(state, req, &who).await?;
+    state.admit_caller(req, &who).await?;
     let hits = retrieve(state, &who.tenant, &wire.knowledge_base, &wire.question, k).await?;
     let citations: Vec<ScoredChunk> = hits.iter().filter(|h| h.similarity >= min).cloned().collect();
     let params = serde_json::json!({
@@ -687,13 +686,8 @@ async fn answer(state: &AppState, req: &HttpRequest, payload: web::Payload) -> R
             ];
             let mut body: String = frames.iter().map(|f| format!("data: {f}\n\n")).collect();
             body.push_str("data: [DONE]\n\n");
-            return Ok((
-                HttpResponse::Ok()
-                    .content_type("text/event-stream")
-                    .insert_header(("Cache-Control", "no-cache"))
-                    .body(body),
-                false,
-            ));
+            let body = futures::stream::once(async move { Ok(bytes::Bytes::from(body)) });
+            return Ok((respond::sse_response(body), false));
         }
         return Ok((
             HttpResponse::Ok().json(QaResponse {
@@ -713,21 +707,10 @@ async fn answer(state: &AppState, req: &HttpRequest, payload: web::Payload) -> R
     let messages = qa_prompt(&citations, &wire.question);
     let slot = if wire.stream { state.limiter.stream_slot(&who)? } else { None };
     let log = draft(&who, "qa", &messages, params);
-    let sampling = Sampling {
-        temperature: wire.temperature,
-        top_p: None,
-        seed: None,
-        stop: Vec::new(),
-        frequency_penalty: None,
-        presence_penalty: None,
-        ignore_eos: false,
-    };
+    let sampling = Sampling { temperature: wire.temperature, ..Sampling::default() };
     let request =
         GenerationRequest { prompt: Prompt::Chat(messages), adapter: None, max_tokens: Some(max_tokens), sampling };
-    let mut running = state.admit(&model, &who, request).await?;
-    running.log = Some((state.feedback.clone(), log));
-    req.extensions_mut().insert(running.served.clone());
-    running.limits = Some((state.limiter.clone(), who, slot));
+    let mut running = state.start_logged(req, &model, who, request, log, slot).await?;
     let envelope = Envelope::task("qa", model.clone());
     if wire.stream {
         let first = serde_json::json!({

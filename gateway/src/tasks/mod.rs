@@ -11,7 +11,7 @@ pub mod templates;
 
 use std::time::Instant;
 
-use actix_web::{web, HttpMessage, HttpRequest};
+use actix_web::web;
 
 use crate::auth::Principal;
 use crate::engine::{Message, Role};
@@ -24,12 +24,7 @@ pub(crate) fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// The chat messages of a task prompt, as the completion log and training keep them.
-pub(crate) fn messages_json(messages: &[Message]) -> serde_json::Value {
-    serde_json::Value::Array(
-        messages.iter().map(|m| serde_json::json!({"role": m.role.as_str(), "content": m.content})).collect(),
-    )
-}
+pub(crate) use crate::feedback::messages_json;
 
 pub(crate) fn message(role: Role, content: impl Into<String>) -> Message {
     Message { role, content: content.into() }
@@ -88,17 +83,6 @@ pub(crate) fn draft(
         prompt: messages_json(messages),
         params,
     }
-}
-
-/// Admits the caller against the rate limiter, putting the verdict on the request for the
-/// `x-ratelimit-*` headers.
-pub(crate) async fn admit(state: &AppState, req: &HttpRequest, caller: &Principal) -> Result<(), ApiError> {
-    let verdict = state.limiter.admit(caller).await.map_err(|(e, verdict)| {
-        req.extensions_mut().insert(verdict);
-        e
-    })?;
-    req.extensions_mut().insert(verdict);
-    Ok(())
 }
 
 /// Counts a task request by outcome and times it.

@@ -7,7 +7,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{admit, draft, embed, log_answer, message, TaskAnswer, TaskTimer};
+use super::{draft, embed, log_answer, message, TaskAnswer, TaskTimer};
 use crate::engine::{GenerationRequest, Message, Prompt, Role, Sampling};
 use crate::error::ApiError;
 use crate::extract::{caller, read_json};
@@ -241,7 +241,6 @@ pub(crate) async fn recommend(
 }
 
 async fn rank(state: &AppState, req: &HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
-    use actix_web::HttpMessage;
     let wire: RecommendRequest = read_json(req, payload, state.body_limit).await?;
     let rec = store(state)?;
     let who = caller(req);
@@ -254,7 +253,7 @@ async fn rank(state: &AppState, req: &HttpRequest, payload: web::Payload) -> Res
         Some(m) => Some(super::model_or_base(state, Some(m))?),
         None => None,
     };
-    admit(state, req, &who).await?;
+    state.admit_caller(req, &who).await?;
     let query = Query {
         user: wire.user.clone(),
         k,
@@ -295,22 +294,11 @@ async fn rank(state: &AppState, req: &HttpRequest, payload: web::Payload) -> Res
     let mut explanation = None;
     match &model {
         Some(model) if !items.is_empty() => {
-            let sampling = Sampling {
-                temperature: None,
-                top_p: None,
-                seed: None,
-                stop: vec!["\n".into()],
-                frequency_penalty: None,
-                presence_penalty: None,
-                ignore_eos: false,
-            };
+            let sampling = Sampling { stop: vec!["\n".into()], ..Sampling::default() };
             let log = draft(&who, "recommend", &messages, params);
             let request =
                 GenerationRequest { prompt: Prompt::Chat(messages), adapter: None, max_tokens: Some(64), sampling };
-            let mut running = state.admit(model, &who, request).await?;
-            running.log = Some((state.feedback.clone(), log));
-            req.extensions_mut().insert(running.served.clone());
-            running.limits = Some((state.limiter.clone(), who.clone(), None));
+            let mut running = state.start_logged(req, model, who.clone(), request, log, None).await?;
             let done = respond::collect(&envelope, &mut running).await?;
             let said = done.text.trim().to_owned();
             // The model's pick moves first when it names one of the candidates.
