@@ -28,6 +28,13 @@ if [ ! -x "$fuzz_venv/bin/st" ]; then
 fi
 export SWITCHYARD_TEST_SCHEMATHESIS="$fuzz_venv/bin/st"
 
+# The official OpenAI Python client, for gateway/tests/responses_api.rs (a venv in the cache).
+openai_venv="$cache/openai-venv"
+if [ ! -x "$openai_venv/bin/python" ] || ! "$openai_venv/bin/python" -c 'import openai' 2>/dev/null; then
+  python3 -m venv "$openai_venv" && "$openai_venv/bin/pip" install -q openai==3.63.0
+fi
+export SWITCHYARD_TEST_OPENAI_PYTHON="$openai_venv/bin/python"
+
 # Unit and integration tests of every crate (there are no doc tests), then one summary line.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -84,7 +84,7 @@ pub fn accuracy(
                         .take()
                         .ok_or_else(|| FinetuneError::Training { detail: "cache reused".into() })?;
                     let tokens = if round == 0 { &chunk[i].prompt[..] } else { std::slice::from_ref(&next[i]) };
-                    inputs.push(SeqInput { tokens, cache, adapter, logits: true });
+                    inputs.push(SeqInput { tokens, cache, adapter, logits: true, all_logits: false });
                 }
                 runtime.forward(&mut ws, &mut inputs, &mut logits).map_err(fail)?;
             }

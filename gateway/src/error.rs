@@ -125,6 +125,8 @@ impl From<EngineError> for ApiError {
             EngineError::AdaptersUnsupported | EngineError::ScoringUnsupported => {
                 ApiError::invalid(e.to_string(), Some("model".to_owned()))
             }
+            EngineError::BadGrammar { ref param, .. } => ApiError::invalid(e.to_string(), Some(param.clone())),
+            EngineError::Unsupported(_) => ApiError::invalid(e.to_string(), Some("model".to_owned())),
             EngineError::Backend(msg) => ApiError::Internal(msg),
         }
     }

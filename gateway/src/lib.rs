@@ -12,6 +12,7 @@
 
 pub mod adapter_cache;
 pub mod admin;
+pub mod answer;
 pub mod auth;
 pub mod config;
 pub mod embeddings;
@@ -29,6 +30,7 @@ pub mod openai;
 pub mod openapi_doc;
 pub mod replicas;
 pub mod respond;
+pub mod responses;
 pub mod routes;
 pub mod server;
 pub mod state;

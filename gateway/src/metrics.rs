@@ -11,6 +11,8 @@ pub struct EngineMetrics {
     pub queue_depth: IntGauge,
     /// Bytes of keys and values the prefix cache holds.
     pub prefix_cache_bytes: IntGauge,
+    /// Time to compile a grammar (JSON schema, regex, choice) not in the grammar cache.
+    pub grammar_compile_seconds: Histogram,
 }
 
 pub struct Metrics {
@@ -169,6 +171,14 @@ impl Metrics {
                 "Bytes of prompt keys and values the prefix cache holds",
             )
             .expect("metric definition is valid"),
+            grammar_compile_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "switchyard_grammar_compile_seconds",
+                    "Time to compile a structured-output grammar that was not cached",
+                )
+                .buckets(vec![0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+            )
+            .expect("metric definition is valid"),
         };
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -191,6 +201,7 @@ impl Metrics {
             Box::new(engine.batch_size.clone()),
             Box::new(engine.queue_depth.clone()),
             Box::new(engine.prefix_cache_bytes.clone()),
+            Box::new(engine.grammar_compile_seconds.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }

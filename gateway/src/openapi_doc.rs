@@ -9,8 +9,9 @@ use crate::openai::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatMessage, ChunkDelta, CompletionChoice, CompletionRequest, CompletionResponse, ContentPart, Embedding,
     EmbeddingInput, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, EmbeddingVector, EncodingFormat, ErrorDetail,
-    ErrorResponse, MessageContent, ModelCard, ModelKind, ModelList, PromptTokensDetails, SamplingFields, StopParam,
-    StreamOptions, TokenizeRequest, TokenizeResponse, Usage,
+    ErrorResponse, FunctionCall, FunctionCallDelta, MessageContent, ModelCard, ModelKind, ModelList,
+    PromptTokensDetails, SamplingFields, StopParam, StreamOptions, TokenizeRequest, TokenizeResponse, ToolCall,
+    ToolCallDelta, Usage,
 };
 
 #[derive(OpenApi)]
@@ -23,6 +24,8 @@ use crate::openai::{
     paths(
         crate::routes::chat_completions,
         crate::routes::completions,
+        crate::responses::create,
+        crate::responses::get,
         crate::routes::embeddings,
         crate::routes::list_models,
         crate::routes::tokenize,
@@ -68,7 +71,8 @@ use crate::openai::{
     components(schemas(
         ChatCompletionRequest, CompletionRequest, SamplingFields, StopParam, MessageContent, ContentPart, ChatMessage,
         StreamOptions, ChatCompletionResponse, ChatChoice, AssistantMessage, Usage, PromptTokensDetails, ChatCompletionChunk,
-        ChatChunkChoice, ChunkDelta, CompletionResponse, CompletionChoice, ModelList, ModelCard, ModelKind, TokenizeRequest,
+        ChatChunkChoice, ChunkDelta, ToolCall, FunctionCall, ToolCallDelta, FunctionCallDelta,
+        crate::responses::ResponsesRequest, CompletionResponse, CompletionChoice, ModelList, ModelCard, ModelKind, TokenizeRequest,
         TokenizeResponse, ErrorResponse, ErrorDetail, crate::admin::ImportRequest, protocol::api::SetAlias,
         crate::feedback_api::FeedbackRequest, protocol::FeedbackRecord, protocol::Thumbs,
         crate::feedback_api::FeedbackList, protocol::Reviewed, protocol::ReviewStatus,

@@ -14,12 +14,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::engine::{Event, FinishReason, Generation};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::openai::{
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChunkDelta,
-    CompletionChoice, CompletionResponse, Usage,
-};
+use crate::openai::Usage;
 
-const FINGERPRINT: &str = "switchyard";
+pub(crate) const FINGERPRINT: &str = "switchyard";
 
 /// Which OpenAI object family the answer belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +37,8 @@ pub struct Served {
 /// A generation admitted under a concurrency permit; both are released when this drops.
 pub struct Running {
     pub generation: Generation,
+    /// Choices 1..n of an `n` request (choice 0 is `generation`).
+    pub more: Vec<Generation>,
     pub _permit: OwnedSemaphorePermit,
     pub metrics: Arc<Metrics>,
     pub model: String,
@@ -53,7 +52,7 @@ pub struct Running {
 
 impl Running {
     /// Logs the finished completion when logging is wired up for it.
-    fn log_completion(&self, envelope: &Envelope, answer: &str, finish_reason: &str, usage: &Usage) {
+    pub(crate) fn log_completion(&self, envelope: &Envelope, answer: &str, finish_reason: &str, usage: &Usage) {
         if let Some((store, draft)) = &self.log {
             store.log_completion(protocol::CompletionRecord {
                 id: envelope.id.clone(),
@@ -103,46 +102,6 @@ impl Envelope {
         let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         Self { kind, id: format!("{prefix}-{}", uuid::Uuid::new_v4().simple()), created, model }
     }
-
-    fn chunk(&self, delta: Option<String>, first: bool, finish: Option<&str>, usage: Option<Usage>) -> String {
-        let finish_reason = finish.map(str::to_owned);
-        // The closing usage chunk carries no choice at all, as OpenAI's does.
-        let usage_only = usage.is_some() && finish.is_none() && delta.is_none();
-        let value = match self.kind {
-            Kind::Chat => serde_json::to_string(&ChatCompletionChunk {
-                id: self.id.clone(),
-                object: "chat.completion.chunk".into(),
-                created: self.created,
-                model: self.model.clone(),
-                choices: if usage_only {
-                    Vec::new()
-                } else {
-                    vec![ChatChunkChoice {
-                        index: 0,
-                        delta: ChunkDelta { role: first.then(|| "assistant".into()), content: delta },
-                        finish_reason,
-                        logprobs: None,
-                    }]
-                },
-                usage,
-                system_fingerprint: FINGERPRINT.into(),
-            }),
-            Kind::Text => serde_json::to_string(&CompletionResponse {
-                id: self.id.clone(),
-                object: "text_completion".into(),
-                created: self.created,
-                model: self.model.clone(),
-                choices: if usage_only {
-                    Vec::new()
-                } else {
-                    vec![CompletionChoice { index: 0, text: delta.unwrap_or_default(), finish_reason, logprobs: None }]
-                },
-                usage,
-                system_fingerprint: FINGERPRINT.into(),
-            }),
-        };
-        value.unwrap_or_default()
-    }
 }
 
 /// A whole generation: its text, why it ended and what it used (counted and logged).
@@ -165,6 +124,7 @@ pub async fn collect(envelope: &Envelope, run: &mut Running) -> Result<Collected
                 }
                 text.push_str(&d)
             }
+            Event::Logprob(_) | Event::PromptLogprobs(_) => {}
             Event::Finished { reason, completion_tokens, cached_tokens } => {
                 let usage = Usage::new(run.generation.prompt_tokens, completion_tokens).with_cached(cached_tokens);
                 count_tokens(run, &usage);
@@ -177,44 +137,7 @@ pub async fn collect(envelope: &Envelope, run: &mut Running) -> Result<Collected
     Err(ApiError::Internal("the engine ended the generation without finishing it".into()))
 }
 
-/// Reads the whole generation and answers with one JSON body.
-pub async fn whole(envelope: Envelope, mut run: Running) -> Result<HttpResponse, ApiError> {
-    let Collected { text, reason, usage } = collect(&envelope, &mut run).await?;
-    let body = match envelope.kind {
-        Kind::Chat => serde_json::to_value(ChatCompletionResponse {
-            id: envelope.id,
-            object: "chat.completion".into(),
-            created: envelope.created,
-            model: envelope.model,
-            choices: vec![ChatChoice {
-                index: 0,
-                message: AssistantMessage { role: "assistant".into(), content: text },
-                finish_reason: reason.as_str().into(),
-                logprobs: None,
-            }],
-            usage,
-            system_fingerprint: FINGERPRINT.into(),
-        }),
-        Kind::Text => serde_json::to_value(CompletionResponse {
-            id: envelope.id,
-            object: "text_completion".into(),
-            created: envelope.created,
-            model: envelope.model,
-            choices: vec![CompletionChoice {
-                index: 0,
-                text,
-                finish_reason: Some(reason.as_str().into()),
-                logprobs: None,
-            }],
-            usage: Some(usage),
-            system_fingerprint: FINGERPRINT.into(),
-        }),
-    };
-    let body = body.map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(HttpResponse::Ok().json(body))
-}
-
-fn count_tokens(run: &Running, usage: &Usage) {
+pub(crate) fn count_tokens(run: &Running, usage: &Usage) {
     if let Some((limiter, caller, _)) = &run.limits {
         limiter.charge(caller, usage.total_tokens as u64);
     }
@@ -223,102 +146,6 @@ fn count_tokens(run: &Running, usage: &Usage) {
     if let Some(details) = &usage.prompt_tokens_details {
         run.metrics.cached_prompt_tokens.with_label_values(&[&run.model]).inc_by(details.cached_tokens as u64);
     }
-}
-
-/// Where an SSE answer is in its life.
-enum Phase {
-    Start,
-    Body,
-    Done,
-}
-
-struct SseState {
-    envelope: Envelope,
-    run: Running,
-    include_usage: bool,
-    phase: Phase,
-    last: Option<Instant>,
-    pending: Vec<String>,
-    /// The answer so far, kept only when the completion is logged.
-    text: String,
-}
-
-/// Streams the generation as server-sent events ending with `data: [DONE]`. When the client
-/// goes away actix drops this stream, which drops the generation and cancels it.
-pub fn streamed(envelope: Envelope, run: Running, include_usage: bool) -> HttpResponse {
-    let state = SseState {
-        envelope,
-        run,
-        include_usage,
-        phase: Phase::Start,
-        last: None,
-        pending: Vec::new(),
-        text: String::new(),
-    };
-    let body = stream::unfold(state, |mut s| async move {
-        loop {
-            if let Some(frame) = s.pending.pop() {
-                return Some((Ok::<_, actix_web::Error>(Bytes::from(frame)), s));
-            }
-            match s.phase {
-                Phase::Done => return None,
-                Phase::Start => {
-                    s.phase = Phase::Body;
-                    let first = match s.envelope.kind {
-                        Kind::Chat => s.envelope.chunk(Some(String::new()), true, None, None),
-                        Kind::Text => continue,
-                    };
-                    return Some((Ok(sse(&first)), s));
-                }
-                Phase::Body => {}
-            }
-            let Some(event) = s.run.generation.events.recv().await else {
-                s.phase = Phase::Done;
-                let err = ApiError::Internal("the engine ended the generation without finishing it".into());
-                return Some((Ok(sse(&serde_json::to_string(&err.body()).unwrap_or_default())), s));
-            };
-            match event {
-                Event::Delta(d) if d.is_empty() => continue,
-                Event::Delta(d) => {
-                    let now = Instant::now();
-                    match s.last {
-                        None => s.run.metrics.time_to_first_token.observe((now - s.run.started).as_secs_f64()),
-                        Some(prev) => s.run.metrics.inter_token_latency.observe((now - prev).as_secs_f64()),
-                    }
-                    s.last = Some(now);
-                    if s.run.log.is_some() {
-                        s.text.push_str(&d);
-                    }
-                    let frame = s.envelope.chunk(Some(d), false, None, None);
-                    return Some((Ok(sse(&frame)), s));
-                }
-                Event::Finished { reason, completion_tokens, cached_tokens } => {
-                    let usage =
-                        Usage::new(s.run.generation.prompt_tokens, completion_tokens).with_cached(cached_tokens);
-                    count_tokens(&s.run, &usage);
-                    s.run.log_completion(&s.envelope, &s.text, reason.as_str(), &usage);
-                    s.phase = Phase::Done;
-                    // `pending` is a stack: push in reverse order of sending.
-                    s.pending.push("data: [DONE]\n\n".to_owned());
-                    if s.include_usage {
-                        s.pending.push(sse_text(&s.envelope.chunk(None, false, None, Some(usage))));
-                    }
-                    let last = match s.envelope.kind {
-                        Kind::Chat => s.envelope.chunk(None, false, Some(reason.as_str()), None),
-                        Kind::Text => s.envelope.chunk(Some(String::new()), false, Some(reason.as_str()), None),
-                    };
-                    return Some((Ok(sse(&last)), s));
-                }
-                Event::Failed(msg) => {
-                    tracing::error!(error = %msg, "generation failed mid-stream");
-                    s.phase = Phase::Done;
-                    let err = ApiError::Internal(msg);
-                    return Some((Ok(sse(&serde_json::to_string(&err.body()).unwrap_or_default())), s));
-                }
-            }
-        }
-    });
-    sse_response(body)
 }
 
 /// A `text/event-stream` answer of `body`, unbuffered by caches and proxies.
@@ -333,11 +160,11 @@ where
         .streaming(body)
 }
 
-fn sse_text(json: &str) -> String {
+pub(crate) fn sse_text(json: &str) -> String {
     format!("data: {json}\n\n")
 }
 
-fn sse(json: &str) -> Bytes {
+pub(crate) fn sse(json: &str) -> Bytes {
     Bytes::from(sse_text(json))
 }
 
@@ -373,6 +200,7 @@ pub fn streamed_task(envelope: Envelope, run: Running, first: serde_json::Value,
             };
             match event {
                 Event::Delta(d) if d.is_empty() => continue,
+                Event::Logprob(_) | Event::PromptLogprobs(_) => continue,
                 Event::Delta(d) => {
                     if s.text.is_empty() {
                         s.run.metrics.time_to_first_token.observe(s.run.started.elapsed().as_secs_f64());

@@ -95,12 +95,12 @@ async fn answer(state: &AppState, req: &HttpRequest, kind: Kind, v: Validated) -
             })
         },
     };
-    let running = state.start_logged(req, &v.model, caller, v.generation, draft, slot).await?;
+    let running = state.start_logged(req, &v.model, caller, v.generation, v.shape.n, draft, slot).await?;
     let envelope = Envelope::new(kind, v.model);
     if v.stream {
-        Ok(respond::streamed(envelope, running, v.include_usage))
+        Ok(crate::answer::streamed(envelope, running, v.shape, v.include_usage))
     } else {
-        respond::whole(envelope, running).await
+        crate::answer::whole(envelope, running, v.shape).await
     }
 }
 
@@ -271,13 +271,7 @@ pub(crate) async fn tokenize(
     let prompt = match (wire.prompt, wire.messages) {
         (Some(p), None) => Prompt::Text(p),
         (None, Some(messages)) => {
-            let chat = ChatCompletionRequest {
-                model: wire.model,
-                messages,
-                max_completion_tokens: None,
-                sampling: Default::default(),
-                extra: Default::default(),
-            };
+            let chat = ChatCompletionRequest { model: wire.model, messages, ..Default::default() };
             validate::chat(chat, state.limits)?.generation.prompt
         }
         _ => return Err(ApiError::invalid("give exactly one of prompt or messages", Some("prompt".into()))),
@@ -351,6 +345,8 @@ pub fn routes(cfg: &mut web::ServiceConfig, metrics_here: bool) {
     }
     cfg.route("/v1/chat/completions", web::post().to(chat_completions))
         .route("/v1/completions", web::post().to(completions))
+        .route("/v1/responses", web::post().to(crate::responses::create))
+        .route("/v1/responses/{id}", web::get().to(crate::responses::get))
         .route("/v1/embeddings", web::post().to(embeddings))
         .route("/v1/models", web::get().to(list_models))
         .route("/tokenize", web::post().to(tokenize))

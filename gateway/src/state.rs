@@ -331,40 +331,51 @@ impl AppState {
 
     /// [`AppState::admit`], then: the answer is logged with `draft` when it finishes (so
     /// feedback can name it), its tokens are charged to `caller`, and the request's metrics
-    /// are labelled with what it resolved to.
+    /// are labelled with what it resolved to. `n` answers share the prompt (choice 0 is the
+    /// one logged).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn start_logged(
         &self,
         req: &actix_web::HttpRequest,
         model: &str,
         caller: Principal,
         request: GenerationRequest,
+        n: usize,
         draft: crate::feedback::Draft,
         slot: Option<crate::limits::StreamSlot>,
     ) -> Result<Running, ApiError> {
         use actix_web::HttpMessage;
-        let mut running = self.admit(model, &caller, request).await?;
+        let mut running = self.admit(model, &caller, request, n).await?;
         running.log = Some((self.feedback.clone(), draft));
         req.extensions_mut().insert(running.served.clone());
         running.limits = Some((self.limiter.clone(), caller, slot));
         Ok(running)
     }
 
-    /// Takes a concurrency slot (or answers 429) and starts the generation.
+    /// Takes a concurrency slot (or answers 429) and starts the generation (`n` of them on
+    /// one prompt).
     pub(crate) async fn admit(
         &self,
         model: &str,
         caller: &Principal,
         mut request: GenerationRequest,
+        n: usize,
     ) -> Result<Running, ApiError> {
         let (engine, adapter) = self.resolve(model, caller).await?;
         let served = served(engine.as_ref(), adapter.as_ref());
         request.adapter = adapter;
         let permit = self.permit()?;
         let started = Instant::now();
-        let generation = engine.generate(request).await?;
+        let mut generations = if n > 1 {
+            engine.generate_n(request, n).await?.into_iter()
+        } else {
+            vec![engine.generate(request).await?].into_iter()
+        };
+        let generation = generations.next().ok_or(ApiError::NotReady)?;
         self.metrics.active_generations.inc();
         Ok(Running {
             generation,
+            more: generations.collect(),
             _permit: permit,
             metrics: self.metrics.clone(),
             model: model.to_owned(),

@@ -3,12 +3,23 @@
 
 use serde_json::{Map, Value};
 
+use serde_json::json;
+
+use crate::answer::{AnswerShape, LogprobFormat, ToolMode};
+use crate::engine::grammar::{Grammar, GrammarSpec};
 use crate::engine::{GenerationRequest, Message, Prompt, Role, Sampling};
 use crate::error::ApiError;
 use crate::openai::{
-    ChatCompletionRequest, CompletionRequest, EmbeddingInput, EmbeddingRequest, EncodingFormat, MessageContent,
-    SamplingFields, StopParam, MAX_EMBEDDING_INPUTS,
+    ChatCompletionRequest, ChatMessage, CompletionRequest, EmbeddingInput, EmbeddingRequest, EncodingFormat,
+    MessageContent, SamplingFields, StopParam, MAX_EMBEDDING_INPUTS,
 };
+
+/// Most choices one request may ask for.
+pub const MAX_N: i64 = 16;
+/// Most alternatives chat's `top_logprobs` may ask for (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: i64 = 20;
+/// Most alternatives completions' `logprobs` may ask for (OpenAI's limit).
+pub const MAX_TEXT_LOGPROBS: i64 = 5;
 
 /// OpenAI allows at most this many stop sequences.
 const MAX_STOPS: usize = 4;
@@ -20,6 +31,25 @@ pub struct Validated {
     pub generation: GenerationRequest,
     pub stream: bool,
     pub include_usage: bool,
+    /// `n`, log-probabilities, `echo` and tool calls: how the answer is shaped.
+    pub shape: AnswerShape,
+}
+
+/// What a request asks of decoding beyond sampling: a grammar, log-probabilities, `n`.
+#[derive(Debug, Default)]
+struct Decoding {
+    grammar: Option<Grammar>,
+    logprobs: Option<usize>,
+    prompt_logprobs: bool,
+    shape: AnswerShape,
+}
+
+/// A function the model may call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FunctionDef {
+    pub name: String,
+    pub description: Option<String>,
+    pub parameters: Value,
 }
 
 /// Limits from configuration that every request is held to.
@@ -42,55 +72,384 @@ pub fn chat(req: ChatCompletionRequest, limits: RequestLimits) -> Result<Validat
     }
     let mut messages = Vec::with_capacity(req.messages.len());
     for (i, m) in req.messages.into_iter().enumerate() {
-        let role = match m.role.as_str() {
-            "system" | "developer" => Role::System,
-            "user" => Role::User,
-            "assistant" => Role::Assistant,
-            "tool" | "function" => {
-                return Err(ApiError::unsupported(
-                    &format!("messages[{i}].role"),
-                    format!("role '{}' is not supported: this server does not run tools", m.role),
-                ))
+        messages.push(message(i, m)?);
+    }
+    let mut decoding = Decoding::default();
+    let tools = tools(req.tools.as_ref())?;
+    let mode = tool_choice(req.tool_choice.as_ref(), &tools)?;
+    let parallel = req.parallel_tool_calls.unwrap_or(true);
+    if let Some(mode) = &mode {
+        with_tool_prompt(&mut messages, &tools);
+        decoding.grammar = match mode {
+            ToolMode::Named(name) => tools
+                .iter()
+                .find(|t| &t.name == name)
+                .map(|t| Grammar { spec: GrammarSpec::JsonSchema(t.parameters.clone()), param: "tools".into() }),
+            ToolMode::Required => {
+                Some(Grammar { spec: GrammarSpec::JsonSchema(calls_schema(&tools, parallel)), param: "tools".into() })
             }
-            other => {
-                return Err(ApiError::invalid(
-                    format!("messages[{i}].role '{other}' is not one of system, developer, user, assistant"),
-                    Some(format!("messages[{i}].role")),
-                ))
-            }
+            ToolMode::Auto { .. } => None,
         };
-        let content = match m.content {
-            Some(MessageContent::Text(t)) => t,
-            Some(MessageContent::Parts(parts)) => {
-                let mut text = String::new();
-                for (j, p) in parts.into_iter().enumerate() {
-                    match (p.kind.as_str(), p.text) {
-                        ("text", Some(t)) => text.push_str(&t),
-                        _ => {
-                            return Err(ApiError::unsupported(
-                                &format!("messages[{i}].content[{j}]"),
-                                format!("content part type '{}' is not supported; only text parts are", p.kind),
-                            ))
-                        }
-                    }
-                }
-                text
-            }
-            None => {
-                return Err(ApiError::invalid(
-                    format!("messages[{i}].content is required"),
-                    Some(format!("messages[{i}].content")),
-                ))
-            }
-        };
-        messages.push(Message { role, content });
+        decoding.shape.tools = Some(mode.clone());
+    }
+    if let Some(grammar) = response_format(req.response_format.as_ref())? {
+        if decoding.grammar.is_some() {
+            return Err(ApiError::invalid(
+                "response_format cannot be combined with a tool_choice that forces a call",
+                Some("response_format".into()),
+            ));
+        }
+        decoding.grammar = Some(grammar);
+    }
+    match (req.logprobs, req.top_logprobs) {
+        (_, Some(k)) if !(0..=MAX_TOP_LOGPROBS).contains(&k) => {
+            return Err(ApiError::invalid(
+                format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"),
+                Some("top_logprobs".into()),
+            ))
+        }
+        (Some(true), k) => {
+            decoding.logprobs = Some(k.unwrap_or(0) as usize);
+            decoding.shape.logprobs = LogprobFormat::Chat;
+        }
+        (_, Some(_)) => {
+            return Err(ApiError::invalid("top_logprobs requires logprobs to be true", Some("top_logprobs".into())))
+        }
+        _ => {}
     }
     let max_tokens = match (req.max_completion_tokens, req.sampling.max_tokens) {
         (Some(m), _) => Some(("max_completion_tokens", m)),
         (None, Some(m)) => Some(("max_tokens", m)),
         (None, None) => None,
     };
-    finish(req.model, Prompt::Chat(messages), max_tokens, req.sampling, limits)
+    finish(req.model, Prompt::Chat(messages), max_tokens, req.sampling, decoding, limits)
+}
+
+/// One wire message as the model reads it. Tool calls and tool results become text in the
+/// documented `<tool_call>` / `<tool_response>` format.
+fn message(i: usize, m: ChatMessage) -> Result<Message, ApiError> {
+    let role = match m.role.as_str() {
+        "system" | "developer" => Role::System,
+        "user" | "tool" => Role::User,
+        "assistant" => Role::Assistant,
+        "function" => {
+            return Err(ApiError::unsupported(
+                &format!("messages[{i}].role"),
+                "role 'function' is deprecated and not supported; answer a tool call with role 'tool'",
+            ))
+        }
+        other => {
+            return Err(ApiError::invalid(
+                format!("messages[{i}].role '{other}' is not one of system, developer, user, assistant, tool"),
+                Some(format!("messages[{i}].role")),
+            ))
+        }
+    };
+    let text = match m.content {
+        Some(MessageContent::Text(t)) => Some(t),
+        Some(MessageContent::Parts(parts)) => {
+            let mut text = String::new();
+            for (j, p) in parts.into_iter().enumerate() {
+                match (p.kind.as_str(), p.text) {
+                    ("text", Some(t)) => text.push_str(&t),
+                    _ => {
+                        return Err(ApiError::unsupported(
+                            &format!("messages[{i}].content[{j}]"),
+                            format!("content part type '{}' is not supported; only text parts are", p.kind),
+                        ))
+                    }
+                }
+            }
+            Some(text)
+        }
+        None => None,
+    };
+    let calls = m.tool_calls.unwrap_or_default();
+    if !calls.is_empty() && m.role != "assistant" {
+        return Err(ApiError::invalid(
+            format!("messages[{i}].tool_calls is only allowed on assistant messages"),
+            Some(format!("messages[{i}].tool_calls")),
+        ));
+    }
+    let content = match (m.role.as_str(), text) {
+        ("tool", text) => {
+            if m.tool_call_id.as_deref().is_none_or(str::is_empty) {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].tool_call_id is required on a tool message"),
+                    Some(format!("messages[{i}].tool_call_id")),
+                ));
+            }
+            format!("<tool_response>\n{}\n</tool_response>", text.unwrap_or_default())
+        }
+        ("assistant", text) if !calls.is_empty() => {
+            let mut out = text.unwrap_or_default();
+            for (j, c) in calls.iter().enumerate() {
+                let arguments: Value = serde_json::from_str(&c.function.arguments).map_err(|e| {
+                    ApiError::invalid(
+                        format!("messages[{i}].tool_calls[{j}].function.arguments is not JSON: {e}"),
+                        Some(format!("messages[{i}].tool_calls[{j}].function.arguments")),
+                    )
+                })?;
+                if !out.is_empty() {
+                    out.push('\n');
+                }
+                let call = json!({"name": c.function.name, "arguments": arguments});
+                out.push_str(&format!("<tool_call>\n{call}\n</tool_call>"));
+            }
+            out
+        }
+        (_, Some(t)) => t,
+        (_, None) => {
+            return Err(ApiError::invalid(
+                format!("messages[{i}].content is required"),
+                Some(format!("messages[{i}].content")),
+            ))
+        }
+    };
+    Ok(Message { role, content })
+}
+
+/// `tools`: function definitions with names OpenAI accepts and JSON-schema parameters.
+fn tools(value: Option<&Value>) -> Result<Vec<FunctionDef>, ApiError> {
+    let items = match value {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(items)) => items,
+        Some(_) => return Err(ApiError::invalid("tools must be a list of function tools", Some("tools".into()))),
+    };
+    let bad = |at: String, why: &str| ApiError::invalid(format!("{at} {why}"), Some(at));
+    let mut out: Vec<FunctionDef> = Vec::with_capacity(items.len());
+    for (i, t) in items.iter().enumerate() {
+        if t.get("type").and_then(Value::as_str) != Some("function") {
+            return Err(bad(format!("tools[{i}].type"), "must be 'function' (the only tool type served)"));
+        }
+        let Some(f) = t.get("function").and_then(Value::as_object) else {
+            return Err(bad(format!("tools[{i}].function"), "must be an object with a name"));
+        };
+        let name = match f.get("name").and_then(Value::as_str) {
+            Some(n) if valid_function_name(n) => n.to_owned(),
+            _ => {
+                return Err(bad(
+                    format!("tools[{i}].function.name"),
+                    "must be 1 to 64 letters, digits, underscores or dashes",
+                ))
+            }
+        };
+        if out.iter().any(|d| d.name == name) {
+            return Err(bad(format!("tools[{i}].function.name"), "repeats the name of an earlier tool"));
+        }
+        let description = match f.get("description") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(d)) => Some(d.clone()),
+            Some(_) => return Err(bad(format!("tools[{i}].function.description"), "must be a string")),
+        };
+        let parameters = match f.get("parameters") {
+            None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
+            Some(p @ Value::Object(_)) => p.clone(),
+            Some(_) => return Err(bad(format!("tools[{i}].function.parameters"), "must be a JSON schema object")),
+        };
+        out.push(FunctionDef { name, description, parameters });
+    }
+    Ok(out)
+}
+
+fn valid_function_name(n: &str) -> bool {
+    (1..=64).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// `tool_choice` against the tools given; `None` when no tool may be called.
+fn tool_choice(value: Option<&Value>, tools: &[FunctionDef]) -> Result<Option<ToolMode>, ApiError> {
+    let param = || Some("tool_choice".to_owned());
+    let mode = match value {
+        None | Some(Value::Null) if tools.is_empty() => return Ok(None),
+        None | Some(Value::Null) => ToolMode::Auto { names: tools.iter().map(|t| t.name.clone()).collect() },
+        Some(Value::String(s)) if s == "none" => return Ok(None),
+        Some(Value::String(s)) if s == "auto" => {
+            ToolMode::Auto { names: tools.iter().map(|t| t.name.clone()).collect() }
+        }
+        Some(Value::String(s)) if s == "required" => ToolMode::Required,
+        Some(v @ Value::Object(_)) => {
+            let name = v.get("function").and_then(|f| f.get("name")).and_then(Value::as_str);
+            match (v.get("type").and_then(Value::as_str), name) {
+                (Some("function"), Some(name)) => {
+                    if !tools.iter().any(|t| t.name == name) {
+                        return Err(ApiError::invalid(
+                            format!("tool_choice names function '{name}', which is not in tools"),
+                            param(),
+                        ));
+                    }
+                    ToolMode::Named(name.to_owned())
+                }
+                _ => return Err(ApiError::invalid(
+                    "tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\"}}",
+                    param(),
+                )),
+            }
+        }
+        Some(_) => {
+            return Err(ApiError::invalid("tool_choice must be none, auto, required or a named function", param()))
+        }
+    };
+    if tools.is_empty() {
+        return Err(ApiError::invalid("tool_choice is only allowed when tools are given", param()));
+    }
+    Ok(Some(mode))
+}
+
+/// The schema of a forced call: `{"name", "arguments"}` of one of the tools, in a list of
+/// at least one when parallel calls are allowed.
+fn calls_schema(tools: &[FunctionDef], parallel: bool) -> Value {
+    let one: Vec<Value> = tools
+        .iter()
+        .map(|t| {
+            json!({
+                "type": "object",
+                "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+                "required": ["name", "arguments"],
+                "additionalProperties": false,
+            })
+        })
+        .collect();
+    let call = if one.len() == 1 { one[0].clone() } else { json!({"anyOf": one}) };
+    if parallel {
+        json!({"type": "array", "items": call, "minItems": 1})
+    } else {
+        call
+    }
+}
+
+/// The tool definitions and the call format, in the system message (the served chat
+/// template has no tool section of its own).
+fn with_tool_prompt(messages: &mut Vec<Message>, tools: &[FunctionDef]) {
+    let mut text = String::from("You can call functions. Their definitions, one JSON object per line:\n<tools>\n");
+    for t in tools {
+        let def = json!({"name": t.name, "description": t.description, "parameters": t.parameters});
+        text.push_str(&def.to_string());
+        text.push('\n');
+    }
+    text.push_str(
+        "</tools>\nTo call a function, reply with only this, once per call:\n<tool_call>\n{\"name\": <function name>, \"arguments\": <arguments as a JSON object>}\n</tool_call>",
+    );
+    match messages.first_mut() {
+        Some(m) if m.role == Role::System => {
+            m.content = format!("{}\n\n{text}", m.content);
+        }
+        _ => messages.insert(0, Message { role: Role::System, content: text }),
+    }
+}
+
+/// `response_format`: text (no grammar), `json_object`, or `json_schema`.
+fn response_format(value: Option<&Value>) -> Result<Option<Grammar>, ApiError> {
+    let Some(v) = value.filter(|v| !v.is_null()) else { return Ok(None) };
+    let bad = |at: &str, why: String| ApiError::invalid(why, Some(at.to_owned()));
+    match v.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Grammar {
+            spec: GrammarSpec::JsonSchema(json!({"type": "object"})),
+            param: "response_format".into(),
+        })),
+        Some("json_schema") => {
+            let Some(js) = v.get("json_schema").and_then(Value::as_object) else {
+                return Err(bad(
+                    "response_format.json_schema",
+                    "response_format.json_schema must be an object with a name and a schema".into(),
+                ));
+            };
+            match js.get("name").and_then(Value::as_str) {
+                Some(n) if valid_function_name(n) => {}
+                _ => {
+                    return Err(bad(
+                        "response_format.json_schema.name",
+                        "response_format.json_schema.name must be 1 to 64 letters, digits, underscores or dashes"
+                            .into(),
+                    ))
+                }
+            }
+            if js.get("strict").is_some_and(|s| !s.is_boolean() && !s.is_null()) {
+                return Err(bad(
+                    "response_format.json_schema.strict",
+                    "response_format.json_schema.strict must be a boolean".into(),
+                ));
+            }
+            let schema = match js.get("schema") {
+                None | Some(Value::Null) => json!({}),
+                Some(s @ Value::Object(_)) => s.clone(),
+                Some(_) => {
+                    return Err(bad(
+                        "response_format.json_schema.schema",
+                        "response_format.json_schema.schema must be a JSON schema object".into(),
+                    ))
+                }
+            };
+            Ok(Some(Grammar {
+                spec: GrammarSpec::JsonSchema(schema),
+                param: "response_format.json_schema.schema".into(),
+            }))
+        }
+        _ => Err(bad("response_format.type", "response_format.type must be text, json_object or json_schema".into())),
+    }
+}
+
+/// vLLM's `guided_json`, `guided_regex`, `guided_choice` and `guided_grammar`; at most one.
+fn guided(s: &SamplingFields) -> Result<Option<Grammar>, ApiError> {
+    let given = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
+    let named: Vec<&str> = [
+        ("guided_json", &s.guided_json),
+        ("guided_regex", &s.guided_regex),
+        ("guided_choice", &s.guided_choice),
+        ("guided_grammar", &s.guided_grammar),
+    ]
+    .into_iter()
+    .filter(|(_, v)| given(v))
+    .map(|(n, _)| n)
+    .collect();
+    if named.len() > 1 {
+        return Err(ApiError::invalid(
+            format!(
+                "only one of guided_json, guided_regex, guided_choice, guided_grammar may be given, not {}",
+                named.join(" and ")
+            ),
+            Some(named[1].to_owned()),
+        ));
+    }
+    let Some(&param) = named.first() else { return Ok(None) };
+    let bad = |why: &str| ApiError::invalid(format!("{param} {why}"), Some(param.to_owned()));
+    let spec = match param {
+        "guided_json" => match s.guided_json.as_ref() {
+            Some(Value::String(text)) => match serde_json::from_str::<Value>(text) {
+                Ok(v @ Value::Object(_)) => GrammarSpec::JsonSchema(v),
+                _ => return Err(bad("must be a JSON schema object, or a string holding one")),
+            },
+            Some(v @ Value::Object(_)) => GrammarSpec::JsonSchema(v.clone()),
+            _ => return Err(bad("must be a JSON schema object, or a string holding one")),
+        },
+        "guided_regex" => match s.guided_regex.as_ref() {
+            Some(Value::String(rx)) if !rx.is_empty() => GrammarSpec::Regex(rx.clone()),
+            _ => return Err(bad("must be a non-empty regular expression")),
+        },
+        "guided_grammar" => match s.guided_grammar.as_ref() {
+            Some(Value::String(g)) if !g.trim().is_empty() => GrammarSpec::Lark(g.clone()),
+            _ => return Err(bad("must be a non-empty Lark grammar")),
+        },
+        _ => match s.guided_choice.as_ref() {
+            Some(Value::Array(items)) if !items.is_empty() => {
+                let mut choices = Vec::with_capacity(items.len());
+                for (i, c) in items.iter().enumerate() {
+                    match c.as_str() {
+                        Some(c) if !c.is_empty() => choices.push(c.to_owned()),
+                        _ => {
+                            return Err(ApiError::invalid(
+                                format!("guided_choice[{i}] must be a non-empty string"),
+                                Some(format!("guided_choice[{i}]")),
+                            ))
+                        }
+                    }
+                }
+                GrammarSpec::Choice(choices)
+            }
+            _ => return Err(bad("must be a non-empty list of strings")),
+        },
+    };
+    Ok(Some(Grammar { spec, param: param.to_owned() }))
 }
 
 pub fn completion(req: CompletionRequest, limits: RequestLimits) -> Result<Validated, ApiError> {
@@ -112,7 +471,25 @@ pub fn completion(req: CompletionRequest, limits: RequestLimits) -> Result<Valid
         return Err(ApiError::invalid("prompt must not be empty", Some("prompt".into())));
     }
     let max_tokens = req.sampling.max_tokens.map(|m| ("max_tokens", m));
-    finish(req.model, Prompt::Text(prompt), max_tokens, req.sampling, limits)
+    let mut decoding = Decoding::default();
+    match req.logprobs {
+        Some(k) if !(0..=MAX_TEXT_LOGPROBS).contains(&k) => {
+            return Err(ApiError::invalid(
+                format!("logprobs must be between 0 and {MAX_TEXT_LOGPROBS}, got {k}"),
+                Some("logprobs".into()),
+            ))
+        }
+        Some(k) => {
+            decoding.logprobs = Some(k as usize);
+            decoding.shape.logprobs = LogprobFormat::Text;
+        }
+        None => {}
+    }
+    if req.echo == Some(true) {
+        decoding.prompt_logprobs = decoding.logprobs.is_some();
+        decoding.shape.echo = Some(prompt.clone());
+    }
+    finish(req.model, Prompt::Text(prompt), max_tokens, req.sampling, decoding, limits)
 }
 
 fn finish(
@@ -120,6 +497,7 @@ fn finish(
     prompt: Prompt,
     max_tokens: Option<(&str, i64)>,
     s: SamplingFields,
+    mut decoding: Decoding,
     limits: RequestLimits,
 ) -> Result<Validated, ApiError> {
     if model.trim().is_empty() {
@@ -139,9 +517,25 @@ fn finish(
         Some((_, m)) => Some(m as usize),
     };
     if let Some(n) = s.n {
-        if n != 1 {
-            return Err(ApiError::unsupported("n", format!("n must be 1 (got {n}): one choice per request")));
+        if !(1..=MAX_N).contains(&n) {
+            return Err(ApiError::invalid(format!("n must be between 1 and {MAX_N}, got {n}"), Some("n".into())));
         }
+        decoding.shape.n = n as usize;
+    }
+    if let Some(grammar) = guided(&s)? {
+        if decoding.grammar.is_some() {
+            return Err(ApiError::invalid(
+                format!("{} cannot be combined with response_format or a forced tool call", grammar.param),
+                Some(grammar.param),
+            ));
+        }
+        decoding.grammar = Some(grammar);
+    }
+    if decoding.grammar.is_some() && s.ignore_eos == Some(true) {
+        return Err(ApiError::invalid(
+            "ignore_eos cannot be combined with structured output: the grammar decides where the answer ends",
+            Some("ignore_eos".into()),
+        ));
     }
     let temperature = in_range("temperature", s.temperature, 0.0, 2.0)?;
     let top_p = in_range("top_p", s.top_p, 0.0, 1.0)?;
@@ -185,10 +579,14 @@ fn finish(
                 frequency_penalty: frequency_penalty.map(|v| v as f32),
                 presence_penalty: presence_penalty.map(|v| v as f32),
                 ignore_eos: s.ignore_eos.unwrap_or(false),
+                grammar: decoding.grammar,
+                logprobs: decoding.logprobs,
+                prompt_logprobs: decoding.prompt_logprobs,
             },
         },
         stream,
         include_usage: s.stream_options.is_some_and(|o| o.include_usage),
+        shape: decoding.shape,
     })
 }
 
@@ -206,14 +604,10 @@ fn in_range(name: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<Option<f64>,
 fn check_extra(extra: &Map<String, Value>, legacy: bool) -> Result<(), ApiError> {
     for (key, value) in extra {
         let harmless = match key.as_str() {
-            "store" | "metadata" | "service_tier" | "parallel_tool_calls" => true,
-            "logprobs" => value.is_null() || value == &Value::Bool(false),
-            "top_logprobs" => value.is_null(),
+            "store" | "metadata" | "service_tier" => true,
             "logit_bias" => value.is_null() || value.as_object().is_some_and(Map::is_empty),
-            "response_format" => value.is_null() || value.get("type").and_then(Value::as_str) == Some("text"),
-            "tools" | "functions" => value.is_null() || value.as_array().is_some_and(Vec::is_empty),
-            "tool_choice" | "function_call" => value.is_null() || value == "none",
-            "echo" if legacy => value.is_null() || value == &Value::Bool(false),
+            "functions" => value.is_null() || value.as_array().is_some_and(Vec::is_empty),
+            "function_call" => value.is_null() || value == "none",
             "best_of" if legacy => value.is_null() || value == 1,
             "suffix" if legacy => value.is_null(),
             "audio" | "modalities" | "prediction" | "reasoning_effort" | "web_search_options" => false,
@@ -363,9 +757,43 @@ mod tests {
             (json!({"model":"m","messages":[]}), "messages"),
             (json!({"model":"m","messages":[{"role":"robot","content":"x"}]}), "messages[0].role"),
             (json!({"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":0}), "max_tokens"),
-            (json!({"model":"m","messages":[{"role":"user","content":"x"}],"n":2}), "n"),
+            (json!({"model":"m","messages":[{"role":"user","content":"x"}],"n":17}), "n"),
+            (
+                json!({"model":"m","messages":[{"role":"user","content":"x"}],"top_logprobs":21,"logprobs":true}),
+                "top_logprobs",
+            ),
+            (json!({"model":"m","messages":[{"role":"user","content":"x"}],"top_logprobs":2}), "top_logprobs"),
+            (
+                json!({"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"schema":{}}}}),
+                "response_format.json_schema.name",
+            ),
+            (
+                json!({"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"xml"}}),
+                "response_format.type",
+            ),
+            (
+                json!({"model":"m","messages":[{"role":"user","content":"x"}],"guided_choice":["a",""]}),
+                "guided_choice[1]",
+            ),
+            (
+                json!({"model":"m","messages":[{"role":"user","content":"x"}],"guided_regex":"a","guided_choice":["a"]}),
+                "guided_choice",
+            ),
+            (json!({"model":"m","messages":[{"role":"user","content":"x"}],"tool_choice":"required"}), "tool_choice"),
+            (
+                json!({"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"a b"}}]}),
+                "tools[0].function.name",
+            ),
+            (
+                json!({"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":{"type":"function","function":{"name":"g"}}}),
+                "tool_choice",
+            ),
+            (json!({"model":"m","messages":[{"role":"tool","content":"x"}]}), "messages[0].tool_call_id"),
             (json!({"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}), "temperature"),
-            (json!({"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function"}]}), "tools"),
+            (
+                json!({"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function"}]}),
+                "tools[0].function",
+            ),
             (json!({"model":"m","messages":[{"role":"user","content":"x"}],"frobnicate":1}), "frobnicate"),
             (json!({"model":"m","messages":[{"role":"user","content":"x"}],"stream_options":{}}), "stream_options"),
         ] {

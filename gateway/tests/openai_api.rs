@@ -233,15 +233,15 @@ async fn bad_input_gets_the_openai_error_shape(engine: &str) {
         ),
         (
             "/v1/chat/completions",
-            json!({"model": MODEL_ID, "messages": user, "n": 2}).to_string(),
+            json!({"model": MODEL_ID, "messages": user, "n": 17}).to_string(),
             400,
-            "unsupported_parameter",
+            "invalid_value",
         ),
         (
             "/v1/chat/completions",
-            json!({"model": MODEL_ID, "messages": user, "logprobs": true}).to_string(),
+            json!({"model": MODEL_ID, "messages": user, "logprobs": true, "top_logprobs": 21}).to_string(),
             400,
-            "unsupported_parameter",
+            "invalid_value",
         ),
         (
             "/v1/chat/completions",

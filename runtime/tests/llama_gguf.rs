@@ -129,7 +129,11 @@ fn packed_runtime_decodes_like_the_dense_reference() {
     let mut ws = Workspace::default();
     let mut logits = Vec::new();
     runtime
-        .forward(&mut ws, &mut [SeqInput { tokens: &ids, cache: &mut cache, adapter: None, logits: true }], &mut logits)
+        .forward(
+            &mut ws,
+            &mut [SeqInput { tokens: &ids, cache: &mut cache, adapter: None, logits: true, all_logits: false }],
+            &mut logits,
+        )
         .unwrap();
     let diff = logits.iter().zip(&want_first).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(diff < 0.02, "prompt logits differ by {diff}");
@@ -142,7 +146,7 @@ fn packed_runtime_decodes_like_the_dense_reference() {
         runtime
             .forward(
                 &mut ws,
-                &mut [SeqInput { tokens: &[next], cache: &mut cache, adapter: None, logits: true }],
+                &mut [SeqInput { tokens: &[next], cache: &mut cache, adapter: None, logits: true, all_logits: false }],
                 &mut logits,
             )
             .unwrap();

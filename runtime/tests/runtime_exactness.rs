@@ -56,7 +56,13 @@ fn token_by_token_decoding_equals_the_merged_reference() {
         let mut ws = Workspace::default();
         let mut logits = Vec::new();
         for (p, t) in ids.iter().enumerate() {
-            let mut step = [SeqInput { tokens: std::slice::from_ref(t), cache: &mut cache, adapter, logits: true }];
+            let mut step = [SeqInput {
+                tokens: std::slice::from_ref(t),
+                cache: &mut cache,
+                adapter,
+                logits: true,
+                all_logits: false,
+            }];
             s.runtime.forward(&mut ws, &mut step, &mut logits).unwrap();
             assert_close(&logits, &want[p], &format!("position {p}, adapter {}", adapter.is_some()));
         }
@@ -72,7 +78,8 @@ fn a_chunked_prompt_equals_the_whole_prompt() {
     let mut logits = Vec::new();
     let mut cache = KvCache::new(&s.runtime.config, 16);
     for chunk in [&ids[..4], &ids[4..9], &ids[9..]] {
-        let mut step = [SeqInput { tokens: chunk, cache: &mut cache, adapter: Some(&s.two), logits: true }];
+        let mut step =
+            [SeqInput { tokens: chunk, cache: &mut cache, adapter: Some(&s.two), logits: true, all_logits: false }];
         s.runtime.forward(&mut ws, &mut step, &mut logits).unwrap();
     }
     assert_eq!(cache.len(), ids.len());
@@ -95,17 +102,17 @@ fn one_step_serves_prompts_and_decodes_with_different_adapters() {
         .forward(
             &mut ws,
             &mut [
-                SeqInput { tokens: &prompt_a, cache: &mut ca, adapter: Some(&s.one), logits: false },
-                SeqInput { tokens: &prompt_b, cache: &mut cb, adapter: None, logits: false },
+                SeqInput { tokens: &prompt_a, cache: &mut ca, adapter: Some(&s.one), logits: false, all_logits: false },
+                SeqInput { tokens: &prompt_b, cache: &mut cb, adapter: None, logits: false, all_logits: false },
             ],
             &mut logits,
         )
         .unwrap();
     assert!(logits.is_empty(), "no sequence asked for logits");
     let mut step = [
-        SeqInput { tokens: &[44], cache: &mut ca, adapter: Some(&s.one), logits: true },
-        SeqInput { tokens: &prompt_c, cache: &mut cc, adapter: Some(&s.two), logits: true },
-        SeqInput { tokens: &[14], cache: &mut cb, adapter: None, logits: true },
+        SeqInput { tokens: &[44], cache: &mut ca, adapter: Some(&s.one), logits: true, all_logits: false },
+        SeqInput { tokens: &prompt_c, cache: &mut cc, adapter: Some(&s.two), logits: true, all_logits: false },
+        SeqInput { tokens: &[14], cache: &mut cb, adapter: None, logits: true, all_logits: false },
     ];
     s.runtime.forward(&mut ws, &mut step, &mut logits).unwrap();
     assert_eq!(logits.len(), 3 * vocab);
@@ -130,7 +137,7 @@ fn bad_steps_are_errors_not_panics() {
         .runtime
         .forward(
             &mut ws,
-            &mut [SeqInput { tokens: &[1, 2, 3], cache: &mut small, adapter: None, logits: true }],
+            &mut [SeqInput { tokens: &[1, 2, 3], cache: &mut small, adapter: None, logits: true, all_logits: false }],
             &mut logits,
         )
         .unwrap_err();
@@ -139,7 +146,7 @@ fn bad_steps_are_errors_not_panics() {
         .runtime
         .forward(
             &mut ws,
-            &mut [SeqInput { tokens: &[999_999], cache: &mut small, adapter: None, logits: true }],
+            &mut [SeqInput { tokens: &[999_999], cache: &mut small, adapter: None, logits: true, all_logits: false }],
             &mut logits,
         )
         .unwrap_err();
@@ -163,7 +170,7 @@ fn neighbours_on_one_adapter_share_its_terms_and_stay_exact() {
         .iter_mut()
         .zip(&prompts)
         .zip(adapters)
-        .map(|((cache, p), adapter)| SeqInput { tokens: p, cache, adapter, logits: true })
+        .map(|((cache, p), adapter)| SeqInput { tokens: p, cache, adapter, logits: true, all_logits: false })
         .collect();
     s.runtime.forward(&mut ws, &mut step, &mut logits).unwrap();
     for (k, (p, adapter)) in prompts.iter().zip(adapters).enumerate() {
@@ -176,7 +183,7 @@ fn neighbours_on_one_adapter_share_its_terms_and_stay_exact() {
         .iter_mut()
         .zip(&next)
         .zip(adapters)
-        .map(|((cache, t), adapter)| SeqInput { tokens: t, cache, adapter, logits: true })
+        .map(|((cache, t), adapter)| SeqInput { tokens: t, cache, adapter, logits: true, all_logits: false })
         .collect();
     s.runtime.forward(&mut ws, &mut step, &mut logits).unwrap();
     for (k, ((p, t), adapter)) in prompts.iter().zip(&next).zip(adapters).enumerate() {
@@ -219,11 +226,21 @@ fn bf16_served_weights_are_exact_for_bf16_values_and_close_otherwise() {
         let mut cache = KvCache::new(&s.runtime.config, ids.len());
         let (mut ws, mut logits) = (Workspace::default(), Vec::new());
         // The prompt but its last token, then that token alone: prefill and decode paths.
-        let mut step =
-            [SeqInput { tokens: &ids[..ids.len() - 1], cache: &mut cache, adapter: Some(adapter), logits: false }];
+        let mut step = [SeqInput {
+            tokens: &ids[..ids.len() - 1],
+            cache: &mut cache,
+            adapter: Some(adapter),
+            logits: false,
+            all_logits: false,
+        }];
         s.runtime.forward(&mut ws, &mut step, &mut logits).unwrap();
-        let mut step =
-            [SeqInput { tokens: &ids[ids.len() - 1..], cache: &mut cache, adapter: Some(adapter), logits: true }];
+        let mut step = [SeqInput {
+            tokens: &ids[ids.len() - 1..],
+            cache: &mut cache,
+            adapter: Some(adapter),
+            logits: true,
+            all_logits: false,
+        }];
         s.runtime.forward(&mut ws, &mut step, &mut logits).unwrap();
         logits
     };
@@ -245,7 +262,7 @@ fn bf16_served_weights_are_exact_for_bf16_values_and_close_otherwise() {
 /// Feeds `tokens` to `cache` in one step and returns the last position's logits.
 fn feed(s: &Setup, cache: &mut KvCache, tokens: &[u32], adapter: Option<&AdapterWeights>) -> Vec<f32> {
     let (mut ws, mut logits) = (Workspace::default(), Vec::new());
-    let mut step = [SeqInput { tokens, cache, adapter, logits: true }];
+    let mut step = [SeqInput { tokens, cache, adapter, logits: true, all_logits: false }];
     s.runtime.forward(&mut ws, &mut step, &mut logits).unwrap();
     logits
 }

@@ -19,11 +19,12 @@ use runtime::lora::AdapterWeights;
 use tokenizers::Tokenizer;
 use tokio::sync::{mpsc, oneshot};
 
-use super::sampling::choose;
+use super::grammar::{Constraint, Grammar, Grammars};
+use super::sampling::{log_sum_exp, penalize, pick, top_k};
 use super::stop::StopFilter;
 use super::{
-    fit_to_context, Engine, EngineError, Event, FinishReason, Generation, GenerationRequest, ModelInfo, Prompt,
-    Sampling, ScoreRequest, Scores,
+    choice_seed, fit_to_context, Engine, EngineError, Event, FinishReason, Generation, GenerationRequest, ModelInfo,
+    Prompt, Sampling, ScoreRequest, Scores, TokenLogprob, TopLogprob,
 };
 use crate::metrics::EngineMetrics;
 
@@ -47,6 +48,8 @@ pub struct CandleEngine {
     shape: BaseModelShape,
     jobs: std_mpsc::Sender<Job>,
     metrics: EngineMetrics,
+    /// `None` when llguidance cannot read this tokenizer (structured output is then refused).
+    grammars: Option<Arc<Grammars>>,
 }
 
 struct Job {
@@ -58,6 +61,18 @@ struct Job {
     events: mpsc::UnboundedSender<Event>,
     /// Set for a scoring job: instead of sampling after the prompt, score these continuations.
     forced: Option<Forced>,
+    /// The grammar's state for this row, when the answer is constrained.
+    constraint: Option<Constraint>,
+    /// Choices 1..n of an `n` request: each samples from a copy of this prompt's keys and
+    /// values once the prompt is in.
+    siblings: Vec<Sibling>,
+}
+
+/// One more choice of the same prompt: its seed, grammar state and event channel.
+struct Sibling {
+    seed: u64,
+    constraint: Option<Constraint>,
+    events: mpsc::UnboundedSender<Event>,
 }
 
 /// The continuations a scoring job reads after its prompt, and where their scores go.
@@ -128,6 +143,8 @@ struct Seq {
     decode_ids: Vec<u32>,
     decode_prefix: String,
     decode_index: usize,
+    /// The prompt's log-probabilities so far (only with `prompt_logprobs`).
+    prompt_logprobs: Vec<TokenLogprob>,
 }
 
 impl CandleEngine {
@@ -156,17 +173,26 @@ impl CandleEngine {
         let context_len = context_cap.map_or(runtime.config.max_position, |c| c.min(runtime.config.max_position));
         let shape = runtime.config.shape(&id);
         let tokenizer = Arc::new(tokenizer);
+        let grammars = match Grammars::new(tokenizer.clone(), &eos, runtime.config.vocab_size) {
+            Ok(g) => Some(Arc::new(g)),
+            Err(e) => {
+                tracing::warn!(error = %e, "structured output is off: the grammar engine cannot read this tokenizer");
+                None
+            }
+        };
         let (jobs, rx) = std_mpsc::channel();
         let thread_tokenizer = tokenizer.clone();
         std::thread::Builder::new().name("candle-scheduler".into()).spawn({
             let metrics = metrics.clone();
+            let grammars = grammars.clone();
             move || {
                 let prefixes = PrefixCache::new(prefix_cache_bytes);
-                Scheduler { runtime, tokenizer: thread_tokenizer, eos, context_len, rx, metrics, prefixes }.run()
+                Scheduler { runtime, tokenizer: thread_tokenizer, eos, context_len, rx, metrics, prefixes, grammars }
+                    .run()
             }
         })?;
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        Ok(Self { info: ModelInfo { id, context_len, created }, tokenizer, template, shape, jobs, metrics })
+        Ok(Self { info: ModelInfo { id, context_len, created }, tokenizer, template, shape, jobs, metrics, grammars })
     }
 }
 
@@ -202,14 +228,35 @@ impl Engine for CandleEngine {
     }
 
     async fn generate(&self, request: GenerationRequest) -> Result<Generation, EngineError> {
+        let mut one = self.generate_n(request, 1).await?;
+        one.pop().ok_or(EngineError::Closed)
+    }
+
+    /// The prompt is read once; each further choice starts from a copy of its keys and values.
+    async fn generate_n(&self, request: GenerationRequest, n: usize) -> Result<Vec<Generation>, EngineError> {
         let tokens = self.tokenize(&request.prompt).await?;
         if tokens.is_empty() {
             return Err(EngineError::BadPrompt("the prompt has no tokens".into()));
         }
         let prompt_tokens = tokens.len();
         let max_tokens = fit_to_context(prompt_tokens, request.max_tokens, self.info.context_len)?;
-        let (events, rx) = mpsc::unbounded_channel();
+        let constraints = match &request.sampling.grammar {
+            Some(grammar) => self.constraints(grammar, n.max(1)).await?.into_iter().map(Some).collect(),
+            None => (0..n.max(1)).map(|_| None).collect::<Vec<_>>(),
+        };
         let seed = request.sampling.seed.unwrap_or_else(rand::random);
+        let mut generations = Vec::with_capacity(n);
+        let mut siblings = Vec::new();
+        let mut first = None;
+        for (i, constraint) in constraints.into_iter().enumerate() {
+            let (events, rx) = mpsc::unbounded_channel();
+            generations.push(Generation { prompt_tokens, events: rx });
+            match i {
+                0 => first = Some((events, constraint)),
+                _ => siblings.push(Sibling { seed: choice_seed(seed, i), constraint, events }),
+            }
+        }
+        let (events, constraint) = first.ok_or(EngineError::Closed)?;
         let job = Job {
             tokens,
             adapter: request.adapter.map(|a| a.weights),
@@ -218,10 +265,12 @@ impl Engine for CandleEngine {
             max_tokens,
             events,
             forced: None,
+            constraint,
+            siblings,
         };
         self.jobs.send(job).map_err(|_| EngineError::Closed)?;
         self.metrics.queue_depth.inc();
-        Ok(Generation { prompt_tokens, events: rx })
+        Ok(generations)
     }
 
     async fn score(&self, request: ScoreRequest) -> Result<Scores, EngineError> {
@@ -274,6 +323,8 @@ impl Engine for CandleEngine {
             max_tokens: 0,
             events,
             forced: Some(Forced { continuations, reply }),
+            constraint: None,
+            siblings: Vec::new(),
         };
         self.jobs.send(job).map_err(|_| EngineError::Closed)?;
         self.metrics.queue_depth.inc();
@@ -282,7 +333,37 @@ impl Engine for CandleEngine {
     }
 }
 
+impl CandleEngine {
+    /// `n` fresh states of one grammar, compiled (or taken from the cache) off the async
+    /// workers; a grammar that does not compile is the client's error.
+    async fn constraints(&self, grammar: &Grammar, n: usize) -> Result<Vec<Constraint>, EngineError> {
+        let Grammar { spec, param } = grammar.clone();
+        let Some(grammars) = self.grammars.clone() else {
+            return Err(EngineError::BadGrammar {
+                param,
+                message: "this model's tokenizer cannot be read by the grammar engine".into(),
+            });
+        };
+        let compile_seconds = self.metrics.grammar_compile_seconds.clone();
+        let compiled = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::with_capacity(n);
+            for _ in 0..n {
+                let (constraint, took) = grammars.compile(&spec)?;
+                if let Some(took) = took {
+                    compile_seconds.observe(took);
+                }
+                out.push(constraint);
+            }
+            Ok::<_, String>(out)
+        })
+        .await
+        .map_err(|e| EngineError::Backend(e.to_string()))?;
+        compiled.map_err(|message| EngineError::BadGrammar { param, message })
+    }
+}
+
 struct Scheduler {
+    grammars: Option<Arc<Grammars>>,
     runtime: Runtime,
     tokenizer: Arc<Tokenizer>,
     eos: Vec<u32>,
@@ -339,6 +420,7 @@ impl Scheduler {
                         cache,
                         adapter: job.adapter.as_deref(),
                         logits: true,
+                        all_logits: false,
                     });
                 }
                 for fork in forks.iter_mut() {
@@ -347,6 +429,7 @@ impl Scheduler {
                         cache: &mut fork.cache,
                         adapter: fork.adapter.as_deref(),
                         logits: true,
+                        all_logits: false,
                     });
                 }
                 for seq in reading.iter_mut().filter(|s| s.take > 0) {
@@ -356,6 +439,7 @@ impl Scheduler {
                         cache,
                         adapter: job.adapter.as_deref(),
                         logits: *fed + *take == job.tokens.len(),
+                        all_logits: job.sampling.prompt_logprobs,
                     });
                 }
                 self.runtime.forward(&mut ws, &mut inputs, &mut logits)
@@ -405,8 +489,20 @@ impl Scheduler {
                     still_reading.push_back(seq);
                     continue;
                 }
-                seq.fed += std::mem::take(&mut seq.take);
-                if seq.fed < seq.job.tokens.len() {
+                let take = std::mem::take(&mut seq.take);
+                let completes = seq.fed + take == seq.job.tokens.len();
+                if seq.job.sampling.prompt_logprobs {
+                    // Row j predicts prompt token fed + j + 1; the prompt's last row is sampled.
+                    let predicting = if completes { take - 1 } else { take };
+                    for j in 0..predicting {
+                        let Some(l) = rows.next() else { break };
+                        let next = seq.job.tokens[seq.fed + j + 1];
+                        let entry = self.logprob(l, next, seq.job.sampling.logprobs.unwrap_or(0));
+                        seq.prompt_logprobs.push(entry);
+                    }
+                }
+                seq.fed += take;
+                if !completes {
                     still_reading.push_back(seq);
                     continue;
                 }
@@ -415,7 +511,26 @@ impl Scheduler {
                 let Some(l) = rows.next() else { continue };
                 if seq.job.forced.is_some() {
                     forks.extend(self.fork(seq, l));
-                } else if let Some(seq) = self.advance(seq, l) {
+                    continue;
+                }
+                if seq.job.sampling.prompt_logprobs {
+                    let first = seq.job.tokens[0];
+                    let mut all = vec![TokenLogprob {
+                        token: first,
+                        bytes: self.token_bytes(first),
+                        logprob: None,
+                        top: Vec::new(),
+                    }];
+                    all.append(&mut seq.prompt_logprobs);
+                    let _ = seq.job.events.send(Event::PromptLogprobs(all));
+                }
+                for sibling in std::mem::take(&mut seq.job.siblings) {
+                    let choice = self.sibling(&seq, sibling);
+                    if let Some(choice) = self.advance(choice, &mut l.to_vec()) {
+                        next_decoding.push(choice);
+                    }
+                }
+                if let Some(seq) = self.advance(seq, l) {
                     next_decoding.push(seq);
                 }
             }
@@ -443,7 +558,8 @@ impl Scheduler {
             if budget == 0 {
                 continue;
             }
-            if seq.fed == 0 && self.prefixes.is_enabled() {
+            // A prompt whose log-probabilities are asked for computes every position.
+            if seq.fed == 0 && self.prefixes.is_enabled() && !seq.job.sampling.prompt_logprobs {
                 let adapter = seq.job.adapter.as_ref();
                 let from_cache = self.prefixes.reusable(&seq.job.tokens, adapter);
                 let limit = seq.job.tokens.len() - 1;
@@ -486,6 +602,51 @@ impl Scheduler {
             decode_ids: Vec::new(),
             decode_prefix: String::new(),
             decode_index: 0,
+            prompt_logprobs: Vec::new(),
+        }
+    }
+
+    /// Another choice of `seq`'s prompt, with a copy of the prompt's keys and values.
+    fn sibling(&self, seq: &Seq, sibling: Sibling) -> Seq {
+        let Sibling { seed, constraint, events } = sibling;
+        let job = Job {
+            tokens: seq.job.tokens.clone(),
+            adapter: seq.job.adapter.clone(),
+            sampling: seq.job.sampling.clone(),
+            seed,
+            max_tokens: seq.job.max_tokens,
+            events,
+            forced: None,
+            constraint,
+            siblings: Vec::new(),
+        };
+        let mut choice = self.admit(job);
+        choice.cache.copy_prefix_from(&seq.cache, seq.cache.len());
+        choice.fed = seq.fed;
+        choice.cached = seq.cached;
+        choice
+    }
+
+    /// A token's bytes, from the grammar engine's trie (or the tokenizer's decoding).
+    fn token_bytes(&self, token: u32) -> Vec<u8> {
+        match &self.grammars {
+            Some(g) => g.token_bytes(token),
+            None => self.tokenizer.decode(&[token], false).unwrap_or_default().into_bytes(),
+        }
+    }
+
+    /// `token`'s log-probability under `logits` and the `k` most likely tokens.
+    fn logprob(&self, logits: &[f32], token: u32, k: usize) -> TokenLogprob {
+        let lse = log_sum_exp(logits);
+        let lp = |t: u32| logits.get(t as usize).map_or(f32::NEG_INFINITY, |&l| (l as f64 - lse) as f32);
+        TokenLogprob {
+            token,
+            bytes: self.token_bytes(token),
+            logprob: Some(lp(token)),
+            top: top_k(logits, k)
+                .into_iter()
+                .map(|t| TopLogprob { token: t, bytes: self.token_bytes(t), logprob: lp(t) })
+                .collect(),
         }
     }
 
@@ -538,7 +699,42 @@ impl Scheduler {
     fn sample(&self, seq: &mut Seq, logits: &mut [f32]) -> bool {
         let banned: &[u32] = if seq.job.sampling.ignore_eos { &self.eos } else { &[] };
         let position = seq.cache.len();
-        let token = choose(logits, &seq.job.sampling, seq.job.seed, position, &seq.counts, banned);
+        penalize(logits, &seq.job.sampling, &seq.counts);
+        // Log-probabilities are read from the penalized logits, before the grammar's mask and
+        // the temperature (the chosen token is never masked, so its logit is still there after).
+        let report = seq.job.sampling.logprobs.map(|k| {
+            let lse = log_sum_exp(logits);
+            let top: Vec<TopLogprob> = top_k(logits, k)
+                .into_iter()
+                .map(|t| TopLogprob {
+                    token: t,
+                    bytes: self.token_bytes(t),
+                    logprob: (logits[t as usize] as f64 - lse) as f32,
+                })
+                .collect();
+            (lse, top)
+        });
+        if let Some(constraint) = seq.job.constraint.as_mut() {
+            if let Err(e) = constraint.mask(logits) {
+                let _ = seq.job.events.send(Event::Failed(format!("the grammar failed: {e}")));
+                return false;
+            }
+        }
+        let token = pick(logits, &seq.job.sampling, seq.job.seed, position, banned);
+        if let Some(constraint) = seq.job.constraint.as_mut() {
+            if let Err(e) = constraint.accept(token) {
+                let _ = seq.job.events.send(Event::Failed(format!("the grammar failed: {e}")));
+                return false;
+            }
+        }
+        let is_eos = self.eos.contains(&token) && !seq.job.sampling.ignore_eos;
+        if let Some((lse, top)) = report {
+            if !is_eos {
+                let logprob = Some((logits[token as usize] as f64 - lse) as f32);
+                let bytes = self.token_bytes(token);
+                let _ = seq.job.events.send(Event::Logprob(TokenLogprob { token, bytes, logprob, top }));
+            }
+        }
         seq.generated += 1;
         *seq.counts.entry(token).or_default() += 1;
         let finished = |seq: &Seq, reason: FinishReason| Event::Finished {
@@ -553,7 +749,7 @@ impl Scheduler {
             }
             let _ = seq.job.events.send(finished(seq, reason));
         };
-        if self.eos.contains(&token) && !seq.job.sampling.ignore_eos {
+        if is_eos {
             finish(seq, FinishReason::Stop);
             return false;
         }
@@ -574,6 +770,11 @@ impl Scheduler {
         }
         if filtered.stopped {
             let _ = seq.job.events.send(finished(seq, FinishReason::Stop));
+            return false;
+        }
+        // A grammar that is complete with nothing allowed after it ends the answer here.
+        if seq.job.constraint.as_ref().is_some_and(Constraint::is_stopped) {
+            finish(seq, FinishReason::Stop);
             return false;
         }
         if seq.generated >= seq.job.max_tokens || seq.cache.len() + 1 >= self.context_len {

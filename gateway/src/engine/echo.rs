@@ -48,6 +48,7 @@ impl Engine for EchoEngine {
         if request.adapter.is_some() {
             return Err(EngineError::AdaptersUnsupported);
         }
+        super::only_plain(&request.sampling)?;
         let prompt_tokens = self.tokenize(&request.prompt).await?.len().max(1);
         let budget = fit_to_context(prompt_tokens, request.max_tokens, self.info.context_len)?;
         let words = Self::words(&request.prompt);

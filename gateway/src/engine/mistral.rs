@@ -189,6 +189,7 @@ impl Engine for MistralEngine {
         if request.adapter.is_some() {
             return Err(EngineError::AdaptersUnsupported);
         }
+        super::only_plain(&request.sampling)?;
         let tokens = self.tokenize(&request.prompt).await?;
         let prompt_tokens = tokens.len();
         let budget = fit_to_context(prompt_tokens, request.max_tokens, self.info.context_len)?;

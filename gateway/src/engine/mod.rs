@@ -5,6 +5,7 @@
 
 pub mod candle;
 pub mod echo;
+pub mod grammar;
 pub mod mistral;
 pub mod sampling;
 pub mod stop;
@@ -48,6 +49,13 @@ pub struct Sampling {
     pub frequency_penalty: Option<f32>,
     pub presence_penalty: Option<f32>,
     pub ignore_eos: bool,
+    /// Constrained decoding: the answer matches this grammar.
+    pub grammar: Option<grammar::Grammar>,
+    /// `Some(k)`: each sampled token's log-probability and the `k` most likely tokens
+    /// ([`Event::Logprob`]).
+    pub logprobs: Option<usize>,
+    /// The prompt's own log-probabilities ([`Event::PromptLogprobs`], OpenAI's `echo`).
+    pub prompt_logprobs: bool,
 }
 
 impl Sampling {
@@ -99,6 +107,25 @@ pub struct Scores {
     pub tokens: Vec<usize>,
 }
 
+/// A token's log-probability under the logits the sampler saw (after penalties, before the
+/// grammar's mask and the temperature), with the `k` most likely tokens at that position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    /// The token's bytes (a piece of a UTF-8 character stays a piece).
+    pub bytes: Vec<u8>,
+    /// `None` only for a prompt's first token, which nothing predicts.
+    pub logprob: Option<f32>,
+    pub top: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopLogprob {
+    pub token: u32,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     Stop,
@@ -119,6 +146,11 @@ impl FinishReason {
 pub enum Event {
     /// New text (may be empty when a token completes no character).
     Delta(String),
+    /// The token just sampled, sent before its text (only when `logprobs` asked for it).
+    Logprob(TokenLogprob),
+    /// Every prompt token, sent once before the first sampled token (only when
+    /// `prompt_logprobs` asked for it).
+    PromptLogprobs(Vec<TokenLogprob>),
     /// The last event of a successful generation.
     /// `cached_tokens`: prompt tokens whose keys and values came from the prefix cache
     /// rather than being computed.
@@ -163,6 +195,10 @@ pub enum EngineError {
     AdaptersUnsupported,
     #[error("this engine cannot score labels; serve the model with --engine candle")]
     ScoringUnsupported,
+    #[error("{param} cannot be used: {message}")]
+    BadGrammar { param: String, message: String },
+    #[error("{0} needs the candle engine; serve the model with --engine candle")]
+    Unsupported(&'static str),
     #[error("the engine is shutting down")]
     Closed,
 }
@@ -182,12 +218,46 @@ pub trait Engine: Send + Sync + 'static {
     /// Admit a request: check it against the context, then start generating.
     async fn generate(&self, request: GenerationRequest) -> Result<Generation, EngineError>;
 
+    /// `n` answers to one request (OpenAI's `n`), choice `i` seeded by [`choice_seed`]. This
+    /// default runs `n` generations; the candle engine computes the prompt once.
+    async fn generate_n(&self, request: GenerationRequest, n: usize) -> Result<Vec<Generation>, EngineError> {
+        let seed = request.sampling.seed.unwrap_or_else(rand::random);
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut one = request.clone();
+            one.sampling.seed = Some(choice_seed(seed, i));
+            out.push(self.generate(one).await?);
+        }
+        Ok(out)
+    }
+
     /// Scores each continuation after the prompt, computing the prompt's keys and values once
     /// for all of them.
     async fn score(&self, request: ScoreRequest) -> Result<Scores, EngineError> {
         let _ = request;
         Err(EngineError::ScoringUnsupported)
     }
+}
+
+/// The seed of choice `i` of a request seeded with `seed`: choice 0 keeps the request's own
+/// seed, so `n: 1` and `n: 4` start the same.
+pub fn choice_seed(seed: u64, i: usize) -> u64 {
+    if i == 0 {
+        seed
+    } else {
+        seed ^ (i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)
+    }
+}
+
+/// Refuses what only the candle engine serves (grammars, log-probabilities).
+pub fn only_plain(sampling: &Sampling) -> Result<(), EngineError> {
+    if sampling.grammar.is_some() {
+        return Err(EngineError::Unsupported("structured output (response_format, guided_*, tool_choice)"));
+    }
+    if sampling.logprobs.is_some() || sampling.prompt_logprobs {
+        return Err(EngineError::Unsupported("logprobs"));
+    }
+    Ok(())
 }
 
 /// Checks a prompt and completion budget against the context; returns the budget to use.

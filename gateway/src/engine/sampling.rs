@@ -8,8 +8,7 @@ use rand::{Rng, SeedableRng};
 
 use super::Sampling;
 
-/// Picks the next token for one sequence. `position` (tokens so far) is mixed into the seed so
-/// that a seeded request replays exactly, whatever else shares its batch.
+/// Picks the next token for one sequence: [`penalize`], then [`pick`].
 pub fn choose(
     logits: &mut [f32],
     sampling: &Sampling,
@@ -18,6 +17,13 @@ pub fn choose(
     counts: &HashMap<u32, usize>,
     banned: &[u32],
 ) -> u32 {
+    penalize(logits, sampling, counts);
+    pick(logits, sampling, seed, position, banned)
+}
+
+/// OpenAI's frequency and presence penalties, applied to the logits in place. The logits
+/// after this are the ones `logprobs` report.
+pub fn penalize(logits: &mut [f32], sampling: &Sampling, counts: &HashMap<u32, usize>) {
     let freq = sampling.frequency_penalty.unwrap_or(0.0);
     let presence = sampling.presence_penalty.unwrap_or(0.0);
     if freq != 0.0 || presence != 0.0 {
@@ -27,6 +33,11 @@ pub fn choose(
             }
         }
     }
+}
+
+/// Picks a token from (penalized, masked) logits. `position` (tokens so far) is mixed into
+/// the seed so that a seeded request replays exactly, whatever else shares its batch.
+pub fn pick(logits: &mut [f32], sampling: &Sampling, seed: u64, position: usize, banned: &[u32]) -> u32 {
     for &t in banned {
         if let Some(l) = logits.get_mut(t as usize) {
             *l = f32::NEG_INFINITY;
@@ -37,6 +48,30 @@ pub fn choose(
     }
     let mut rng = StdRng::seed_from_u64(seed ^ (position as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     sample_top_p(logits, sampling.temperature.unwrap_or(1.0), sampling.top_p.unwrap_or(1.0), &mut rng) as u32
+}
+
+/// `log softmax(logits)`'s normaliser: the log of the sum of exponentials, in f64.
+pub fn log_sum_exp(logits: &[f32]) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    max + sum.ln()
+}
+
+/// The `k` largest logits' indices, largest first (ties: the lower index first).
+pub fn top_k(logits: &[f32], k: usize) -> Vec<u32> {
+    let mut best: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
+    if k == 0 {
+        return Vec::new();
+    }
+    for (i, &l) in logits.iter().enumerate() {
+        if best.len() == k && l <= best[k - 1].0 {
+            continue;
+        }
+        let at = best.partition_point(|&(v, _)| v >= l);
+        best.insert(at, (l, i as u32));
+        best.truncate(k);
+    }
+    best.into_iter().map(|(_, i)| i).collect()
 }
 
 pub fn argmax(logits: &[f32]) -> u32 {
@@ -96,6 +131,7 @@ mod tests {
             frequency_penalty: None,
             presence_penalty: None,
             ignore_eos: false,
+            ..Sampling::default()
         }
     }
 
@@ -105,6 +141,15 @@ mod tests {
         assert_eq!(choose(&mut l, &sampling(None), 0, 0, &HashMap::new(), &[]), 1);
         let mut l = vec![0.1, 3.0, 2.0];
         assert_eq!(choose(&mut l, &sampling(Some(0.0)), 0, 0, &HashMap::new(), &[1]), 2);
+    }
+
+    #[test]
+    fn top_k_orders_and_log_sum_exp_normalises() {
+        let l = vec![1.0, 3.0, 2.0, 3.0];
+        assert_eq!(top_k(&l, 3), vec![1, 3, 2]);
+        assert!(top_k(&l, 0).is_empty());
+        let total: f64 = l.iter().map(|&x| (x as f64 - log_sum_exp(&l)).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-12);
     }
 
     #[test]

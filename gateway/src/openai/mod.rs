@@ -38,6 +38,50 @@ pub struct ChatMessage {
     pub content: Option<MessageContent>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// An assistant turn's calls (sent back in the next request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// A `tool` message: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+/// One function call the model made.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema, PartialEq)]
+pub struct ToolCall {
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema, PartialEq)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments as a JSON text (valid against the function's `parameters` when the
+    /// call was forced by `tool_choice`).
+    pub arguments: String,
+}
+
+/// A piece of a streamed tool call: the first piece of a call carries its `id` and name,
+/// later ones more of `arguments`.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub function: FunctionCallDelta,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+pub struct FunctionCallDelta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
@@ -75,15 +119,53 @@ pub struct SamplingFields {
     /// Accepted and ignored, as OpenAI does for end-user ids.
     #[serde(default)]
     pub user: Option<String>,
+    /// vLLM extension: the answer is JSON valid against this schema (an object, or a string
+    /// holding one).
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub guided_json: Option<Value>,
+    /// vLLM extension: the answer matches this regular expression.
+    #[serde(default)]
+    pub guided_regex: Option<Value>,
+    /// vLLM extension: the answer is exactly one of these strings.
+    #[serde(default)]
+    #[schema(value_type = Option<Vec<String>>)]
+    pub guided_choice: Option<Value>,
+    /// vLLM extension: the answer matches this Lark grammar (llguidance's dialect).
+    #[serde(default)]
+    pub guided_grammar: Option<Value>,
 }
 
 /// `POST /v1/chat/completions` body.
-#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
 pub struct ChatCompletionRequest {
     pub model: String,
     pub messages: Vec<ChatMessage>,
     #[serde(default)]
     pub max_completion_tokens: Option<i64>,
+    /// `{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema", "json_schema":
+    /// {"name", "schema", "strict"}}`.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub response_format: Option<Value>,
+    /// Function tools: `[{"type": "function", "function": {"name", "description", "parameters"}}]`.
+    #[serde(default)]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub tools: Option<Value>,
+    /// `none`, `auto` (the default with tools), `required`, or `{"type": "function",
+    /// "function": {"name"}}`.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub tool_choice: Option<Value>,
+    /// With `required`: whether the model may call several functions (default true).
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    /// Return each answer token's log-probability.
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    /// With `logprobs`: the 0 to 20 most likely tokens at each position.
+    #[serde(default)]
+    pub top_logprobs: Option<i64>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
     #[serde(flatten)]
@@ -96,6 +178,12 @@ pub struct ChatCompletionRequest {
 pub struct CompletionRequest {
     pub model: String,
     pub prompt: Value,
+    /// 0 to 5: each token's log-probability and that many most likely tokens.
+    #[serde(default)]
+    pub logprobs: Option<i64>,
+    /// Return the prompt before the completion (with `logprobs`, the prompt's too).
+    #[serde(default)]
+    pub echo: Option<bool>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
     #[serde(flatten)]
@@ -138,7 +226,10 @@ impl Usage {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct AssistantMessage {
     pub role: String,
-    pub content: String,
+    /// `null` when the answer is tool calls.
+    pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -168,6 +259,8 @@ pub struct ChunkDelta {
     pub role: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallDelta>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

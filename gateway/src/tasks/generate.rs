@@ -124,7 +124,7 @@ async fn run(state: &AppState, req: &HttpRequest, payload: web::Payload) -> Resu
     let log = draft(&caller, "generate", &messages, params);
     let request =
         GenerationRequest { prompt: Prompt::Chat(messages), adapter: None, max_tokens: Some(max_tokens), sampling };
-    let mut running = state.start_logged(req, &model, caller, request, log, slot).await?;
+    let mut running = state.start_logged(req, &model, caller, request, 1, log, slot).await?;
     let envelope = Envelope::task("gen", model.clone());
     let template_ref = TemplateRef { name: template.name.clone(), version: template.version };
     if wire.stream {

@@ -710,7 +710,7 @@ async fn answer(state: &AppState, req: &HttpRequest, payload: web::Payload) -> R
     let sampling = Sampling { temperature: wire.temperature, ..Sampling::default() };
     let request =
         GenerationRequest { prompt: Prompt::Chat(messages), adapter: None, max_tokens: Some(max_tokens), sampling };
-    let mut running = state.start_logged(req, &model, who, request, log, slot).await?;
+    let mut running = state.start_logged(req, &model, who, request, 1, log, slot).await?;
     let envelope = Envelope::task("qa", model.clone());
     if wire.stream {
         let first = serde_json::json!({

@@ -298,7 +298,7 @@ async fn rank(state: &AppState, req: &HttpRequest, payload: web::Payload) -> Res
             let log = draft(&who, "recommend", &messages, params);
             let request =
                 GenerationRequest { prompt: Prompt::Chat(messages), adapter: None, max_tokens: Some(64), sampling };
-            let mut running = state.start_logged(req, model, who.clone(), request, log, None).await?;
+            let mut running = state.start_logged(req, model, who.clone(), request, 1, log, None).await?;
             let done = respond::collect(&envelope, &mut running).await?;
             let said = done.text.trim().to_owned();
             // The model's pick moves first when it names one of the candidates.

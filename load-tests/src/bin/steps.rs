@@ -82,7 +82,7 @@ fn measure(rt: &Runtime, adapters: &[&AdapterWeights], streams: usize, steps: us
             .iter_mut()
             .zip(&prompts)
             .enumerate()
-            .map(|(s, (cache, p))| SeqInput { tokens: p, cache, adapter: adapter(s), logits: true })
+            .map(|(s, (cache, p))| SeqInput { tokens: p, cache, adapter: adapter(s), logits: true, all_logits: false })
             .collect();
         rt.forward(&mut ws, &mut seqs, &mut logits).expect("prefill");
     }
@@ -94,7 +94,7 @@ fn measure(rt: &Runtime, adapters: &[&AdapterWeights], streams: usize, steps: us
             .iter_mut()
             .zip(&next)
             .enumerate()
-            .map(|(s, (cache, t))| SeqInput { tokens: t, cache, adapter: adapter(s), logits: true })
+            .map(|(s, (cache, t))| SeqInput { tokens: t, cache, adapter: adapter(s), logits: true, all_logits: false })
             .collect();
         rt.forward(&mut ws, &mut seqs, &mut logits).expect("decode step");
         for (s, t) in next.iter_mut().enumerate() {

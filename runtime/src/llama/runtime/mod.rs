@@ -59,6 +59,9 @@ pub struct SeqInput<'a> {
     pub adapter: Option<&'a AdapterWeights>,
     /// Whether to compute logits for the last of `tokens` (not needed mid-prompt).
     pub logits: bool,
+    /// Logits for every one of `tokens`, not only the last (prompt log-probabilities);
+    /// implies `logits`.
+    pub all_logits: bool,
 }
 
 /// Activation buffers reused from step to step.
@@ -197,8 +200,8 @@ impl Runtime {
     }
 
     /// Runs one step: appends every sequence's tokens to its cache and writes, for each
-    /// sequence that asks, the logits of its last token into `logits` (`vocab` floats each,
-    /// in input order).
+    /// sequence that asks, the logits of its last token (of every token with `all_logits`)
+    /// into `logits` (`vocab` floats each, in input order).
     pub fn forward(&self, ws: &mut Workspace, seqs: &mut [SeqInput<'_>], logits: &mut Vec<f32>) -> Result<()> {
         for s in seqs.iter() {
             if s.tokens.is_empty() {
@@ -362,8 +365,21 @@ impl Runtime {
         }
 
         // The head, only for the rows that need logits.
-        let wanted: Vec<usize> =
-            seqs.iter().zip(&starts).filter(|(s, _)| s.logits).map(|(s, &st)| st + s.tokens.len() - 1).collect();
+        let wanted: Vec<usize> = seqs
+            .iter()
+            .zip(&starts)
+            .flat_map(|(s, &st)| {
+                let end = st + s.tokens.len();
+                let from = if s.all_logits {
+                    st
+                } else if s.logits {
+                    end - 1
+                } else {
+                    end
+                };
+                from..end
+            })
+            .collect();
         let last = grow(&mut ws.last, wanted.len() * hs);
         for (i, &row) in wanted.iter().enumerate() {
             rms_norm(&ws.x[row * hs..(row + 1) * hs], &self.norm, eps, &mut last[i * hs..(i + 1) * hs]);
