@@ -129,7 +129,9 @@ impl ChoiceText {
                 Auto::Calls => Vec::new(),
                 Auto::Undecided => {
                     let t = self.raw.trim_start();
-                    if t.starts_with(OPEN) {
+                    // A `<tool_call>` block, or (a template's own format) a bare JSON call:
+                    // held back until the end decides.
+                    if t.starts_with(OPEN) || t.starts_with('{') {
                         self.auto = Auto::Calls;
                         Vec::new()
                     } else if OPEN.starts_with(t) {
@@ -170,12 +172,17 @@ impl ChoiceText {
                 Auto::Undecided if self.raw.is_empty() => Vec::new(),
                 Auto::Undecided => vec![Piece::Content(self.raw.clone())],
                 Auto::Calls => {
-                    let calls: Vec<(String, String)> = blocks(&self.raw)
-                        .iter()
-                        .filter_map(|b| serde_json::from_str::<Value>(b).ok())
-                        .filter_map(|v| as_call(&v))
-                        .filter(|(name, _)| names.contains(name))
-                        .collect();
+                    let mut values: Vec<Value> =
+                        blocks(&self.raw).iter().filter_map(|b| serde_json::from_str::<Value>(b).ok()).collect();
+                    if values.is_empty() {
+                        match serde_json::from_str::<Value>(self.raw.trim()) {
+                            Ok(Value::Array(items)) => values = items,
+                            Ok(one) => values.push(one),
+                            Err(_) => {}
+                        }
+                    }
+                    let calls: Vec<(String, String)> =
+                        values.iter().filter_map(as_call).filter(|(name, _)| names.contains(name)).collect();
                     self.pieces_of(calls)
                 }
             },
@@ -712,8 +719,17 @@ mod tests {
         assert_eq!(calls[0].function.name, "get_weather");
         assert_eq!(calls[0].function.arguments, r#"{"city":"Oslo"}"#);
         // An unknown function is text, not a call.
-        let (content, calls) = run(Some(ToolMode::Auto { names }), &["<tool_call>{\"name\": \"x\"}</tool_call>"]);
+        let (content, calls) =
+            run(Some(ToolMode::Auto { names: names.clone() }), &["<tool_call>{\"name\": \"x\"}</tool_call>"]);
         assert!(calls.is_empty() && content.is_some());
+        // A bare JSON call (Llama 3.1's own format) is a call too; other JSON is content.
+        let (_, calls) = run(
+            Some(ToolMode::Auto { names: names.clone() }),
+            &[r#"{"name": "get_weather", "parameters": {"city": "Oslo"}}"#],
+        );
+        assert_eq!(calls[0].function.arguments, r#"{"city":"Oslo"}"#);
+        let (content, calls) = run(Some(ToolMode::Auto { names }), &[r#"{"answer": 4}"#]);
+        assert!(calls.is_empty() && content.as_deref() == Some(r#"{"answer": 4}"#));
     }
 
     #[test]

@@ -426,6 +426,7 @@ pub(crate) async fn create(
         serde_json::from_value(chat).map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))?;
     let v = validate::chat(chat, state.limits).map_err(renamed)?;
     state.admit_caller(&req, &who).await.map_err(renamed)?;
+    crate::routes::check_tool_schemas(&state, &v).await.map_err(renamed)?;
     let stream = wire.stream.unwrap_or(false);
     let slot = if stream { state.limiter.stream_slot(&who)? } else { None };
     let draft = crate::feedback::Draft {

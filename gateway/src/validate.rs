@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::answer::{AnswerShape, LogprobFormat, ToolMode};
 use crate::engine::grammar::{Grammar, GrammarSpec};
-use crate::engine::{GenerationRequest, Message, Prompt, Role, Sampling};
+use crate::engine::{GenerationRequest, Message, NativeTools, Prompt, Role, Sampling};
 use crate::error::ApiError;
 use crate::openai::{
     ChatCompletionRequest, ChatMessage, CompletionRequest, EmbeddingInput, EmbeddingRequest, EncodingFormat,
@@ -33,6 +33,9 @@ pub struct Validated {
     pub include_usage: bool,
     /// `n`, log-probabilities, `echo` and tool calls: how the answer is shaped.
     pub shape: AnswerShape,
+    /// With `tool_choice: "auto"`, each tool's parameters as a grammar: nothing constrains
+    /// the answer to them, but a schema the grammar engine cannot compile is still refused.
+    pub tool_schemas: Vec<Grammar>,
 }
 
 /// What a request asks of decoding beyond sampling: a grammar, log-probabilities, `n`.
@@ -42,6 +45,8 @@ struct Decoding {
     logprobs: Option<usize>,
     prompt_logprobs: bool,
     shape: AnswerShape,
+    native: Option<NativeTools>,
+    tool_schemas: Vec<Grammar>,
 }
 
 /// A function the model may call.
@@ -70,15 +75,17 @@ pub fn chat(req: ChatCompletionRequest, limits: RequestLimits) -> Result<Validat
             Some("messages".into()),
         ));
     }
+    let tools = tools(req.tools.as_ref())?;
+    let mode = tool_choice(req.tool_choice.as_ref(), &tools)?;
+    let wire_messages = mode.as_ref().map(|_| req.messages.clone());
     let mut messages = Vec::with_capacity(req.messages.len());
     for (i, m) in req.messages.into_iter().enumerate() {
         messages.push(message(i, m)?);
     }
     let mut decoding = Decoding::default();
-    let tools = tools(req.tools.as_ref())?;
-    let mode = tool_choice(req.tool_choice.as_ref(), &tools)?;
     let parallel = req.parallel_tool_calls.unwrap_or(true);
-    if let Some(mode) = &mode {
+    if let (Some(mode), Some(wire)) = (&mode, wire_messages) {
+        decoding.native = Some(native_tools(wire, &tools));
         with_tool_prompt(&mut messages, &tools);
         decoding.grammar = match mode {
             ToolMode::Named(name) => tools
@@ -88,7 +95,17 @@ pub fn chat(req: ChatCompletionRequest, limits: RequestLimits) -> Result<Validat
             ToolMode::Required => {
                 Some(Grammar { spec: GrammarSpec::JsonSchema(calls_schema(&tools, parallel)), param: "tools".into() })
             }
-            ToolMode::Auto { .. } => None,
+            ToolMode::Auto { .. } => {
+                decoding.tool_schemas = tools
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| Grammar {
+                        spec: GrammarSpec::JsonSchema(t.parameters.clone()),
+                        param: format!("tools[{i}].function.parameters"),
+                    })
+                    .collect();
+                None
+            }
         };
         decoding.shape.tools = Some(mode.clone());
     }
@@ -293,6 +310,48 @@ fn tool_choice(value: Option<&Value>, tools: &[FunctionDef]) -> Result<Option<To
         return Err(ApiError::invalid("tool_choice is only allowed when tools are given", param()));
     }
     Ok(Some(mode))
+}
+
+/// The conversation as a template with its own tool format reads it (Hugging Face's
+/// convention: OpenAI's messages with each call's `arguments` as an object) and the tools.
+fn native_tools(wire: Vec<ChatMessage>, tools: &[FunctionDef]) -> NativeTools {
+    let messages = wire
+        .into_iter()
+        .map(|m| {
+            let content = match m.content {
+                Some(MessageContent::Text(t)) => Value::String(t),
+                Some(MessageContent::Parts(parts)) => {
+                    Value::String(parts.into_iter().filter_map(|p| p.text).collect::<Vec<_>>().join(""))
+                }
+                None => Value::Null,
+            };
+            let role = if m.role == "developer" { "system".to_owned() } else { m.role };
+            let mut out = json!({"role": role, "content": content});
+            if let Some(calls) = m.tool_calls.filter(|c| !c.is_empty()) {
+                out["tool_calls"] = calls
+                    .into_iter()
+                    .map(|c| {
+                        let arguments =
+                            serde_json::from_str(&c.function.arguments).unwrap_or(Value::String(c.function.arguments));
+                        json!({"id": c.id, "type": "function",
+                               "function": {"name": c.function.name, "arguments": arguments}})
+                    })
+                    .collect();
+            }
+            if let Some(id) = m.tool_call_id {
+                out["tool_call_id"] = json!(id);
+            }
+            if let Some(name) = m.name {
+                out["name"] = json!(name);
+            }
+            out
+        })
+        .collect();
+    let tools = tools
+        .iter()
+        .map(|t| json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}))
+        .collect();
+    NativeTools { messages, tools }
 }
 
 /// The schema of a forced call: `{"name", "arguments"}` of one of the tools, in a list of
@@ -571,6 +630,7 @@ fn finish(
             prompt,
             adapter: None,
             max_tokens,
+            tools: decoding.native,
             sampling: Sampling {
                 temperature,
                 top_p,
@@ -587,6 +647,7 @@ fn finish(
         stream,
         include_usage: s.stream_options.is_some_and(|o| o.include_usage),
         shape: decoding.shape,
+        tool_schemas: decoding.tool_schemas,
     })
 }
 

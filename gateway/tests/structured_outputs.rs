@@ -328,6 +328,11 @@ async fn bad_schemas_tools_and_ranges_are_400s_naming_the_parameter() {
             "tools",
             "not",
         ),
+        (
+            json!({"tools": [tool, {"type": "function", "function": {"name": "g", "parameters": {"type": "object", "if": {}}}}]}),
+            "tools[1].function.parameters",
+            "if",
+        ),
         (json!({"logprobs": true, "top_logprobs": 21}), "top_logprobs", "20"),
         (json!({"logprobs": true, "top_logprobs": -1}), "top_logprobs", "0"),
         (json!({"top_logprobs": 3}), "top_logprobs", "logprobs"),
@@ -611,4 +616,54 @@ async fn n_choices_share_one_prompt_and_replay_with_a_seed() {
     )
     .await;
     assert_eq!(c["choices"].as_array().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn a_template_with_its_own_tool_format_gets_the_tools_and_calls_as_openai_sent_them() {
+    let root = tempfile::tempdir().unwrap();
+    let model = root.path().join("tiny-tools");
+    runtime::testing::write_tiny_llama(&model, 3).unwrap();
+    // A template that reads `tools`, assistant `tool_calls` and `tool` turns itself.
+    let template = "{% if tools %}<|im_start|> tools {% for t in tools %}{{ t['function']['name'] }} {% endfor %}<|im_end|> {% endif %}\
+        {% for m in messages %}<|im_start|> {{ m['role'] }} {% if m['tool_calls'] %}{% for c in m['tool_calls'] %}{{ c['function']['name'] }} {{ c['function']['arguments']['x'] }} {% endfor %}{% else %}{{ m['content'] }} {% endif %}<|im_end|> {% endfor %}\
+        {% if add_generation_prompt %}<|im_start|> assistant {% endif %}";
+    let config_path = model.join("tokenizer_config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["chat_template"] = json!(template);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let server =
+        Server::start_raw(&["--model".to_owned(), model.display().to_string(), "--engine".into(), "candle".into()]);
+    let tools = json!([
+        {"type": "function", "function": {"name": "cat", "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}}},
+        {"type": "function", "function": {"name": "dog", "parameters": {"type": "object"}}}
+    ]);
+    let body = json!({"model": "tiny-tools", "max_tokens": 1, "tools": tools, "messages": [
+        {"role": "user", "content": "what is it ?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "cat", "arguments": "{\"x\": \"red\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "blue"}
+    ]});
+    let (status, answer) = post(&server, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{answer}");
+    // The model read exactly the template's own rendering: tool names, the call with its
+    // arguments as an object, and the tool turn.
+    let expected = "<|im_start|> tools cat dog <|im_end|> <|im_start|> user what is it ? <|im_end|> \
+        <|im_start|> assistant cat red <|im_end|> <|im_start|> tool blue <|im_end|> <|im_start|> assistant ";
+    let (_, tokenized) = post(&server, "/tokenize", &json!({"model": "tiny-tools", "prompt": expected})).await;
+    assert_eq!(answer["usage"]["prompt_tokens"], tokenized["count"], "{answer}");
+    // Without tools the same template renders the plain conversation.
+    let (_, plain) = post(
+        &server,
+        "/v1/chat/completions",
+        &json!({"model": "tiny-tools", "max_tokens": 1,
+        "messages": [{"role": "user", "content": "what is it ?"}]}),
+    )
+    .await;
+    let (_, tokenized) = post(
+        &server,
+        "/tokenize",
+        &json!({"model": "tiny-tools",
+        "prompt": "<|im_start|> user what is it ? <|im_end|> <|im_start|> assistant "}),
+    )
+    .await;
+    assert_eq!(plain["usage"]["prompt_tokens"], tokenized["count"]);
 }

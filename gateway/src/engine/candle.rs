@@ -219,12 +219,7 @@ impl Engine for CandleEngine {
 
     async fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
         let text = self.render(prompt)?;
-        let tokenizer = self.tokenizer.clone();
-        let encoding = tokio::task::spawn_blocking(move || tokenizer.encode(text, false))
-            .await
-            .map_err(|e| EngineError::Backend(e.to_string()))?
-            .map_err(|e| EngineError::BadPrompt(e.to_string()))?;
-        Ok(encoding.get_ids().to_vec())
+        self.encode(text).await
     }
 
     async fn generate(&self, request: GenerationRequest) -> Result<Generation, EngineError> {
@@ -232,9 +227,26 @@ impl Engine for CandleEngine {
         one.pop().ok_or(EngineError::Closed)
     }
 
+    /// Without a grammar engine nothing can be checked (and `auto` tool calls need none).
+    async fn check_grammar(&self, grammar: &Grammar) -> Result<(), EngineError> {
+        if self.grammars.is_none() {
+            return Ok(());
+        }
+        self.constraints(grammar, 1).await.map(drop)
+    }
+
     /// The prompt is read once; each further choice starts from a copy of its keys and values.
     async fn generate_n(&self, request: GenerationRequest, n: usize) -> Result<Vec<Generation>, EngineError> {
-        let tokens = self.tokenize(&request.prompt).await?;
+        // A template with its own tool format gets the tools and the conversation as OpenAI
+        // sent them; otherwise the prompt carries them in the documented format.
+        let tokens = match (&request.tools, self.template.speaks_tools()) {
+            (Some(native), true) => {
+                let text =
+                    self.template.render_with_tools(&native.messages, &native.tools).map_err(EngineError::BadPrompt)?;
+                self.encode(text).await?
+            }
+            _ => self.tokenize(&request.prompt).await?,
+        };
         if tokens.is_empty() {
             return Err(EngineError::BadPrompt("the prompt has no tokens".into()));
         }
@@ -334,6 +346,16 @@ impl Engine for CandleEngine {
 }
 
 impl CandleEngine {
+    /// Token ids of a rendered prompt, off the async workers.
+    async fn encode(&self, text: String) -> Result<Vec<u32>, EngineError> {
+        let tokenizer = self.tokenizer.clone();
+        let encoding = tokio::task::spawn_blocking(move || tokenizer.encode(text, false))
+            .await
+            .map_err(|e| EngineError::Backend(e.to_string()))?
+            .map_err(|e| EngineError::BadPrompt(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
     /// `n` fresh states of one grammar, compiled (or taken from the cache) off the async
     /// workers; a grammar that does not compile is the client's error.
     async fn constraints(&self, grammar: &Grammar, n: usize) -> Result<Vec<Constraint>, EngineError> {

@@ -87,6 +87,17 @@ pub struct GenerationRequest {
     /// `None`: generate until end of sequence or the context is full.
     pub max_tokens: Option<usize>,
     pub sampling: Sampling,
+    /// The conversation and tools as OpenAI sent them, for a model whose chat template has its
+    /// own tool format; engines whose template has none read `prompt` (the documented format).
+    pub tools: Option<NativeTools>,
+}
+
+/// OpenAI-shaped `messages` (with `tool_calls` and `tool` turns) and `tools`, for a chat
+/// template's own tool format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NativeTools {
+    pub messages: serde_json::Value,
+    pub tools: serde_json::Value,
 }
 
 /// Fixed continuations to score after one prompt (label scoring for classification): each
@@ -229,6 +240,13 @@ pub trait Engine: Send + Sync + 'static {
             out.push(self.generate(one).await?);
         }
         Ok(out)
+    }
+
+    /// Compiles a grammar (or finds it cached) without generating: a schema that would not
+    /// compile is found before anything runs. Engines without grammars accept any.
+    async fn check_grammar(&self, grammar: &grammar::Grammar) -> Result<(), EngineError> {
+        let _ = grammar;
+        Ok(())
     }
 
     /// Scores each continuation after the prompt, computing the prompt's keys and values once

@@ -122,8 +122,13 @@ async fn run(state: &AppState, req: &HttpRequest, payload: web::Payload) -> Resu
         "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": wire.seed,
     });
     let log = draft(&caller, "generate", &messages, params);
-    let request =
-        GenerationRequest { prompt: Prompt::Chat(messages), adapter: None, max_tokens: Some(max_tokens), sampling };
+    let request = GenerationRequest {
+        prompt: Prompt::Chat(messages),
+        adapter: None,
+        max_tokens: Some(max_tokens),
+        sampling,
+        tools: None,
+    };
     let mut running = state.start_logged(req, &model, caller, request, 1, log, slot).await?;
     let envelope = Envelope::task("gen", model.clone());
     let template_ref = TemplateRef { name: template.name.clone(), version: template.version };

@@ -708,8 +708,13 @@ async fn answer(state: &AppState, req: &HttpRequest, payload: web::Payload) -> R
     let slot = if wire.stream { state.limiter.stream_slot(&who)? } else { None };
     let log = draft(&who, "qa", &messages, params);
     let sampling = Sampling { temperature: wire.temperature, ..Sampling::default() };
-    let request =
-        GenerationRequest { prompt: Prompt::Chat(messages), adapter: None, max_tokens: Some(max_tokens), sampling };
+    let request = GenerationRequest {
+        prompt: Prompt::Chat(messages),
+        adapter: None,
+        max_tokens: Some(max_tokens),
+        sampling,
+        tools: None,
+    };
     let mut running = state.start_logged(req, &model, who, request, 1, log, slot).await?;
     let envelope = Envelope::task("qa", model.clone());
     if wire.stream {

@@ -296,8 +296,13 @@ async fn rank(state: &AppState, req: &HttpRequest, payload: web::Payload) -> Res
         Some(model) if !items.is_empty() => {
             let sampling = Sampling { stop: vec!["\n".into()], ..Sampling::default() };
             let log = draft(&who, "recommend", &messages, params);
-            let request =
-                GenerationRequest { prompt: Prompt::Chat(messages), adapter: None, max_tokens: Some(64), sampling };
+            let request = GenerationRequest {
+                prompt: Prompt::Chat(messages),
+                adapter: None,
+                max_tokens: Some(64),
+                sampling,
+                tools: None,
+            };
             let mut running = state.start_logged(req, model, who.clone(), request, 1, log, None).await?;
             let done = respond::collect(&envelope, &mut running).await?;
             let said = done.text.trim().to_owned();

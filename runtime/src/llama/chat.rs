@@ -22,6 +22,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// Whether the template reads a `tools` variable: a tool-calling model's own format.
+    speaks_tools: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -46,7 +48,8 @@ impl ChatTemplate {
             RuntimeError::model("chat_template", format!("the model's chat template does not parse: {e}"))
         })?;
         let eos_token = eos_ids.first().and_then(|&id| tokenizer.id_to_token(id)).unwrap_or_default();
-        Ok(Self { env, bos_token: bos_token.unwrap_or_default(), eos_token })
+        let speaks_tools = source.is_some_and(|s| s.contains("tools"));
+        Ok(Self { env, bos_token: bos_token.unwrap_or_default(), eos_token, speaks_tools })
     }
 
     /// Reads `tokenizer_config.json` (template, special tokens) and `config.json` (EOS ids).
@@ -87,6 +90,31 @@ impl ChatTemplate {
         template
             .render(context! {
                 messages => messages,
+                add_generation_prompt => true,
+                bos_token => self.bos_token.as_str(),
+                eos_token => self.eos_token.as_str(),
+            })
+            .map_err(|e| format!("the chat template refused these messages: {e}"))
+    }
+
+    /// Whether the template has its own tool format (it reads `tools`, and assistant
+    /// `tool_calls` and `tool` messages as OpenAI sends them).
+    pub fn speaks_tools(&self) -> bool {
+        self.speaks_tools
+    }
+
+    /// The prompt text for OpenAI-shaped messages (`role`, `content`, `tool_calls`,
+    /// `tool_call_id`) and OpenAI-shaped `tools`, through the template's own tool format.
+    pub fn render_with_tools(
+        &self,
+        messages: &serde_json::Value,
+        tools: &serde_json::Value,
+    ) -> std::result::Result<String, String> {
+        let template = self.env.get_template("chat").map_err(|e| e.to_string())?;
+        template
+            .render(context! {
+                messages => minijinja::Value::from_serialize(messages),
+                tools => minijinja::Value::from_serialize(tools),
                 add_generation_prompt => true,
                 bos_token => self.bos_token.as_str(),
                 eos_token => self.eos_token.as_str(),
