@@ -607,9 +607,13 @@ impl Sse {
                 self.choices[index].logprobs.push(t.clone());
                 self.choices[index].unsent.push(t);
             }
+            // The engine sends the prompt's log-probabilities once (with choice 0); every
+            // choice echoes the prompt.
             Event::PromptLogprobs(p) => {
                 if self.shape.echo.is_some() {
-                    self.choices[index].prompt_logprobs = p;
+                    for c in &mut self.choices {
+                        c.prompt_logprobs = p.clone();
+                    }
                 }
             }
             Event::Finished { reason, completion_tokens, cached_tokens } => {

@@ -616,6 +616,17 @@ async fn n_choices_share_one_prompt_and_replay_with_a_seed() {
     )
     .await;
     assert_eq!(c["choices"].as_array().unwrap().len(), 3);
+    // Echoed, streamed, with log-probabilities: every choice starts with the prompt and its
+    // tokens' log-probabilities, the first of them null.
+    let echo = json!({"model": MODEL_ID, "prompt": "Once upon a time", "n": 2, "temperature": 0.9, "seed": 7,
+        "max_tokens": 4, "echo": true, "logprobs": 1, "stream": true});
+    let s = stream(&server, "/v1/completions", &echo).await;
+    assert_eq!(s.content.len(), 2);
+    for (i, text) in s.content.iter().enumerate() {
+        assert!(text.starts_with("Once upon a time"), "choice {i}: {text}");
+        let first = s.chunks.iter().find(|c| c["choices"][0]["index"] == i).unwrap();
+        assert!(first["choices"][0]["logprobs"]["token_logprobs"][0].is_null(), "{first}");
+    }
 }
 
 #[tokio::test]
