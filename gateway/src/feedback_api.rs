@@ -34,6 +34,9 @@ pub struct FeedbackRequest {
     pub tags: Vec<String>,
 }
 
+/// Redis lookups, 50 ms apart, for a response id this replica did not answer.
+const LOOKUP_ATTEMPTS: usize = 10;
+
 #[utoipa::path(
     post,
     path = "/v1/feedback",
@@ -85,9 +88,18 @@ pub(crate) async fn create(
     let shared = store.shared.get().cloned();
     if let Some(shared) = &shared {
         // An answer another replica gave, and the one-per-user rule across replicas.
-        if !store.knows(&who.tenant, &response_id) {
+        // The replica that answered records it in Redis just after its answer goes out, so an
+        // id not there yet is asked for again for up to half a second before it is unknown.
+        for attempt in 0..LOOKUP_ATTEMPTS {
+            if store.knows(&who.tenant, &response_id) {
+                break;
+            }
             if let Some(by) = shared.lookup(&response_id).await.filter(|b| b.tenant == who.tenant) {
                 store.remember(&response_id, &by.tenant, &by.model, &by.adapter);
+                break;
+            }
+            if attempt + 1 < LOOKUP_ATTEMPTS {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
         if store.knows(&who.tenant, &response_id) && shared.claim(&response_id, &who.sub).await == Some(false) {
