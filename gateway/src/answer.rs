@@ -111,7 +111,6 @@ impl ChoiceText {
     }
 
     pub fn delta(&mut self, d: &str) -> Vec<Piece> {
-        let before = self.raw.len();
         self.raw.push_str(d);
         match &self.mode {
             None => vec![Piece::Content(d.to_owned())],
@@ -138,7 +137,6 @@ impl ChoiceText {
                         Vec::new()
                     } else {
                         self.auto = Auto::Content;
-                        let _ = before;
                         vec![Piece::Content(self.raw.clone())]
                     }
                 }

@@ -42,6 +42,15 @@ impl ApiError {
         ApiError::InvalidRequest { message: message.into(), param: param.into(), code: "invalid_value" }
     }
 
+    /// A field this server does not know, as OpenAI words it.
+    pub fn unknown_parameter(key: &str) -> Self {
+        ApiError::InvalidRequest {
+            message: format!("Unrecognized request argument supplied: {key}"),
+            param: Some(key.to_owned()),
+            code: "unknown_parameter",
+        }
+    }
+
     pub fn unsupported(param: &str, message: impl Into<String>) -> Self {
         ApiError::InvalidRequest {
             message: message.into(),

@@ -20,7 +20,7 @@ use crate::engine::{Event, FinishReason, Prompt};
 use crate::error::ApiError;
 use crate::extract::{caller, read_json};
 use crate::openai::{ChatCompletionRequest, ErrorResponse};
-use crate::respond::{count_tokens, sse_response, Envelope, Running};
+use crate::respond::{collect, count_tokens, sse_response, Envelope, Running};
 use crate::state::AppState;
 use crate::validate;
 
@@ -144,23 +144,14 @@ fn renamed(e: ApiError) -> ApiError {
 /// The request as chat messages, tools and format, in chat completion wire form.
 fn to_chat(req: &ResponsesRequest, earlier: Vec<Value>) -> Result<(Value, Vec<Value>), ApiError> {
     let bad = |at: String, why: &str| ApiError::invalid(format!("{at} {why}"), Some(at));
-    for (key, value) in &req.extra {
-        let harmless = match key.as_str() {
+    validate::check_fields(&req.extra, |key, value| {
+        Some(match key {
             "truncation" => value.is_null() || value == "disabled",
             "reasoning" | "include" => value.is_null() || value.as_array().is_some_and(Vec::is_empty),
             "service_tier" => true,
-            _ => {
-                return Err(ApiError::InvalidRequest {
-                    message: format!("Unrecognized request argument supplied: {key}"),
-                    param: Some(key.clone()),
-                    code: "unknown_parameter",
-                })
-            }
-        };
-        if !harmless {
-            return Err(ApiError::unsupported(key, format!("parameter '{key}' with this value is not supported")));
-        }
-    }
+            _ => return None,
+        })
+    })?;
     let mut messages: Vec<Value> = Vec::new();
     if let Some(i) = &req.instructions {
         messages.push(json!({"role": "system", "content": i}));
@@ -426,7 +417,6 @@ pub(crate) async fn create(
         serde_json::from_value(chat).map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))?;
     let v = validate::chat(chat, state.limits).map_err(renamed)?;
     state.admit_caller(&req, &who).await.map_err(renamed)?;
-    crate::routes::check_tool_schemas(&state, &v).await.map_err(renamed)?;
     let stream = wire.stream.unwrap_or(false);
     let slot = if stream { state.limiter.stream_slot(&who)? } else { None };
     let draft = crate::feedback::Draft {
@@ -440,18 +430,24 @@ pub(crate) async fn create(
                        "top_p": v.generation.sampling.top_p, "seed": v.generation.sampling.seed}),
     };
     let tenant = who.tenant.clone();
-    let running = state.start_logged(&req, &v.model, who, v.generation, 1, draft, slot).await.map_err(renamed)?;
+    let mut running = state.start_logged(&req, &v.model, who, v.generation, 1, draft, slot).await.map_err(renamed)?;
     let mut envelope = Envelope::task("resp", v.model.clone());
     // OpenAI's response ids are `resp_…`.
     envelope.id = envelope.id.replacen("resp-", "resp_", 1);
     let frame = Frame { id: envelope.id.clone(), created_at: envelope.created, model: v.model, req: wire };
     let store = frame.req.store.unwrap_or(true).then(|| (state.data_dir.clone(), tenant));
-    let text = ChoiceText::new(v.shape.tools);
+    let mut text = ChoiceText::new(v.shape.tools);
     if stream {
         return Ok(streamed(envelope, running, frame, text, store, conversation));
     }
-    let (pieces, finish, usage) = read_all(&envelope, running, text).await?;
-    let incomplete = finish == FinishReason::Length;
+    // The whole text through the same pieces as the stream's (a tool call's decision needs
+    // the end anyway).
+    let done = collect(&envelope, &mut running).await?;
+    let mut pieces = text.delta(&done.text);
+    pieces.extend(text.finish());
+    let cached = done.usage.prompt_tokens_details.as_ref().map_or(0, |d| d.cached_tokens);
+    let usage = usage_json(done.usage.prompt_tokens, done.usage.completion_tokens, cached);
+    let incomplete = done.reason == FinishReason::Length;
     let status = if incomplete { "incomplete" } else { "completed" };
     let output = output_items(&pieces, &format!("msg_{}", &frame.id[5..]), status);
     let response = frame.response(status, output.clone(), Some(usage), incomplete);
@@ -464,38 +460,6 @@ pub(crate) async fn create(
             .map_err(|e| ApiError::Internal(format!("could not store the response: {e}")))?;
     }
     Ok(HttpResponse::Ok().json(response))
-}
-
-/// Reads the answer to its end: its pieces, why it ended and its usage (charged and logged).
-async fn read_all(
-    envelope: &Envelope,
-    mut run: Running,
-    mut text: ChoiceText,
-) -> Result<(Vec<Piece>, FinishReason, Value), ApiError> {
-    let mut pieces = Vec::new();
-    let mut first = true;
-    while let Some(event) = run.generation.events.recv().await {
-        match event {
-            Event::Delta(d) => {
-                if first {
-                    run.metrics.time_to_first_token.observe(run.started.elapsed().as_secs_f64());
-                    first = false;
-                }
-                pieces.extend(text.delta(&d));
-            }
-            Event::Logprob(_) | Event::PromptLogprobs(_) => {}
-            Event::Finished { reason, completion_tokens, cached_tokens } => {
-                pieces.extend(text.finish());
-                let usage = crate::openai::Usage::new(run.generation.prompt_tokens, completion_tokens)
-                    .with_cached(cached_tokens);
-                count_tokens(&run, &usage);
-                run.log_completion(envelope, text.raw(), reason.as_str(), &usage);
-                return Ok((pieces, reason, usage_json(usage.prompt_tokens, completion_tokens, cached_tokens)));
-            }
-            Event::Failed(msg) => return Err(ApiError::Internal(msg)),
-        }
-    }
-    Err(ApiError::Internal("the engine ended the generation without finishing it".into()))
 }
 
 struct StreamState {

@@ -95,7 +95,6 @@ async fn answer(state: &AppState, req: &HttpRequest, kind: Kind, v: Validated) -
             })
         },
     };
-    check_tool_schemas(state, &v).await?;
     let running = state.start_logged(req, &v.model, caller, v.generation, v.shape.n, draft, slot).await?;
     let envelope = Envelope::new(kind, v.model);
     if v.stream {
@@ -103,20 +102,6 @@ async fn answer(state: &AppState, req: &HttpRequest, kind: Kind, v: Validated) -
     } else {
         crate::answer::whole(envelope, running, v.shape).await
     }
-}
-
-/// Compiles the tools' parameter schemas of a `tool_choice: "auto"` request (cached after the
-/// first time), so that one the grammar engine cannot read is a 400 naming it.
-pub(crate) async fn check_tool_schemas(state: &AppState, v: &Validated) -> Result<(), ApiError> {
-    if v.tool_schemas.is_empty() {
-        return Ok(());
-    }
-    // Adapters run on the base model's engine: its grammar engine serves them all.
-    let engine = state.engine.get().cloned().ok_or(ApiError::NotReady)?;
-    for grammar in &v.tool_schemas {
-        engine.check_grammar(grammar).await?;
-    }
-    Ok(())
 }
 
 #[utoipa::path(

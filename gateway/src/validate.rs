@@ -33,9 +33,6 @@ pub struct Validated {
     pub include_usage: bool,
     /// `n`, log-probabilities, `echo` and tool calls: how the answer is shaped.
     pub shape: AnswerShape,
-    /// With `tool_choice: "auto"`, each tool's parameters as a grammar: nothing constrains
-    /// the answer to them, but a schema the grammar engine cannot compile is still refused.
-    pub tool_schemas: Vec<Grammar>,
 }
 
 /// What a request asks of decoding beyond sampling: a grammar, log-probabilities, `n`.
@@ -46,7 +43,6 @@ struct Decoding {
     prompt_logprobs: bool,
     shape: AnswerShape,
     native: Option<NativeTools>,
-    tool_schemas: Vec<Grammar>,
 }
 
 /// A function the model may call.
@@ -95,17 +91,7 @@ pub fn chat(req: ChatCompletionRequest, limits: RequestLimits) -> Result<Validat
             ToolMode::Required => {
                 Some(Grammar { spec: GrammarSpec::JsonSchema(calls_schema(&tools, parallel)), param: "tools".into() })
             }
-            ToolMode::Auto { .. } => {
-                decoding.tool_schemas = tools
-                    .iter()
-                    .enumerate()
-                    .map(|(i, t)| Grammar {
-                        spec: GrammarSpec::JsonSchema(t.parameters.clone()),
-                        param: format!("tools[{i}].function.parameters"),
-                    })
-                    .collect();
-                None
-            }
+            ToolMode::Auto { .. } => None,
         };
         decoding.shape.tools = Some(mode.clone());
     }
@@ -347,11 +333,19 @@ fn native_tools(wire: Vec<ChatMessage>, tools: &[FunctionDef]) -> NativeTools {
             out
         })
         .collect();
+    let schemas = tools
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Grammar {
+            spec: GrammarSpec::JsonSchema(t.parameters.clone()),
+            param: format!("tools[{i}].function.parameters"),
+        })
+        .collect();
     let tools = tools
         .iter()
         .map(|t| json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}))
         .collect();
-    NativeTools { messages, tools }
+    NativeTools { messages, tools, schemas }
 }
 
 /// The schema of a forced call: `{"name", "arguments"}` of one of the tools, in a list of
@@ -647,7 +641,6 @@ fn finish(
         stream,
         include_usage: s.stream_options.is_some_and(|o| o.include_usage),
         shape: decoding.shape,
-        tool_schemas: decoding.tool_schemas,
     })
 }
 
@@ -663,8 +656,8 @@ fn in_range(name: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<Option<f64>,
 /// Rejects fields we do not know, and fields we know but do not serve when they would change
 /// the answer. Fields that never change the answer are accepted and ignored.
 fn check_extra(extra: &Map<String, Value>, legacy: bool) -> Result<(), ApiError> {
-    for (key, value) in extra {
-        let harmless = match key.as_str() {
+    check_fields(extra, |key, value| {
+        Some(match key {
             "store" | "metadata" | "service_tier" => true,
             "logit_bias" => value.is_null() || value.as_object().is_some_and(Map::is_empty),
             "functions" => value.is_null() || value.as_array().is_some_and(Vec::is_empty),
@@ -672,16 +665,26 @@ fn check_extra(extra: &Map<String, Value>, legacy: bool) -> Result<(), ApiError>
             "best_of" if legacy => value.is_null() || value == 1,
             "suffix" if legacy => value.is_null(),
             "audio" | "modalities" | "prediction" | "reasoning_effort" | "web_search_options" => false,
-            _ => {
-                return Err(ApiError::InvalidRequest {
-                    message: format!("Unrecognized request argument supplied: {key}"),
-                    param: Some(key.clone()),
-                    code: "unknown_parameter",
-                })
+            _ => return None,
+        })
+    })
+}
+
+/// Checks the fields a wire type did not name: `known(key, value)` is `Some(true)` for a field
+/// accepted and ignored (it never changes the answer), `Some(false)` for one known but not
+/// served with this value, and `None` for one this server does not know (OpenAI's
+/// "Unrecognized request argument").
+pub(crate) fn check_fields(
+    extra: &Map<String, Value>,
+    known: impl Fn(&str, &Value) -> Option<bool>,
+) -> Result<(), ApiError> {
+    for (key, value) in extra {
+        match known(key, value) {
+            None => return Err(ApiError::unknown_parameter(key)),
+            Some(false) => {
+                return Err(ApiError::unsupported(key, format!("parameter '{key}' with this value is not supported")))
             }
-        };
-        if !harmless {
-            return Err(ApiError::unsupported(key, format!("parameter '{key}' with this value is not supported")));
+            Some(true) => {}
         }
     }
     Ok(())
@@ -726,11 +729,7 @@ impl EmbedInputs {
 
 pub fn embeddings(req: EmbeddingRequest, limits: EmbedLimits) -> Result<ValidatedEmbeddings, ApiError> {
     if let Some(key) = req.extra.keys().next() {
-        return Err(ApiError::InvalidRequest {
-            message: format!("Unrecognized request argument supplied: {key}"),
-            param: Some(key.clone()),
-            code: "unknown_parameter",
-        });
+        return Err(ApiError::unknown_parameter(key));
     }
     if req.dimensions.as_ref().is_some_and(|d| !d.is_null()) {
         return Err(ApiError::unsupported(

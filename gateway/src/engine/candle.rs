@@ -227,14 +227,6 @@ impl Engine for CandleEngine {
         one.pop().ok_or(EngineError::Closed)
     }
 
-    /// Without a grammar engine nothing can be checked (and `auto` tool calls need none).
-    async fn check_grammar(&self, grammar: &Grammar) -> Result<(), EngineError> {
-        if self.grammars.is_none() {
-            return Ok(());
-        }
-        self.constraints(grammar, 1).await.map(drop)
-    }
-
     /// The prompt is read once; each further choice starts from a copy of its keys and values.
     async fn generate_n(&self, request: GenerationRequest, n: usize) -> Result<Vec<Generation>, EngineError> {
         // A template with its own tool format gets the tools and the conversation as OpenAI
@@ -252,6 +244,13 @@ impl Engine for CandleEngine {
         }
         let prompt_tokens = tokens.len();
         let max_tokens = fit_to_context(prompt_tokens, request.max_tokens, self.info.context_len)?;
+        // Tool schemas nothing constrains to are compiled all the same (then cached), so a bad
+        // one is a 400 here too; without a grammar engine there is nothing to check them with.
+        if let (None, Some(native), Some(_)) = (&request.sampling.grammar, &request.tools, &self.grammars) {
+            for schema in &native.schemas {
+                self.constraints(schema, 1).await?;
+            }
+        }
         let constraints = match &request.sampling.grammar {
             Some(grammar) => self.constraints(grammar, n.max(1)).await?.into_iter().map(Some).collect(),
             None => (0..n.max(1)).map(|_| None).collect::<Vec<_>>(),
@@ -368,14 +367,12 @@ impl CandleEngine {
         };
         let compile_seconds = self.metrics.grammar_compile_seconds.clone();
         let compiled = tokio::task::spawn_blocking(move || {
-            let mut out = Vec::with_capacity(n);
-            for _ in 0..n {
-                let (constraint, took) = grammars.compile(&spec)?;
-                if let Some(took) = took {
-                    compile_seconds.observe(took);
-                }
-                out.push(constraint);
+            let (first, took) = grammars.compile(&spec)?;
+            if let Some(took) = took {
+                compile_seconds.observe(took);
             }
+            let mut out: Vec<Constraint> = (1..n).map(|_| first.fork()).collect();
+            out.insert(0, first);
             Ok::<_, String>(out)
         })
         .await
@@ -659,17 +656,28 @@ impl Scheduler {
 
     /// `token`'s log-probability under `logits` and the `k` most likely tokens.
     fn logprob(&self, logits: &[f32], token: u32, k: usize) -> TokenLogprob {
+        let (lse, top) = self.top_logprobs(logits, k);
+        self.token_logprob(logits, lse, token, top)
+    }
+
+    /// `log_sum_exp(logits)` and the `k` most likely tokens with their log-probabilities.
+    fn top_logprobs(&self, logits: &[f32], k: usize) -> (f64, Vec<TopLogprob>) {
         let lse = log_sum_exp(logits);
-        let lp = |t: u32| logits.get(t as usize).map_or(f32::NEG_INFINITY, |&l| (l as f64 - lse) as f32);
-        TokenLogprob {
-            token,
-            bytes: self.token_bytes(token),
-            logprob: Some(lp(token)),
-            top: top_k(logits, k)
-                .into_iter()
-                .map(|t| TopLogprob { token: t, bytes: self.token_bytes(t), logprob: lp(t) })
-                .collect(),
-        }
+        let top = top_k(logits, k)
+            .into_iter()
+            .map(|t| TopLogprob {
+                token: t,
+                bytes: self.token_bytes(t),
+                logprob: (logits[t as usize] as f64 - lse) as f32,
+            })
+            .collect();
+        (lse, top)
+    }
+
+    /// `token`'s entry, given the normaliser and top list of the logits it came from.
+    fn token_logprob(&self, logits: &[f32], lse: f64, token: u32, top: Vec<TopLogprob>) -> TokenLogprob {
+        let logprob = logits.get(token as usize).map_or(f32::NEG_INFINITY, |&l| (l as f64 - lse) as f32);
+        TokenLogprob { token, bytes: self.token_bytes(token), logprob: Some(logprob), top }
     }
 
     /// A scoring job whose prompt is in: each continuation's first token is scored from the
@@ -724,18 +732,7 @@ impl Scheduler {
         penalize(logits, &seq.job.sampling, &seq.counts);
         // Log-probabilities are read from the penalized logits, before the grammar's mask and
         // the temperature (the chosen token is never masked, so its logit is still there after).
-        let report = seq.job.sampling.logprobs.map(|k| {
-            let lse = log_sum_exp(logits);
-            let top: Vec<TopLogprob> = top_k(logits, k)
-                .into_iter()
-                .map(|t| TopLogprob {
-                    token: t,
-                    bytes: self.token_bytes(t),
-                    logprob: (logits[t as usize] as f64 - lse) as f32,
-                })
-                .collect();
-            (lse, top)
-        });
+        let report = seq.job.sampling.logprobs.map(|k| self.top_logprobs(logits, k));
         if let Some(constraint) = seq.job.constraint.as_mut() {
             if let Err(e) = constraint.mask(logits) {
                 let _ = seq.job.events.send(Event::Failed(format!("the grammar failed: {e}")));
@@ -752,9 +749,7 @@ impl Scheduler {
         let is_eos = self.eos.contains(&token) && !seq.job.sampling.ignore_eos;
         if let Some((lse, top)) = report {
             if !is_eos {
-                let logprob = Some((logits[token as usize] as f64 - lse) as f32);
-                let bytes = self.token_bytes(token);
-                let _ = seq.job.events.send(Event::Logprob(TokenLogprob { token, bytes, logprob, top }));
+                let _ = seq.job.events.send(Event::Logprob(self.token_logprob(logits, lse, token, top)));
             }
         }
         seq.generated += 1;
@@ -813,9 +808,7 @@ impl Scheduler {
 
 /// `log softmax(logits)[token]`, in f64 so long label sums keep their precision.
 fn log_softmax_at(logits: &[f32], token: u32) -> f64 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
-    logits.get(token as usize).map_or(f64::NEG_INFINITY, |&l| l as f64 - max - sum.ln())
+    logits.get(token as usize).map_or(f64::NEG_INFINITY, |&l| l as f64 - log_sum_exp(logits))
 }
 
 /// Whether two sequences run on the same adapter version (or both on the base).

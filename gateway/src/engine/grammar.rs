@@ -188,6 +188,12 @@ impl Constraint {
         self.matcher.consume_token(token).map_err(|e| clean(&e.to_string()))
     }
 
+    /// A fresh state of the same grammar for another row (the constraint must not have
+    /// consumed a token yet).
+    pub fn fork(&self) -> Constraint {
+        Constraint { matcher: self.matcher.deep_clone() }
+    }
+
     /// Whether the grammar is complete and nothing may follow.
     pub fn is_stopped(&self) -> bool {
         self.matcher.is_stopped()

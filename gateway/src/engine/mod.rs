@@ -93,11 +93,14 @@ pub struct GenerationRequest {
 }
 
 /// OpenAI-shaped `messages` (with `tool_calls` and `tool` turns) and `tools`, for a chat
-/// template's own tool format.
+/// template's own tool format, and each tool's parameters as a grammar: when nothing
+/// constrains the answer (`tool_choice: "auto"`) they are still compiled, so that a schema
+/// the grammar engine cannot read is refused like a forced one.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NativeTools {
     pub messages: serde_json::Value,
     pub tools: serde_json::Value,
+    pub schemas: Vec<grammar::Grammar>,
 }
 
 /// Fixed continuations to score after one prompt (label scoring for classification): each
@@ -240,13 +243,6 @@ pub trait Engine: Send + Sync + 'static {
             out.push(self.generate(one).await?);
         }
         Ok(out)
-    }
-
-    /// Compiles a grammar (or finds it cached) without generating: a schema that would not
-    /// compile is found before anything runs. Engines without grammars accept any.
-    async fn check_grammar(&self, grammar: &grammar::Grammar) -> Result<(), EngineError> {
-        let _ = grammar;
-        Ok(())
     }
 
     /// Scores each continuation after the prompt, computing the prompt's keys and values once
