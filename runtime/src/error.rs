@@ -33,6 +33,11 @@ pub enum RuntimeError {
     #[error(transparent)]
     Adapter(#[from] AdapterError),
 
+    /// A merged-model export cannot be made: a missing base or adapter directory, an output
+    /// directory that cannot be written, a format this base cannot be exported to.
+    #[error("export: {}: {reason}", path.display())]
+    Export { path: PathBuf, reason: String },
+
     /// An operating-system error while touching `path`.
     #[error("i/o error on {path:?}: {source}")]
     Io {
@@ -54,6 +59,7 @@ impl RuntimeError {
             Self::InvalidStep { .. } => "invalid_step",
             Self::ThreadPool(_) => "thread_pool",
             Self::Adapter(e) => e.code(),
+            Self::Export { .. } => "export_error",
             Self::Io { .. } => "io_error",
         }
     }
@@ -64,6 +70,10 @@ impl RuntimeError {
 
     pub(crate) fn invalid_step(reason: impl Into<String>) -> Self {
         Self::InvalidStep { reason: reason.into() }
+    }
+
+    pub(crate) fn export(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Self::Export { path: path.into(), reason: reason.into() }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
@@ -79,6 +89,7 @@ mod tests {
     fn codes_are_stable() {
         assert_eq!(RuntimeError::model("m.gguf", "no tensors").code(), "model_error");
         assert_eq!(RuntimeError::invalid_step("empty").code(), "invalid_step");
+        assert_eq!(RuntimeError::export("out", "not writable").code(), "export_error");
         let e = RuntimeError::from(AdapterError::AdapterNotFound { name: "a".into() });
         assert_eq!(e.code(), "adapter_not_found");
         assert_eq!(e.to_string(), "adapter \"a\" not found");

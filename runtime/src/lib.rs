@@ -14,6 +14,8 @@
 //!   chosen at run time);
 //! - the BERT sentence encoder that serves embeddings ([`bert::SentenceEncoder`]: tokenizer,
 //!   [`bert::Bert`], mean pooling and L2 normalisation, as sentence-transformers computes them);
+//! - the export of an adapter merged into its base model ([`export::export`]: an HF safetensors
+//!   directory and llama.cpp-loadable GGUF files, with a manifest);
 //! - tiny deterministic models and adapters written to disk for tests ([`testing`]).
 //!
 //! Errors are one enum, [`RuntimeError`], with stable [`RuntimeError::code`] strings; reading
@@ -28,6 +30,7 @@
 
 pub mod bert;
 mod error;
+pub mod export;
 pub mod frozen;
 pub mod kernels;
 pub mod llama;

@@ -163,7 +163,7 @@ fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
     }
     // The file may grow after the metadata check; never read more than the limit allows.
     let mut buf = Vec::with_capacity(meta.len() as usize);
-    file.take(limit + 1).read_to_end(&mut buf).map_err(|e| AdapterError::io(path, e))?;
+    file.take(limit.saturating_add(1)).read_to_end(&mut buf).map_err(|e| AdapterError::io(path, e))?;
     if buf.len() as u64 > limit {
         return Err(too_large(buf.len() as u64));
     }

@@ -330,6 +330,32 @@ impl Llama {
         Ok(out)
     }
 
+    /// Whether the LM head is the embedding matrix (no separate head in the checkpoint).
+    pub fn tied(&self) -> bool {
+        self.tied
+    }
+
+    /// Every weight under its HF checkpoint name, dense f32 in the HF (rotate-half) layout, in
+    /// checkpoint order; the LM head only when it is not the embedding matrix. What an export
+    /// writes, so that the exporter never reaches into the model's fields.
+    pub(crate) fn hf_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
+        let mut out = vec![("model.embed_tokens.weight".to_owned(), f32(&self.embed)?)];
+        for (l, block) in self.blocks.iter().enumerate() {
+            out.push((format!("model.layers.{l}.input_layernorm.weight"), f32(&block.attn_norm)?));
+            for p in &block.proj {
+                let name = format!("model.layers.{l}.{}.{}.weight", p.module.parent(), p.module.name());
+                out.push((name, f32(&p.base.to_dense()?)?));
+            }
+            out.push((format!("model.layers.{l}.post_attention_layernorm.weight"), f32(&block.ffn_norm)?));
+        }
+        out.push(("model.norm.weight".to_owned(), f32(&self.norm)?));
+        if !self.tied {
+            out.push(("lm_head.weight".to_owned(), f32(&self.lm_head.to_dense()?)?));
+        }
+        Ok(out)
+    }
+
     /// Every base weight as dense f32 (the exactness tests' reference).
     pub fn to_dense(&self) -> Result<Llama> {
         self.merged(&AdapterWeights::empty(self.config.num_layers))
