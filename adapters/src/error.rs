@@ -50,6 +50,14 @@ pub enum AdapterError {
     #[error("version {version} of adapter {name:?} is in use by alias(es) {aliases:?}; move them first")]
     VersionInUse { name: String, version: u64, aliases: Vec<String> },
 
+    /// Weighted routes, a shadow rule or a release policy that cannot be applied.
+    #[error("invalid release settings: {reason}")]
+    InvalidRelease { reason: String },
+
+    /// The release cannot do that in its current state (none running, or one already is).
+    #[error("{reason}")]
+    ReleaseState { reason: String },
+
     /// A path given by a client resolves outside the directory it must stay within.
     #[error("path {path:?} is outside the allowed directory {root:?}")]
     PathEscape { path: PathBuf, root: PathBuf },
@@ -100,6 +108,8 @@ impl AdapterError {
             Self::NoRollbackTarget { .. } => "no_rollback_target",
             Self::VersionInUse { .. } => "version_in_use",
             Self::PathEscape { .. } => "path_escape",
+            Self::InvalidRelease { .. } => "invalid_release",
+            Self::ReleaseState { .. } => "release_state",
             Self::CorruptState { .. } => "registry_corrupt",
             Self::Io { .. } => "io_error",
         }
@@ -111,14 +121,16 @@ impl AdapterError {
             Self::InvalidAdapter { .. }
             | Self::BaseMismatch { .. }
             | Self::InvalidName { .. }
+            | Self::InvalidRelease { .. }
             | Self::PathEscape { .. } => ErrorClass::BadRequest,
             Self::TooLarge { .. } => ErrorClass::TooLarge,
             Self::AdapterNotFound { .. } | Self::VersionNotFound { .. } | Self::AliasNotFound { .. } => {
                 ErrorClass::NotFound
             }
-            Self::AliasConflict { .. } | Self::NoRollbackTarget { .. } | Self::VersionInUse { .. } => {
-                ErrorClass::Conflict
-            }
+            Self::AliasConflict { .. }
+            | Self::NoRollbackTarget { .. }
+            | Self::VersionInUse { .. }
+            | Self::ReleaseState { .. } => ErrorClass::Conflict,
             Self::CorruptState { .. } | Self::Io { .. } => ErrorClass::Internal,
         }
     }

@@ -35,6 +35,6 @@ pub use peft::{
     BaseModelShape, Limits, LoraModule, LoraPart, LoraTensorKey, TargetModules, ValidatedAdapter,
 };
 pub use registry::{
-    parse_model_ref, AdapterListing, AliasChange, AliasState, AuditAction, AuditRecord, Manifest, Registry, Selector,
-    Snapshot, Source,
+    parse_model_ref, AdapterListing, AliasChange, AliasState, AuditAction, AuditRecord, Decision, Evidence, Manifest,
+    Registry, Release, ReleasePolicy, ReleaseStatus, Resolved, Route, Selector, ShadowRule, Snapshot, Source,
 };

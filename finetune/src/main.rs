@@ -1,4 +1,5 @@
-//! The `finetune` binary: `finetune train` for one-off jobs and `finetune watch`, the sidecar.
+//! The `finetune` binary: `finetune train` for one-off jobs, `finetune watch`, the sidecar, and
+//! `finetune export`, an adapter merged into its base for llama.cpp and transformers.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +29,32 @@ enum Command {
     /// Run as the sidecar: watch feedback, queue jobs when enough accepted records exist, run
     /// queued jobs (also those started through the gateway's admin API) and register results.
     Watch(WatchCmd),
+    /// Merge a PEFT adapter into its base model and write it as an HF safetensors directory
+    /// and/or GGUF files (llama.cpp's layout; the base's tokenizer and chat template copied),
+    /// plus manifest.json with the hashes of everything read and written.
+    Export(ExportCmd),
+}
+
+#[derive(clap::Args)]
+struct ExportCmd {
+    /// The base model: a GGUF file (any format) or an HF directory (safetensors only).
+    #[arg(long, env = "SWITCHYARD_MODEL")]
+    base: PathBuf,
+    /// The PEFT adapter directory (adapter_config.json, adapter_model.safetensors).
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Output directory: hf/ for safetensors, model-<type>.gguf per GGUF format, manifest.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// safetensors, gguf-f32, gguf-f16, gguf-q8_0 or gguf-q4_1; repeat for several.
+    #[arg(long = "format", default_values = ["safetensors", "gguf-f16"])]
+    formats: Vec<runtime::export::ExportFormat>,
+    /// The adapter's registry name, recorded in the manifest.
+    #[arg(long)]
+    adapter_name: Option<String>,
+    /// The adapter's registry version, recorded in the manifest.
+    #[arg(long)]
+    adapter_version: Option<u64>,
 }
 
 #[derive(clap::Args)]
@@ -132,6 +159,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Export(cmd) => return export(cmd),
         Command::Train(cmd) => train(cmd),
         Command::Watch(cmd) => finetune::sidecar::run(&finetune::sidecar::SidecarConfig {
             data_dir: cmd.data_dir,
@@ -158,6 +186,28 @@ fn main() -> ExitCode {
             if let FinetuneError::NothingLeft { .. } | FinetuneError::TooFewExamples { .. } = &e {
                 eprintln!("finetune: the curation report is in the --out directory (report.md, report.json)");
             }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `finetune export`: the flags into [`runtime::export::export`], and what it wrote onto stdout.
+fn export(cmd: ExportCmd) -> ExitCode {
+    let info = serde_json::json!({
+        "path": cmd.adapter,
+        "name": cmd.adapter_name,
+        "version": cmd.adapter_version,
+    });
+    match runtime::export::export(&cmd.base, &cmd.adapter, &cmd.out, &cmd.formats, info) {
+        Ok(report) => {
+            for f in &report.files {
+                println!("wrote {} ({}, {} bytes, sha256 {})", f.path.display(), f.format, f.size_bytes, f.sha256);
+            }
+            println!("wrote {} (adapter sha256 {})", report.manifest.display(), report.adapter_sha256);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("finetune: error [{}]: {e}", e.code());
             ExitCode::FAILURE
         }
     }
@@ -197,7 +247,13 @@ fn train(cmd: TrainCmd) -> Result<(), FinetuneError> {
         println!(
             "registered {name}@{} as candidate{} ({})",
             registered.version,
-            if registered.promoted { " and promoted it to prod" } else { "" },
+            if registered.promoted {
+                " and promoted it to prod"
+            } else if registered.released {
+                " and started its release on prod"
+            } else {
+                ""
+            },
             registered.decision
         );
     }

@@ -1,6 +1,7 @@
 //! Registering a finished job's adapter through the gateway's admin API (the registry's one
 //! writer, which also tells every replica), pointing `candidate` at it, and the promotion
-//! policy that may move `prod` when the candidate beats it by a configured margin.
+//! policy: a candidate that beats `prod` offline by a configured margin starts a release on
+//! `prod` (or becomes `prod` when there is none yet).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,7 +25,10 @@ pub struct Gateway {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Registered {
     pub version: u64,
+    /// `prod` moved to the candidate (it had no version before).
     pub promoted: bool,
+    /// A release of the candidate started on `prod`: live evidence finishes it.
+    pub released: bool,
     /// Why the policy did or did not promote.
     pub decision: String,
 }
@@ -107,7 +111,7 @@ impl Gateway {
             .client
             .put(format!("{}/admin/adapters/{name}/aliases/{alias}", self.base))
             .bearer_auth(&self.token)
-            .json(&SetAlias { version, expected_version: expected })
+            .json(&SetAlias { version: Some(version), routes: None, expected_version: expected })
             .send()
             .map_err(|e| reg_err(e.to_string()))?;
         Self::read(resp)
@@ -129,10 +133,37 @@ impl Gateway {
         let version = self.upload(name, result, job_id)?;
         self.set_alias(name, "candidate", version, None)?;
         let (promote, decision) = decide(result, promote_margin);
-        if promote {
-            self.set_alias(name, adapters::registry::DEFAULT_ALIAS, version, prod_at_start)?;
+        let prod = adapters::registry::DEFAULT_ALIAS;
+        match (promote, prod_at_start) {
+            (false, _) => Ok(Registered { version, promoted: false, released: false, decision }),
+            // Nothing serves yet, so there is no live evidence to wait for.
+            (true, None) => {
+                self.set_alias(name, prod, version, None)?;
+                Ok(Registered { version, promoted: true, released: false, decision })
+            }
+            // Offline evaluation starts the release; live evidence finishes it. An admin's
+            // move meanwhile wins: then no release starts.
+            (true, Some(at_start)) => {
+                if self.alias(name, prod)? != Some(at_start) {
+                    let decision = format!("{decision}; prod moved since the job started, so no release");
+                    return Ok(Registered { version, promoted: false, released: false, decision });
+                }
+                self.start_release(name, prod, version)?;
+                Ok(Registered { version, promoted: false, released: true, decision })
+            }
         }
-        Ok(Registered { version, promoted: promote, decision })
+    }
+
+    /// Starts a release of `version` on `alias` with the gateway's default policy.
+    pub fn start_release(&self, name: &str, alias: &str, version: u64) -> Result<(), FinetuneError> {
+        let resp = self
+            .client
+            .post(format!("{}/admin/adapters/{name}/releases", self.base))
+            .bearer_auth(&self.token)
+            .json(&serde_json::json!({"alias": alias, "candidate": version}))
+            .send()
+            .map_err(|e| reg_err(e.to_string()))?;
+        Self::read::<serde_json::Value>(resp).map(|_| ())
     }
 }
 

@@ -275,8 +275,10 @@ fn run_job(
             status.promoted = registered.promoted;
             status.step = result.outcome.steps;
             status.total_steps = result.outcome.total_steps;
-            status.metrics =
-                serde_json::json!({"eval": result.eval, "decision": registered.decision, "train": result.outcome});
+            status.metrics = serde_json::json!({
+                "eval": result.eval, "decision": registered.decision, "release_started": registered.released,
+                "train": result.outcome,
+            });
             if spec.dataset == DatasetRef::Feedback {
                 let mut trained = load_trained(&cfg.data_dir);
                 let usable = dataset::examples_from_feedback(items, options);

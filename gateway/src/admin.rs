@@ -34,7 +34,7 @@ pub(crate) fn require_admin(state: &AppState, req: &HttpRequest) -> Result<(), A
 
 /// The admin check, then the registry (503 while the model loads, and on an engine that
 /// serves no adapters).
-fn authorize(state: &AppState, req: &HttpRequest) -> Result<Arc<Registry>, ApiError> {
+pub(crate) fn authorize(state: &AppState, req: &HttpRequest) -> Result<Arc<Registry>, ApiError> {
     require_admin(state, req)?;
     state.registry().ok_or(ApiError::NotReady)
 }
@@ -42,7 +42,7 @@ fn authorize(state: &AppState, req: &HttpRequest) -> Result<Arc<Registry>, ApiEr
 /// The errors every adapter admin route answers with, documented once for the OpenAPI spec.
 #[derive(utoipa::IntoResponses)]
 #[allow(dead_code)]
-enum AdminErrors {
+pub(crate) enum AdminErrors {
     #[response(status = 400, description = "Invalid request: a bad name, path segment, query or body", example = json!({"error": {"message": "invalid query string: invalid digit found in string", "type": "invalid_request_error", "param": null, "code": "invalid_value"}}))]
     Invalid(ErrorResponse),
     #[response(status = 401, description = "Missing or invalid bearer token", example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}}))]
@@ -239,7 +239,7 @@ pub(crate) async fn show_version(
     request_body = SetAlias,
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "The alias change (adapter, alias, from, to)", body = Object),
+        (status = 200, description = "The alias change (adapter, alias, from, to, and the routes of a split alias)", body = Object),
         AdminErrors,
         (status = 409, description = "Conflict", body = ErrorResponse, example = json!({"error": {"message": "alias \"prod\" of adapter \"bot\" points to version 2, not 1", "type": "conflict_error", "param": null, "code": "alias_conflict"}}))
     )
@@ -253,10 +253,23 @@ pub(crate) async fn promote(
     let registry = authorize(&state, &req)?;
     let (name, alias) = path.into_inner();
     let body: SetAlias = read_json(&req, payload, state.body_limit).await?;
+    let who = crate::extract::caller(&req).sub;
     // A change waits for other processes' changes (the registry's file lock): off the worker.
     let n = name.clone();
-    let change =
-        web::block(move || registry.set_alias(&n, &alias, body.version, body.expected_version, "admin")).await??;
+    let change = match (body.version, body.routes) {
+        (Some(version), None) => {
+            web::block(move || registry.set_alias(&n, &alias, version, body.expected_version, &who)).await??
+        }
+        (None, Some(routes)) => {
+            web::block(move || registry.set_routes(&n, &alias, &routes, body.expected_version, &who)).await??
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "give either `version` or `routes` (a list of {\"version\", \"weight\"})",
+                Some("version".to_owned()),
+            ))
+        }
+    };
     state.announce(&name).await;
     Ok(HttpResponse::Ok().json(change))
 }
@@ -344,6 +357,79 @@ pub(crate) async fn audit(
     Ok(HttpResponse::Ok().json(serde_json::json!({"object": "list", "offset": page.offset, "data": records})))
 }
 
+/// `POST /admin/adapters/{name}/versions/{version}/export`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ExportRequest {
+    /// Any of `safetensors`, `gguf-f32`, `gguf-f16`, `gguf-q8_0`, `gguf-q4_1` (default
+    /// `["safetensors", "gguf-f16"]`).
+    #[serde(default)]
+    formats: Option<Vec<String>>,
+}
+
+/// Exports run one at a time: each reads the whole base model.
+static EXPORTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+#[utoipa::path(
+    operation_id = "export_version",
+    post,
+    path = "/admin/adapters/{name}/versions/{version}/export",
+    tag = "admin",
+    params(("name" = String, Path), ("version" = u64, Path)),
+    request_body = ExportRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The export's manifest: the adapter version, the base model's hash and every file written under `<data-dir>/exports/<name>-<version>/` with its format, sha256 and size; the directory or GGUF can be served with `--model`", body = Object),
+        AdminErrors
+    )
+)]
+pub(crate) async fn export(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<(String, u64)>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let registry = authorize(&state, &req)?;
+    let (name, version) = path.into_inner();
+    let body: ExportRequest = read_json(&req, payload, state.body_limit).await?;
+    let formats = body
+        .formats
+        .unwrap_or_else(|| vec!["safetensors".into(), "gguf-f16".into()])
+        .iter()
+        .map(|f| f.parse::<runtime::export::ExportFormat>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApiError::invalid(e, Some("formats".to_owned())))?;
+    if formats.is_empty() {
+        return Err(ApiError::invalid("`formats` must name at least one format", Some("formats".to_owned())));
+    }
+    let gguf = formats.iter().any(|f| matches!(f, runtime::export::ExportFormat::Gguf(_)));
+    if gguf && !state.model_path.is_file() {
+        return Err(ApiError::invalid(
+            "GGUF exports copy the base model's GGUF metadata, and this gateway serves an HF directory",
+            Some("formats".to_owned()),
+        ));
+    }
+    let manifest = registry.resolve(&name, &adapters::Selector::Version(version))?;
+    let adapter_dir = registry.version_dir(&name, version);
+    let out = state.data_dir.join(EXPORTS_DIR).join(format!("{name}-{version}"));
+    let base = state.model_path.clone();
+    let info = serde_json::json!({"adapter": name, "version": version, "adapter_sha256": manifest.sha256,
+        "base_model": manifest.base_model});
+    let _one_at_a_time = EXPORTS.lock().await;
+    let report = web::block(move || runtime::export::export(&base, &adapter_dir, &out, &formats, info))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(format!("export failed: {e}")))?;
+    let manifest: serde_json::Value = std::fs::read(&report.manifest)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| ApiError::Internal("the export's manifest is unreadable".into()))?;
+    Ok(HttpResponse::Ok().json(manifest))
+}
+
+/// Under the data directory: merged exports, one directory per adapter version.
+pub const EXPORTS_DIR: &str = "exports";
+
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/admin/adapters", web::get().to(list))
         .route("/admin/adapters/{name}", web::get().to(show))
@@ -352,5 +438,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/admin/adapters/{name}/versions/{version}", web::delete().to(delete_version))
         .route("/admin/adapters/{name}/aliases/{alias}", web::put().to(promote))
         .route("/admin/adapters/{name}/aliases/{alias}/rollback", web::post().to(rollback))
+        .route("/admin/adapters/{name}/versions/{version}/export", web::post().to(export))
         .route("/admin/audit", web::get().to(audit));
 }

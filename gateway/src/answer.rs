@@ -368,7 +368,7 @@ pub async fn whole(envelope: Envelope, mut run: Running, shape: AnswerShape) -> 
         match event {
             Event::Delta(d) => {
                 if first {
-                    run.metrics.time_to_first_token.observe(run.started.elapsed().as_secs_f64());
+                    run.first_token();
                     first = false;
                 }
                 let pieces = c.text.delta(&d);
@@ -382,7 +382,10 @@ pub async fn whole(envelope: Envelope, mut run: Running, shape: AnswerShape) -> 
                 c.finish = Some((reason, completion_tokens, cached_tokens));
                 left -= 1;
             }
-            Event::Failed(msg) => return Err(ApiError::Internal(msg)),
+            Event::Failed(msg) => {
+                run.failed();
+                return Err(ApiError::Internal(msg));
+            }
         }
     }
     let usage = usage_of(&run, &choices);
@@ -594,7 +597,7 @@ impl Sse {
             Event::Delta(d) => {
                 let now = Instant::now();
                 match self.last {
-                    None => self.run.metrics.time_to_first_token.observe((now - self.run.started).as_secs_f64()),
+                    None => self.run.first_token(),
                     Some(prev) => self.run.metrics.inter_token_latency.observe((now - prev).as_secs_f64()),
                 }
                 self.last = Some(now);
@@ -641,7 +644,10 @@ impl Sse {
                     self.done = true;
                 }
             }
-            Event::Failed(msg) => return Err(msg),
+            Event::Failed(msg) => {
+                self.run.failed();
+                return Err(msg);
+            }
         }
         Ok(())
     }

@@ -154,6 +154,10 @@ pub struct ServeArgs {
     /// Which engine serves the model [default: candle].
     #[arg(long, env = "SWITCHYARD_ENGINE")]
     pub engine: Option<EngineKind>,
+    /// How often running releases are judged on their live evidence, in milliseconds
+    /// [default: 5000].
+    #[arg(long, env = "SWITCHYARD_RELEASE_TICK_MS")]
+    pub release_tick_ms: Option<u64>,
     /// Generations running at once; more get 429 [default: 32].
     #[arg(long, env = "SWITCHYARD_MAX_CONCURRENT")]
     pub max_concurrent: Option<usize>,
@@ -272,6 +276,7 @@ pub struct Settings {
     /// `None`: `/metrics` is on the API port.
     pub metrics_listen: Option<String>,
     pub max_concurrent: usize,
+    pub release_tick: std::time::Duration,
     pub body_limit: usize,
     pub max_tokens: usize,
     pub max_messages: usize,
@@ -319,6 +324,9 @@ impl ServeArgs {
             feedback_rotate_bytes: self.feedback_rotate_mb.or(file.feedback_rotate_mb).unwrap_or(64).max(1) << 20,
             metrics_listen: self.metrics_listen.or(file.metrics_listen).filter(|a| !a.is_empty()),
             max_concurrent: self.max_concurrent.or(file.max_concurrent).unwrap_or(32),
+            release_tick: std::time::Duration::from_millis(
+                self.release_tick_ms.or(file.release_tick_ms).unwrap_or(5000).max(50),
+            ),
             body_limit: self.body_limit.or(file.body_limit).unwrap_or(4 << 20),
             max_tokens: self.max_tokens.or(file.max_tokens).unwrap_or(4096),
             max_messages: self.max_messages.or(file.max_messages).unwrap_or(512),

@@ -56,3 +56,20 @@ pub(crate) fn caller(req: &HttpRequest) -> Principal {
         .cloned()
         .unwrap_or(Principal { models: Some(Vec::new()), ..Principal::plain("anonymous", "default", Role::User) })
 }
+
+/// The request's id (`x-request-id`), put on the request by the outer middleware.
+#[derive(Debug, Clone)]
+pub(crate) struct RequestId(pub String);
+
+/// The end user a request names in its `user` field: a routed alias keeps each user on one
+/// version.
+#[derive(Debug, Clone)]
+pub(crate) struct EndUser(pub String);
+
+/// Notes the request's `user` field for routing (empty or absent: nothing).
+pub(crate) fn note_end_user(req: &HttpRequest, user: Option<&str>) {
+    use actix_web::HttpMessage;
+    if let Some(u) = user.filter(|u| !u.is_empty()) {
+        req.extensions_mut().insert(EndUser(u.to_owned()));
+    }
+}

@@ -23,7 +23,8 @@ pub struct Metrics {
     pub prompt_tokens: IntCounterVec,
     pub completion_tokens: IntCounterVec,
     pub cached_prompt_tokens: IntCounterVec,
-    pub time_to_first_token: Histogram,
+    /// By `adapter`: the version that served (`name@version`, empty for the base).
+    pub time_to_first_token: HistogramVec,
     pub inter_token_latency: Histogram,
     pub rejected_concurrency: IntCounterVec,
     /// Adapter cache events: `hit`, `miss`, `eviction`.
@@ -40,7 +41,12 @@ pub struct Metrics {
     /// `not_in_documents`).
     pub task_requests: IntCounterVec,
     pub task_duration: HistogramVec,
+    /// Shadow generations by outcome: `compared`, `skipped` (no spare capacity at the start),
+    /// `dropped` (load rose while it ran), `failed`.
+    pub shadow_requests: IntCounterVec,
     pub engine: EngineMetrics,
+    /// Each adapter version's recent requests, errors and first-token times: release evidence.
+    pub served: crate::releases::ServedStats,
 }
 
 impl Metrics {
@@ -64,29 +70,36 @@ impl Metrics {
             IntGauge::new("switchyard_active_generations", "Generations admitted and not yet finished or cancelled")
                 .expect("metric definition is valid");
         let prompt_tokens = IntCounterVec::new(
-            Opts::new("switchyard_prompt_tokens_total", "Prompt tokens processed, by model"),
-            &["model"],
+            Opts::new(
+                "switchyard_prompt_tokens_total",
+                "Prompt tokens processed, by model and the adapter version that served",
+            ),
+            &["model", "adapter"],
         )
         .expect("metric definition is valid");
         let completion_tokens = IntCounterVec::new(
-            Opts::new("switchyard_completion_tokens_total", "Completion tokens generated, by model"),
-            &["model"],
+            Opts::new(
+                "switchyard_completion_tokens_total",
+                "Completion tokens generated, by model and the adapter version that served",
+            ),
+            &["model", "adapter"],
         )
         .expect("metric definition is valid");
         let cached_prompt_tokens = IntCounterVec::new(
             Opts::new(
                 "switchyard_cached_prompt_tokens_total",
-                "Prompt tokens served from the prefix cache instead of computed, by model",
+                "Prompt tokens served from the prefix cache instead of computed, by model and adapter version",
             ),
-            &["model"],
+            &["model", "adapter"],
         )
         .expect("metric definition is valid");
-        let time_to_first_token = Histogram::with_opts(
+        let time_to_first_token = HistogramVec::new(
             HistogramOpts::new(
                 "switchyard_time_to_first_token_seconds",
-                "Time from admission to the first generated text",
+                "Time from admission to the first generated text, by the adapter version that served",
             )
             .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            &["adapter"],
         )
         .expect("metric definition is valid");
         let inter_token_latency = Histogram::with_opts(
@@ -155,6 +168,14 @@ impl Metrics {
             &["task"],
         )
         .expect("metric definition is valid");
+        let shadow_requests = IntCounterVec::new(
+            Opts::new(
+                "switchyard_shadow_requests_total",
+                "Shadow generations, by outcome (compared, skipped under load, dropped under load, failed)",
+            ),
+            &["outcome"],
+        )
+        .expect("metric definition is valid");
         let engine = EngineMetrics {
             batch_size: Histogram::with_opts(
                 HistogramOpts::new("switchyard_batch_size", "Sequences in each decode step of the engine")
@@ -198,6 +219,7 @@ impl Metrics {
             Box::new(embedding_batch_size.clone()),
             Box::new(task_requests.clone()),
             Box::new(task_duration.clone()),
+            Box::new(shadow_requests.clone()),
             Box::new(engine.batch_size.clone()),
             Box::new(engine.queue_depth.clone()),
             Box::new(engine.prefix_cache_bytes.clone()),
@@ -224,7 +246,9 @@ impl Metrics {
             embedding_batch_size,
             task_requests,
             task_duration,
+            shadow_requests,
             engine,
+            served: Default::default(),
         }
     }
 

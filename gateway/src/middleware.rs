@@ -15,6 +15,9 @@ use crate::limits::Verdict;
 use crate::respond::Served;
 use crate::state::AppState;
 
+/// The response header naming the version that answered.
+pub const SERVED_VERSION: &str = "x-switchyard-served-version";
+
 /// Puts the caller's `Principal` on the request, or answers 401/403 in the OpenAI shape.
 pub async fn authenticate<B: MessageBody>(
     req: ServiceRequest,
@@ -46,12 +49,20 @@ pub async fn observe<B: MessageBody>(req: ServiceRequest, next: Next<B>) -> Resu
     let metrics = req.app_data::<web::Data<AppState>>().map(|s| s.metrics.clone());
     let request_id = request_id(&req);
     let span = tracing::info_span!("request", request_id = %request_id, method = %req.method(), path = %req.path());
+    req.extensions_mut().insert(crate::extract::RequestId(request_id.clone()));
     let fut = span.in_scope(|| next.call(req));
     async move {
         let mut res = fut.await?;
         let status = res.status().as_u16();
+        let served = res.request().extensions().get::<Served>().cloned();
+        if let Some(s) = &served {
+            // Which version answered: `name@version`, or the base model's id.
+            let version = if s.adapter.is_empty() { &s.model } else { &s.adapter };
+            if let Ok(v) = actix_web::http::header::HeaderValue::from_str(version) {
+                res.headers_mut().insert(actix_web::http::header::HeaderName::from_static(SERVED_VERSION), v);
+            }
+        }
         if let Some(m) = metrics {
-            let served = res.request().extensions().get::<Served>().cloned();
             let (model, adapter) = served.map_or((String::new(), String::new()), |s| (s.model, s.adapter));
             m.requests.with_label_values(&[&route, &status.to_string(), &model, &adapter]).inc();
             m.request_duration.with_label_values(&[&route]).observe(started.elapsed().as_secs_f64());

@@ -48,11 +48,44 @@ pub struct Running {
     pub served: Served,
     /// Where to log the finished completion (for feedback), with what is known up front.
     pub log: Option<(Arc<crate::feedback::FeedbackStore>, crate::feedback::Draft)>,
+    /// How it went, for the release evidence of the version that served.
+    pub outcome: Outcome,
+    /// Told the answer when it finishes: a shadow generation compares against it.
+    pub shadow: Option<tokio::sync::oneshot::Sender<crate::shadow::ServedAnswer>>,
+}
+
+/// What became of a generation, as releases count it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Outcome {
+    pub first_token_seconds: Option<f64>,
+    /// `Some(true)` finished, `Some(false)` failed, `None` abandoned (the client left).
+    pub finished: Option<bool>,
 }
 
 impl Running {
+    /// Notes the first generated text: time to first token, by the version that served.
+    pub(crate) fn first_token(&mut self) {
+        let secs = self.started.elapsed().as_secs_f64();
+        self.metrics.time_to_first_token.with_label_values(&[&self.served.adapter]).observe(secs);
+        self.outcome.first_token_seconds = Some(secs);
+    }
+
+    /// Notes that the engine failed this generation.
+    pub(crate) fn failed(&mut self) {
+        self.outcome.finished = Some(false);
+    }
+
     /// Logs the finished completion when logging is wired up for it.
-    pub(crate) fn log_completion(&self, envelope: &Envelope, answer: &str, finish_reason: &str, usage: &Usage) {
+    pub(crate) fn log_completion(&mut self, envelope: &Envelope, answer: &str, finish_reason: &str, usage: &Usage) {
+        self.outcome.finished = Some(true);
+        if let Some(tx) = self.shadow.take() {
+            let _ = tx.send(crate::shadow::ServedAnswer {
+                id: envelope.id.clone(),
+                text: answer.to_owned(),
+                seconds: self.started.elapsed().as_secs_f64(),
+                tokens: usage.completion_tokens,
+            });
+        }
         if let Some((store, draft)) = &self.log {
             store.log_completion(protocol::CompletionRecord {
                 id: envelope.id.clone(),
@@ -75,6 +108,9 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.metrics.active_generations.dec();
+        if let Some(ok) = self.outcome.finished {
+            self.metrics.served.record(&self.served.adapter, ok, self.outcome.first_token_seconds);
+        }
     }
 }
 
@@ -119,7 +155,7 @@ pub async fn collect(envelope: &Envelope, run: &mut Running) -> Result<Collected
         match event {
             Event::Delta(d) => {
                 if first {
-                    run.metrics.time_to_first_token.observe(run.started.elapsed().as_secs_f64());
+                    run.first_token();
                     first = false;
                 }
                 text.push_str(&d)
@@ -131,9 +167,13 @@ pub async fn collect(envelope: &Envelope, run: &mut Running) -> Result<Collected
                 run.log_completion(envelope, &text, reason.as_str(), &usage);
                 return Ok(Collected { text, reason, usage });
             }
-            Event::Failed(msg) => return Err(ApiError::Internal(msg)),
+            Event::Failed(msg) => {
+                run.failed();
+                return Err(ApiError::Internal(msg));
+            }
         }
     }
+    run.failed();
     Err(ApiError::Internal("the engine ended the generation without finishing it".into()))
 }
 
@@ -141,10 +181,11 @@ pub(crate) fn count_tokens(run: &Running, usage: &Usage) {
     if let Some((limiter, caller, _)) = &run.limits {
         limiter.charge(caller, usage.total_tokens as u64);
     }
-    run.metrics.prompt_tokens.with_label_values(&[&run.model]).inc_by(usage.prompt_tokens as u64);
-    run.metrics.completion_tokens.with_label_values(&[&run.model]).inc_by(usage.completion_tokens as u64);
+    let labels = [run.model.as_str(), run.served.adapter.as_str()];
+    run.metrics.prompt_tokens.with_label_values(&labels).inc_by(usage.prompt_tokens as u64);
+    run.metrics.completion_tokens.with_label_values(&labels).inc_by(usage.completion_tokens as u64);
     if let Some(details) = &usage.prompt_tokens_details {
-        run.metrics.cached_prompt_tokens.with_label_values(&[&run.model]).inc_by(details.cached_tokens as u64);
+        run.metrics.cached_prompt_tokens.with_label_values(&labels).inc_by(details.cached_tokens as u64);
     }
 }
 
@@ -203,7 +244,7 @@ pub fn streamed_task(envelope: Envelope, run: Running, first: serde_json::Value,
                 Event::Logprob(_) | Event::PromptLogprobs(_) => continue,
                 Event::Delta(d) => {
                     if s.text.is_empty() {
-                        s.run.metrics.time_to_first_token.observe(s.run.started.elapsed().as_secs_f64());
+                        s.run.first_token();
                     }
                     s.text.push_str(&d);
                     let frame =
@@ -224,6 +265,7 @@ pub fn streamed_task(envelope: Envelope, run: Running, first: serde_json::Value,
                     return Some((Ok(sse(&frame.to_string())), s));
                 }
                 Event::Failed(msg) => {
+                    s.run.failed();
                     tracing::error!(error = %msg, "task generation failed mid-stream");
                     s.done = true;
                     let err = ApiError::Internal(msg);

@@ -398,6 +398,7 @@ pub(crate) async fn create(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let wire: ResponsesRequest = read_json(&req, payload, state.body_limit).await?;
+    crate::extract::note_end_user(&req, wire.user.as_deref());
     let who = caller(&req);
     let earlier = match wire.previous_response_id.as_deref() {
         Some(prev) => {
@@ -658,7 +659,7 @@ fn streamed(
                 Some(Event::Delta(d)) => {
                     if !s.first_seen {
                         s.first_seen = true;
-                        s.run.metrics.time_to_first_token.observe(s.run.started.elapsed().as_secs_f64());
+                        s.run.first_token();
                     }
                     let pieces = s.text.delta(&d);
                     s.on_pieces(pieces);
@@ -675,6 +676,7 @@ fn streamed(
                     s.close(reason, usage_json(usage.prompt_tokens, completion_tokens, cached_tokens));
                 }
                 Some(Event::Failed(msg)) => {
+                    s.run.failed();
                     tracing::error!(error = %msg, "response failed mid-stream");
                     let r = s.frame.response("failed", Vec::new(), None, false);
                     s.push("response.failed", json!({"response": r}));

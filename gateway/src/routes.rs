@@ -35,6 +35,7 @@ pub(crate) async fn chat_completions(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let wire: ChatCompletionRequest = read_json(&req, payload, state.body_limit).await?;
+    crate::extract::note_end_user(&req, wire.sampling.user.as_deref());
     answer(&state, &req, Kind::Chat, validate::chat(wire, state.limits)?).await
 }
 
@@ -55,6 +56,7 @@ pub(crate) async fn completions(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let wire: CompletionRequest = read_json(&req, payload, state.body_limit).await?;
+    crate::extract::note_end_user(&req, wire.sampling.user.as_deref());
     answer(&state, &req, Kind::Text, validate::completion(wire, state.limits)?).await
 }
 
@@ -141,7 +143,7 @@ pub(crate) async fn embeddings(
     let vectors = model.embed(tokens.into_iter().map(|t| t.ids).collect()).await?;
     state.limiter.charge(&caller, prompt_tokens as u64);
     state.metrics.embedding_inputs.with_label_values(&[&model.id]).inc_by(vectors.len() as u64);
-    state.metrics.prompt_tokens.with_label_values(&[&model.id]).inc_by(prompt_tokens as u64);
+    state.metrics.prompt_tokens.with_label_values(&[&model.id, ""]).inc_by(prompt_tokens as u64);
     req.extensions_mut().insert(respond::Served { model: model.id.clone(), adapter: String::new() });
     let data = vectors
         .into_iter()

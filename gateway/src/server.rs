@@ -45,6 +45,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             .configure(crate::error::extractor_configs)
             .configure(|cfg| routes(cfg, metrics_here))
             .configure(crate::admin::routes)
+            .configure(crate::releases::routes)
+            .configure(crate::shadow::routes)
             .configure(crate::feedback_api::routes)
             .configure(crate::finetune_api::routes)
             .configure(crate::tasks::routes)
@@ -139,6 +141,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 }
                 if let Some(registry) = loader_state.registry() {
                     crate::replicas::watch(registry);
+                    crate::releases::spawn_controller(loader_state.clone().into_inner(), settings.release_tick);
                 }
                 if let Some(client) = settings.redis.clone() {
                     loader_state.clone().into_inner().share_registry(client);

@@ -33,6 +33,8 @@ pub struct AppState {
     pub admin_token: Option<String>,
     pub import_root: Option<std::path::PathBuf>,
     pub(crate) data_dir: std::path::PathBuf,
+    /// The served base model's file or directory (what exports merge into).
+    pub(crate) model_path: std::path::PathBuf,
     adapter_cache_bytes: usize,
     lora_dtype: runtime::lora::LoraDtype,
     /// `None`: auth switched off explicitly.
@@ -54,6 +56,16 @@ pub struct AppState {
     pub(crate) recommender: OnceLock<Arc<recommend::Recommender>>,
     /// Set once Redis is reachable: tells other replicas a knowledge base changed.
     knowledge_announcer: OnceLock<crate::replicas::Announcer>,
+    max_concurrent: usize,
+    pub(crate) shadow_log: Arc<crate::shadow::ShadowLog>,
+}
+
+/// What a model string resolved to: the engine, the adapter version (none for the base), and
+/// the alias's shadow rule when it went through one.
+struct Resolution {
+    engine: Arc<dyn Engine>,
+    adapter: Option<AdapterHandle>,
+    shadow: Option<crate::shadow::Planned>,
 }
 
 impl AppState {
@@ -77,6 +89,7 @@ impl AppState {
             admin_token: settings.admin_token.clone(),
             import_root: settings.import_root.clone(),
             data_dir: settings.data_dir.clone(),
+            model_path: settings.model_path.clone(),
             adapter_cache_bytes: settings.adapter_cache_bytes,
             lora_dtype: settings.lora_dtype,
             announcer: OnceLock::new(),
@@ -88,6 +101,8 @@ impl AppState {
                 metrics.clone(),
             )),
             admission: Arc::new(Semaphore::new(settings.max_concurrent)),
+            max_concurrent: settings.max_concurrent,
+            shadow_log: Arc::default(),
             draining: AtomicBool::new(false),
             limits: RequestLimits { max_tokens: settings.max_tokens, max_messages: settings.max_messages },
             body_limit: settings.body_limit,
@@ -222,31 +237,53 @@ impl AppState {
     }
 
     /// Resolves `model` to the base alone or to one adapter version, once, at admission. A
-    /// model outside the caller's list is "not found", as if it did not exist.
-    async fn resolve(
-        &self,
-        model: &str,
-        caller: &Principal,
-    ) -> Result<(Arc<dyn Engine>, Option<AdapterHandle>), ApiError> {
+    /// model outside the caller's list is "not found", as if it did not exist. `key` picks
+    /// among a routed alias's versions (the same key, the same version).
+    async fn resolve(&self, model: &str, caller: &Principal, key: &str) -> Result<Resolution, ApiError> {
         if !caller.may_use(model) {
             return Err(ApiError::ModelNotFound { model: model.to_owned() });
         }
         let engine = self.engine.get().cloned().ok_or(ApiError::NotReady)?;
         if model == self.model_id {
-            return Ok((engine, None));
+            return Ok(Resolution { engine, adapter: None, shadow: None });
         }
         let not_found = || ApiError::ModelNotFound { model: model.to_owned() };
-        let (registry, cache) = self.registry.get().ok_or_else(not_found)?;
-        let manifest = registry.resolve_model(model).map_err(|e| {
+        let (registry, _) = self.registry.get().ok_or_else(not_found)?;
+        let snapshot = registry.snapshot();
+        let (name, selector) = adapters::parse_model_ref(model);
+        let resolved = snapshot.resolve_for(name, &selector, Some(key)).map_err(|e| {
             if e.is_not_found() || e.is_client_error() {
                 not_found()
             } else {
                 e.into()
             }
         })?;
-        let weights =
-            cache.get(&manifest.name, manifest.version, registry.version_dir(&manifest.name, manifest.version)).await?;
-        Ok((engine, Some(AdapterHandle { name: manifest.name, version: manifest.version, weights })))
+        let (name, version) = (resolved.manifest.name.clone(), resolved.manifest.version);
+        let shadow = resolved.shadow.zip(resolved.alias).map(|(rule, alias)| crate::shadow::Planned {
+            name: name.clone(),
+            alias: alias.to_owned(),
+            rule,
+            served: format!("{name}@{version}"),
+        });
+        let adapter = self.adapter_handle(&name, version).await?;
+        Ok(Resolution { engine, adapter: Some(adapter), shadow })
+    }
+
+    /// Version `version` of adapter `name`, loaded (or from the cache).
+    pub(crate) async fn adapter_handle(&self, name: &str, version: u64) -> Result<AdapterHandle, ApiError> {
+        let (registry, cache) =
+            self.registry.get().ok_or_else(|| ApiError::ModelNotFound { model: format!("{name}@{version}") })?;
+        let weights = cache.get(name, version, registry.version_dir(name, version)).await?;
+        Ok(AdapterHandle { name: name.to_owned(), version, weights })
+    }
+
+    /// Concurrency slots free now, and in all.
+    pub(crate) fn spare_slots(&self) -> usize {
+        self.admission.available_permits()
+    }
+
+    pub(crate) fn max_concurrent(&self) -> usize {
+        self.max_concurrent
     }
 
     /// From now on `/ready` answers 503, so a load balancer stops sending new requests.
@@ -321,11 +358,11 @@ impl AppState {
         prompt: crate::engine::Prompt,
         continuations: Vec<String>,
     ) -> Result<(crate::engine::Scores, Served), ApiError> {
-        let (engine, adapter) = self.resolve(model, caller).await?;
+        let Resolution { engine, adapter, .. } = self.resolve(model, caller, &caller_key(caller)).await?;
         let served = served(engine.as_ref(), adapter.as_ref());
         let _permit = self.permit()?;
         let scores = engine.score(crate::engine::ScoreRequest { prompt, adapter, continuations }).await?;
-        self.metrics.prompt_tokens.with_label_values(&[model]).inc_by(scores.prompt_tokens as u64);
+        self.metrics.prompt_tokens.with_label_values(&[model, &served.adapter]).inc_by(scores.prompt_tokens as u64);
         Ok((scores, served))
     }
 
@@ -345,24 +382,41 @@ impl AppState {
         slot: Option<crate::limits::StreamSlot>,
     ) -> Result<Running, ApiError> {
         use actix_web::HttpMessage;
-        let mut running = self.admit(model, &caller, request, n).await?;
+        let key = route_key(req, &caller);
+        let (mut running, shadow) = self.admit(model, &caller, request, n, &key).await?;
         running.log = Some((self.feedback.clone(), draft));
+        if let Some((plan, request)) = shadow {
+            let request_id = req.extensions().get::<crate::extract::RequestId>().map(|r| r.0.clone());
+            let sampled = crate::shadow::sampled(&plan.rule, &plan.served, request_id.as_deref().unwrap_or(&key));
+            if sampled && crate::shadow::has_room(self) {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                running.shadow = Some(tx);
+                if let Some(state) = req.app_data::<actix_web::web::Data<AppState>>() {
+                    crate::shadow::spawn(state.clone().into_inner(), plan, request, rx);
+                }
+            } else if sampled {
+                self.metrics.shadow_requests.with_label_values(&["skipped"]).inc();
+            }
+        }
         req.extensions_mut().insert(running.served.clone());
         running.limits = Some((self.limiter.clone(), caller, slot));
         Ok(running)
     }
 
     /// Takes a concurrency slot (or answers 429) and starts the generation (`n` of them on
-    /// one prompt).
-    pub(crate) async fn admit(
+    /// one prompt). Returns, when the alias has a shadow rule, the rule and the request to
+    /// mirror.
+    async fn admit(
         &self,
         model: &str,
         caller: &Principal,
         mut request: GenerationRequest,
         n: usize,
-    ) -> Result<Running, ApiError> {
-        let (engine, adapter) = self.resolve(model, caller).await?;
+        key: &str,
+    ) -> Result<(Running, Option<(crate::shadow::Planned, GenerationRequest)>), ApiError> {
+        let Resolution { engine, adapter, shadow } = self.resolve(model, caller, key).await?;
         let served = served(engine.as_ref(), adapter.as_ref());
+        let shadow = shadow.map(|plan| (plan, request.clone()));
         request.adapter = adapter;
         let permit = self.permit()?;
         let started = Instant::now();
@@ -373,7 +427,7 @@ impl AppState {
         };
         let generation = generations.next().ok_or(ApiError::NotReady)?;
         self.metrics.active_generations.inc();
-        Ok(Running {
+        let running = Running {
             generation,
             more: generations.collect(),
             _permit: permit,
@@ -383,8 +437,29 @@ impl AppState {
             limits: None,
             served,
             log: None,
-        })
+            outcome: Default::default(),
+            shadow: None,
+        };
+        Ok((running, shadow))
     }
+}
+
+/// Who is asking, for a routed alias's sticky choice: the request's `user` field, else the
+/// authenticated subject, else (anonymous callers) the request id.
+fn route_key(req: &actix_web::HttpRequest, caller: &Principal) -> String {
+    use actix_web::HttpMessage;
+    let ext = req.extensions();
+    if let Some(user) = ext.get::<crate::extract::EndUser>() {
+        return format!("user:{}/{}", caller.tenant, user.0);
+    }
+    if caller.sub != "anonymous" {
+        return caller_key(caller);
+    }
+    ext.get::<crate::extract::RequestId>().map_or_else(|| uuid::Uuid::new_v4().to_string(), |r| format!("req:{}", r.0))
+}
+
+fn caller_key(caller: &Principal) -> String {
+    format!("sub:{}/{}", caller.tenant, caller.sub)
 }
 
 /// What a request resolved to, for its metrics' labels.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use adapters::{AliasChange, AliasState, Manifest};
+pub use adapters::{AliasChange, AliasState, Manifest, Release, ReleasePolicy, Route, ShadowRule};
 
 /// The body of every error answer: `{"error": {...}}`.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -49,23 +49,39 @@ pub struct AdapterListing {
     pub name: String,
     pub versions: Vec<Manifest>,
     pub aliases: BTreeMap<String, AliasState>,
+    /// Releases by alias (running, paused, or how the last one ended).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub releases: BTreeMap<String, Release>,
 }
 
 impl From<adapters::AdapterListing> for AdapterListing {
     fn from(listing: adapters::AdapterListing) -> Self {
-        Self { name: listing.name, versions: listing.versions, aliases: listing.aliases }
+        Self { name: listing.name, versions: listing.versions, aliases: listing.aliases, releases: listing.releases }
     }
 }
 
-/// `PUT /admin/adapters/{name}/aliases/{alias}`: point the alias at `version`; with
-/// `expected_version`, only if it still points there (compare-and-set). Answered with an
-/// [`AliasChange`].
+/// `PUT /admin/adapters/{name}/aliases/{alias}`: point the alias at `version`, or split it
+/// between `routes` by weight (exactly one of the two); with `expected_version`, only if the
+/// alias's version is that now (compare-and-set). Answered with an [`AliasChange`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetAlias {
-    pub version: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>, example = json!([{"version": 3, "weight": 90}, {"version": 4, "weight": 10}]))]
+    pub routes: Option<Vec<Route>>,
     #[serde(default)]
     pub expected_version: Option<u64>,
+}
+
+/// `PUT /admin/adapters/{name}/aliases/{alias}/shadow`: mirror `share` (0 to 1) of the
+/// alias's requests to `version`; their answers are logged beside the served ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetShadow {
+    pub version: u64,
+    pub share: f64,
 }
 
 /// `{"object": "list", "data": [...]}`, the shape of every list the admin API answers with.
@@ -97,9 +113,16 @@ mod tests {
 
     #[test]
     fn the_registry_listing_reads_back_as_the_typed_response() {
-        let aliases = BTreeMap::from([("candidate".to_owned(), AliasState { version: 2, history: vec![1] })]);
-        let listing =
-            adapters::AdapterListing { name: "bot".into(), versions: vec![manifest(1), manifest(2)], aliases };
+        let aliases = BTreeMap::from([(
+            "candidate".to_owned(),
+            AliasState { version: 2, history: vec![1], ..AliasState::default() },
+        )]);
+        let listing = adapters::AdapterListing {
+            name: "bot".into(),
+            versions: vec![manifest(1), manifest(2)],
+            aliases,
+            releases: Default::default(),
+        };
         let wire = serde_json::to_value(&listing).unwrap();
         let typed: AdapterListing = serde_json::from_value(wire.clone()).unwrap();
         assert_eq!(typed.aliases["candidate"].version, 2);
@@ -113,8 +136,13 @@ mod tests {
         let wire = serde_json::to_value(&created).unwrap();
         assert_eq!((wire["name"].as_str(), wire["version"].as_u64()), (Some("bot"), Some(3)));
         assert_eq!(serde_json::from_value::<VersionCreated>(wire).unwrap(), created);
-        let set = SetAlias { version: 3, expected_version: None };
+        let set = SetAlias { version: Some(3), routes: None, expected_version: None };
         assert_eq!(serde_json::to_value(&set).unwrap(), serde_json::json!({"version": 3, "expected_version": null}));
+        let split: SetAlias = serde_json::from_value(
+            serde_json::json!({"routes": [{"version": 3, "weight": 90}, {"version": 4, "weight": 10}]}),
+        )
+        .unwrap();
+        assert_eq!(split.routes.unwrap()[1], Route { version: 4, weight: 10 });
         let change: AliasChange =
             serde_json::from_value(serde_json::json!({"adapter": "bot", "alias": "prod", "from": null, "to": 3}))
                 .unwrap();

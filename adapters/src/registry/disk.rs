@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::model::{
     validate_adapter_name, validate_alias_name, AdapterEntry, AliasState, AuditRecord, Manifest, Snapshot,
 };
+use super::release::Release;
 use crate::error::{AdapterError, Result};
 
 pub(crate) const ADAPTERS_DIR: &str = "adapters";
@@ -21,6 +22,7 @@ pub(crate) const VERSIONS_DIR: &str = "versions";
 pub(crate) const MANIFEST_FILE: &str = "manifest.json";
 pub(crate) const ALIASES_FILE: &str = "aliases.json";
 pub(crate) const META_FILE: &str = "meta.json";
+pub(crate) const RELEASES_FILE: &str = "releases.json";
 pub(crate) const AUDIT_FILE: &str = "audit.jsonl";
 pub(crate) const TRASH_DIR: &str = ".trash";
 /// Held (flock) by a writer for the length of one change, shared by a reader loading a snapshot.
@@ -215,6 +217,7 @@ fn load_entry(name: &str, dir: &Path) -> Result<Option<AdapterEntry>> {
     let meta: Option<Meta> = read_json(&dir.join(META_FILE))?;
     let aliases_path = dir.join(ALIASES_FILE);
     let aliases: BTreeMap<String, AliasState> = read_json(&aliases_path)?.unwrap_or_default();
+    let releases: BTreeMap<String, Release> = read_json(&dir.join(RELEASES_FILE))?.unwrap_or_default();
     let mut versions = BTreeMap::new();
     for (file_name, path) in list_dir(&dir.join(VERSIONS_DIR))? {
         if file_name.starts_with(TMP_PREFIX) {
@@ -239,6 +242,18 @@ fn load_entry(name: &str, dir: &Path) -> Result<Option<AdapterEntry>> {
         versions.insert(version, manifest);
     }
     for (alias, state) in &aliases {
+        let missing = state
+            .routes
+            .iter()
+            .map(|r| r.version)
+            .chain(state.shadow.map(|s| s.version))
+            .find(|v| !versions.contains_key(v));
+        if let Some(v) = missing {
+            return Err(AdapterError::corrupt(
+                &aliases_path,
+                format!("alias {alias:?} routes to version {v}, which does not exist"),
+            ));
+        }
         if validate_alias_name(alias).is_err() || !versions.contains_key(&state.version) {
             return Err(AdapterError::corrupt(
                 &aliases_path,
@@ -252,7 +267,7 @@ fn load_entry(name: &str, dir: &Path) -> Result<Option<AdapterEntry>> {
     // A crash between publishing a version and writing meta.json leaves meta behind.
     let after_max = versions.keys().next_back().map_or(1, |v| v + 1);
     let next_version = meta.map_or(1, |m| m.next_version).max(after_max);
-    Ok(Some(AdapterEntry { versions, aliases, next_version }))
+    Ok(Some(AdapterEntry { versions, aliases, next_version, releases }))
 }
 
 fn list_dir(dir: &Path) -> Result<Vec<(String, PathBuf)>> {

@@ -2,6 +2,8 @@
 
 mod disk;
 mod model;
+pub mod release;
+mod routing;
 #[cfg(test)]
 mod tests;
 
@@ -17,12 +19,16 @@ use crate::error::{AdapterError, Result};
 use crate::peft::{
     content_hash, validate_adapter_bytes, AdapterFiles, BaseModelShape, Limits, CONFIG_FILE, WEIGHTS_FILE,
 };
-use disk::{LockMode, Meta, ADAPTERS_DIR, ALIASES_FILE, MANIFEST_FILE, META_FILE, TMP_PREFIX, VERSIONS_DIR};
+use disk::{
+    LockMode, Meta, ADAPTERS_DIR, ALIASES_FILE, MANIFEST_FILE, META_FILE, RELEASES_FILE, TMP_PREFIX, VERSIONS_DIR,
+};
 
 pub use model::{
-    parse_model_ref, validate_adapter_name, validate_alias_name, AdapterEntry, AdapterListing, AliasChange, AliasState,
-    AuditAction, AuditRecord, Manifest, Selector, Snapshot, Source, DEFAULT_ALIAS,
+    parse_model_ref, sticky_hash, validate_adapter_name, validate_alias_name, AdapterEntry, AdapterListing,
+    AliasChange, AliasState, AuditAction, AuditRecord, Manifest, Resolved, Route, Selector, ShadowRule, Snapshot,
+    Source, DEFAULT_ALIAS,
 };
+pub use release::{Decision, Evidence, Release, ReleasePolicy, ReleaseStatus};
 
 /// How many earlier versions an alias remembers for rollback.
 const MAX_ALIAS_HISTORY: usize = 100;
@@ -142,6 +148,7 @@ impl Registry {
 
     /// Points `alias` at `version`. With `expected_version`, succeeds only if the alias
     /// currently points there (compare-and-set). The previous target is kept for rollback.
+    /// A release running on the alias stops (a manual move always wins).
     pub fn set_alias(
         &self,
         name: &str,
@@ -150,47 +157,183 @@ impl Registry {
         expected_version: Option<u64>,
         actor: &str,
     ) -> Result<AliasChange> {
+        self.move_alias(name, alias, &[Route { version, weight: 1 }], expected_version, actor)
+    }
+
+    /// Splits `alias` between versions by weight (see [`AliasState::version_for`]); with
+    /// `expected_version`, only if the alias's version is that now. One route with weight is
+    /// a plain alias. A release running on the alias stops.
+    pub fn set_routes(
+        &self,
+        name: &str,
+        alias: &str,
+        routes: &[Route],
+        expected_version: Option<u64>,
+        actor: &str,
+    ) -> Result<AliasChange> {
+        self.move_alias(name, alias, routes, expected_version, actor)
+    }
+
+    fn move_alias(
+        &self,
+        name: &str,
+        alias: &str,
+        routes: &[Route],
+        expected_version: Option<u64>,
+        actor: &str,
+    ) -> Result<AliasChange> {
         validate_adapter_name(name)?;
         validate_alias_name(alias)?;
         let change = self.begin()?;
         let mut entry = entry_of(&change.snap, name)?.clone();
-        if !entry.versions.contains_key(&version) {
-            return Err(AdapterError::VersionNotFound { name: name.to_owned(), version });
-        }
-        let current = entry.aliases.get(alias).map(|s| s.version);
+        let (version, routes) = routing::normalise(&entry, name, routes)?;
+        let current = entry.aliases.get(alias).cloned();
+        let from = current.as_ref().map(|s| s.version);
         if let Some(expected) = expected_version {
-            if current != Some(expected) {
+            if from != Some(expected) {
                 return Err(AdapterError::AliasConflict {
                     name: name.to_owned(),
                     alias: alias.to_owned(),
                     expected,
-                    current,
+                    current: from,
                 });
             }
         }
-        let moved = AliasChange { adapter: name.to_owned(), alias: alias.to_owned(), from: current, to: version };
-        if current == Some(version) {
+        let moved = AliasChange { adapter: name.to_owned(), alias: alias.to_owned(), from, to: version, routes };
+        if current.as_ref().is_some_and(|s| s.version == version && s.routes == moved.routes) {
             // Nothing moves, so nothing is written, audited or pushed onto the history.
             return Ok(moved);
         }
-        let state = entry.aliases.entry(alias.to_owned()).or_insert(AliasState { version, history: Vec::new() });
-        if let Some(previous) = current {
-            state.history.push(previous);
-            let excess = state.history.len().saturating_sub(MAX_ALIAS_HISTORY);
-            state.history.drain(..excess);
-            state.version = version;
+        let state = entry.aliases.entry(alias.to_owned()).or_insert_with(|| AliasState::at(version));
+        if let Some(previous) = from {
+            push_history(state, previous);
         }
+        state.version = version;
+        state.routes = moved.routes.clone();
+        let overridden = release::override_active(&mut entry, alias, actor, disk::now_secs());
+        let generation = self.bump(&change)?;
+        disk::write_json_atomic(&self.adapter_dir(name).join(ALIASES_FILE), &entry.aliases)?;
+        if overridden {
+            disk::write_json_atomic(&self.adapter_dir(name).join(RELEASES_FILE), &entry.releases)?;
+        }
+        let (action, routes) = if moved.routes.is_empty() {
+            (AuditAction::Promote, None)
+        } else {
+            (AuditAction::Route, Some(moved.routes.clone()))
+        };
+        self.audit_append(AuditRecord {
+            alias: Some(alias.to_owned()),
+            from,
+            to: Some(version),
+            routes,
+            ..record(actor, action, name)
+        });
+        self.publish(&change, generation, name, entry);
+        tracing::info!(adapter = name, alias, ?from, to = version, routes = ?moved.routes, actor, "alias moved");
+        Ok(moved)
+    }
+
+    /// Mirrors a share of `alias`'s requests to another version, or stops mirroring (`None`).
+    pub fn set_shadow(&self, name: &str, alias: &str, rule: Option<ShadowRule>, actor: &str) -> Result<AliasState> {
+        validate_adapter_name(name)?;
+        validate_alias_name(alias)?;
+        let change = self.begin()?;
+        let mut entry = entry_of(&change.snap, name)?.clone();
+        if let Some(rule) = rule {
+            routing::check_shadow(&entry, name, &rule)?;
+        }
+        let not_found = || AdapterError::AliasNotFound { name: name.to_owned(), alias: alias.to_owned() };
+        let state = entry.aliases.get_mut(alias).ok_or_else(not_found)?;
+        if state.shadow == rule {
+            return Ok(state.clone());
+        }
+        state.shadow = rule;
+        let state = state.clone();
         let generation = self.bump(&change)?;
         disk::write_json_atomic(&self.adapter_dir(name).join(ALIASES_FILE), &entry.aliases)?;
         self.audit_append(AuditRecord {
             alias: Some(alias.to_owned()),
-            from: current,
-            to: Some(version),
-            ..record(actor, AuditAction::Promote, name)
+            detail: Some(serde_json::json!({ "shadow": rule })),
+            ..record(actor, AuditAction::Shadow, name)
         });
         self.publish(&change, generation, name, entry);
-        tracing::info!(adapter = name, alias, from = ?current, to = version, actor, "alias moved");
-        Ok(moved)
+        Ok(state)
+    }
+
+    /// Starts releasing `policy.candidate` on `alias`: the alias is split between its current
+    /// version and the candidate at the first step's weight.
+    pub fn start_release(&self, name: &str, alias: &str, policy: ReleasePolicy, actor: &str) -> Result<Release> {
+        validate_adapter_name(name)?;
+        validate_alias_name(alias)?;
+        policy.validate()?;
+        let change = self.begin()?;
+        let mut entry = entry_of(&change.snap, name)?.clone();
+        let now = disk::now_secs();
+        let release = release::start(&mut entry, name, alias, policy, now)?;
+        let generation = self.bump(&change)?;
+        disk::write_json_atomic(&self.adapter_dir(name).join(ALIASES_FILE), &entry.aliases)?;
+        disk::write_json_atomic(&self.adapter_dir(name).join(RELEASES_FILE), &entry.releases)?;
+        self.audit_append(release_record(
+            actor,
+            name,
+            &release,
+            serde_json::json!({"event": "started", "policy": release.policy, "weight": release.weight()}),
+        ));
+        self.publish(&change, generation, name, entry);
+        tracing::info!(adapter = name, alias, candidate = release.policy.candidate, actor, "release started");
+        Ok(release)
+    }
+
+    /// Pauses or resumes the release on `alias`; a paused release holds its weights.
+    pub fn pause_release(&self, name: &str, alias: &str, paused: bool, actor: &str) -> Result<Release> {
+        validate_adapter_name(name)?;
+        validate_alias_name(alias)?;
+        let change = self.begin()?;
+        let mut entry = entry_of(&change.snap, name)?.clone();
+        let release = release::pause(&mut entry, alias, paused, disk::now_secs())?;
+        let generation = self.bump(&change)?;
+        disk::write_json_atomic(&self.adapter_dir(name).join(RELEASES_FILE), &entry.releases)?;
+        let event = if paused { "paused" } else { "resumed" };
+        self.audit_append(release_record(actor, name, &release, serde_json::json!({"event": event})));
+        self.publish(&change, generation, name, entry);
+        Ok(release)
+    }
+
+    /// Carries out a release decision taken on `seen` (the release as the decider read it):
+    /// nothing happens if the release moved meanwhile (another replica decided first, or an
+    /// admin stepped in). Returns the release afterwards, `None` when it was stale.
+    pub fn advance_release(
+        &self,
+        name: &str,
+        seen: &Release,
+        decision: &release::Decision,
+        evidence: serde_json::Value,
+        actor: &str,
+    ) -> Result<Option<Release>> {
+        let change = self.begin()?;
+        let mut entry = entry_of(&change.snap, name)?.clone();
+        let Some((release, event)) = release::advance(&mut entry, seen, decision, evidence.clone(), disk::now_secs())
+        else {
+            return Ok(None);
+        };
+        let generation = self.bump(&change)?;
+        disk::write_json_atomic(&self.adapter_dir(name).join(ALIASES_FILE), &entry.aliases)?;
+        disk::write_json_atomic(&self.adapter_dir(name).join(RELEASES_FILE), &entry.releases)?;
+        let state = &entry.aliases[&release.alias];
+        self.audit_append(AuditRecord {
+            from: Some(seen_version(&change.snap, name, &release.alias)),
+            to: Some(state.version),
+            routes: (!state.routes.is_empty()).then(|| state.routes.clone()),
+            ..release_record(
+                actor,
+                name,
+                &release,
+                serde_json::json!({"event": event, "why": release.last.get("why"), "weight": release.weight(), "evidence": evidence}),
+            )
+        });
+        self.publish(&change, generation, name, entry);
+        tracing::info!(adapter = name, alias = %release.alias, event, "release decision");
+        Ok(Some(release))
     }
 
     /// Moves `alias` back to the most recent earlier target that still exists. Rollback
@@ -203,16 +346,23 @@ impl Registry {
         let not_found = || AdapterError::AliasNotFound { name: name.to_owned(), alias: alias.to_owned() };
         let state = entry.aliases.get_mut(alias).ok_or_else(not_found)?;
         let from = state.version;
+        // A routed alias rolls back to a plain one, possibly its own heaviest route.
+        let routed = !state.routes.is_empty();
         let to = loop {
             match state.history.pop() {
-                Some(v) if v != from && entry.versions.contains_key(&v) => break v,
+                Some(v) if (v != from || routed) && entry.versions.contains_key(&v) => break v,
                 Some(_) => continue,
                 None => return Err(AdapterError::NoRollbackTarget { name: name.to_owned(), alias: alias.to_owned() }),
             }
         };
         state.version = to;
+        state.routes.clear();
+        let overridden = release::override_active(&mut entry, alias, actor, disk::now_secs());
         let generation = self.bump(&change)?;
         disk::write_json_atomic(&self.adapter_dir(name).join(ALIASES_FILE), &entry.aliases)?;
+        if overridden {
+            disk::write_json_atomic(&self.adapter_dir(name).join(RELEASES_FILE), &entry.releases)?;
+        }
         self.audit_append(AuditRecord {
             alias: Some(alias.to_owned()),
             from: Some(from),
@@ -221,7 +371,7 @@ impl Registry {
         });
         self.publish(&change, generation, name, entry);
         tracing::info!(adapter = name, alias, from, to, actor, "alias rolled back");
-        Ok(AliasChange { adapter: name.to_owned(), alias: alias.to_owned(), from: Some(from), to })
+        Ok(AliasChange { adapter: name.to_owned(), alias: alias.to_owned(), from: Some(from), to, routes: Vec::new() })
     }
 
     /// Deletes a version that no alias points at. Requests that already resolved it keep
@@ -527,5 +677,33 @@ fn record(actor: &str, action: AuditAction, adapter: &str) -> AuditRecord {
         from: None,
         to: None,
         version: None,
+        routes: None,
+        detail: None,
     }
+}
+
+fn release_record(actor: &str, name: &str, release: &Release, detail: serde_json::Value) -> AuditRecord {
+    let mut detail = detail;
+    if let Some(obj) = detail.as_object_mut() {
+        obj.insert("candidate".into(), release.policy.candidate.into());
+        obj.insert("baseline".into(), release.baseline.into());
+        obj.insert("status".into(), serde_json::to_value(release.status).unwrap_or_default());
+    }
+    AuditRecord {
+        alias: Some(release.alias.clone()),
+        detail: Some(detail),
+        ..record(actor, AuditAction::Release, name)
+    }
+}
+
+/// The version an alias had in the snapshot a change started from.
+fn seen_version(snap: &Snapshot, name: &str, alias: &str) -> u64 {
+    snap.adapter(name).and_then(|e| e.aliases.get(alias)).map_or(0, |s| s.version)
+}
+
+/// Remembers `previous` for rollback, keeping the newest [`MAX_ALIAS_HISTORY`].
+fn push_history(state: &mut AliasState, previous: u64) {
+    state.history.push(previous);
+    let excess = state.history.len().saturating_sub(MAX_ALIAS_HISTORY);
+    state.history.drain(..excess);
 }

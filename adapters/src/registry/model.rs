@@ -56,11 +56,36 @@ pub enum Source {
 }
 
 /// Where an alias points now, and where it pointed before (oldest first) for rollback.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// A routed alias splits its callers between `routes` by weight; `version` is then its
+/// heaviest route (the older one on a tie), which is what compare-and-set, rollback and
+/// callers without a routing key see. A shadow rule mirrors a share of its requests to
+/// another version whose answers are logged, never returned.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct AliasState {
     pub version: u64,
     #[serde(default)]
     pub history: Vec<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Route>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowRule>,
+}
+
+/// One version's share of a routed alias: callers are split in proportion to the weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub version: u64,
+    pub weight: u32,
+}
+
+/// Mirror `share` (0 to 1) of an alias's requests to `version`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowRule {
+    pub version: u64,
+    pub share: f64,
 }
 
 /// One adapter's versions and aliases.
@@ -71,6 +96,8 @@ pub struct AdapterEntry {
     /// The number the next registered version gets; never decreases, so deleted numbers
     /// are never reused.
     pub next_version: u64,
+    /// Releases by alias: running, paused, or how the last one ended.
+    pub releases: BTreeMap<String, super::release::Release>,
 }
 
 /// An immutable view of the whole registry. Readers hold one for as long as they need a
@@ -102,6 +129,9 @@ pub struct AliasChange {
     /// `None` when the alias did not exist before.
     pub from: Option<u64>,
     pub to: u64,
+    /// The split the alias has now, when it is routed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Route>,
 }
 
 /// One adapter as the listing endpoint shows it.
@@ -110,6 +140,8 @@ pub struct AdapterListing {
     pub name: String,
     pub versions: Vec<Manifest>,
     pub aliases: BTreeMap<String, AliasState>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub releases: BTreeMap<String, super::release::Release>,
 }
 
 /// What an audit line records.
@@ -120,6 +152,13 @@ pub enum AuditAction {
     Promote,
     Rollback,
     Delete,
+    /// An alias's weighted split was set.
+    Route,
+    /// A shadow rule was set or removed.
+    Shadow,
+    /// A release started, stepped, paused, resumed, promoted or rolled back
+    /// (`detail.event` says which, with the evidence).
+    Release,
 }
 
 /// One line of `audit.jsonl`.
@@ -138,6 +177,11 @@ pub struct AuditRecord {
     pub to: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<Vec<Route>>,
+    /// What else the change carries: a shadow rule, a release's step and its evidence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<Value>,
 }
 
 /// Splits a user-facing model string: `"bot"`, `"bot@7"` or `"bot@canary"`. Names are not
@@ -199,9 +243,9 @@ impl AdapterEntry {
         Self { next_version: 1, ..Self::default() }
     }
 
-    /// Aliases currently pointing at `version`.
+    /// Aliases currently pointing, routing or mirroring to `version`.
     pub fn aliases_of(&self, version: u64) -> Vec<String> {
-        self.aliases.iter().filter(|(_, s)| s.version == version).map(|(a, _)| a.clone()).collect()
+        self.aliases.iter().filter(|(_, s)| s.uses(version)).map(|(a, _)| a.clone()).collect()
     }
 }
 
@@ -223,18 +267,31 @@ impl Snapshot {
 
     /// Resolves a name and selector against this snapshot. A request should call this
     /// once and keep the manifest, so a concurrent promote cannot change it mid-stream.
+    /// A routed alias answers with its heaviest route; see [`Snapshot::resolve_for`].
     pub fn resolve(&self, name: &str, selector: &Selector) -> Result<&Manifest> {
+        self.resolve_for(name, selector, None).map(|r| r.manifest)
+    }
+
+    /// Like [`Snapshot::resolve`], choosing among a routed alias's versions by `key` (the
+    /// caller): the same key gets the same version while the weights hold, and a route whose
+    /// weight grows keeps the keys it had. Also names the alias and its shadow rule.
+    pub fn resolve_for(&self, name: &str, selector: &Selector, key: Option<&str>) -> Result<Resolved<'_>> {
         validate_adapter_name(name)?;
         let entry = self.adapter(name).ok_or_else(|| AdapterError::AdapterNotFound { name: name.to_owned() })?;
-        let version = match selector {
-            Selector::Version(v) => *v,
-            Selector::Default => alias_version(entry, name, DEFAULT_ALIAS)?,
+        let (version, alias) = match selector {
+            Selector::Version(v) => (*v, None),
+            Selector::Default => alias_version(entry, name, DEFAULT_ALIAS, key)?,
             Selector::Alias(alias) => {
                 validate_alias_name(alias)?;
-                alias_version(entry, name, alias)?
+                alias_version(entry, name, alias, key)?
             }
         };
-        entry.versions.get(&version).ok_or_else(|| AdapterError::VersionNotFound { name: name.to_owned(), version })
+        let manifest = entry
+            .versions
+            .get(&version)
+            .ok_or_else(|| AdapterError::VersionNotFound { name: name.to_owned(), version })?;
+        let shadow = alias.and_then(|(_, s)| s.shadow).filter(|s| s.version != version);
+        Ok(Resolved { manifest, alias: alias.map(|(a, _)| a), shadow })
     }
 
     /// Every adapter with its versions (ascending) and aliases.
@@ -245,17 +302,85 @@ impl Snapshot {
                 name: name.clone(),
                 versions: e.versions.values().cloned().collect(),
                 aliases: e.aliases.clone(),
+                releases: e.releases.clone(),
             })
             .collect()
     }
 }
 
-fn alias_version(entry: &AdapterEntry, name: &str, alias: &str) -> Result<u64> {
-    entry
+/// What a model string resolved to.
+#[derive(Debug, Clone, Copy)]
+pub struct Resolved<'a> {
+    pub manifest: &'a Manifest,
+    /// The alias it went through, if any.
+    pub alias: Option<&'a str>,
+    /// The alias's shadow rule, unless it mirrors to the very version that serves.
+    pub shadow: Option<ShadowRule>,
+}
+
+fn alias_version<'a>(
+    entry: &'a AdapterEntry,
+    name: &str,
+    alias: &str,
+    key: Option<&str>,
+) -> Result<(u64, Option<(&'a str, &'a AliasState)>)> {
+    let (alias, state) = entry
         .aliases
-        .get(alias)
-        .map(|s| s.version)
-        .ok_or_else(|| AdapterError::AliasNotFound { name: name.to_owned(), alias: alias.to_owned() })
+        .get_key_value(alias)
+        .ok_or_else(|| AdapterError::AliasNotFound { name: name.to_owned(), alias: alias.to_owned() })?;
+    let version = match key {
+        Some(key) => state.version_for(&format!("{name}@{alias}"), key),
+        None => state.version,
+    };
+    Ok((version, Some((alias.as_str(), state))))
+}
+
+impl AliasState {
+    /// A plain alias at `version`.
+    pub fn at(version: u64) -> Self {
+        Self { version, ..Self::default() }
+    }
+
+    /// Whether this alias can send a request to `version` (directly, by a route or as a shadow).
+    pub fn uses(&self, version: u64) -> bool {
+        self.version == version
+            || self.routes.iter().any(|r| r.version == version)
+            || self.shadow.is_some_and(|s| s.version == version)
+    }
+
+    /// The version serving `key`. Routes are laid out in ascending version order over
+    /// [0, 1), and the key's hash picks a point there: raising the newest version's weight
+    /// only moves keys towards it, never between older routes.
+    pub fn version_for(&self, scope: &str, key: &str) -> u64 {
+        let total: u64 = self.routes.iter().map(|r| u64::from(r.weight)).sum();
+        if total == 0 {
+            return self.version;
+        }
+        let point = ((u128::from(sticky_hash(scope, key)) * u128::from(total)) >> 64) as u64;
+        let mut upto = 0;
+        for r in &self.routes {
+            upto += u64::from(r.weight);
+            if point < upto {
+                return r.version;
+            }
+        }
+        self.version
+    }
+}
+
+/// A stable 64-bit hash of `scope` and `key` (FNV-1a, then a finaliser that spreads nearby
+/// keys), the same on every replica and every run.
+pub fn sticky_hash(scope: &str, key: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in scope.bytes().chain([0]).chain(key.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
 }
 
 #[cfg(test)]
@@ -295,6 +420,8 @@ mod tests {
             from: None,
             to: None,
             version: Some(3),
+            routes: None,
+            detail: None,
         };
         let json = serde_json::to_string(&rec).unwrap();
         assert_eq!(json, r#"{"ts":1,"actor":"ops","action":"delete","adapter":"bot","version":3}"#);

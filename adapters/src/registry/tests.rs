@@ -121,7 +121,7 @@ fn promote_and_rollback_walk_the_history() {
     let change = reg.set_alias("bot", "prod", 3, Some(2), "ops").unwrap();
     assert_eq!((change.from, change.to), (Some(2), 3));
     let state = reg.snapshot().adapter("bot").unwrap().aliases["prod"].clone();
-    assert_eq!(state, AliasState { version: 3, history: vec![1, 2] });
+    assert_eq!(state, AliasState { version: 3, history: vec![1, 2], ..AliasState::default() });
 
     let back = reg.rollback("bot", "prod", "ops").unwrap();
     assert_eq!((back.from, back.to), (Some(3), 2));

@@ -123,7 +123,7 @@ pub(crate) async fn embed(state: &AppState, texts: Vec<String>, param: &str) -> 
         .map_err(|e| ApiError::invalid(e.to_string(), Some(param.to_owned())))?;
     let count: usize = tokens.iter().map(|t| t.ids.len()).sum();
     state.metrics.embedding_inputs.with_label_values(&[&model.id]).inc_by(tokens.len() as u64);
-    state.metrics.prompt_tokens.with_label_values(&[&model.id]).inc_by(count as u64);
+    state.metrics.prompt_tokens.with_label_values(&[&model.id, ""]).inc_by(count as u64);
     model.embed(tokens.into_iter().map(|t| t.ids).collect()).await
 }
 
