@@ -139,6 +139,7 @@ async fn run(
 ) -> Result<Option<(String, usize)>, String> {
     let adapter = state.adapter_handle(&plan.name, plan.rule.version).await.map_err(|e| e.to_string())?;
     request.adapter = Some(adapter);
+    request.sampling.background = true;
     let engine = state.engine.get().cloned().ok_or("the engine is not loaded")?;
     let mut generation = engine.generate(request).await.map_err(|e| e.to_string())?;
     let mut text = String::new();

@@ -636,6 +636,7 @@ fn finish(
                 grammar: decoding.grammar,
                 logprobs: decoding.logprobs,
                 prompt_logprobs: decoding.prompt_logprobs,
+                background: false,
             },
         },
         stream,

@@ -570,37 +570,49 @@ impl Scheduler {
     fn plan_prompts(&mut self, reading: &mut VecDeque<Seq>) -> usize {
         let mut budget = PREFILL_BUDGET;
         let mut chunks = 0;
-        for i in 0..reading.len() {
-            let (earlier, rest) = reading.make_contiguous().split_at_mut(i);
-            let seq = &mut rest[0];
+        for seq in reading.iter_mut() {
             seq.take = 0;
-            if budget == 0 {
-                continue;
+        }
+        // Served prompts first; shadow rows read with what budget is left, and only when no
+        // served prompt is left waiting.
+        for background in [false, true] {
+            if background && reading.iter().any(|s| !s.job.sampling.background && s.take == 0) {
+                break;
             }
-            // A prompt whose log-probabilities are asked for computes every position.
-            if seq.fed == 0 && self.prefixes.is_enabled() && !seq.job.sampling.prompt_logprobs {
-                let adapter = seq.job.adapter.as_ref();
-                let from_cache = self.prefixes.reusable(&seq.job.tokens, adapter);
-                let limit = seq.job.tokens.len() - 1;
-                let from_earlier = earlier
-                    .iter()
-                    .filter(|e| e.take > 0 && e.fed + e.take == e.job.tokens.len() && same_adapter(e, seq))
-                    .filter(|e| self.prefixes.would_keep(e.job.tokens.len(), &e.cache))
-                    .map(|e| shared_prefix(&e.job.tokens, &seq.job.tokens).min(limit))
-                    .max()
-                    .unwrap_or(0);
-                if from_earlier >= from_cache + PREFIX_WAIT_MIN {
+            for i in 0..reading.len() {
+                if budget == 0 {
+                    break;
+                }
+                let (earlier, rest) = reading.make_contiguous().split_at_mut(i);
+                let seq = &mut rest[0];
+                if seq.job.sampling.background != background {
                     continue;
                 }
-                if from_cache > 0 {
-                    let n = self.prefixes.restore(&seq.job.tokens, adapter, &mut seq.cache);
-                    seq.fed = n;
-                    seq.cached = n;
+                // A prompt whose log-probabilities are asked for computes every position.
+                if seq.fed == 0 && self.prefixes.is_enabled() && !seq.job.sampling.prompt_logprobs {
+                    let adapter = seq.job.adapter.as_ref();
+                    let from_cache = self.prefixes.reusable(&seq.job.tokens, adapter);
+                    let limit = seq.job.tokens.len() - 1;
+                    let from_earlier = earlier
+                        .iter()
+                        .filter(|e| e.take > 0 && e.fed + e.take == e.job.tokens.len() && same_adapter(e, seq))
+                        .filter(|e| self.prefixes.would_keep(e.job.tokens.len(), &e.cache))
+                        .map(|e| shared_prefix(&e.job.tokens, &seq.job.tokens).min(limit))
+                        .max()
+                        .unwrap_or(0);
+                    if from_earlier >= from_cache + PREFIX_WAIT_MIN {
+                        continue;
+                    }
+                    if from_cache > 0 {
+                        let n = self.prefixes.restore(&seq.job.tokens, adapter, &mut seq.cache);
+                        seq.fed = n;
+                        seq.cached = n;
+                    }
                 }
+                seq.take = (seq.job.tokens.len() - seq.fed).min(budget);
+                budget -= seq.take;
+                chunks += 1;
             }
-            seq.take = (seq.job.tokens.len() - seq.fed).min(budget);
-            budget -= seq.take;
-            chunks += 1;
         }
         chunks
     }

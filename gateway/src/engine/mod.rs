@@ -56,6 +56,9 @@ pub struct Sampling {
     pub logprobs: Option<usize>,
     /// The prompt's own log-probabilities ([`Event::PromptLogprobs`], OpenAI's `echo`).
     pub prompt_logprobs: bool,
+    /// A shadow row: its prompt is read only with prefill budget that no served prompt
+    /// wants, so it never delays one.
+    pub background: bool,
 }
 
 impl Sampling {
