@@ -362,3 +362,45 @@ async fn admins_start_follow_and_cancel_jobs_through_the_api() {
         "no policy: prod stays"
     );
 }
+
+#[tokio::test]
+async fn a_promotion_margin_starts_a_release_on_prod_when_prod_serves() {
+    let root = tempfile::tempdir().unwrap();
+    let model = tiny_model(root.path());
+    let imports = root.path().join("imports");
+    // Version 1 changes nothing (B = 0): it scores as the base does.
+    let shape = runtime::testing::tiny_llama_shape();
+    runtime::testing::write_random_adapter(&imports.join("noop"), &shape, 4, 5, true).unwrap();
+    let data = root.path().join("data");
+    let server = start(&model, &data, &["--import-root", &imports.display().to_string()]);
+    let (status, _) =
+        admin(&server, reqwest::Method::POST, "/admin/adapters/support-bot/versions", Some(json!({"path": "noop"})))
+            .await;
+    assert_eq!(status, 201);
+    let put = Some(json!({"version": 1}));
+    assert_eq!(admin(&server, reqwest::Method::PUT, "/admin/adapters/support-bot/aliases/prod", put).await.0, 200);
+    collect_feedback(&server).await;
+    let mut cfg = sidecar(&server, &data, &model, None);
+    cfg.promote_margin = Some(0.5);
+    run_sidecar(cfg).await;
+
+    // Offline evaluation started the release; prod is split, not moved.
+    let (_, jobs) = admin(&server, reqwest::Method::GET, "/admin/finetune/jobs", None).await;
+    let job = &jobs["data"][0];
+    assert_eq!((job["state"].as_str(), job["version"].as_u64()), (Some("succeeded"), Some(2)), "{job}");
+    assert_eq!(job["metrics"]["release_started"], true, "{}", job["metrics"]["decision"]);
+    assert_eq!(job["promoted"], false);
+    let (_, releases) = admin(&server, reqwest::Method::GET, "/admin/adapters/support-bot/releases", None).await;
+    let release = &releases["data"][0];
+    assert_eq!(
+        (release["status"].as_str(), release["baseline"].as_u64(), release["policy"]["candidate"].as_u64()),
+        (Some("running"), Some(1), Some(2)),
+        "{release}"
+    );
+    let (_, adapter) = admin(&server, reqwest::Method::GET, "/admin/adapters/support-bot", None).await;
+    assert_eq!(adapter["aliases"]["prod"]["version"], 1);
+    assert_eq!(
+        adapter["aliases"]["prod"]["routes"],
+        json!([{"version": 1, "weight": 95}, {"version": 2, "weight": 5}])
+    );
+}
