@@ -256,22 +256,24 @@ impl FeedbackStore {
         Ok(record)
     }
 
-    /// What the feedback since `since` (unix seconds) says about answers of `adapter`
-    /// (`name@version`): thumbs up, a rating of 4 or 5, are good; thumbs down, a rating of 1
-    /// or 2, or a correction are bad. Reads what other replicas appended first.
-    pub fn tally(&self, adapter: &str, since: u64) -> adapters::Evidence {
+    /// What the feedback since `since` (unix seconds) says about answers of each of `adapters`
+    /// (`name@version`), in order: thumbs up, a rating of 4 or 5, are good; thumbs down, a
+    /// rating of 1 or 2, or a correction are bad. Reads what other replicas appended first.
+    pub fn tally<const N: usize>(&self, adapters: [&str; N], since: u64) -> [adapters::Evidence; N] {
         let mut state = self.state.lock();
         self.catch_up_locked(&mut state);
-        let mut e = adapters::Evidence::default();
-        let mut rating_sum = 0u64;
-        for r in state.join.all().filter(|r| r.feedback.adapter == adapter && r.feedback.created >= since) {
+        let mut out: [adapters::Evidence; N] = std::array::from_fn(|_| adapters::Evidence::default());
+        let mut rating_sums = [0u64; N];
+        for r in state.join.all().filter(|r| r.feedback.created >= since) {
             let f = &r.feedback;
+            let Some(i) = adapters.iter().position(|a| *a == f.adapter) else { continue };
+            let e = &mut out[i];
             let corrected = f.correction.as_deref().is_some_and(|c| !c.trim().is_empty());
             e.thumbs_up += u64::from(f.thumbs == Some(Thumbs::Up));
             e.thumbs_down += u64::from(f.thumbs == Some(Thumbs::Down));
             if let Some(rating) = f.rating {
                 e.ratings += 1;
-                rating_sum += u64::from(rating);
+                rating_sums[i] += u64::from(rating);
             }
             let verdict = if corrected || f.thumbs == Some(Thumbs::Down) || f.rating.is_some_and(|r| r <= 2) {
                 Some(false)
@@ -286,13 +288,15 @@ impl FeedbackStore {
                 e.corrected += u64::from(corrected);
             }
         }
-        if e.ratings > 0 {
-            e.mean_rating = Some(rating_sum as f64 / e.ratings as f64);
+        for (e, sum) in out.iter_mut().zip(rating_sums) {
+            if e.ratings > 0 {
+                e.mean_rating = Some(sum as f64 / e.ratings as f64);
+            }
+            if e.judged > 0 {
+                e.accuracy = Some(1.0 - e.corrected as f64 / e.judged as f64);
+            }
         }
-        if e.judged > 0 {
-            e.accuracy = Some(1.0 - e.corrected as f64 / e.judged as f64);
-        }
-        e
+        out
     }
 
     /// Feedback records with their review state, oldest first, optionally of one status.

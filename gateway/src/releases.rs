@@ -41,7 +41,10 @@ impl ServedStats {
             return;
         }
         let mut versions = self.versions.lock();
-        let samples = versions.entry(adapter.to_owned()).or_default();
+        if !versions.contains_key(adapter) {
+            versions.insert(adapter.to_owned(), VecDeque::new());
+        }
+        let Some(samples) = versions.get_mut(adapter) else { return };
         if samples.len() == KEPT_PER_VERSION {
             samples.pop_front();
         }
@@ -67,13 +70,14 @@ impl ServedStats {
     }
 }
 
-/// The evidence of `name@version` since `since`: this process's requests, and the feedback
-/// every replica stored.
-pub(crate) fn evidence(state: &AppState, name: &str, version: u64, since: u64) -> Evidence {
-    let label = format!("{name}@{version}");
-    let mut e = state.feedback.tally(&label, since);
-    state.metrics.served.fill(&label, since, &mut e);
-    e
+/// The evidence of a release's baseline and candidate since it started: this process's
+/// requests, and the feedback every replica stored (read in one pass).
+fn evidence(state: &AppState, name: &str, release: &Release) -> (Evidence, Evidence) {
+    let labels = [format!("{name}@{}", release.baseline), format!("{name}@{}", release.policy.candidate)];
+    let [mut baseline, mut candidate] = state.feedback.tally([&labels[0], &labels[1]], release.started);
+    state.metrics.served.fill(&labels[0], release.started, &mut baseline);
+    state.metrics.served.fill(&labels[1], release.started, &mut candidate);
+    (baseline, candidate)
 }
 
 /// Runs every `tick`: decides each running release from its evidence. Decisions are applied
@@ -115,8 +119,7 @@ pub(crate) fn spawn_controller(state: Arc<AppState>, tick: Duration) {
 
 /// The decision on `release` now, with the evidence it rests on.
 fn judge(state: &AppState, name: &str, release: &Release) -> (Decision, serde_json::Value) {
-    let baseline = evidence(state, name, release.baseline, release.started);
-    let candidate = evidence(state, name, release.policy.candidate, release.started);
+    let (baseline, candidate) = evidence(state, name, release);
     let decision = adapters::registry::release::decide(release, now(), &baseline, &candidate);
     let evidence = serde_json::json!({
         "baseline": {"version": release.baseline, "evidence": baseline},

@@ -171,18 +171,22 @@ async fn similarity(embeddings: &crate::embeddings::Embeddings, a: &str, b: &str
     Some(x.iter().zip(y).map(|(a, b)| a * b).sum())
 }
 
-/// Appends shadow records, one file per adapter, writers serialised.
+/// Appends shadow records, one file per adapter kept open, writers serialised.
 #[derive(Default)]
 pub struct ShadowLog {
-    lock: Mutex<()>,
+    files: Mutex<std::collections::HashMap<String, protocol::jsonl::Appender>>,
 }
 
 impl ShadowLog {
     fn append(&self, dir: &std::path::Path, name: &str, record: &ShadowRecord) -> Result<(), String> {
-        let _guard = self.lock.lock();
-        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-        let mut file =
-            protocol::jsonl::Appender::open(&dir.join(format!("{name}.jsonl"))).map_err(|e| e.to_string())?;
+        let mut files = self.files.lock();
+        if !files.contains_key(name) {
+            std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+            let file =
+                protocol::jsonl::Appender::open(&dir.join(format!("{name}.jsonl"))).map_err(|e| e.to_string())?;
+            files.insert(name.to_owned(), file);
+        }
+        let file = files.get_mut(name).ok_or("the shadow log was not opened")?;
         file.append(record, protocol::jsonl::Durability::Written).map(|_| ()).map_err(|e| e.to_string())
     }
 }

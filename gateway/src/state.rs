@@ -383,18 +383,18 @@ impl AppState {
     ) -> Result<Running, ApiError> {
         use actix_web::HttpMessage;
         let key = route_key(req, &caller);
-        let (mut running, shadow) = self.admit(model, &caller, request, n, &key).await?;
+        let request_id = req.extensions().get::<crate::extract::RequestId>().map(|r| r.0.clone());
+        let (mut running, shadow) =
+            self.admit(model, &caller, request, n, &key, request_id.as_deref().unwrap_or(&key)).await?;
         running.log = Some((self.feedback.clone(), draft));
         if let Some((plan, request)) = shadow {
-            let request_id = req.extensions().get::<crate::extract::RequestId>().map(|r| r.0.clone());
-            let sampled = crate::shadow::sampled(&plan.rule, &plan.served, request_id.as_deref().unwrap_or(&key));
-            if sampled && crate::shadow::has_room(self) {
+            if crate::shadow::has_room(self) {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 running.shadow = Some(tx);
                 if let Some(state) = req.app_data::<actix_web::web::Data<AppState>>() {
                     crate::shadow::spawn(state.clone().into_inner(), plan, request, rx);
                 }
-            } else if sampled {
+            } else {
                 self.metrics.shadow_requests.with_label_values(&["skipped"]).inc();
             }
         }
@@ -404,8 +404,8 @@ impl AppState {
     }
 
     /// Takes a concurrency slot (or answers 429) and starts the generation (`n` of them on
-    /// one prompt). Returns, when the alias has a shadow rule, the rule and the request to
-    /// mirror.
+    /// one prompt). Returns, when the alias has a shadow rule whose share `shadow_key` falls
+    /// in, the rule and the request to mirror.
     async fn admit(
         &self,
         model: &str,
@@ -413,10 +413,13 @@ impl AppState {
         mut request: GenerationRequest,
         n: usize,
         key: &str,
+        shadow_key: &str,
     ) -> Result<(Running, Option<(crate::shadow::Planned, GenerationRequest)>), ApiError> {
         let Resolution { engine, adapter, shadow } = self.resolve(model, caller, key).await?;
         let served = served(engine.as_ref(), adapter.as_ref());
-        let shadow = shadow.map(|plan| (plan, request.clone()));
+        let shadow = shadow
+            .filter(|plan| crate::shadow::sampled(&plan.rule, &plan.served, shadow_key))
+            .map(|plan| (plan, request.clone()));
         request.adapter = adapter;
         let permit = self.permit()?;
         let started = Instant::now();

@@ -9,7 +9,7 @@ use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use runtime::export::{export, ExportFormat, ExportReport, HF_DIR, MANIFEST_FILE};
-use runtime::llama::{ChatModel, KvCache, Llama, Row, Runtime, SeqCache, SeqInput, Workspace};
+use runtime::llama::{argmax_of as argmax, ChatModel, KvCache, Llama, Row, Runtime, SeqCache, SeqInput, Workspace};
 use runtime::lora::AdapterWeights;
 use runtime::testing::{tiny_llama_shape, write_bench_adapter, write_random_adapter, write_tiny_llama};
 use sha2::{Digest, Sha256};
@@ -52,10 +52,6 @@ fn model_path() -> PathBuf {
 struct Decode {
     tokens: Vec<u32>,
     logits: Vec<Vec<f32>>,
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |m, (i, &x)| if x > m.1 { (i, x) } else { m }).0 as u32
 }
 
 /// Greedy decoding through the candle model (the dense reference path).

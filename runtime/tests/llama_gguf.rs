@@ -139,9 +139,7 @@ fn packed_runtime_decodes_like_the_dense_reference() {
     assert!(diff < 0.02, "prompt logits differ by {diff}");
     let mut got = Vec::new();
     for _ in 0..steps {
-        let next =
-            logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |m, (i, &v)| if v > m.1 { (i, v) } else { m }).0
-                as u32;
+        let next = runtime::llama::argmax_of(&logits);
         got.push(next);
         runtime
             .forward(

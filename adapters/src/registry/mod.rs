@@ -30,9 +30,6 @@ pub use model::{
 };
 pub use release::{Decision, Evidence, Release, ReleasePolicy, ReleaseStatus};
 
-/// How many earlier versions an alias remembers for rollback.
-const MAX_ALIAS_HISTORY: usize = 100;
-
 /// Adapter versions and aliases, persisted under one directory and served from an
 /// atomically swapped in-memory [`Snapshot`].
 ///
@@ -206,7 +203,7 @@ impl Registry {
         }
         let state = entry.aliases.entry(alias.to_owned()).or_insert_with(|| AliasState::at(version));
         if let Some(previous) = from {
-            push_history(state, previous);
+            state.remember(previous);
         }
         state.version = version;
         state.routes = moved.routes.clone();
@@ -699,11 +696,4 @@ fn release_record(actor: &str, name: &str, release: &Release, detail: serde_json
 /// The version an alias had in the snapshot a change started from.
 fn seen_version(snap: &Snapshot, name: &str, alias: &str) -> u64 {
     snap.adapter(name).and_then(|e| e.aliases.get(alias)).map_or(0, |s| s.version)
-}
-
-/// Remembers `previous` for rollback, keeping the newest [`MAX_ALIAS_HISTORY`].
-fn push_history(state: &mut AliasState, previous: u64) {
-    state.history.push(previous);
-    let excess = state.history.len().saturating_sub(MAX_ALIAS_HISTORY);
-    state.history.drain(..excess);
 }

@@ -11,6 +11,9 @@ use crate::error::{AdapterError, Result};
 /// The alias a bare model name (`"support-bot"`) resolves to.
 pub const DEFAULT_ALIAS: &str = "prod";
 
+/// How many earlier versions an alias remembers for rollback.
+const MAX_ALIAS_HISTORY: usize = 100;
+
 /// Longest adapter or alias name accepted.
 const MAX_NAME_LEN: usize = 64;
 
@@ -339,6 +342,13 @@ impl AliasState {
     /// A plain alias at `version`.
     pub fn at(version: u64) -> Self {
         Self { version, ..Self::default() }
+    }
+
+    /// Remembers `previous` for rollback, keeping the newest [`MAX_ALIAS_HISTORY`].
+    pub(crate) fn remember(&mut self, previous: u64) {
+        self.history.push(previous);
+        let excess = self.history.len().saturating_sub(MAX_ALIAS_HISTORY);
+        self.history.drain(..excess);
     }
 
     /// Whether this alias can send a request to `version` (directly, by a route or as a shadow).

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::model::{AdapterEntry, Route};
+use super::routing::arrange;
 use crate::error::{AdapterError, Result};
 
 /// How a release proceeds; every field has a default, so `{"candidate": 4}` is a policy.
@@ -329,7 +330,7 @@ pub(crate) fn advance(
             let to =
                 if release.status == ReleaseStatus::Promoted { release.policy.candidate } else { release.baseline };
             if previous != to || !state.routes.is_empty() {
-                state.history.push(previous);
+                state.remember(previous);
             }
             state.version = to;
             state.routes.clear();
@@ -356,13 +357,13 @@ pub(crate) fn override_active(entry: &mut AdapterEntry, alias: &str, actor: &str
 /// Splits the release's alias between baseline and candidate at the current step's weight.
 fn set_weight(entry: &mut AdapterEntry, release: &Release) {
     let w = release.weight();
-    let mut routes = vec![
+    let routes = vec![
         Route { version: release.baseline, weight: 100 - w },
         Route { version: release.policy.candidate, weight: w },
     ];
-    routes.sort_by_key(|r| r.version);
-    if let Some(state) = entry.aliases.get_mut(&release.alias) {
-        state.version = if w > 50 { release.policy.candidate } else { release.baseline };
+    // The candidate's weight is above 0 (policies are checked), so there is a heaviest route.
+    if let (Some(state), Some((version, routes))) = (entry.aliases.get_mut(&release.alias), arrange(routes)) {
+        state.version = version;
         state.routes = routes;
     }
 }

@@ -27,15 +27,24 @@ pub(crate) fn normalise(entry: &AdapterEntry, name: &str, routes: &[Route]) -> R
             return bad(format!("route weight {} of version {} is over 1000000", r.weight, r.version));
         }
     }
-    let weighted: Vec<Route> = sorted.iter().copied().filter(|r| r.weight > 0).collect();
-    let Some(heaviest) = weighted.iter().max_by(|a, b| a.weight.cmp(&b.weight).then(b.version.cmp(&a.version))) else {
-        return bad("at least one route needs a weight above 0".into());
-    };
-    let version = heaviest.version;
-    if weighted.len() == 1 {
-        return Ok((version, Vec::new()));
+    arrange(sorted)
+        .ok_or_else(|| AdapterError::InvalidRelease { reason: "at least one route needs a weight above 0".into() })
+}
+
+/// The alias's version for checked `routes` (the heaviest, the older on a tie) and the routes
+/// to store: sorted by version, and none when only one carries weight (a plain alias). `None`
+/// when no route has weight.
+pub(crate) fn arrange(mut routes: Vec<Route>) -> Option<(u64, Vec<Route>)> {
+    routes.sort_by_key(|r| r.version);
+    let heaviest = routes
+        .iter()
+        .filter(|r| r.weight > 0)
+        .max_by(|a, b| a.weight.cmp(&b.weight).then(b.version.cmp(&a.version)))?
+        .version;
+    if routes.iter().filter(|r| r.weight > 0).count() == 1 {
+        return Some((heaviest, Vec::new()));
     }
-    Ok((version, sorted))
+    Some((heaviest, routes))
 }
 
 /// A shadow rule must mirror to an existing version a share in (0, 1].

@@ -7,6 +7,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::Sampling;
+pub use runtime::llama::argmax_of as argmax;
 
 /// Picks the next token for one sequence: [`penalize`], then [`pick`].
 pub fn choose(
@@ -72,18 +73,6 @@ pub fn top_k(logits: &[f32], k: usize) -> Vec<u32> {
         best.truncate(k);
     }
     best.into_iter().map(|(_, i)| i).collect()
-}
-
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    let mut best_v = f32::NEG_INFINITY;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > best_v {
-            best_v = v;
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Samples an index from `softmax(logits / temperature)` restricted to the top-p nucleus.

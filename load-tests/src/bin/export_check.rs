@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::Parser;
-use runtime::llama::{ChatModel, KvCache, Runtime, SeqInput, Workspace};
+use runtime::llama::{argmax_of, ChatModel, KvCache, Runtime, SeqInput, Workspace};
 use runtime::lora::AdapterWeights;
 
 #[derive(Parser, Debug)]
@@ -66,10 +66,9 @@ fn greedy(rt: &Runtime, adapter: Option<&AdapterWeights>, prompt: &[u32], n: usi
     for _ in 0..n {
         let seq = SeqInput { tokens: &input, cache: &mut cache, adapter, logits: true, all_logits: false };
         rt.forward(&mut ws, &mut [seq], &mut logits)?;
-        let next =
-            logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |m, (i, &v)| if v > m.1 { (i, v) } else { m }).0;
-        out.push(next as u32);
-        input = vec![next as u32];
+        let next = argmax_of(&logits);
+        out.push(next);
+        input = vec![next];
     }
     Ok(out)
 }

@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::Parser;
-use runtime::llama::{KvCache, Llama, Runtime, SeqInput, Workspace};
+use runtime::llama::{argmax_of as argmax, KvCache, Llama, Runtime, SeqInput, Workspace};
 use runtime::lora::AdapterWeights;
 
 #[derive(Parser, Debug)]
@@ -102,11 +102,6 @@ fn measure(rt: &Runtime, adapters: &[&AdapterWeights], streams: usize, steps: us
         }
     }
     (streams * steps) as f64 / start.elapsed().as_secs_f64()
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| if x > bv { (i, x) } else { (bi, bv) }).0
-        as u32
 }
 
 fn median(v: &mut [f64]) -> f64 {

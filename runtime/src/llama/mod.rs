@@ -408,6 +408,18 @@ fn same(a: Option<&crate::lora::LoraPair>, b: Option<&crate::lora::LoraPair>) ->
     }
 }
 
+/// Index of the largest of `logits` as the serving runtime returns them (greedy decoding);
+/// the first on a tie.
+pub fn argmax_of(logits: &[f32]) -> u32 {
+    let mut best = (0, f32::NEG_INFINITY);
+    for (i, &v) in logits.iter().enumerate() {
+        if v > best.1 {
+            best = (i, v);
+        }
+    }
+    best.0 as u32
+}
+
 /// Index of the largest logit (greedy decoding).
 pub fn argmax(logits: &Tensor) -> Result<u32> {
     Ok(logits.flatten_all()?.argmax(D::Minus1)?.to_scalar::<u32>()?)
