@@ -137,7 +137,7 @@ fn now() -> u64 {
 /// policy's fields beside it; only `candidate` is required.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[allow(dead_code)]
-#[schema(example = json!({"alias": "prod", "candidate": 4, "steps": [5, 25, 50, 100], "step_seconds": 600, "min_samples": 50, "confidence": 0.95, "max_drop": 0.05, "max_ttft_ratio": 1.5}))]
+#[schema(example = json!({"alias": "prod", "candidate": 4, "steps": [5, 25, 50, 100], "step_seconds": 600, "min_samples": 50, "confidence": 0.95, "max_drop": 0.05, "max_ttft_ratio": 1.5, "min_ttft_gap_seconds": 0.05}))]
 pub(crate) struct StartRelease {
     alias: Option<String>,
     candidate: u64,
@@ -147,6 +147,7 @@ pub(crate) struct StartRelease {
     confidence: Option<f64>,
     max_drop: Option<f64>,
     max_ttft_ratio: Option<f64>,
+    min_ttft_gap_seconds: Option<f64>,
 }
 
 /// The alias and the policy of a start request; unknown fields are refused by name.

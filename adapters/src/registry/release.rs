@@ -35,6 +35,10 @@ pub struct ReleasePolicy {
     /// factor.
     #[serde(default = "default_max_ttft_ratio")]
     pub max_ttft_ratio: f64,
+    /// ... and by at least this many seconds: a few milliseconds of scheduling noise on a
+    /// fast model is not a regression.
+    #[serde(default = "default_min_ttft_gap_seconds")]
+    pub min_ttft_gap_seconds: f64,
 }
 
 fn default_steps() -> Vec<u32> {
@@ -54,6 +58,9 @@ fn default_max_drop() -> f64 {
 }
 fn default_max_ttft_ratio() -> f64 {
     1.5
+}
+fn default_min_ttft_gap_seconds() -> f64 {
+    0.05
 }
 
 impl ReleasePolicy {
@@ -80,6 +87,9 @@ impl ReleasePolicy {
         }
         if !(self.max_ttft_ratio >= 1.0 && self.max_ttft_ratio.is_finite()) {
             return bad("`max_ttft_ratio` must be at least 1".into());
+        }
+        if !(0.0..=60.0).contains(&self.min_ttft_gap_seconds) {
+            return bad("`min_ttft_gap_seconds` must be between 0 and 60".into());
         }
         if self.step_seconds > 30 * 86_400 {
             return bad("`step_seconds` must be at most 30 days".into());
@@ -174,7 +184,7 @@ pub enum Decision {
 /// Each rate gets a Wilson score interval at the policy's confidence. The candidate is rolled
 /// back as soon as it is significantly worse: its judged-good interval lies wholly below the
 /// baseline's, its error-rate interval wholly above, or its p95 time to first token is over
-/// `max_ttft_ratio` times the baseline's. It steps up only after the step's time, with at
+/// `max_ttft_ratio` times the baseline's (and `min_ttft_gap_seconds` above it). It steps up only after the step's time, with at
 /// least `min_samples` judged answers on each side, when it is not significantly worse and
 /// its good rate is within `max_drop` of the baseline's; stepping past the last weight is
 /// the promotion.
@@ -206,10 +216,11 @@ pub fn decide(release: &Release, now: u64, baseline: &Evidence, candidate: &Evid
     }
     if baseline.ttft_samples >= p.min_samples && candidate.ttft_samples >= p.min_samples {
         if let (Some(b), Some(c)) = (baseline.ttft_p95_seconds, candidate.ttft_p95_seconds) {
-            if c > b * p.max_ttft_ratio {
+            if c > b * p.max_ttft_ratio && c - b >= p.min_ttft_gap_seconds {
                 return Decision::RollBack(format!(
-                    "p95 time to first token {c:.3} s is over {} times the baseline's {b:.3} s",
-                    p.max_ttft_ratio
+                    "p95 time to first token {c:.3} s is over {} times the baseline's {b:.3} s (and {:.0} ms slower)",
+                    p.max_ttft_ratio,
+                    (c - b) * 1000.0
                 ));
             }
         }
@@ -441,6 +452,7 @@ mod tests {
                 confidence: 0.95,
                 max_drop: 0.05,
                 max_ttft_ratio: 1.5,
+                min_ttft_gap_seconds: 0.05,
             },
             status: ReleaseStatus::Running,
             step,
@@ -488,6 +500,10 @@ mod tests {
         let base = Evidence { ttft_samples: 50, ttft_p95_seconds: Some(0.1), ..judged(18, 20) };
         let cand = Evidence { ttft_samples: 50, ttft_p95_seconds: Some(0.2), ..judged(18, 20) };
         assert!(matches!(decide(&release(0), 11, &base, &cand), Decision::RollBack(r) if r.contains("first token")));
+        // Twice as slow but only 6 ms slower: noise on a fast model, not a regression.
+        let base = Evidence { ttft_samples: 50, ttft_p95_seconds: Some(0.007), ..judged(18, 20) };
+        let cand = Evidence { ttft_samples: 50, ttft_p95_seconds: Some(0.013), ..judged(18, 20) };
+        assert!(matches!(decide(&release(0), 11, &base, &cand), Decision::StepUp(_)));
     }
 
     #[test]
