@@ -70,6 +70,8 @@ impl From<protocol::ProtocolError> for FinetuneError {
             P::Json { path, line, detail } => Self::Json { path, line, detail },
             P::EmptyDataset => Self::EmptyDataset,
             P::UnknownFormat { detail } => Self::UnknownFormat { detail },
+            P::CurationConfig { detail } => Self::Config { detail },
+            P::NothingLeft { report } => Self::NothingLeft { report },
         }
     }
 }

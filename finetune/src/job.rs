@@ -210,7 +210,7 @@ pub fn run(input: JobInput, cancel: &(dyn Fn() -> bool + Sync)) -> Result<JobRes
                 .max()
                 .unwrap_or(0)
     };
-    let curated = match dataset::curate(format, examples, early, &count, &curation) {
+    let curated = match dataset::curate(format, examples, early, &count, &curation).map_err(FinetuneError::from) {
         Ok(mut c) => {
             c.report.feedback = feedback_range.clone();
             c

@@ -16,6 +16,8 @@ use crate::error::ApiError;
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     User,
+    /// Works the labelling queues (and the console's labelling page); no admin route.
+    Labeller,
     Admin,
 }
 
@@ -55,12 +57,23 @@ pub struct Principal {
     pub rpm: Option<u32>,
     pub tpm: Option<u32>,
     pub max_streams: Option<u32>,
+    /// When the token it came from expires (unix seconds), if it does.
+    pub expires: Option<u64>,
 }
 
 impl Principal {
     /// A caller with no claims of its own (auth off, or the bootstrap admin key).
     pub fn plain(sub: &str, tenant: &str, role: Role) -> Self {
-        Self { sub: sub.into(), tenant: tenant.into(), role, models: None, rpm: None, tpm: None, max_streams: None }
+        Self {
+            sub: sub.into(),
+            tenant: tenant.into(),
+            role,
+            models: None,
+            rpm: None,
+            tpm: None,
+            max_streams: None,
+            expires: None,
+        }
     }
 }
 
@@ -263,6 +276,7 @@ fn principal(c: Claims) -> Principal {
         rpm: c.rpm,
         tpm: c.tpm,
         max_streams: c.max_streams,
+        expires: c.exp,
     }
 }
 

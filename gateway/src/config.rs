@@ -67,6 +67,7 @@ pub struct MintArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RoleArg {
     User,
+    Labeller,
     Admin,
 }
 
@@ -183,6 +184,10 @@ pub struct ServeArgs {
     /// Bearer token for the admin API; the admin API is off without it.
     #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Key that signs console session cookies; replicas behind one address need the same one
+    /// [default: derived from the admin token, else random per process].
+    #[arg(long, env = "SWITCHYARD_CONSOLE_SECRET", hide_env_values = true)]
+    pub console_secret: Option<String>,
     /// Directory under which `POST /admin/adapters/{name}/versions {"path": ..}` may import.
     #[arg(long, env = "SWITCHYARD_IMPORT_ROOT")]
     pub import_root: Option<PathBuf>,
@@ -285,6 +290,7 @@ pub struct Settings {
     pub http_workers: usize,
     pub data_dir: PathBuf,
     pub admin_token: Option<String>,
+    pub console_secret: Option<String>,
     pub import_root: Option<PathBuf>,
     pub adapter_cache_bytes: usize,
     pub lora_dtype: runtime::lora::LoraDtype,
@@ -335,6 +341,7 @@ impl ServeArgs {
             http_workers: self.http_workers.or(file.http_workers).unwrap_or(2),
             data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("data")),
             admin_token: self.admin_token.or(file.admin_token).filter(|t| !t.is_empty()),
+            console_secret: self.console_secret.or(file.console_secret).filter(|t| !t.is_empty()),
             import_root: self.import_root.or(file.import_root),
             adapter_cache_bytes: self.adapter_cache_mb.or(file.adapter_cache_mb).unwrap_or(512) << 20,
             lora_dtype: self.lora_dtype.or(file.lora_dtype).unwrap_or(runtime::lora::LoraDtype::Bf16),

@@ -38,6 +38,54 @@ pub fn messages_json(messages: &[crate::engine::Message]) -> serde_json::Value {
     )
 }
 
+/// Which feedback records a review listing or a labelling queue takes; every set field must
+/// match.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FeedbackFilter {
+    /// An adapter name (any version) or `name@version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
+    /// The application endpoint that answered (`classify`, `qa`, `generate`, `recommend`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// One of the feedback's tags.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// Exactly this rating (1-5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rating: Option<u8>,
+    /// Ratings up to this one (1-5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rating: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thumbs: Option<Thumbs>,
+    /// Given at or after (unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
+    /// Given before (unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<u64>,
+}
+
+impl FeedbackFilter {
+    /// Whether `f` (answered by the endpoint `task`) passes.
+    pub fn matches(&self, f: &FeedbackRecord, task: Option<&str>) -> bool {
+        let adapter_ok = self
+            .adapter
+            .as_deref()
+            .is_none_or(|a| f.adapter == a || f.adapter.split_once('@').is_some_and(|(name, _)| name == a));
+        adapter_ok
+            && self.task.as_deref().is_none_or(|t| task == Some(t))
+            && self.tag.as_deref().is_none_or(|t| f.tags.iter().any(|x| x == t))
+            && self.rating.is_none_or(|x| f.rating == Some(x))
+            && self.max_rating.is_none_or(|m| f.rating.is_some_and(|r| r <= m))
+            && self.thumbs.is_none_or(|t| f.thumbs == Some(t))
+            && self.since.is_none_or(|s| f.created >= s)
+            && self.until.is_none_or(|u| f.created < u)
+    }
+}
+
 /// A completion being generated; becomes a [`CompletionRecord`] when it finishes.
 #[derive(Debug, Clone)]
 pub struct Draft {
@@ -53,6 +101,8 @@ struct Answered {
     tenant: String,
     model: String,
     adapter: String,
+    /// The application endpoint that answered; `None` for chat and text completions.
+    task: Option<String>,
 }
 
 struct Files {
@@ -102,7 +152,8 @@ impl FeedbackStore {
         for (n, path) in names::completion_logs(dir)? {
             seq = seq.max(n);
             jsonl::for_each(&path, |r: CompletionRecord| {
-                responses.insert(r.id, Answered { tenant: r.tenant, model: r.model, adapter: r.adapter });
+                let task = r.task();
+                responses.insert(r.id, Answered { tenant: r.tenant, model: r.model, adapter: r.adapter, task });
             })
             .map_err(io)?;
         }
@@ -145,11 +196,46 @@ impl FeedbackStore {
     }
 
     /// Learns of an answer another replica gave.
-    pub fn remember(&self, id: &str, tenant: &str, model: &str, adapter: &str) {
+    pub fn remember(&self, id: &str, by: &protocol::AnsweredBy) {
         self.state.lock().responses.insert(
             id.to_owned(),
-            Answered { tenant: tenant.to_owned(), model: model.to_owned(), adapter: adapter.to_owned() },
+            Answered {
+                tenant: by.tenant.clone(),
+                model: by.model.clone(),
+                adapter: by.adapter.clone(),
+                task: by.task.clone(),
+            },
         );
+    }
+
+    /// The application endpoint that answered `response_id` (`classify`, `qa`, ...), if one did.
+    pub fn task_of(&self, response_id: &str) -> Option<String> {
+        self.state.lock().responses.get(response_id).and_then(|a| a.task.clone())
+    }
+
+    /// The logged prompt and answer of each of `ids` the completion logs hold, read newest
+    /// log first and stopping once all are found (the console shows them beside feedback).
+    pub fn completions(&self, ids: &HashSet<&str>) -> HashMap<String, protocol::CompletionText> {
+        let mut found = HashMap::new();
+        if ids.is_empty() || self.mode == LogMode::Off {
+            return found;
+        }
+        let Ok(mut logs) = names::completion_logs(&self.dir) else { return found };
+        logs.sort_by_key(|l| std::cmp::Reverse(l.0));
+        for (_, path) in logs {
+            let read = jsonl::for_each(&path, |r: CompletionRecord| {
+                if ids.contains(r.id.as_str()) {
+                    found.insert(r.id.clone(), r.text());
+                }
+            });
+            if let Err(e) = read {
+                tracing::warn!(error = %e, "cannot read a completion log");
+            }
+            if found.len() == ids.len() {
+                break;
+            }
+        }
+        found
     }
 
     /// Records a finished completion. Written at once but not fsynced: losing the last few
@@ -176,7 +262,12 @@ impl FeedbackStore {
         }
         self.state.lock().responses.insert(
             record.id.clone(),
-            Answered { tenant: record.tenant.clone(), model: record.model.clone(), adapter: record.adapter.clone() },
+            Answered {
+                tenant: record.tenant.clone(),
+                model: record.model.clone(),
+                adapter: record.adapter.clone(),
+                task: record.task(),
+            },
         );
         if self.mode == LogMode::Off {
             return;
@@ -299,11 +390,36 @@ impl FeedbackStore {
         out
     }
 
-    /// Feedback records with their review state, oldest first, optionally of one status.
-    pub fn list(&self, status: Option<ReviewStatus>, offset: usize, limit: usize) -> Vec<Reviewed> {
+    /// Feedback records with their review state, oldest first, optionally of one status, that
+    /// pass `filter`.
+    pub fn list(
+        &self,
+        status: Option<ReviewStatus>,
+        filter: &FeedbackFilter,
+        offset: usize,
+        limit: usize,
+    ) -> Vec<Reviewed> {
         let mut state = self.state.lock();
         self.catch_up_locked(&mut state);
-        state.join.all().filter(|r| status.is_none_or(|s| r.status == s)).skip(offset).take(limit).collect()
+        let State { join, responses, .. } = &*state;
+        join.all()
+            .filter(|r| status.is_none_or(|s| r.status == s))
+            .filter(|r| {
+                let task = responses.get(&r.feedback.response_id).and_then(|a| a.task.as_deref());
+                filter.matches(&r.feedback, task)
+            })
+            .skip(offset)
+            .take(limit)
+            .collect()
+    }
+
+    /// One record with its review state.
+    pub fn get(&self, id: &str) -> Option<Reviewed> {
+        let mut state = self.state.lock();
+        if state.join.get(id).is_none() {
+            self.catch_up_locked(&mut state);
+        }
+        state.join.get(id).map(|f| state.join.reviewed(f))
     }
 
     /// Accepts (optionally with an edited correction) or rejects one record; durable on `Ok`.
@@ -419,7 +535,7 @@ mod tests {
         let mut f = std::fs::OpenOptions::new().append(true).open(dir.path().join(names::FEEDBACK_FILE)).unwrap();
         std::io::Write::write_all(&mut f, b"{\"id\": \"fb-torn\xff").unwrap();
         let store = FeedbackStore::open(dir.path(), LogMode::On, 300).unwrap();
-        assert_eq!(store.list(None, 0, 10).len(), 1);
+        assert_eq!(store.list(None, &FeedbackFilter::default(), 0, 10).len(), 1);
         assert!(matches!(
             store.add("t", "u", "r3", Some(Thumbs::Up), None, None, None, vec![]),
             Err(ApiError::Conflict { .. })

@@ -10,6 +10,7 @@ use protocol::{ReviewStatus, Reviewed, Thumbs};
 
 use crate::error::ApiError;
 use crate::extract::{caller, read_json};
+use crate::feedback::FeedbackFilter;
 #[allow(unused_imports)]
 use crate::openai::ErrorResponse;
 use crate::state::AppState;
@@ -95,7 +96,7 @@ pub(crate) async fn create(
                 break;
             }
             if let Some(by) = shared.lookup(&response_id).await.filter(|b| b.tenant == who.tenant) {
-                store.remember(&response_id, &by.tenant, &by.model, &by.adapter);
+                store.remember(&response_id, &by);
                 break;
             }
             if attempt + 1 < LOOKUP_ATTEMPTS {
@@ -144,17 +145,55 @@ pub(crate) async fn create(
 pub struct ListQuery {
     /// `pending`, `accepted` or `rejected`; all when absent.
     status: Option<ReviewStatus>,
+    /// An adapter name (any version) or `name@version`.
+    adapter: Option<String>,
+    /// The application endpoint that answered (`classify`, `qa`, `generate`, `recommend`).
+    task: Option<String>,
+    /// One of the feedback's tags.
+    tag: Option<String>,
+    /// Exactly this rating (1-5).
+    rating: Option<u8>,
+    /// Given at or after (unix seconds).
+    since: Option<u64>,
+    /// Given before (unix seconds).
+    until: Option<u64>,
     #[serde(default)]
     offset: usize,
     /// At most 1000 [default: 100].
     limit: Option<usize>,
 }
 
+/// A feedback record with its review state, the endpoint that answered, and the prompt and
+/// answer it is about (when the completion log holds them).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct FeedbackItem {
+    #[serde(flatten)]
+    pub(crate) reviewed: Reviewed,
+    pub(crate) task: Option<String>,
+    pub(crate) completion: Option<protocol::CompletionText>,
+}
+
+impl FeedbackItem {
+    /// The items for `records`, with their completions looked up in one pass over the logs.
+    pub(crate) fn for_records(store: &crate::feedback::FeedbackStore, records: Vec<Reviewed>) -> Vec<Self> {
+        let ids: std::collections::HashSet<&str> = records.iter().map(|r| r.feedback.response_id.as_str()).collect();
+        let mut completions = store.completions(&ids);
+        records
+            .into_iter()
+            .map(|reviewed| {
+                let completion = completions.remove(&reviewed.feedback.response_id);
+                let task = store.task_of(&reviewed.feedback.response_id);
+                Self { reviewed, task, completion }
+            })
+            .collect()
+    }
+}
+
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct FeedbackList {
     /// Always `list`.
     object: String,
-    data: Vec<Reviewed>,
+    data: Vec<FeedbackItem>,
 }
 
 #[utoipa::path(
@@ -165,7 +204,7 @@ pub struct FeedbackList {
     params(ListQuery),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "Feedback with its review state, oldest first", body = FeedbackList),
+        (status = 200, description = "Feedback with its review state and the answer it is about, oldest first", body = FeedbackList),
         (status = 400, description = "A bad query string", body = ErrorResponse, example = json!({"error": {"message": "invalid query string: invalid digit found in string", "type": "invalid_request_error", "param": null, "code": "invalid_value"}})),
         (status = 401, description = "Missing or invalid bearer token", body = ErrorResponse, example = json!({"error": {"message": "missing or invalid bearer token", "type": "authentication_error", "param": null, "code": "invalid_api_key"}})),
         (status = 403, description = "Not an admin", body = ErrorResponse, example = json!({"error": {"message": "this route needs an admin token", "type": "permission_error", "param": null, "code": "forbidden"}}))
@@ -177,8 +216,25 @@ pub(crate) async fn list(
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
     crate::admin::require_admin(&state, &req)?;
-    let limit = query.limit.unwrap_or(100).min(1000);
-    let data = state.feedback.list(query.status, query.offset, limit);
+    let q = query.into_inner();
+    let limit = q.limit.unwrap_or(100).min(1000);
+    let filter = FeedbackFilter {
+        adapter: q.adapter,
+        task: q.task,
+        tag: q.tag,
+        rating: q.rating,
+        max_rating: None,
+        thumbs: None,
+        since: q.since,
+        until: q.until,
+    };
+    let store = state.feedback.clone();
+    let data = web::block(move || {
+        let records = store.list(q.status, &filter, q.offset, limit);
+        FeedbackItem::for_records(&store, records)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(HttpResponse::Ok().json(FeedbackList { object: "list".into(), data }))
 }
 

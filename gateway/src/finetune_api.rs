@@ -335,14 +335,201 @@ pub(crate) async fn upload(
     };
     let id = format!("{}{}", protocol::names::DATASET_ID_PREFIX, &hex::encode(hasher.finalize())[..16]);
     std::fs::rename(&tmp, dir.join(&id)).map_err(|e| cleanup(ApiError::Internal(format!("dataset upload: {e}"))))?;
-    Ok(HttpResponse::Created().json(serde_json::json!({
+    let summary = serde_json::json!({
         "id": id, "object": "dataset", "bytes": bytes, "format": loaded.format.as_str(),
         "records": loaded.records, "examples": loaded.examples.len(), "dropped": loaded.dropped.len(),
+        "created": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+    });
+    // The listing reads this instead of parsing every dataset again; a lost summary only
+    // makes the listing parse that file.
+    let _ = std::fs::write(dir.join(format!("{id}{SUMMARY}")), summary.to_string());
+    Ok(HttpResponse::Created().json(summary))
+}
+
+/// Beside each uploaded dataset: its upload answer, for the listing.
+const SUMMARY: &str = ".summary.json";
+/// Rows a dataset preview shows.
+const PREVIEW_ROWS: usize = 20;
+
+#[utoipa::path(
+    get,
+    path = "/admin/finetune/datasets",
+    operation_id = "list_finetune_datasets",
+    tag = "admin",
+    security(("bearer" = [])),
+    responses((status = 200, description = "Uploaded datasets, newest first: id, bytes, format, records, examples, dropped, created", body = Object), JobErrors)
+)]
+pub(crate) async fn datasets(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    crate::admin::require_admin(&state, &req)?;
+    let dir = store(&state).datasets_dir();
+    let data = web::block(move || {
+        let mut out: Vec<serde_json::Value> = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&dir) else { return out };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with(protocol::names::DATASET_ID_PREFIX) || name.contains('.') {
+                continue;
+            }
+            let summary = std::fs::read(dir.join(format!("{name}{SUMMARY}")))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+            let summary = summary.or_else(|| {
+                let loaded = protocol::dataset::load_file(&entry.path()).ok()?;
+                Some(serde_json::json!({
+                    "id": name, "object": "dataset", "bytes": entry.metadata().map_or(0, |m| m.len()),
+                    "format": loaded.format.as_str(), "records": loaded.records,
+                    "examples": loaded.examples.len(), "dropped": loaded.dropped.len(), "created": 0,
+                }))
+            });
+            out.extend(summary);
+        }
+        out.sort_by_key(|v| std::cmp::Reverse(v["created"].as_u64().unwrap_or(0)));
+        out
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(HttpResponse::Ok().json(ObjectList::new(data)))
+}
+
+#[utoipa::path(
+    get,
+    path = "/admin/finetune/datasets/{id}",
+    operation_id = "show_finetune_dataset",
+    tag = "admin",
+    params(("id" = String, Path, description = "Dataset id (`ds-…`)")),
+    security(("bearer" = [])),
+    responses((status = 200, description = "The first parsed rows (`rows`), and the curation a job with default settings would apply (`report`): dropped rows by reason, duplicates, PII scrubbed, token lengths (counted with the served model's tokenizer and chat template) and their histogram (`length_histogram`)", body = Object), JobErrors)
+)]
+pub(crate) async fn dataset(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    use protocol::dataset::Target;
+    crate::admin::require_admin(&state, &req)?;
+    let id = path.into_inner();
+    let file = store(&state)
+        .dataset_path(&id)
+        .ok_or_else(|| ApiError::NotFound { message: format!("no dataset with id `{id}`") })?;
+    let loaded = web::block(move || protocol::dataset::load_file(&file))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(format!("dataset `{id}` no longer reads: {e}")))?;
+    let engine = state.engine.get().cloned().ok_or(ApiError::NotReady)?;
+    // Token counts as training measures them: the prompt through the chat template, plus the
+    // longest answer. Curation also counts each example with its answers emptied (the answer's
+    // share is the difference), so the counts are by content: prompts and answers apart.
+    let answers_of = |t: &Target| -> Vec<String> {
+        match t {
+            Target::Sft { answer } | Target::Kto { answer, .. } => vec![answer.clone()],
+            Target::Preference { chosen, rejected } => vec![chosen.clone(), rejected.clone()],
+        }
+    };
+    let prompt_key = |ex: &protocol::dataset::Example| serde_json::to_string(&ex.prompt).unwrap_or_default();
+    let mut prompts = std::collections::HashMap::new();
+    let mut answers = std::collections::HashMap::from([(String::new(), 0usize)]);
+    let mut scrubbed = loaded.examples.clone();
+    protocol::dataset::scrub_pii(&mut scrubbed);
+    for ex in &scrubbed {
+        let key = prompt_key(ex);
+        if let std::collections::hash_map::Entry::Vacant(slot) = prompts.entry(key) {
+            let messages =
+                ex.prompt.iter().map(|m| crate::engine::Message { role: m.role, content: m.content.clone() }).collect();
+            slot.insert(
+                engine.tokenize(&crate::engine::Prompt::Chat(messages)).await.map_or(usize::MAX / 2, |t| t.len()),
+            );
+        }
+        for a in answers_of(&ex.target) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = answers.entry(a) {
+                let text = crate::engine::Prompt::Text(slot.key().clone());
+                slot.insert(engine.tokenize(&text).await.map_or(usize::MAX / 2, |t| t.len()));
+            }
+        }
+    }
+    let preview: Vec<&protocol::dataset::Example> = loaded.examples.iter().take(PREVIEW_ROWS).collect();
+    let preview = serde_json::to_value(preview).unwrap_or_default();
+    let defaults = protocol::params::TrainConfig::default();
+    let config = protocol::dataset::CurationConfig {
+        cutoff_len: defaults.cutoff_len,
+        val_ratio: defaults.val_ratio,
+        ..protocol::dataset::CurationConfig::default()
+    };
+    let (format, records, read_drops) = (loaded.format, loaded.records, loaded.dropped.len());
+    let examples = loaded.examples.len();
+    // Curation scrubs PII before it counts, so every text it counts was counted above.
+    let count = |ex: &protocol::dataset::Example| {
+        let prompt = prompts.get(&prompt_key(ex)).copied().unwrap_or(usize::MAX / 2);
+        let longest =
+            answers_of(&ex.target).iter().map(|a| answers.get(a).copied().unwrap_or(usize::MAX / 2)).max().unwrap_or(0);
+        prompt + longest
+    };
+    let curated = protocol::dataset::curate(format, loaded.examples, loaded.dropped, &count, &config);
+    let mut report = match curated {
+        Ok(c) => {
+            let lengths: Vec<usize> = c.train.iter().chain(&c.val).map(count).collect();
+            let mut report = serde_json::to_value(&c.report).unwrap_or_default();
+            report["length_histogram"] = histogram(&lengths, 10).into();
+            report
+        }
+        Err(protocol::ProtocolError::NothingLeft { report }) => serde_json::to_value(&report).unwrap_or_default(),
+        Err(e) => return Err(ApiError::invalid(e.to_string(), None::<String>)),
+    };
+    if report.get("length_histogram").is_none() {
+        report["length_histogram"] = serde_json::json!([]);
+    }
+    let reasons = &report["dropped_by_reason"];
+    let duplicates = ["duplicate", "near_duplicate"].iter().filter_map(|r| reasons[*r].as_u64()).sum::<u64>();
+    report["duplicates"] = duplicates.into();
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "id": id, "object": "dataset", "format": format.as_str(), "records": records, "examples": examples,
+        "dropped": read_drops, "rows": preview, "report": report,
     })))
 }
 
+/// `bins` equal-width bins over `values`: `{min, max, count}`, `max` exclusive but for the last.
+fn histogram(values: &[usize], bins: usize) -> Vec<serde_json::Value> {
+    let (Some(&lo), Some(&hi)) = (values.iter().min(), values.iter().max()) else { return Vec::new() };
+    let width = ((hi - lo) / bins + 1).max(1);
+    let mut counts = vec![0usize; bins];
+    for &v in values {
+        counts[((v - lo) / width).min(bins - 1)] += 1;
+    }
+    counts
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| serde_json::json!({"min": lo + i * width, "max": lo + (i + 1) * width, "count": n}))
+        .collect()
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ParamList {
+    object: String,
+    data: Vec<protocol::params::ParamSpec>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/admin/finetune/params",
+    operation_id = "finetune_params",
+    tag = "admin",
+    security(("bearer" = [])),
+    responses((status = 200, description = "Every training parameter a job's `params` may set: kind, default for the served base, valid range (the training configuration's own checks) and help", body = ParamList), JobErrors)
+)]
+pub(crate) async fn params(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    crate::admin::require_admin(&state, &req)?;
+    // The decoder's linear weights: what sets the default learning rate's size class.
+    let base_params = state.engine.get().and_then(|e| e.adapter_shape().cloned()).map_or(0, |s| {
+        let attention = s.hidden_size * s.head_dim * (2 * s.num_heads + 2 * s.num_kv_heads);
+        s.num_layers * (attention + 3 * s.hidden_size * s.intermediate_size)
+    });
+    Ok(HttpResponse::Ok().json(ParamList { object: "list".into(), data: protocol::params::param_specs(base_params) }))
+}
+
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/admin/finetune/datasets", web::post().to(upload))
+    cfg.route("/admin/finetune/params", web::get().to(params))
+        .route("/admin/finetune/datasets", web::post().to(upload))
+        .route("/admin/finetune/datasets", web::get().to(datasets))
+        .route("/admin/finetune/datasets/{id}", web::get().to(dataset))
         .route("/admin/finetune/jobs", web::post().to(create))
         .route("/admin/finetune/jobs", web::get().to(list))
         .route("/admin/finetune/jobs/{id}", web::get().to(show))

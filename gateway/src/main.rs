@@ -14,6 +14,7 @@ fn main() -> std::process::ExitCode {
                 tenant: m.tenant,
                 role: match m.role {
                     RoleArg::User => Role::User,
+                    RoleArg::Labeller => Role::Labeller,
                     RoleArg::Admin => Role::Admin,
                 },
                 models: m.models,

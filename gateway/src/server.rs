@@ -45,6 +45,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             .configure(crate::error::extractor_configs)
             .configure(|cfg| routes(cfg, metrics_here))
             .configure(crate::admin::routes)
+            .configure(crate::console::routes)
+            .configure(crate::labelling::routes)
             .configure(crate::releases::routes)
             .configure(crate::shadow::routes)
             .configure(crate::feedback_api::routes)

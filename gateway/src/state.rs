@@ -58,6 +58,11 @@ pub struct AppState {
     knowledge_announcer: OnceLock<crate::replicas::Announcer>,
     max_concurrent: usize,
     pub(crate) shadow_log: Arc<crate::shadow::ShadowLog>,
+    /// Shadow generations started and not yet ended.
+    pub(crate) shadows_pending: Arc<std::sync::atomic::AtomicUsize>,
+    /// Signs and checks console session cookies.
+    pub(crate) sessions: crate::console::session::Sessions,
+    pub(crate) labelling: Arc<crate::labelling::Labelling>,
 }
 
 /// What a model string resolved to: the engine, the adapter version (none for the base), and
@@ -103,6 +108,12 @@ impl AppState {
             admission: Arc::new(Semaphore::new(settings.max_concurrent)),
             max_concurrent: settings.max_concurrent,
             shadow_log: Arc::default(),
+            shadows_pending: Arc::default(),
+            labelling: Arc::new(crate::labelling::Labelling::open(&settings.data_dir)),
+            sessions: crate::console::session::Sessions::new(
+                settings.console_secret.as_deref(),
+                settings.admin_token.as_deref(),
+            ),
             draining: AtomicBool::new(false),
             limits: RequestLimits { max_tokens: settings.max_tokens, max_messages: settings.max_messages },
             body_limit: settings.body_limit,
@@ -209,31 +220,61 @@ impl AppState {
     }
 
     /// Who is calling, for every route but the public ones (`None` there). With auth off every
-    /// caller is an anonymous user; the bootstrap admin token is an admin either way.
+    /// caller is an anonymous user; the bootstrap admin token is an admin either way. A request
+    /// with no `Authorization` header but a console session cookie is that session's caller,
+    /// and a state-changing one must carry the session's CSRF token.
     pub(crate) fn authenticate(&self, req: &actix_web::dev::ServiceRequest) -> Result<Option<Principal>, ApiError> {
-        const PUBLIC: [&str; 5] = ["/health", "/ready", "/metrics", "/openapi.json", "/docs"];
+        const PUBLIC: [&str; 6] = ["/health", "/ready", "/metrics", "/openapi.json", "/docs", "/console"];
         let path = req.path();
         if PUBLIC.iter().any(|p| path == *p || path.starts_with(&format!("{p}/"))) {
             return Ok(None);
         }
         let header = req.headers().get(actix_web::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-        let bearer = header.and_then(|h| h.strip_prefix("Bearer "));
-        if bearer.zip(self.admin_token.as_deref()).is_some_and(|(given, token)| crate::auth::same_secret(given, token))
-        {
-            return Ok(Some(Principal::plain("bootstrap-admin", "system", Role::Admin)));
-        }
-        let Some(auth) = &self.auth else {
-            return Ok(Some(Principal::plain("anonymous", "default", Role::User)));
+        let session = header.is_none().then(|| req.cookie(crate::console::session::COOKIE)).flatten();
+        let from_session = session.is_some();
+        let principal = match (header, session) {
+            (None, Some(cookie)) => {
+                let session = self.sessions.check(cookie.value()).ok_or_else(|| {
+                    self.metrics.auth_failures.with_label_values(&["bad_session"]).inc();
+                    ApiError::Unauthorized
+                })?;
+                let safe = matches!(*req.method(), actix_web::http::Method::GET | actix_web::http::Method::HEAD);
+                let given = req.headers().get(crate::console::session::CSRF_HEADER).and_then(|v| v.to_str().ok());
+                if !safe && !session.csrf_matches(given) {
+                    self.metrics.auth_failures.with_label_values(&["csrf"]).inc();
+                    return Err(ApiError::Forbidden {
+                        message: format!(
+                            "a request signed in with a console session must carry its `{}` header",
+                            crate::console::session::CSRF_HEADER
+                        ),
+                    });
+                }
+                session.principal()
+            }
+            _ => self.principal_for(header)?,
         };
-        let principal = auth.authenticate(header).map_err(|failure| {
-            self.metrics.auth_failures.with_label_values(&[failure.as_str()]).inc();
-            ApiError::Unauthorized
-        })?;
-        if path.starts_with("/admin") && principal.role != Role::Admin {
+        if path.starts_with("/admin") && principal.role != Role::Admin && (self.auth.is_some() || from_session) {
             self.metrics.auth_failures.with_label_values(&["not_admin"]).inc();
             return Err(ApiError::Forbidden { message: "this route needs an admin token".into() });
         }
         Ok(Some(principal))
+    }
+
+    /// The caller an `Authorization` header names: the bootstrap admin, an anonymous user with
+    /// auth off, or whoever the JWT or API key says.
+    pub(crate) fn principal_for(&self, header: Option<&str>) -> Result<Principal, ApiError> {
+        let bearer = header.and_then(|h| h.strip_prefix("Bearer "));
+        if bearer.zip(self.admin_token.as_deref()).is_some_and(|(given, token)| crate::auth::same_secret(given, token))
+        {
+            return Ok(Principal::plain("bootstrap-admin", "system", Role::Admin));
+        }
+        let Some(auth) = &self.auth else {
+            return Ok(Principal::plain("anonymous", "default", Role::User));
+        };
+        auth.authenticate(header).map_err(|failure| {
+            self.metrics.auth_failures.with_label_values(&[failure.as_str()]).inc();
+            ApiError::Unauthorized
+        })
     }
 
     /// Resolves `model` to the base alone or to one adapter version, once, at admission. A
@@ -388,7 +429,7 @@ impl AppState {
             self.admit(model, &caller, request, n, &key, request_id.as_deref().unwrap_or(&key)).await?;
         running.log = Some((self.feedback.clone(), draft));
         if let Some((plan, request)) = shadow {
-            if crate::shadow::has_room(self) {
+            if crate::shadow::may_start(self) {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 running.shadow = Some(tx);
                 if let Some(state) = req.app_data::<actix_web::web::Data<AppState>>() {

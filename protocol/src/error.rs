@@ -17,6 +17,12 @@ pub enum ProtocolError {
     /// The first record of a dataset file fits none of the known formats.
     #[error("unknown dataset format: {detail}")]
     UnknownFormat { detail: String },
+    /// Curation settings that make no sense; the detail names the setting.
+    #[error("bad training settings: {detail}")]
+    CurationConfig { detail: String },
+    /// Curation dropped every example; the report says why.
+    #[error("curation kept no examples of {} records (dropped: {})", .report.input_records, .report.drop_summary())]
+    NothingLeft { report: Box<crate::dataset::CurationReport> },
 }
 
 impl ProtocolError {
@@ -27,6 +33,8 @@ impl ProtocolError {
             Self::Json { .. } => "invalid_json",
             Self::EmptyDataset => "empty_dataset",
             Self::UnknownFormat { .. } => "unknown_format",
+            Self::CurationConfig { .. } => "bad_config",
+            Self::NothingLeft { .. } => "nothing_left",
         }
     }
 

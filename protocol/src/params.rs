@@ -264,6 +264,129 @@ pub struct TrainArgs {
     pub dpo_beta: Option<f64>,
 }
 
+/// One training parameter as a form shows it: its kind, default, valid range (the same bounds
+/// [`TrainConfig::validate`] enforces; a test keeps them in step) and what it does.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct ParamSpec {
+    /// The field name in a job's `params` (and `--` + it with `-` is the CLI flag).
+    pub name: &'static str,
+    /// `int`, `float`, `choice`, `bool` or `string`.
+    pub kind: &'static str,
+    /// `null`: unset (the parameter is optional).
+    #[schema(value_type = Object)]
+    pub default: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    /// `min` itself is not allowed (the value must be above it).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub min_exclusive: bool,
+    /// `max` itself is not allowed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub max_exclusive: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub choices: Vec<&'static str>,
+    pub help: &'static str,
+}
+
+/// Every parameter of [`TrainArgs`], with the defaults for a base model of `base_params`
+/// parameters (the learning rate's depends on it).
+pub fn param_specs(base_params: usize) -> Vec<ParamSpec> {
+    use serde_json::{json, Value};
+    let d = TrainConfig { learning_rate: default_learning_rate(base_params), ..TrainConfig::default() };
+    let spec = |name, kind, default: Value, help| ParamSpec {
+        name,
+        kind,
+        default,
+        min: None,
+        max: None,
+        min_exclusive: false,
+        max_exclusive: false,
+        choices: Vec::new(),
+        help,
+    };
+    let range = |s: ParamSpec, min: f64, max: Option<f64>| ParamSpec { min: Some(min), max, ..s };
+    let above = |s: ParamSpec, min: f64| ParamSpec { min: Some(min), min_exclusive: true, ..s };
+    let unit = |s: ParamSpec| ParamSpec { min: Some(0.0), max: Some(1.0), max_exclusive: true, ..s };
+    let choice = |s: ParamSpec, choices: Vec<&'static str>| ParamSpec { choices, ..s };
+    vec![
+        choice(
+            spec("stage", "choice", json!("sft"), "What the job optimises: sft (answers) or dpo (preference pairs)."),
+            vec!["sft", "dpo"],
+        ),
+        range(spec("lora_rank", "int", json!(d.lora_rank), "LoRA rank."), 1.0, Some(256.0)),
+        above(
+            spec("lora_alpha", "float", json!(d.lora_alpha), "LoRA alpha (the update is scaled by alpha / rank)."),
+            0.0,
+        ),
+        unit(spec("lora_dropout", "float", json!(d.lora_dropout), "Dropout on the LoRA path's input while training.")),
+        spec(
+            "lora_target",
+            "string",
+            json!("all"),
+            "`all` (every linear layer of the decoder) or a comma list such as q_proj,v_proj.",
+        ),
+        spec("use_rslora", "bool", json!(d.use_rslora), "Rank-stabilised LoRA: scale alpha / sqrt(rank)."),
+        above(
+            spec(
+                "loraplus_lr_ratio",
+                "float",
+                json!(d.loraplus_lr_ratio),
+                "LoRA+: B matrices learn this many times faster than A (1: plain LoRA).",
+            ),
+            0.0,
+        ),
+        above(spec("learning_rate", "float", json!(d.learning_rate), "Peak learning rate."), 0.0),
+        choice(
+            spec("lr_scheduler", "choice", json!("cosine"), "How the learning rate moves after warm-up."),
+            vec!["linear", "cosine", "constant"],
+        ),
+        unit(spec("warmup_ratio", "float", json!(d.warmup_ratio), "Warm-up as a share of all steps.")),
+        range(spec("warmup_steps", "int", Value::Null, "Warm-up steps (overrides the ratio)."), 0.0, None),
+        above(spec("epochs", "float", json!(d.epochs), "Passes over the training split."), 0.0),
+        range(spec("max_steps", "int", Value::Null, "Optimiser steps (overrides epochs)."), 1.0, None),
+        range(spec("batch_size", "int", json!(d.batch_size), "Examples per micro-batch."), 1.0, None),
+        range(spec("grad_accum", "int", json!(d.grad_accum), "Micro-batches per optimiser step."), 1.0, None),
+        range(spec("weight_decay", "float", json!(d.weight_decay), "AdamW weight decay."), 0.0, None),
+        above(spec("max_grad_norm", "float", json!(d.max_grad_norm), "Gradient clipping by global norm."), 0.0),
+        range(
+            spec(
+                "cutoff_len",
+                "int",
+                json!(d.cutoff_len),
+                "Longest prompt + answer in tokens; longer examples are dropped and reported.",
+            ),
+            2.0,
+            None,
+        ),
+        unit(spec("val_ratio", "float", json!(d.val_ratio), "Share of examples held out for validation.")),
+        range(spec("max_samples", "int", Value::Null, "Use at most this many examples (a seeded sample)."), 1.0, None),
+        range(spec("eval_steps", "int", json!(d.eval_steps), "Evaluate every N steps (0: once per epoch)."), 0.0, None),
+        range(
+            spec(
+                "early_stopping_patience",
+                "int",
+                json!(d.early_stopping_patience),
+                "Stop after N evaluations without a better validation loss (0: never).",
+            ),
+            0.0,
+            None,
+        ),
+        range(
+            spec("save_steps", "int", json!(d.save_steps), "Checkpoint every N steps (0: only at the end)."),
+            0.0,
+            None,
+        ),
+        range(
+            spec("seed", "int", json!(d.seed), "Seed for initialisation, data order, dropout and the split."),
+            0.0,
+            None,
+        ),
+        above(spec("dpo_beta", "float", json!(d.dpo_beta), "DPO's beta."), 0.0),
+    ]
+}
+
 impl TrainArgs {
     /// The settings for a base model of `base_params` parameters, validated.
     pub fn resolve(&self, base_params: usize) -> Result<TrainConfig, String> {
@@ -324,6 +447,41 @@ mod tests {
             .resolve(1)
             .unwrap_err()
             .contains("--batch-size"));
+    }
+
+    #[test]
+    fn the_form_s_ranges_are_the_validation_s() {
+        let specs = param_specs(135_000_000);
+        let names: Vec<&str> = specs.iter().map(|s| s.name).collect();
+        let every = serde_json::to_value(TrainArgs::default()).unwrap();
+        assert_eq!(names.len(), every.as_object().unwrap().len(), "one spec per parameter");
+        let resolves = |name: &str, v: serde_json::Value| {
+            let args: TrainArgs = serde_json::from_value(serde_json::json!({ name: v })).unwrap();
+            args.resolve(135_000_000).is_ok()
+        };
+        for s in &specs {
+            assert!(every.get(s.name).is_some(), "{} is a parameter", s.name);
+            if !s.default.is_null() {
+                assert!(resolves(s.name, s.default.clone()), "{}'s default is valid", s.name);
+            }
+            let num = |x: f64| if s.kind == "int" { serde_json::json!(x as u64) } else { serde_json::json!(x) };
+            let step = if s.kind == "int" { 1.0 } else { 1e-3 };
+            if let Some(min) = s.min {
+                assert_eq!(resolves(s.name, num(min)), !s.min_exclusive, "{} at its min", s.name);
+                assert!(resolves(s.name, num(min + step)), "{} just above its min", s.name);
+                if min >= step {
+                    assert!(!resolves(s.name, num(min - step)), "{} below its min", s.name);
+                }
+            }
+            if let Some(max) = s.max {
+                assert_eq!(resolves(s.name, num(max)), !s.max_exclusive, "{} at its max", s.name);
+                assert!(resolves(s.name, num(max - step)), "{} just below its max", s.name);
+                assert!(!resolves(s.name, num(max + step)), "{} above its max", s.name);
+            }
+            for c in &s.choices {
+                assert!(resolves(s.name, serde_json::json!(c)), "{} = {c}", s.name);
+            }
+        }
     }
 
     #[derive(clap::Parser)]

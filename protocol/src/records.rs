@@ -40,9 +40,10 @@ impl CompletionRecord {
 }
 
 /// The part of a logged completion that training needs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CompletionText {
     /// Chat messages (`[{role, content}]`) or the raw prompt of `/v1/completions`.
+    #[schema(value_type = Object)]
     pub prompt: serde_json::Value,
     pub answer: String,
     /// The application endpoint that answered; `None` for chat and text completions.

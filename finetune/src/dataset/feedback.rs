@@ -9,10 +9,9 @@ use std::path::Path;
 use protocol::names::{self, REDACTED};
 use protocol::{jsonl, CompletionRecord, CompletionText, Envelope, FeedbackRecord, ReviewJoin, ReviewRecord};
 use protocol::{ReviewStatus, Thumbs};
-use serde::Serialize;
 use serde_json::Value;
 
-use super::{normalize_text, DropReason, Dropped, Example, Message, Role, Target};
+use super::{normalize_text, DropReason, Dropped, Example, FeedbackRange, Message, Role, Target};
 use crate::error::FinetuneError;
 use protocol::dataset::{chat, Reject};
 
@@ -154,16 +153,6 @@ impl FeedbackOptions {
             (Some(want), Some(c)) => c.task.as_deref() == Some(want),
         }
     }
-}
-
-/// The feedback records that produced examples, for the new version's lineage.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct FeedbackRange {
-    pub count: usize,
-    pub first_id: String,
-    pub first_created: u64,
-    pub last_id: String,
-    pub last_created: u64,
 }
 
 /// Examples made from feedback, with the records left out and the range used.
@@ -326,7 +315,7 @@ mod tests {
         json!([{"role": "system", "content": "be kind"}, {"role": "user", "content": q}])
     }
 
-    fn write_lines<T: Serialize>(path: &Path, values: &[T], tail: &str) {
+    fn write_lines<T: serde::Serialize>(path: &Path, values: &[T], tail: &str) {
         let mut text: String = values.iter().map(|v| serde_json::to_string(v).unwrap() + "\n").collect();
         text.push_str(tail);
         std::fs::write(path, text).unwrap();

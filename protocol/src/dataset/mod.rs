@@ -1,13 +1,19 @@
 //! Dataset files as the gateway accepts them (`POST /admin/finetune/datasets`) and the sidecar
 //! trains on them: the layouts LLaMA-Factory and OpenAI users have, read into normalised
-//! [`Example`]s ([`formats`]).
+//! [`Example`]s ([`formats`]), and curated into a train/validation split with a written report
+//! ([`curate()`]: the sidecar before training, the gateway for a dataset's preview).
 //!
 //! Every record that does not become an example leaves a [`Dropped`] entry with a stable
 //! reason code, so a report can say exactly what was left out and why.
 
+pub mod curate;
 pub mod formats;
+mod near_dup;
+mod pii;
 
+pub use curate::{curate, scrub_pii, Curated, CurationConfig, CurationReport, FeedbackRange, TokenStats};
 pub use formats::{chat, detect_format, load_file, message, parse_records, read_records, Loaded, RawRecord, Reject};
+pub use pii::PiiCounts;
 
 use serde::{Deserialize, Serialize};
 

@@ -9,10 +9,19 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::feedback::FeedbackRange;
 use super::pii::{self, PiiCounts};
 use super::{near_dup, DatasetFormat, DropReason, Dropped, Example};
-use crate::error::FinetuneError;
+use crate::error::ProtocolError;
+
+/// The feedback records that produced examples, for the new version's lineage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FeedbackRange {
+    pub count: usize,
+    pub first_id: String,
+    pub first_created: u64,
+    pub last_id: String,
+    pub last_created: u64,
+}
 
 /// What curation keeps and how it splits; missing fields take their defaults when read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -56,8 +65,8 @@ impl Default for CurationConfig {
 
 impl CurationConfig {
     /// Rejects settings that would make curation meaningless, naming the setting.
-    pub fn validate(&self) -> Result<(), FinetuneError> {
-        let bad = |detail: String| Err(FinetuneError::Config { detail });
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        let bad = |detail: String| Err(ProtocolError::CurationConfig { detail });
         if !(0.0..1.0).contains(&self.val_ratio) {
             return bad(format!("val_ratio must be at least 0 and below 1, got {}", self.val_ratio));
         }
@@ -181,29 +190,35 @@ fn cell(text: &str) -> String {
 /// lists first). `count_tokens` gives an example's prompt + answer tokens as training will see
 /// them (for a preference pair, the longer sequence); an answer's own length is measured as
 /// the difference from the same example with its answers emptied, so template tokens cancel.
+/// Replaces emails, phone numbers and ID numbers in every text of `examples` with
+/// placeholders (what curation does first when `scrub_pii` is on); scrubbing twice changes
+/// nothing more.
+pub fn scrub_pii(examples: &mut [Example]) -> PiiCounts {
+    let mut counts = PiiCounts::default();
+    for ex in examples {
+        for text in ex.texts_mut() {
+            *text = pii::scrub(text, &mut counts);
+        }
+    }
+    counts
+}
+
 pub fn curate(
     format: DatasetFormat,
     examples: Vec<Example>,
     early_drops: Vec<Dropped>,
     count_tokens: &dyn Fn(&Example) -> usize,
     cfg: &CurationConfig,
-) -> Result<Curated, FinetuneError> {
+) -> Result<Curated, ProtocolError> {
     cfg.validate()?;
     let input_records = examples.len() + early_drops.len();
     if input_records == 0 {
-        return Err(FinetuneError::EmptyDataset);
+        return Err(ProtocolError::EmptyDataset);
     }
     let mut dropped = early_drops;
     let mut examples = examples;
 
-    let mut pii = PiiCounts::default();
-    if cfg.scrub_pii {
-        for ex in &mut examples {
-            for text in ex.texts_mut() {
-                *text = pii::scrub(text, &mut pii);
-            }
-        }
-    }
+    let pii = if cfg.scrub_pii { scrub_pii(&mut examples) } else { PiiCounts::default() };
 
     let mut first_seen: HashMap<[u8; 32], String> = HashMap::new();
     examples.retain(|ex| match first_seen.entry(sha256(dedupe_key(ex).as_bytes())) {
@@ -339,7 +354,7 @@ pub fn curate(
         feedback: None,
     };
     if report.kept == 0 {
-        return Err(FinetuneError::NothingLeft { report: Box::new(report) });
+        return Err(ProtocolError::NothingLeft { report: Box::new(report) });
     }
     Ok(Curated { train, val, report })
 }
@@ -537,10 +552,10 @@ mod tests {
         let same = vec![ex("line-1", "q", "a"), ex("line-2", "q", "a"), ex("line-3", "Q", "A")];
         let cut = CurationConfig { min_answer_tokens: 5, ..cfg() };
         match curate(DatasetFormat::Alpaca, same, early, &count, &cut) {
-            Err(e @ FinetuneError::NothingLeft { .. }) => {
+            Err(e @ ProtocolError::NothingLeft { .. }) => {
                 assert_eq!(e.code(), "nothing_left");
                 assert!(e.to_string().contains("duplicate: 2"), "{e}");
-                let FinetuneError::NothingLeft { report } = e else { unreachable!() };
+                let ProtocolError::NothingLeft { report } = e else { unreachable!() };
                 let got: Vec<(&str, &str)> = report.dropped.iter().map(|d| (d.id.as_str(), d.reason.code())).collect();
                 assert_eq!(
                     got,
@@ -557,7 +572,7 @@ mod tests {
         }
         assert!(matches!(
             curate(DatasetFormat::Alpaca, Vec::new(), Vec::new(), &count, &cfg()),
-            Err(FinetuneError::EmptyDataset)
+            Err(ProtocolError::EmptyDataset)
         ));
     }
 
@@ -569,7 +584,7 @@ mod tests {
             (CurationConfig { outlier_mad: f64::NAN, ..cfg() }, "outlier_mad"),
         ] {
             match curate(DatasetFormat::Alpaca, distinct(3), Vec::new(), &count, &bad) {
-                Err(FinetuneError::Config { detail }) => assert!(detail.contains(name), "{detail}"),
+                Err(ProtocolError::CurationConfig { detail }) => assert!(detail.contains(name), "{detail}"),
                 other => panic!("{other:?}"),
             }
         }
