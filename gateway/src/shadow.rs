@@ -4,8 +4,9 @@
 //! compares them.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use adapters::ShadowRule;
@@ -73,6 +74,25 @@ pub(crate) fn has_room(state: &AppState) -> bool {
     state.spare_slots() * 2 >= state.max_concurrent()
 }
 
+/// Whether another shadow may start: room, and fewer pending than half the slots (the engine
+/// parks shadow rows while served rows run, so under steady load they wait).
+pub(crate) fn may_start(state: &AppState) -> bool {
+    has_room(state) && state.shadows_pending.load(Ordering::Relaxed) * 2 < state.max_concurrent().max(2)
+}
+
+/// A shadow that has had no token for this long (the engine kept it parked behind served
+/// traffic) is dropped, freeing its memory.
+const STALL: Duration = Duration::from_secs(30);
+
+/// Counts a pending shadow until dropped.
+struct Pending(Arc<AtomicUsize>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Runs the shadow generation in the background and logs it beside the served answer. It
 /// takes no concurrency slot, and it is cancelled as soon as the gateway runs short of room,
 /// so the served request is never refused or slowed for it beyond sharing engine steps.
@@ -82,7 +102,10 @@ pub(crate) fn spawn(
     request: GenerationRequest,
     served: oneshot::Receiver<ServedAnswer>,
 ) {
+    state.shadows_pending.fetch_add(1, Ordering::Relaxed);
+    let pending = Pending(state.shadows_pending.clone());
     tokio::spawn(async move {
+        let _pending = pending;
         let started = Instant::now();
         let shadow_label = format!("{}@{}", plan.name, plan.rule.version);
         let outcome = run(&state, &plan, request).await;
@@ -143,7 +166,11 @@ async fn run(
     let engine = state.engine.get().cloned().ok_or("the engine is not loaded")?;
     let mut generation = engine.generate(request).await.map_err(|e| e.to_string())?;
     let mut text = String::new();
-    while let Some(event) = generation.events.recv().await {
+    loop {
+        let Ok(event) = tokio::time::timeout(STALL, generation.events.recv()).await else {
+            return Ok(None);
+        };
+        let Some(event) = event else { break };
         if !has_room(state) {
             return Ok(None);
         }

@@ -400,6 +400,11 @@ const PREFIX_WAIT_MIN: usize = 16;
 /// long running streams wait for a newcomer's prompt (chunked prefill).
 const PREFILL_BUDGET: usize = 256;
 
+/// Shadow (background) rows run only in steps with no served work at all, and these bound
+/// such a step, so a served request that arrives during one waits little for it.
+const BACKGROUND_PREFILL_BUDGET: usize = 64;
+const BACKGROUND_ROWS: usize = 8;
+
 impl Scheduler {
     fn run(mut self) {
         let mut ws = Workspace::default();
@@ -428,7 +433,20 @@ impl Scheduler {
             forks.retain(|f| !f.pending.borrow().abandoned());
 
             // This step: every decoding sequence's last token, then prompt chunks up to the budget.
-            let chunks = self.plan_prompts(&mut reading);
+            // Shadow rows take part only when nothing served would run: a served stream never
+            // shares a step with one, so it is never slowed by it. The others wait, parked.
+            let served_decoding = decoding.iter().any(|s| !s.job.sampling.background) || !forks.is_empty();
+            let chunks = self.plan_prompts(&mut reading, !served_decoding);
+            let background_only = !served_decoding && reading.iter().all(|s| s.take == 0 || s.job.sampling.background);
+            let mut parked = Vec::new();
+            if !background_only {
+                let (served, shadow): (Vec<Seq>, Vec<Seq>) =
+                    decoding.drain(..).partition(|s| !s.job.sampling.background);
+                decoding = served;
+                parked = shadow;
+            } else if decoding.len() > BACKGROUND_ROWS {
+                parked = decoding.split_off(BACKGROUND_ROWS);
+            }
             self.metrics.batch_size.observe((decoding.len() + forks.len() + chunks) as f64);
             let result = {
                 let mut inputs: Vec<SeqInput<'_>> = Vec::with_capacity(decoding.len() + forks.len() + chunks);
@@ -464,6 +482,7 @@ impl Scheduler {
                 self.runtime.forward(&mut ws, &mut inputs, &mut logits)
             };
             if let Err(e) = result {
+                decoding.append(&mut parked);
                 tracing::error!(error = %e, "engine step failed; failing its sequences");
                 let (failed, waiting): (Vec<Seq>, Vec<Seq>) = reading.drain(..).partition(|s| s.take > 0);
                 reading = waiting.into();
@@ -490,6 +509,9 @@ impl Scheduler {
                     next_decoding.push(seq);
                 }
             }
+            // Parked rows go first, so the next background-only step takes the ones that waited.
+            parked.append(&mut next_decoding);
+            let mut next_decoding = parked;
             let mut next_forks = Vec::with_capacity(forks.len());
             for mut fork in forks.drain(..) {
                 let Some(l) = rows.next() else { break };
@@ -564,20 +586,24 @@ impl Scheduler {
     }
 
     /// Sets each reading sequence's `take` for this step, oldest first, within the prefill
-    /// budget, and returns how many take part. A prompt that has not started first copies
-    /// what the prefix cache holds of it; one that shares more with an earlier prompt that
-    /// completes this step waits one step and copies that instead of computing it twice.
-    fn plan_prompts(&mut self, reading: &mut VecDeque<Seq>) -> usize {
+    /// budget, and returns how many take part; shadow prompts only when the step is `idle`.
+    /// A prompt that has not started first copies what the prefix cache holds of it; one
+    /// that shares more with an earlier prompt that completes this step waits one step and
+    /// copies that instead of computing it twice.
+    fn plan_prompts(&mut self, reading: &mut VecDeque<Seq>, idle: bool) -> usize {
         let mut budget = PREFILL_BUDGET;
         let mut chunks = 0;
         for seq in reading.iter_mut() {
             seq.take = 0;
         }
-        // Served prompts first; shadow rows read with what budget is left, and only when no
-        // served prompt is left waiting.
+        // Served prompts first; shadow rows read only in a step with no served work (`idle`:
+        // nothing served decodes, and no served prompt reads), with a smaller budget.
         for background in [false, true] {
-            if background && reading.iter().any(|s| !s.job.sampling.background && s.take == 0) {
-                break;
+            if background {
+                if !idle || chunks > 0 || reading.iter().any(|s| !s.job.sampling.background) {
+                    break;
+                }
+                budget = BACKGROUND_PREFILL_BUDGET;
             }
             for i in 0..reading.len() {
                 if budget == 0 {

@@ -56,8 +56,8 @@ pub struct Sampling {
     pub logprobs: Option<usize>,
     /// The prompt's own log-probabilities ([`Event::PromptLogprobs`], OpenAI's `echo`).
     pub prompt_logprobs: bool,
-    /// A shadow row: its prompt is read only with prefill budget that no served prompt
-    /// wants, so it never delays one.
+    /// A shadow row: it runs (prompt and decode) only in engine steps with no served work,
+    /// so it never slows a served stream; it waits while served rows run.
     pub background: bool,
 }
 
