@@ -39,6 +39,11 @@ for r in $(seq "${ROUNDS:-3}"); do
   admin PUT /admin/adapters/bot/aliases/prod/shadow '{"version": 2, "share": 1.0}'
   load --out "$out/shadow-$r.md" --json "$out/shadow-$r.json"
 done
+# Shadow rows run only in engine steps with no served work, so under this closed-loop load most
+# wait: let the last ones finish (the count of ended shadows stops moving) before reporting.
+ended() { curl -sf "$url/metrics" | awk '/^switchyard_shadow_requests_total\{outcome="(compared|dropped|failed)"\}/ { n += $2 } END { print n + 0 }'; }
+last=-1
+for _ in $(seq 60); do now=$(ended); [ "$now" = "$last" ] && break; last=$now; sleep 3; done
 curl -sf -H "authorization: Bearer $SWITCHYARD_ADMIN_TOKEN" "$url/admin/adapters/bot/shadow" >"$out/shadow-report.json"
 curl -sf "$url/metrics" | grep '^switchyard_shadow_requests_total' >"$out/shadow-counts.txt" || true
 python3 - "$out" "${ROUNDS:-3}" <<'PY'

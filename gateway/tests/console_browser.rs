@@ -4,7 +4,8 @@
 //! registry over HTTP after each; answer a prompt in the playground and send a correction;
 //! accept it (and more) in the review queue; look at an uploaded dataset; start a training
 //! job on the feedback and watch its loss chart receive points; sign out. A labeller sees only
-//! the labelling page, and the server refuses them the admin API.
+//! the labelling page, labels an item of a queue there, and the server refuses them the admin
+//! API.
 //!
 //! Each page's screenshot is written to `$CARGO_TARGET_TMPDIR/console-screenshots/` (and, with
 //! `SWITCHYARD_SCREENSHOTS=<dir>`, there too: that is how `docs/console/` is refreshed).
@@ -405,8 +406,13 @@ async fn the_whole_loop_runs_from_the_console() {
 
     // Traffic and audit show what happened.
     click(&c, "#nav-traffic").await;
-    until(&c, "a traffic chart", &format!("document.querySelector('[data-testid=traffic-{}] svg')", common::MODEL_ID))
-        .await;
+    let panel = format!("document.querySelector('[data-testid=traffic-{}]')", common::MODEL_ID);
+    until(&c, "a traffic chart", &format!("{panel}?.querySelector('svg')")).await;
+    for i in 0..4 {
+        chat(&server, &user, &format!("Tell me a fact about trains ({i}).")).await;
+    }
+    // The next poll charts them (requests per second over the interval, not zero).
+    until(&c, "the traffic charted", &format!("{panel} && !/: 0 req\\/s/.test({panel}.textContent)")).await;
     screenshot(&c, "traffic").await;
     click(&c, "#nav-audit").await;
     until(&c, "the audit log", "document.getElementById('audit')?.textContent.includes('promote')").await;
@@ -431,10 +437,33 @@ async fn the_whole_loop_runs_from_the_console() {
         .unwrap();
     assert_eq!(status.as_u64(), Some(401));
 
-    // A labeller: only the labelling page, and the admin API refuses them.
+    // A labeller: only the labelling page, where they label an item of a queue an admin made;
+    // the admin API refuses them.
+    let answer = chat(&server, &user, "What colour is the sky?").await;
+    let body = json!({"response_id": answer["id"], "thumbs": "down", "correction": "Blue.", "tags": ["sky"]});
+    let (_, fb) = api(&server, &user, reqwest::Method::POST, "/v1/feedback", Some(body)).await;
+    let fb_id = fb["id"].as_str().unwrap().to_owned();
+    let queue = json!({"rules": "Accept a correction only if it is right.", "filter": {"tag": "sky"}});
+    let (status, _) = api(&server, ADMIN, reqwest::Method::PUT, "/admin/labelling/queues/sky", Some(queue)).await;
+    assert_eq!(status, 200);
     fill(&c, "#token", &mint("lee", "labeller")).await;
     click(&c, "#sign-in").await;
     until(&c, "the labeller's page", "location.hash.startsWith('#/labelling')").await;
+    click(&c, "[data-testid=open-queue-sky]").await;
+    until(
+        &c,
+        "the item beside the rules",
+        "document.querySelector('.rules')?.textContent.includes('only if it is right')",
+    )
+    .await;
+    screenshot(&c, "labelling").await;
+    click(&c, &format!("[data-testid=accept-{fb_id}]")).await;
+    until_api("the label to settle the feedback", || async {
+        let (_, list) =
+            api(&server, ADMIN, reqwest::Method::GET, "/admin/feedback?status=accepted&tag=sky", None).await;
+        list["data"].as_array().unwrap().iter().any(|f| f["id"] == fb_id.as_str())
+    })
+    .await;
     let nav = c.execute("return !!document.getElementById('nav-models') && document.getElementById('nav-models').offsetParent !== null;", vec![]).await.unwrap();
     assert_eq!(nav, Value::Bool(false), "no admin links for a labeller");
     c.goto(&server.url("/console#/models")).await.unwrap();
