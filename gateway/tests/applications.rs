@@ -31,12 +31,7 @@ fn start(data: &std::path::Path) -> Server {
 }
 
 fn mint(sub: &str, tenant: &str) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["mint-token", "--secret", SECRET, "--sub", sub, "--tenant", tenant, "--role", "user"])
-        .output()
-        .expect("mint-token");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    common::mint_token(SECRET, sub, tenant, "user")
 }
 
 async fn call(server: &Server, method: reqwest::Method, path: &str, token: &str, body: Option<Value>) -> (u16, Value) {

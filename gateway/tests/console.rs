@@ -14,12 +14,7 @@ const SECRET: &str = "console-test-secret-0123456789abc";
 const ADMIN: &str = "console-admin-token";
 
 fn mint(sub: &str, role: &str) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["mint-token", "--secret", SECRET, "--sub", sub, "--tenant", "acme", "--role", role])
-        .output()
-        .expect("mint-token");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    common::mint_token(SECRET, sub, "acme", role)
 }
 
 fn start(root: &std::path::Path) -> Server {

@@ -81,12 +81,7 @@ impl Drop for Driver {
 }
 
 fn mint(sub: &str, role: &str) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["mint-token", "--secret", SECRET, "--sub", sub, "--tenant", "acme", "--role", role])
-        .output()
-        .expect("mint-token");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    common::mint_token(SECRET, sub, "acme", role)
 }
 
 async fn api(server: &Server, token: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {

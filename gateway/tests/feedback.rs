@@ -9,12 +9,7 @@ use serde_json::{json, Value};
 const SECRET: &str = "feedback-test-secret-0123456789";
 
 fn mint(sub: &str, tenant: &str, role: &str) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["mint-token", "--secret", SECRET, "--sub", sub, "--tenant", tenant, "--role", role])
-        .output()
-        .expect("mint-token");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    common::mint_token(SECRET, sub, tenant, role)
 }
 
 fn start(root: &std::path::Path, extra: &[&str]) -> Server {

@@ -132,6 +132,16 @@ impl Drop for Server {
     }
 }
 
+/// An HS256 JWT from `switchyard mint-token`.
+pub fn mint_token(secret: &str, sub: &str, tenant: &str, role: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["mint-token", "--secret", secret, "--sub", sub, "--tenant", tenant, "--role", role])
+        .output()
+        .expect("mint-token");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(600)).build().expect("client")
 }
