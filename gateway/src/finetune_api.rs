@@ -338,7 +338,7 @@ pub(crate) async fn upload(
     let summary = serde_json::json!({
         "id": id, "object": "dataset", "bytes": bytes, "format": loaded.format.as_str(),
         "records": loaded.records, "examples": loaded.examples.len(), "dropped": loaded.dropped.len(),
-        "created": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        "created": crate::tasks::now(),
     });
     // The listing reads this instead of parsing every dataset again; a lost summary only
     // makes the listing parse that file.

@@ -29,16 +29,13 @@ use crate::feedback_api::FeedbackItem;
 #[allow(unused_imports)]
 use crate::openai::ErrorResponse;
 use crate::state::AppState;
+use crate::tasks::now;
 
 const FILE: &str = "labelling.jsonl";
 /// How long an item stays with the labeller it was given to.
 const LEASE_SECONDS: u64 = 15 * 60;
 /// Most items one `next` call hands out.
 const MAX_BATCH: usize = 50;
-
-fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
 
 /// A queue as an admin defines it.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]

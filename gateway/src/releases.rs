@@ -16,6 +16,7 @@ use crate::extract::read_json;
 #[allow(unused_imports)]
 use crate::openai::ErrorResponse;
 use crate::state::AppState;
+use crate::tasks::now;
 
 /// Requests remembered per version; the oldest go first.
 const KEPT_PER_VERSION: usize = 20_000;
@@ -127,10 +128,6 @@ fn judge(state: &AppState, name: &str, release: &Release) -> (Decision, serde_js
         "test": format!("Wilson score intervals at {} confidence", release.policy.confidence),
     });
     (decision, evidence)
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// `POST /admin/adapters/{name}/releases`: the alias to release on (default `prod`) and the

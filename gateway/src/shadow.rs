@@ -125,7 +125,7 @@ pub(crate) fn spawn(
             _ => None,
         };
         let record = ShadowRecord {
-            at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            at: crate::tasks::now(),
             response_id: answer.id,
             alias: plan.alias,
             served: plan.served,

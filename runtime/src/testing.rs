@@ -9,6 +9,31 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{Result, RuntimeError};
 
+/// Twenty everyday chat prompts: the export checks (the test and `switchyard-export-check`)
+/// decode them greedily on the original and the exported model.
+pub const CHAT_PROMPTS: [&str; 20] = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis in one sentence.",
+    "List three primary colours.",
+    "How many legs does a spider have?",
+    "Translate 'good morning' into Spanish.",
+    "What is 12 times 7?",
+    "Give me a tip for learning to cook.",
+    "Who wrote Romeo and Juliet?",
+    "Describe a cat to someone who has never seen one.",
+    "What does a lighthouse keeper do?",
+    "Suggest a name for a small bakery.",
+    "Why is the sky blue?",
+    "Write the first line of a mystery novel.",
+    "What is the boiling point of water at sea level?",
+    "Name a planet with rings.",
+    "How do I say thank you in Japanese?",
+    "What should I pack for a day at the beach?",
+    "Summarise the plot of Cinderella in two sentences.",
+    "What is a prime number?",
+];
+
 /// The shape of the model [`write_tiny_llama`] writes.
 pub fn tiny_llama_shape() -> BaseModelShape {
     BaseModelShape {

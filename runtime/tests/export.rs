@@ -11,34 +11,11 @@ use candle_core::{Device, Tensor};
 use runtime::export::{export, ExportFormat, ExportReport, HF_DIR, MANIFEST_FILE};
 use runtime::llama::{argmax_of as argmax, ChatModel, KvCache, Llama, Row, Runtime, SeqCache, SeqInput, Workspace};
 use runtime::lora::AdapterWeights;
-use runtime::testing::{tiny_llama_shape, write_bench_adapter, write_random_adapter, write_tiny_llama};
+use runtime::testing::{tiny_llama_shape, write_bench_adapter, write_random_adapter, write_tiny_llama, CHAT_PROMPTS};
 use sha2::{Digest, Sha256};
 
 /// Greedy tokens generated per prompt.
 const STEPS: usize = 16;
-
-const PROMPTS: [&str; 20] = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain photosynthesis in one sentence.",
-    "List three primary colours.",
-    "How many legs does a spider have?",
-    "Translate 'good morning' into Spanish.",
-    "What is 12 times 7?",
-    "Give me a tip for learning to cook.",
-    "Who wrote Romeo and Juliet?",
-    "Describe a cat to someone who has never seen one.",
-    "What does a lighthouse keeper do?",
-    "Suggest a name for a small bakery.",
-    "Why is the sky blue?",
-    "Write the first line of a mystery novel.",
-    "What is the boiling point of water at sea level?",
-    "Name a planet with rings.",
-    "How do I say thank you in Japanese?",
-    "What should I pack for a day at the beach?",
-    "Summarise the plot of Cinderella in two sentences.",
-    "What is a prime number?",
-];
 
 fn model_path() -> PathBuf {
     let path = std::env::var_os("SWITCHYARD_TEST_MODEL")
@@ -176,7 +153,7 @@ fn exports_decode_like_the_adapter_on_the_base() {
         check_gguf_file(&base_ct, &out.join(name), dtype, file_type);
     }
 
-    let prompts: Vec<Vec<u32>> = PROMPTS
+    let prompts: Vec<Vec<u32>> = CHAT_PROMPTS
         .iter()
         .map(|p| {
             let text = base.template.render([("user", *p)]).unwrap();
@@ -216,8 +193,8 @@ fn exports_decode_like_the_adapter_on_the_base() {
     for (what, path) in [("merged f32 GGUF", out.join("model-f32.gguf")), ("merged HF directory", out.join(HF_DIR))] {
         let exported = ChatModel::load(&path).unwrap();
         assert_eq!(exported.eos_ids, base.eos_ids, "{what}");
-        let text = exported.template.render([("user", PROMPTS[0])]).unwrap();
-        assert_eq!(text, base.template.render([("user", PROMPTS[0])]).unwrap(), "{what}: chat template");
+        let text = exported.template.render([("user", CHAT_PROMPTS[0])]).unwrap();
+        assert_eq!(text, base.template.render([("user", CHAT_PROMPTS[0])]).unwrap(), "{what}: chat template");
         let ids = exported.tokenizer.encode(text.as_str(), false).unwrap().get_ids().to_vec();
         assert_eq!(ids, prompts[0], "{what}: tokenizer");
         assert_eq!(exported.model.tied(), base.model.tied(), "{what}");

@@ -154,24 +154,13 @@ impl Registry {
         expected_version: Option<u64>,
         actor: &str,
     ) -> Result<AliasChange> {
-        self.move_alias(name, alias, &[Route { version, weight: 1 }], expected_version, actor)
+        self.set_routes(name, alias, &[Route { version, weight: 1 }], expected_version, actor)
     }
 
     /// Splits `alias` between versions by weight (see [`AliasState::version_for`]); with
     /// `expected_version`, only if the alias's version is that now. One route with weight is
     /// a plain alias. A release running on the alias stops.
     pub fn set_routes(
-        &self,
-        name: &str,
-        alias: &str,
-        routes: &[Route],
-        expected_version: Option<u64>,
-        actor: &str,
-    ) -> Result<AliasChange> {
-        self.move_alias(name, alias, routes, expected_version, actor)
-    }
-
-    fn move_alias(
         &self,
         name: &str,
         alias: &str,

@@ -172,16 +172,7 @@ pub(crate) async fn show(state: web::Data<AppState>, req: HttpRequest) -> Result
     )
 )]
 pub(crate) async fn sign_out(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    let session = current(&state, &req)?;
-    let given = req.headers().get(session::CSRF_HEADER).and_then(|v| v.to_str().ok());
-    if !session.csrf_matches(given) {
-        return Err(ApiError::Forbidden {
-            message: format!(
-                "a request signed in with a console session must carry its `{}` header",
-                session::CSRF_HEADER
-            ),
-        });
-    }
+    current(&state, &req)?.require_csrf(req.headers())?;
     Ok(secured(HttpResponse::NoContent()).cookie(session::cookie(&req, String::new(), 0)).finish())
 }
 

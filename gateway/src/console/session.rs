@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::auth::{Principal, Role};
 use crate::error::ApiError;
+pub(crate) use crate::tasks::now;
 
 /// The cookie's name.
 pub const COOKIE: &str = "switchyard_session";
@@ -45,6 +46,17 @@ impl Session {
     /// Whether `given` is this session's CSRF token (compared in constant time).
     pub fn csrf_matches(&self, given: Option<&str>) -> bool {
         given.is_some_and(|g| crate::auth::same_secret(g, &self.csrf))
+    }
+
+    /// A state-changing request's check: its `x-csrf-token` header is this session's token.
+    pub fn require_csrf(&self, headers: &actix_web::http::header::HeaderMap) -> Result<(), ApiError> {
+        let given = headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok());
+        if self.csrf_matches(given) {
+            return Ok(());
+        }
+        Err(ApiError::Forbidden {
+            message: format!("a request signed in with a console session must carry its `{CSRF_HEADER}` header"),
+        })
     }
 }
 
@@ -115,10 +127,6 @@ pub fn cookie(req: &HttpRequest, value: String, max_age: u64) -> Cookie<'static>
         .secure(secure)
         .max_age(actix_web::cookie::time::Duration::seconds(max_age as i64))
         .finish()
-}
-
-pub fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

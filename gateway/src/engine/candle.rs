@@ -439,7 +439,7 @@ impl Scheduler {
             let chunks = self.plan_prompts(&mut reading, !served_decoding);
             let background_only = !served_decoding && reading.iter().all(|s| s.take == 0 || s.job.sampling.background);
             let mut parked = Vec::new();
-            if !background_only {
+            if !background_only && decoding.iter().any(|s| s.job.sampling.background) {
                 let (served, shadow): (Vec<Seq>, Vec<Seq>) =
                     decoding.drain(..).partition(|s| !s.job.sampling.background);
                 decoding = served;
@@ -510,8 +510,10 @@ impl Scheduler {
                 }
             }
             // Parked rows go first, so the next background-only step takes the ones that waited.
-            parked.append(&mut next_decoding);
-            let mut next_decoding = parked;
+            if !parked.is_empty() {
+                parked.append(&mut next_decoding);
+                next_decoding = parked;
+            }
             let mut next_forks = Vec::with_capacity(forks.len());
             for mut fork in forks.drain(..) {
                 let Some(l) = rows.next() else { break };

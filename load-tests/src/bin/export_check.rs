@@ -11,6 +11,7 @@ use candle_core::Device;
 use clap::Parser;
 use runtime::llama::{argmax_of, ChatModel, KvCache, Runtime, SeqInput, Workspace};
 use runtime::lora::AdapterWeights;
+use runtime::testing::CHAT_PROMPTS;
 
 #[derive(Parser, Debug)]
 #[command(name = "switchyard-export-check", about = "Switchyard's greedy ids for the llama.cpp export check")]
@@ -34,29 +35,6 @@ struct Args {
     #[arg(long)]
     json: PathBuf,
 }
-
-const PROMPTS: [&str; 20] = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain photosynthesis in one sentence.",
-    "List three primary colours.",
-    "How many legs does a spider have?",
-    "Translate 'good morning' into Spanish.",
-    "What is 12 times 7?",
-    "Give me a tip for learning to cook.",
-    "Who wrote Romeo and Juliet?",
-    "Describe a cat to someone who has never seen one.",
-    "What does a lighthouse keeper do?",
-    "Suggest a name for a small bakery.",
-    "Why is the sky blue?",
-    "Write the first line of a mystery novel.",
-    "What is the boiling point of water at sea level?",
-    "Name a planet with rings.",
-    "How do I say thank you in Japanese?",
-    "What should I pack for a day at the beach?",
-    "Summarise the plot of Cinderella in two sentences.",
-    "What is a prime number?",
-];
 
 /// Greedy ids on the serving runtime, as the candle engine decodes them.
 fn greedy(rt: &Runtime, adapter: Option<&AdapterWeights>, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
@@ -83,8 +61,8 @@ fn main() -> Result<()> {
     // f32 LoRA halves: the exact served result (the gateway's default, bf16, rounds them).
     let adapter = AdapterWeights::load_peft_dir(&args.adapter, &shape, &Device::Cpu)?;
     let rt = Runtime::from_llama(&model.model, args.threads)?;
-    let mut prompts = Vec::with_capacity(PROMPTS.len());
-    for p in PROMPTS {
+    let mut prompts = Vec::with_capacity(CHAT_PROMPTS.len());
+    for p in CHAT_PROMPTS {
         let text = model.template.render([("user", p)]).map_err(anyhow::Error::msg)?;
         let ids = model.tokenizer.encode(text.as_str(), false).map_err(anyhow::Error::msg)?.get_ids().to_vec();
         prompts.push(serde_json::json!({
