@@ -29,9 +29,14 @@ pub struct EvalRow {
     pub correct: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub total: Option<usize>,
-    /// DPO: share of held-out pairs ranked right.
+    /// DPO: share of held-out pairs ranked right. KTO: share of (desirable, undesirable)
+    /// held-out answer pairs whose desirable answer has the higher reward.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reward_accuracy: Option<f64>,
+    /// DPO: mean β-scaled log-ratio margin. KTO: mean reward of the desirable answers minus that
+    /// of the undesirable ones.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reward_margin: Option<f64>,
 }
 
 /// Whether answers look like labels: few distinct short answers, each seen more than once on
@@ -116,13 +121,19 @@ pub fn accuracy(
 
 /// The table printed at the end of a job.
 pub fn table(rows: &[EvalRow]) -> String {
-    let mut out = String::from("| model | val loss | perplexity | accuracy |\n|---|---:|---:|---:|\n");
+    let margins = rows.iter().any(|r| r.reward_margin.is_some());
+    let mut out = String::from("| model | val loss | perplexity | accuracy |");
+    out.push_str(if margins { " reward margin |\n|---|---:|---:|---:|---:|\n" } else { "\n|---|---:|---:|---:|\n" });
     for r in rows {
         let acc = match (r.accuracy, r.correct, r.total) {
             (Some(a), Some(c), Some(t)) => format!("{:.1}% ({c}/{t})", a * 100.0),
-            _ => r.reward_accuracy.map_or("-".into(), |a| format!("{:.1}% pairs", a * 100.0)),
+            _ => r.reward_accuracy.map_or("-".into(), |a| format!("{:.1}% ranked right", a * 100.0)),
         };
-        out.push_str(&format!("| {} | {:.4} | {:.3} | {acc} |\n", r.name, r.val_loss, r.perplexity));
+        out.push_str(&format!("| {} | {:.4} | {:.3} | {acc} |", r.name, r.val_loss, r.perplexity));
+        if margins {
+            out.push_str(&r.reward_margin.map_or(" - |".into(), |m| format!(" {m:+.4} |")));
+        }
+        out.push('\n');
     }
     out
 }

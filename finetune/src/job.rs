@@ -19,7 +19,7 @@ use crate::error::FinetuneError;
 use crate::eval::{self, EvalRow, Probe};
 use crate::train::batch::{Batch, Encoder, Seq};
 use crate::train::params::LoraParams;
-use crate::train::trainer::{Item, Outcome, Trainer};
+use crate::train::trainer::{EvalStats, Item, Outcome, Trainer};
 use protocol::params::{Stage, TrainArgs};
 
 /// Fewer curated examples than this is not a dataset worth an adapter version.
@@ -183,7 +183,8 @@ pub fn run(input: JobInput, cancel: &(dyn Fn() -> bool + Sync)) -> Result<JobRes
             (loaded.format, loaded.examples, loaded.dropped, None)
         }
         Source::Feedback { items, options } => {
-            let fb = dataset::examples_from_feedback(items, options);
+            let options = FeedbackOptions { kto: cfg.stage == Stage::Kto, ..options.clone() };
+            let fb = dataset::examples_from_feedback(items, &options);
             (DatasetFormat::Feedback, fb.examples, fb.dropped, fb.range)
         }
     };
@@ -258,6 +259,17 @@ pub fn run(input: JobInput, cancel: &(dyn Fn() -> bool + Sync)) -> Result<JobRes
                         None,
                     ));
                 }
+                // KTO learns from every answer with a verdict: tagged ones, plain answers
+                // (desirable) and both sides of a pair.
+                (Target::Kto { answer, desirable }, Stage::Kto) => {
+                    let probe = desirable.then(|| Probe { prompt: prompt.clone(), expected: answer.clone() });
+                    items.push((Item::kto(seq(answer)?, *desirable), probe));
+                }
+                (Target::Sft { answer }, Stage::Kto) => items.push((Item::kto(seq(answer)?, true), None)),
+                (Target::Preference { chosen, rejected }, Stage::Kto) => {
+                    items.push((Item::kto(seq(chosen)?, true), None));
+                    items.push((Item::kto(seq(rejected)?, false), None));
+                }
                 _ => {}
             }
         }
@@ -269,6 +281,7 @@ pub fn run(input: JobInput, cancel: &(dyn Fn() -> bool + Sync)) -> Result<JobRes
         let wanted = match cfg.stage {
             Stage::Sft => "answers (SFT examples, thumbs up, accepted corrections or desirable KTO records)",
             Stage::Dpo => "preference pairs (chosen/rejected, or corrections of an answer)",
+            Stage::Kto => "answers with a verdict (kto_tag records, thumbs up / down, corrections)",
         };
         return Err(FinetuneError::Config {
             detail: format!("the curated training split has no {wanted}; see {}", out.join("report.md").display()),
@@ -291,11 +304,11 @@ pub fn run(input: JobInput, cancel: &(dyn Fn() -> bool + Sync)) -> Result<JobRes
             cfg.seed,
         )?,
     };
-    let (train_items, val_items) = if cfg.stage == Stage::Dpo {
+    let (train_items, val_items) = if cfg.stage == Stage::Sft {
+        (train_items, val_items)
+    } else {
         let reference = params.adapter(false);
         (with_reference(&train_model, &reference, train_items)?, with_reference(&train_model, &reference, val_items)?)
-    } else {
-        (train_items, val_items)
     };
     let fingerprint = {
         let mut h = Sha256::new();
@@ -321,7 +334,7 @@ pub fn run(input: JobInput, cancel: &(dyn Fn() -> bool + Sync)) -> Result<JobRes
     let answers: Vec<&str> = probes.iter().map(|p| p.expected.as_str()).collect();
     let answer_tokens: Vec<usize> =
         probes.iter().map(|p| encoder.answer_ids(&p.expected).map_or(usize::MAX, |v| v.len() - 1)).collect();
-    let classify = cfg.stage == Stage::Sft && eval::is_classification(&answers, &answer_tokens);
+    let classify = cfg.stage != Stage::Dpo && eval::is_classification(&answers, &answer_tokens);
     let runtime = if classify {
         Some(Runtime::from_llama(&train_model, 0).map_err(|e| FinetuneError::Model { detail: e.to_string() })?)
     } else {
@@ -335,8 +348,12 @@ pub fn run(input: JobInput, cancel: &(dyn Fn() -> bool + Sync)) -> Result<JobRes
     }
     candidates.push(("candidate".into(), Some(&candidate)));
     for (name, adapter) in candidates {
-        let (val_loss, reward_accuracy) =
-            if val_items.is_empty() { (f64::NAN, None) } else { trainer.evaluate_adapter(adapter, &val_items)? };
+        let stats = if val_items.is_empty() {
+            EvalStats { loss: f64::NAN, reward_accuracy: None, reward_margin: None }
+        } else {
+            trainer.evaluate_adapter(adapter, &val_items)?
+        };
+        let (val_loss, reward_accuracy, reward_margin) = (stats.loss, stats.reward_accuracy, stats.reward_margin);
         let (accuracy, correct, total) = match &runtime {
             Some(rt) => {
                 let (c, t) = eval::accuracy(rt, adapter, &tokenizer, &eos_ids, &probes, max_new)?;
@@ -345,7 +362,7 @@ pub fn run(input: JobInput, cancel: &(dyn Fn() -> bool + Sync)) -> Result<JobRes
             None => (None, None, None),
         };
         let perplexity = if cfg.stage == Stage::Sft { val_loss.exp() } else { f64::NAN };
-        rows.push(EvalRow { name, val_loss, perplexity, accuracy, correct, total, reward_accuracy });
+        rows.push(EvalRow { name, val_loss, perplexity, accuracy, correct, total, reward_accuracy, reward_margin });
     }
     if input.progress {
         eprintln!("\nheld-out evaluation ({} examples):\n{}", curated.val.len(), eval::table(&rows));
@@ -390,33 +407,48 @@ pub fn run(input: JobInput, cancel: &(dyn Fn() -> bool + Sync)) -> Result<JobRes
     Ok(JobResult { adapter_dir, report: curated.report, outcome, eval: rows, lineage, metrics })
 }
 
-/// Scores both answers of every pair under the reference (the adapter training starts from),
-/// once, before training.
-fn with_reference(model: &Llama, reference: &AdapterWeights, items: Vec<Item>) -> Result<Vec<Item>, FinetuneError> {
-    let pairs: Vec<(Seq, Seq)> = items
-        .into_iter()
-        .filter_map(|i| match i {
-            Item::Pair { chosen, rejected, .. } => Some((chosen, rejected)),
-            Item::Sft(_) => None,
+/// Scores every sequence a preference item compares under the reference (the adapter training
+/// starts from), once, before training: both answers of a DPO pair; a KTO answer and its
+/// mismatched answer, whose log-ratio estimates the KL term. KTO items get their mismatched
+/// answer here: the next item's answer after this item's prompt, as LLaMA-Factory does.
+fn with_reference(model: &Llama, reference: &AdapterWeights, mut items: Vec<Item>) -> Result<Vec<Item>, FinetuneError> {
+    let n = items.len();
+    let answers: Vec<Vec<u32>> = items
+        .iter()
+        .map(|i| match i {
+            Item::Kto { seq, .. } => seq.ids[seq.answer_start..].to_vec(),
+            _ => Vec::new(),
         })
         .collect();
-    let mut out = Vec::with_capacity(pairs.len());
-    for chunk in pairs.chunks(8) {
-        let seqs: Vec<&Seq> = chunk.iter().flat_map(|(c, r)| [c, r]).collect();
+    for (k, item) in items.iter_mut().enumerate() {
+        if let Item::Kto { seq, kl, .. } = item {
+            let mut ids = seq.ids[..seq.answer_start].to_vec();
+            ids.extend(&answers[(k + 1) % n]);
+            *kl = Seq { ids, answer_start: seq.answer_start };
+        }
+    }
+    for chunk in items.chunks_mut(8) {
+        let seqs: Vec<&Seq> = chunk.iter().flat_map(|i| i.scored()).collect();
         let batch = Batch::new(&seqs)?;
         let lp = batch
             .sequence_logprobs(&batch.token_logprobs(model, Some(reference)).map_err(err)?)
             .map_err(err)?
             .to_vec1::<f32>()
             .map_err(err)?;
-        for (k, (chosen, rejected)) in chunk.iter().enumerate() {
-            out.push(Item::Pair {
-                chosen: chosen.clone(),
-                rejected: rejected.clone(),
-                ref_chosen: lp[2 * k],
-                ref_rejected: lp[2 * k + 1],
-            });
+        let mut lp = lp.into_iter();
+        for item in chunk.iter_mut() {
+            match item {
+                Item::Pair { ref_chosen, ref_rejected, .. } => {
+                    *ref_chosen = lp.next().unwrap_or_default();
+                    *ref_rejected = lp.next().unwrap_or_default();
+                }
+                Item::Kto { ref_lp, ref_kl, .. } => {
+                    *ref_lp = lp.next().unwrap_or_default();
+                    *ref_kl = lp.next().unwrap_or_default();
+                }
+                Item::Sft(_) => {}
+            }
         }
     }
-    Ok(out)
+    Ok(items)
 }

@@ -14,6 +14,9 @@ pub enum Stage {
     /// Direct preference optimisation on chosen/rejected pairs, against a frozen reference
     /// (the adapter training starts from, or the base model).
     Dpo,
+    /// Kahneman-Tversky optimisation on answers marked desirable or undesirable (`kto_tag`,
+    /// thumbs up / down) without a pair, against the same frozen reference as DPO.
+    Kto,
 }
 
 /// How the learning rate moves after warm-up.
@@ -62,8 +65,12 @@ pub struct TrainConfig {
     /// Write a checkpoint every this many steps (0: only at the end).
     pub save_steps: usize,
     pub seed: u64,
-    /// DPO's temperature on the log-ratio margin.
+    /// DPO's and KTO's temperature on the log-ratio (LLaMA-Factory's `pref_beta`).
     pub dpo_beta: f64,
+    /// KTO: weight of the desirable answers' loss.
+    pub kto_chosen_weight: f64,
+    /// KTO: weight of the undesirable answers' loss.
+    pub kto_rejected_weight: f64,
 }
 
 impl Default for TrainConfig {
@@ -94,6 +101,8 @@ impl Default for TrainConfig {
             save_steps: 50,
             seed: 42,
             dpo_beta: 0.1,
+            kto_chosen_weight: 1.0,
+            kto_rejected_weight: 1.0,
         }
     }
 }
@@ -179,6 +188,8 @@ impl TrainConfig {
             return Err("--max-samples must be at least 1".into());
         }
         positive("--dpo-beta", self.dpo_beta)?;
+        positive("--kto-chosen-weight", self.kto_chosen_weight)?;
+        positive("--kto-rejected-weight", self.kto_rejected_weight)?;
         Ok(())
     }
 }
@@ -187,7 +198,8 @@ impl TrainConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct TrainArgs {
-    /// sft (default) or dpo (preference pairs, e.g. corrections against the original answers).
+    /// sft (default), dpo (preference pairs, e.g. corrections against the original answers) or
+    /// kto (answers tagged desirable / undesirable, e.g. thumbs up / down without a pair).
     #[arg(long, value_enum)]
     pub stage: Option<Stage>,
     /// LoRA rank (default 8).
@@ -259,9 +271,16 @@ pub struct TrainArgs {
     /// Seed for initialisation, data order, dropout and the split (default 42).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// DPO's beta (default 0.1).
+    /// DPO's and KTO's beta (default 0.1).
     #[arg(long)]
     pub dpo_beta: Option<f64>,
+    /// KTO: weight of the desirable answers' loss (default 1).
+    #[arg(long)]
+    pub kto_chosen_weight: Option<f64>,
+    /// KTO: weight of the undesirable answers' loss (default 1; LLaMA-Factory's advice is to
+    /// keep chosen·#desirable / rejected·#undesirable between 1 and 4/3).
+    #[arg(long)]
+    pub kto_rejected_weight: Option<f64>,
 }
 
 /// One training parameter as a form shows it: its kind, default, valid range (the same bounds
@@ -312,8 +331,13 @@ pub fn param_specs(base_params: usize) -> Vec<ParamSpec> {
     let choice = |s: ParamSpec, choices: Vec<&'static str>| ParamSpec { choices, ..s };
     vec![
         choice(
-            spec("stage", "choice", json!("sft"), "What the job optimises: sft (answers) or dpo (preference pairs)."),
-            vec!["sft", "dpo"],
+            spec(
+                "stage",
+                "choice",
+                json!("sft"),
+                "What the job optimises: sft (answers), dpo (preference pairs) or kto (thumbs up / down).",
+            ),
+            vec!["sft", "dpo", "kto"],
         ),
         range(spec("lora_rank", "int", json!(d.lora_rank), "LoRA rank."), 1.0, Some(256.0)),
         above(
@@ -383,7 +407,20 @@ pub fn param_specs(base_params: usize) -> Vec<ParamSpec> {
             0.0,
             None,
         ),
-        above(spec("dpo_beta", "float", json!(d.dpo_beta), "DPO's beta."), 0.0),
+        above(spec("dpo_beta", "float", json!(d.dpo_beta), "DPO's and KTO's beta."), 0.0),
+        above(
+            spec("kto_chosen_weight", "float", json!(d.kto_chosen_weight), "KTO: weight of the desirable answers."),
+            0.0,
+        ),
+        above(
+            spec(
+                "kto_rejected_weight",
+                "float",
+                json!(d.kto_rejected_weight),
+                "KTO: weight of the undesirable answers.",
+            ),
+            0.0,
+        ),
     ]
 }
 
@@ -420,6 +457,8 @@ impl TrainArgs {
             save_steps: self.save_steps.unwrap_or(d.save_steps),
             seed: self.seed.unwrap_or(d.seed),
             dpo_beta: self.dpo_beta.unwrap_or(d.dpo_beta),
+            kto_chosen_weight: self.kto_chosen_weight.unwrap_or(d.kto_chosen_weight),
+            kto_rejected_weight: self.kto_rejected_weight.unwrap_or(d.kto_rejected_weight),
         };
         cfg.validate()?;
         Ok(cfg)

@@ -8,39 +8,33 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 use crate::kernels::QMatrix;
 
-/// `y = x Wᵀ` with W frozen: `W` packed for the forward kernels and as a dense tensor for the
-/// input gradient `∂L/∂x = ∂L/∂y · W`. Cheap to clone.
+/// `y = x Wᵀ` with W frozen and packed (GGUF blocks as they are): the forward pass runs the
+/// serving kernels, the backward pass the input gradient `∂L/∂x = ∂L/∂y · W` from the same
+/// packed weights ([`QMatrix::matmul_t`]), so no dense copy is kept. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct FrozenLinear {
-    weights: Arc<Weights>,
-}
-
-#[derive(Debug)]
-struct Weights {
-    packed: QMatrix,
-    dense: Tensor,
+    weights: Arc<QMatrix>,
 }
 
 /// The custom op candle records in the graph; holds the weights by reference count.
-struct MatmulOp(Arc<Weights>);
+struct MatmulOp(Arc<QMatrix>);
+
+/// Its backward: `g · W`.
+struct InputGradOp(Arc<QMatrix>);
 
 impl FrozenLinear {
-    /// `dense` is `[out, in]` f32; `packed` holds exactly the same values (a GGUF weight keeps
-    /// its blocks, whose dequantized values are `dense`).
-    pub fn new(packed: QMatrix, dense: Tensor) -> candle_core::Result<Self> {
-        let (out, inp) = dense.dims2()?;
-        if packed.rows() != out || packed.cols() != inp {
-            candle_core::bail!("packed weight is {}x{}, dense is {out}x{inp}", packed.rows(), packed.cols());
-        }
-        Ok(Self { weights: Arc::new(Weights { packed, dense: dense.contiguous()? }) })
+    pub fn new(packed: QMatrix) -> Self {
+        Self { weights: Arc::new(packed) }
     }
 
-    pub fn dense(&self) -> &Tensor {
-        &self.weights.dense
+    /// The weight as a dense `[out, in]` f32 tensor.
+    pub fn dense(&self) -> candle_core::Result<Tensor> {
+        let w = &self.weights;
+        Tensor::from_vec(w.to_dense(), (w.rows(), w.cols()), &candle_core::Device::Cpu)
     }
 
     pub fn packed(&self) -> &QMatrix {
-        &self.weights.packed
+        &self.weights
     }
 
     /// `x` `[.., in]` → `[.., out]`, differentiable with respect to `x` only.
@@ -57,8 +51,8 @@ impl CustomOp1 for MatmulOp {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = layout.shape().dims();
         let inp = *dims.last().ok_or_else(|| candle_core::Error::Msg("frozen linear needs a matrix input".into()))?;
-        if inp != self.0.packed.cols() {
-            candle_core::bail!("frozen linear expects {} inputs, got {inp}", self.0.packed.cols());
+        if inp != self.0.cols() {
+            candle_core::bail!("frozen linear expects {} inputs, got {inp}", self.0.cols());
         }
         let CpuStorage::F32(data) = storage else {
             candle_core::bail!("frozen linear runs on f32 activations");
@@ -68,9 +62,9 @@ impl CustomOp1 for MatmulOp {
             None => candle_core::bail!("frozen linear needs a contiguous input"),
         };
         let rows = x.len() / inp.max(1);
-        let out = self.0.packed.rows();
+        let out = self.0.rows();
         let mut y = vec![0f32; rows * out];
-        self.0.packed.matmul(x, rows, &mut y, out);
+        self.0.matmul(x, rows, &mut y, out);
         let mut shape = dims.to_vec();
         if let Some(last) = shape.last_mut() {
             *last = out;
@@ -79,6 +73,36 @@ impl CustomOp1 for MatmulOp {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad_res.broadcast_matmul(&self.0.dense)?))
+        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&InputGradOp(self.0.clone()))?))
+    }
+}
+
+impl CustomOp1 for InputGradOp {
+    fn name(&self) -> &'static str {
+        "frozen-linear-input-grad"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = layout.shape().dims();
+        let out = self.0.rows();
+        if dims.last() != Some(&out) {
+            candle_core::bail!("frozen linear's gradient has {dims:?}, expected {out} outputs");
+        }
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("frozen linear runs on f32 gradients");
+        };
+        let g = match layout.contiguous_offsets() {
+            Some((start, end)) => &data[start..end],
+            None => candle_core::bail!("frozen linear needs a contiguous gradient"),
+        };
+        let rows = g.len() / out.max(1);
+        let inp = self.0.cols();
+        let mut gx = vec![0f32; rows * inp];
+        self.0.matmul_t(g, rows, &mut gx);
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = inp;
+        }
+        Ok((CpuStorage::F32(gx), Shape::from(shape)))
     }
 }

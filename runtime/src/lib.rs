@@ -4,7 +4,8 @@
 //! - the LoRA maths ([`lora`]): [`lora::LoraLinear`] wraps a frozen base linear and applies
 //!   per-row adapters; [`lora::AdapterWeights`] is one adapter version loaded from its PEFT
 //!   files; [`frozen::FrozenLinear`] is the frozen base linear that training back-propagates
-//!   through;
+//!   through, and [`train_ops`] the fused RMSNorm, RoPE, causal softmax and SwiGLU with
+//!   hand-written backward passes that training runs on;
 //! - the llama decoder built from it ([`llama::Llama`], loaded from GGUF or HF safetensors, with
 //!   its tokenizer and chat template as [`llama::ChatModel`]), and the serving runtime
 //!   ([`llama::Runtime`]) that runs the same model on packed quantized weights, one batch of
@@ -36,5 +37,6 @@ pub mod kernels;
 pub mod llama;
 pub mod lora;
 pub mod testing;
+pub mod train_ops;
 
 pub use error::{Result, RuntimeError};

@@ -45,7 +45,7 @@ impl BaseWeight {
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32),
             },
             BaseWeight::Dense(w) => Ok(w.clone()),
-            BaseWeight::Frozen(f) => Ok(f.dense().clone()),
+            BaseWeight::Frozen(f) => f.dense(),
         }
     }
 }
@@ -234,7 +234,8 @@ impl LoraPair {
                     Some(d) => d.apply(x)?,
                     None => x.clone(),
                 };
-                x.broadcast_matmul(&self.a.t()?)?.broadcast_matmul(&self.b.t()?)? * self.scale
+                // The scale on the rank-r product, the smallest tensor on the path.
+                (x.broadcast_matmul(&self.a.t()?)? * self.scale)?.broadcast_matmul(&self.b.t()?)
             }
         }
     }

@@ -133,6 +133,10 @@ pub struct FeedbackOptions {
     /// Only feedback on answers of this application endpoint (`classify`, `qa`, `generate`,
     /// `recommend`), or `chat` for chat and text completions.
     pub task: Option<String>,
+    /// KTO's view (`--stage kto`): a thumbs up (or a rating of 4+) tags the answer desirable, a
+    /// thumbs down (or a rating of 2 or less) undesirable, and a correction gives a desirable
+    /// correction and an undesirable original; no pairs are formed.
+    pub kto: bool,
 }
 
 impl FeedbackOptions {
@@ -168,8 +172,11 @@ pub struct FeedbackExamples {
 
 /// Turns accepted feedback into examples. A correction gives an SFT example (`<id>`) and a
 /// preference pair against the original answer (`<id>:pref`); a thumbs up or a rating of 4+
-/// without one gives an SFT example of the original answer. Unreviewed and rejected records,
-/// and accepted ones with nothing to learn or no usable completion, are dropped with reasons.
+/// without one gives a desirable `kto_tag` example of the original answer (SFT trains on it as
+/// on any answer). With [`FeedbackOptions::kto`], a thumbs down or a rating of 2 or less gives
+/// an undesirable one, and a correction a desirable correction (`<id>`) and an undesirable
+/// original (`<id>:kto`). Unreviewed and rejected records, and accepted ones with nothing to
+/// learn or no usable completion, are dropped with reasons.
 pub fn examples_from_feedback(items: &[FeedbackItem], opts: &FeedbackOptions) -> FeedbackExamples {
     let mut out = FeedbackExamples::default();
     let mut used: Vec<&FeedbackRecord> = Vec::new();
@@ -179,7 +186,7 @@ pub fn examples_from_feedback(items: &[FeedbackItem], opts: &FeedbackOptions) ->
             out.not_selected += 1;
             continue;
         }
-        match from_item(item) {
+        match from_item(item, opts.kto) {
             Ok(made) => {
                 if made.iter().any(Result::is_ok) {
                     used.push(f);
@@ -210,7 +217,7 @@ pub fn examples_from_feedback(items: &[FeedbackItem], opts: &FeedbackOptions) ->
 }
 
 /// The examples (or per-example drops) one accepted item gives, or why the item gives none.
-fn from_item(item: &FeedbackItem) -> Result<Vec<Result<Example, Dropped>>, Reject> {
+fn from_item(item: &FeedbackItem, kto: bool) -> Result<Vec<Result<Example, Dropped>>, Reject> {
     let f = &item.feedback;
     match item.status {
         ReviewStatus::Pending => return Err(Reject::new(DropReason::Unreviewed, "not reviewed by an admin yet")),
@@ -219,7 +226,8 @@ fn from_item(item: &FeedbackItem) -> Result<Vec<Result<Example, Dropped>>, Rejec
     }
     let correction = item.accepted_correction.as_deref().map(normalize_text).filter(|c| !c.is_empty());
     let positive = f.thumbs == Some(Thumbs::Up) || (f.thumbs.is_none() && f.rating.is_some_and(|r| r >= 4));
-    if correction.is_none() && !positive {
+    let negative = f.thumbs == Some(Thumbs::Down) || (f.thumbs.is_none() && f.rating.is_some_and(|r| r <= 2));
+    if correction.is_none() && !positive && !(kto && negative) {
         let detail = if f.thumbs == Some(Thumbs::Down) {
             "thumbs down without a correction gives nothing to learn"
         } else {
@@ -252,8 +260,18 @@ fn from_item(item: &FeedbackItem) -> Result<Vec<Result<Example, Dropped>>, Rejec
         if original.is_empty() {
             return Err(Reject::new(DropReason::Empty, "the original answer is empty"));
         }
-        return Ok(vec![Ok(example(f.id.clone(), Target::Sft { answer: original }))]);
+        return Ok(vec![Ok(example(f.id.clone(), Target::Kto { answer: original, desirable: positive }))]);
     };
+    if kto {
+        let original = if original.is_empty() {
+            Err(Dropped::new(format!("{}:kto", f.id), DropReason::Empty, "the original answer is empty"))
+        } else if original == correction {
+            Err(Dropped::new(format!("{}:kto", f.id), DropReason::NoSignal, "the correction equals the original answer"))
+        } else {
+            Ok(example(format!("{}:kto", f.id), Target::Kto { answer: original, desirable: false }))
+        };
+        return Ok(vec![Ok(example(f.id.clone(), Target::Kto { answer: correction, desirable: true })), original]);
+    }
     let pref_id = format!("{}:pref", f.id);
     let pair = if original.is_empty() {
         Err(Dropped::new(pref_id, DropReason::Empty, "the original answer is empty, so there is no rejected side"))
@@ -348,7 +366,11 @@ mod tests {
         );
         write_lines(
             &dir.path().join(names::completions_file(0)),
-            &[completion("r1", chat_prompt("q1"), "wrong"), completion("other", json!("x"), "y")],
+            &[
+                completion("r1", chat_prompt("q1"), "wrong"),
+                completion("other", json!("x"), "y"),
+                completion("r4", json!("p4"), "bad"),
+            ],
             "",
         );
         write_lines(
@@ -375,7 +397,7 @@ mod tests {
             Target::Preference { chosen: "the reviewed fix".into(), rejected: "wrong".into() }
         );
         assert_eq!(out.examples[2].prompt, [Message::new(Role::User, "raw prompt")]);
-        assert_eq!(out.examples[2].target, Target::Sft { answer: "right".into() });
+        assert_eq!(out.examples[2].target, Target::Kto { answer: "right".into(), desirable: true });
         let drops: Vec<(&str, DropReason)> = out.dropped.iter().map(|d| (d.id.as_str(), d.reason)).collect();
         assert_eq!(drops, [("fb-3", DropReason::Rejected), ("fb-4", DropReason::NothingToLearn)]);
         assert!(out.dropped[1].detail.contains("thumbs down"));
@@ -384,6 +406,21 @@ mod tests {
             (range.count, range.first_id.as_str(), range.last_id.as_str(), range.last_created),
             (2, "fb-1", "fb-2", 20)
         );
+
+        // KTO's view: thumbs down is an undesirable answer, a correction no pair.
+        let kto = examples_from_feedback(&items, &FeedbackOptions { kto: true, ..Default::default() });
+        let got: Vec<(&str, &Target)> = kto.examples.iter().map(|e| (e.id.as_str(), &e.target)).collect();
+        assert_eq!(
+            got,
+            [
+                ("fb-1", &Target::Kto { answer: "the reviewed fix".into(), desirable: true }),
+                ("fb-1:kto", &Target::Kto { answer: "wrong".into(), desirable: false }),
+                ("fb-2", &Target::Kto { answer: "right".into(), desirable: true }),
+                ("fb-4", &Target::Kto { answer: "bad".into(), desirable: false }),
+            ]
+        );
+        let drops: Vec<(&str, DropReason)> = kto.dropped.iter().map(|d| (d.id.as_str(), d.reason)).collect();
+        assert_eq!(drops, [("fb-3", DropReason::Rejected)]);
     }
 
     #[test]

@@ -30,14 +30,88 @@ pub enum Item {
         ref_chosen: f32,
         ref_rejected: f32,
     },
+    /// A KTO answer with its verdict, the same prompt with another item's answer (`kl`, whose
+    /// log-ratio estimates the KL reference point) and the reference's log-probabilities of both.
+    Kto {
+        seq: Seq,
+        kl: Seq,
+        desirable: bool,
+        ref_lp: f32,
+        ref_kl: f32,
+    },
 }
 
 impl Item {
-    /// What the step's loss is averaged over: answer tokens (SFT) or pairs (DPO).
+    /// A KTO item before its reference scores and mismatched answer are filled in.
+    pub fn kto(seq: Seq, desirable: bool) -> Self {
+        Item::Kto { kl: seq.clone(), seq, desirable, ref_lp: 0.0, ref_kl: 0.0 }
+    }
+
+    /// What the step's loss is averaged over: answer tokens (SFT), pairs (DPO) or answers (KTO).
     fn weight(&self) -> usize {
         match self {
             Item::Sft(s) => s.answer_tokens(),
-            Item::Pair { .. } => 1,
+            Item::Pair { .. } | Item::Kto { .. } => 1,
+        }
+    }
+
+    /// The sequences the item runs through the model, in the order their scores are used.
+    pub fn scored(&self) -> Vec<&Seq> {
+        match self {
+            Item::Sft(s) => vec![s],
+            Item::Pair { chosen, rejected, .. } => vec![chosen, rejected],
+            Item::Kto { seq, kl, .. } => vec![seq, kl],
+        }
+    }
+}
+
+/// What a micro-batch's scores say besides its loss: DPO's β-scaled margins per pair, KTO's
+/// rewards `β·(log p − log p_ref)` per answer with its verdict.
+#[derive(Debug, Default)]
+struct Scores {
+    margins: Vec<f32>,
+    rewards: Vec<(f32, bool)>,
+}
+
+/// Held-out loss and, for preference stages, the ranking figures.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvalStats {
+    /// Mean loss per answer token (SFT), pair (DPO) or answer (KTO).
+    pub loss: f64,
+    /// DPO: share of pairs ranked right. KTO: share of (desirable, undesirable) answer pairs
+    /// whose desirable answer has the higher reward (ties count half).
+    pub reward_accuracy: Option<f64>,
+    /// DPO: mean β-scaled margin. KTO: mean reward of desirable answers minus that of
+    /// undesirable ones.
+    pub reward_margin: Option<f64>,
+}
+
+impl Scores {
+    fn stats(&self, loss: f64) -> EvalStats {
+        if !self.margins.is_empty() {
+            let n = self.margins.len() as f64;
+            return EvalStats {
+                loss,
+                reward_accuracy: Some(self.margins.iter().filter(|m| **m > 0.0).count() as f64 / n),
+                reward_margin: Some(self.margins.iter().map(|m| *m as f64).sum::<f64>() / n),
+            };
+        }
+        let good: Vec<f64> = self.rewards.iter().filter(|r| r.1).map(|r| r.0 as f64).collect();
+        let bad: Vec<f64> = self.rewards.iter().filter(|r| !r.1).map(|r| r.0 as f64).collect();
+        if good.is_empty() || bad.is_empty() {
+            return EvalStats { loss, reward_accuracy: None, reward_margin: None };
+        }
+        let mut above = 0.0;
+        for g in &good {
+            for b in &bad {
+                above += if g > b { 1.0 } else if g == b { 0.5 } else { 0.0 };
+            }
+        }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        EvalStats {
+            loss,
+            reward_accuracy: Some(above / (good.len() * bad.len()) as f64),
+            reward_margin: Some(mean(&good) - mean(&bad)),
         }
     }
 }
@@ -116,57 +190,89 @@ fn neg_log_sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 impl Trainer<'_> {
-    /// The summed loss of `items` (a micro-batch) and, for DPO, how many pairs were ranked right.
-    fn loss_sum(&self, adapter: Option<&AdapterWeights>, items: &[&Item]) -> candle_core::Result<(Tensor, usize)> {
+    /// The summed loss of `items` (a micro-batch) and what its scores say.
+    fn loss_sum(&self, adapter: Option<&AdapterWeights>, items: &[&Item]) -> candle_core::Result<(Tensor, Scores)> {
+        let msg = |e: FinetuneError| candle_core::Error::Msg(e.to_string());
+        let seqs: Vec<&Seq> = items.iter().flat_map(|i| i.scored()).collect();
         match items.first() {
             Some(Item::Pair { .. }) => {
-                let mut seqs = Vec::with_capacity(items.len() * 2);
-                let mut refs = Vec::with_capacity(items.len() * 2);
-                for item in items {
-                    if let Item::Pair { chosen, rejected, ref_chosen, ref_rejected } = item {
-                        seqs.extend([chosen, rejected]);
-                        refs.extend([*ref_chosen, *ref_rejected]);
-                    }
-                }
-                let batch = Batch::new(&seqs).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                let refs: Vec<f32> = items
+                    .iter()
+                    .flat_map(|i| match i {
+                        Item::Pair { ref_chosen, ref_rejected, .. } => vec![*ref_chosen, *ref_rejected],
+                        _ => Vec::new(),
+                    })
+                    .collect();
+                let batch = Batch::new(&seqs).map_err(msg)?;
                 let lp = batch.sequence_logprobs(&batch.token_logprobs(self.model, adapter)?)?;
                 let k = seqs.len() / 2;
                 let diff = (lp - Tensor::from_vec(refs, k * 2, &Device::Cpu)?)?.reshape((k, 2))?;
                 let margin = ((diff.narrow(1, 0, 1)? - diff.narrow(1, 1, 1)?)? * self.cfg.dpo_beta)?;
-                let right = margin.flatten_all()?.to_vec1::<f32>()?.iter().filter(|m| **m > 0.0).count();
-                Ok((neg_log_sigmoid(&margin)?.sum_all()?, right))
+                let margins = margin.flatten_all()?.to_vec1::<f32>()?;
+                Ok((neg_log_sigmoid(&margin)?.sum_all()?, Scores { margins, ..Scores::default() }))
             }
+            Some(Item::Kto { .. }) => self.kto_loss(adapter, items),
             _ => {
-                let seqs: Vec<&Seq> =
-                    items.iter().filter_map(|i| if let Item::Sft(s) = i { Some(s) } else { None }).collect();
-                let batch = Batch::new(&seqs).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                Ok((batch.token_logprobs(self.model, adapter)?.sum_all()?.neg()?, 0))
+                let batch = Batch::new(&seqs).map_err(msg)?;
+                Ok((batch.token_logprobs(self.model, adapter)?.sum_all()?.neg()?, Scores::default()))
             }
         }
     }
 
-    /// Mean validation loss (per answer token, or per pair), and DPO's reward accuracy, of the
-    /// weights being trained.
-    pub fn evaluate(&self, params: &LoraParams, val: &[Item]) -> Result<(f64, Option<f64>), FinetuneError> {
+    /// KTO (Ethayarajh et al. 2024, as TRL and LLaMA-Factory compute it): with the log-ratio
+    /// `r = log p(y|x) − log p_ref(y|x)` and the reference point `z = max(0, mean r_kl)` over the
+    /// micro-batch's mismatched answers (no gradient), a desirable answer costs
+    /// `w_d·(1 − σ(β(r − z)))` and an undesirable one `w_u·(1 − σ(β(z − r)))`.
+    fn kto_loss(&self, adapter: Option<&AdapterWeights>, items: &[&Item]) -> candle_core::Result<(Tensor, Scores)> {
+        let msg = |e: FinetuneError| candle_core::Error::Msg(e.to_string());
+        let (mut seqs, mut kls, mut refs, mut kl_refs, mut signs, mut weights, mut flags) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for item in items {
+            if let Item::Kto { seq, kl, desirable, ref_lp, ref_kl } = item {
+                seqs.push(seq);
+                kls.push(kl);
+                refs.push(*ref_lp);
+                kl_refs.push(*ref_kl);
+                signs.push(if *desirable { 1f32 } else { -1.0 });
+                weights.push(if *desirable { self.cfg.kto_chosen_weight } else { self.cfg.kto_rejected_weight } as f32);
+                flags.push(*desirable);
+            }
+        }
+        let k = seqs.len();
+        let dev = Device::Cpu;
+        let kl_batch = Batch::new(&kls).map_err(msg)?;
+        let kl_lp = kl_batch.sequence_logprobs(&kl_batch.token_logprobs(self.model, adapter)?)?.detach();
+        let kl_ratio = kl_lp.to_vec1::<f32>()?.iter().zip(&kl_refs).map(|(a, b)| a - b).sum::<f32>() / k.max(1) as f32;
+        let z = kl_ratio.max(0.0) as f64;
+        let batch = Batch::new(&seqs).map_err(msg)?;
+        let lp = batch.sequence_logprobs(&batch.token_logprobs(self.model, adapter)?)?;
+        let ratio = (lp - Tensor::from_vec(refs, k, &dev)?)?;
+        let rewards: Vec<(f32, bool)> = (ratio.to_vec1::<f32>()?.iter().map(|r| r * self.cfg.dpo_beta as f32))
+            .zip(flags)
+            .collect();
+        // 1 − σ(x) = σ(−x) = exp(−(−log σ(−x))), from ops that back-propagate.
+        let x = ((ratio - z)? * self.cfg.dpo_beta)?.mul(&Tensor::from_vec(signs, k, &dev)?)?;
+        let loss = neg_log_sigmoid(&x.neg()?)?.neg()?.exp()?.mul(&Tensor::from_vec(weights, k, &dev)?)?;
+        Ok((loss.sum_all()?, Scores { rewards, ..Scores::default() }))
+    }
+
+    /// Held-out loss and ranking figures of the weights being trained.
+    pub fn evaluate(&self, params: &LoraParams, val: &[Item]) -> Result<EvalStats, FinetuneError> {
         self.evaluate_adapter(Some(&params.adapter(false)), val)
     }
 
     /// The same for any adapter (the base model with `None`, or the version serving today).
-    pub fn evaluate_adapter(
-        &self,
-        adapter: Option<&AdapterWeights>,
-        val: &[Item],
-    ) -> Result<(f64, Option<f64>), FinetuneError> {
-        let (mut sum, mut weight, mut right) = (0.0, 0usize, 0usize);
+    pub fn evaluate_adapter(&self, adapter: Option<&AdapterWeights>, val: &[Item]) -> Result<EvalStats, FinetuneError> {
+        let (mut sum, mut weight, mut scores) = (0.0, 0usize, Scores::default());
         let refs: Vec<&Item> = val.iter().collect();
         for chunk in refs.chunks(self.cfg.batch_size.max(1)) {
-            let (loss, r) = self.loss_sum(adapter, chunk).map_err(err)?;
+            let (loss, s) = self.loss_sum(adapter, chunk).map_err(err)?;
             sum += loss.to_scalar::<f32>().map_err(err)? as f64;
             weight += chunk.iter().map(|i| i.weight()).sum::<usize>();
-            right += r;
+            scores.margins.extend(s.margins);
+            scores.rewards.extend(s.rewards);
         }
-        let acc = matches!(val.first(), Some(Item::Pair { .. })).then(|| right as f64 / val.len().max(1) as f64);
-        Ok((sum / weight.max(1) as f64, acc))
+        Ok(scores.stats(sum / weight.max(1) as f64))
     }
 
     /// Trains `params` on `train`, evaluating on `val`. Resumes from `out/checkpoints` when it
@@ -239,13 +345,7 @@ impl Trainer<'_> {
                 let adapter = params.adapter(true);
                 let (loss, _) = self.loss_sum(Some(&adapter), chunk).map_err(err)?;
                 loss_sum += loss.to_scalar::<f32>().map_err(err)? as f64;
-                tokens += chunk
-                    .iter()
-                    .map(|i| match i {
-                        Item::Sft(s) => s.ids.len(),
-                        Item::Pair { chosen, rejected, .. } => chosen.ids.len() + rejected.ids.len(),
-                    })
-                    .sum::<usize>();
+                tokens += chunk.iter().flat_map(|i| i.scored()).map(|s| s.ids.len()).sum::<usize>();
                 let store = (loss / weight as f64).map_err(err)?.backward().map_err(err)?;
                 for (g, (var, _)) in grads.iter_mut().zip(&vars) {
                     if let Some(new) = store.get(var.as_tensor()) {
@@ -306,7 +406,8 @@ impl Trainer<'_> {
                         step.is_multiple_of(per_epoch)
                     });
             if eval_due {
-                let (val_loss, acc) = self.evaluate(params, val)?;
+                let stats = self.evaluate(params, val)?;
+                let (val_loss, acc) = (stats.loss, stats.reward_accuracy);
                 entry.val_loss = Some(val_loss);
                 entry.reward_accuracy = acc;
                 if state.best_val_loss.is_none_or(|b| val_loss < b) {

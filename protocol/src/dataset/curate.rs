@@ -118,6 +118,9 @@ pub struct CurationReport {
     pub dataset_hash: String,
     pub seed: u64,
     pub val_ratio: f64,
+    /// The held-out examples' ids (`line-N` for a file), so another trainer can be run on
+    /// exactly the same split.
+    pub val_ids: Vec<String>,
     /// Every setting, for reproducing the run.
     pub config: CurationConfig,
     /// Which feedback the examples came from; set by the caller for feedback datasets.
@@ -350,6 +353,7 @@ pub fn curate(
         dataset_hash: hex::encode(hasher.finalize()),
         seed: cfg.seed,
         val_ratio: cfg.val_ratio,
+        val_ids: val.iter().map(|e| e.id.clone()).collect(),
         config: cfg.clone(),
         feedback: None,
     };

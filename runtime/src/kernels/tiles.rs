@@ -27,6 +27,9 @@ fn fused_group() -> usize {
 /// Output rows per GEMM tile (its dequantized weights are at most `TILE × cols` floats).
 const GEMM_TILE: usize = 64;
 
+/// Weight rows [`QMatrix::matmul_t`] dequantizes at a time (256 × 576 f32 fit in L2).
+const BACK_TILE: usize = 256;
+
 impl QMatrix {
     /// The matrix's codes for the 8-bit kernels, when it is packed and set to take them.
     pub(super) fn q8_codes(&self) -> Option<q8::Codes<'_>> {
@@ -331,6 +334,94 @@ impl QMatrix {
                 run(&s[..width * cols]);
             }),
         }
+    }
+}
+
+impl QMatrix {
+    /// `gx = g · W` for `n` rows of `g` `[n, rows]` into `gx` `[n, cols]`: the input gradient of
+    /// `y = x Wᵀ`, straight from the packed weights (no dense copy is kept). The weight's rows
+    /// are split into one contiguous range per thread; each dequantizes its range a tile at a
+    /// time into its scratch and accumulates `g[:, tile] · W[tile, :]` with gemm into a partial
+    /// sum of its own, and the partial sums are added at the end.
+    pub fn matmul_t(&self, g: &[f32], n: usize, gx: &mut [f32]) {
+        let (rows, cols) = (self.rows, self.cols);
+        assert!(g.len() >= n * rows && gx.len() >= n * cols, "matmul_t buffers are too short");
+        if n == 0 || rows == 0 {
+            gx[..n * cols].iter_mut().for_each(|v| *v = 0.0);
+            return;
+        }
+        let tiles = rows.div_ceil(BACK_TILE);
+        let parts = rayon::current_num_threads().clamp(1, tiles);
+        let per = tiles.div_ceil(parts);
+        let partial = |p: usize, acc: &mut [f32]| {
+            let first = p * per;
+            let dst = acc.as_mut_ptr();
+            for t in first..((p + 1) * per).min(tiles) {
+                let (r0, r1) = (t * BACK_TILE, ((t + 1) * BACK_TILE).min(rows));
+                let run = |w: &[f32]| {
+                    // acc[i, j] (+)= Σ_k g[i, r0 + k] · w[k, j].
+                    // SAFETY: `acc` is [n, cols], `g` [n, rows] (checked above) and `w` holds
+                    // rows r0..r1 of W, [r1 - r0, cols]; strides below stay inside them.
+                    unsafe {
+                        gemm::gemm(
+                            n,
+                            cols,
+                            r1 - r0,
+                            dst,
+                            1,
+                            cols as isize,
+                            t != first,
+                            g.as_ptr().add(r0),
+                            1,
+                            rows as isize,
+                            w.as_ptr(),
+                            1,
+                            cols as isize,
+                            1.0f32,
+                            1.0f32,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        )
+                    }
+                };
+                match &self.packed {
+                    Packed::F32(v) => run(&v[r0 * cols..r1 * cols]),
+                    _ => SCRATCH.with(|s| {
+                        let mut s = s.borrow_mut();
+                        if s.len() < (r1 - r0) * cols {
+                            s.resize((r1 - r0) * cols, 0.0);
+                        }
+                        self.rows_into(r0, r1, &mut s);
+                        run(&s[..(r1 - r0) * cols]);
+                    }),
+                }
+            }
+        };
+        let out = &mut gx[..n * cols];
+        if parts == 1 {
+            partial(0, out);
+            return;
+        }
+        let mut rest: Vec<Vec<f32>> = vec![Vec::new(); parts - 1];
+        rayon::join(
+            || partial(0, out),
+            || {
+                rest.par_iter_mut().enumerate().for_each(|(i, acc)| {
+                    *acc = vec![0f32; n * cols];
+                    partial(i + 1, acc);
+                })
+            },
+        );
+        let chunk = (16 * 1024).max(cols);
+        out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
+            for acc in &rest {
+                for (v, a) in o.iter_mut().zip(&acc[c * chunk..]) {
+                    *v += a;
+                }
+            }
+        });
     }
 }
 

@@ -148,7 +148,7 @@ impl Llama {
         };
         let (cos, sin) = Llama::rope_tables(&config, &device)?;
         let lm_head = BaseWeight::Quantized(Arc::new(QMatMul::from_qtensor(lm_head)?));
-        let model = Llama { config, embed, blocks, norm, lm_head, tied, cos, sin, device, differentiable: false };
+        let model = Llama { config, embed, blocks, norm, lm_head, tied, cos, sin, device, ops: super::Ops::Serving };
         Ok((model, meta, tokenizer))
     }
 
@@ -213,7 +213,7 @@ impl Llama {
         let head = if tied { embed.clone() } else { get("lm_head.weight", (config.vocab_size, hidden))? };
         let (cos, sin) = Llama::rope_tables(&config, &device)?;
         let lm_head = BaseWeight::Dense(head);
-        Ok(Llama { config, embed, blocks, norm, lm_head, tied, cos, sin, device, differentiable: false })
+        Ok(Llama { config, embed, blocks, norm, lm_head, tied, cos, sin, device, ops: super::Ops::Serving })
     }
 }
 

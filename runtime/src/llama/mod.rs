@@ -76,9 +76,20 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     device: Device,
-    /// Training: norms, RoPE and softmax use candle ops that back-propagate (candle's fused
-    /// kernels for them record no gradient).
-    differentiable: bool,
+    /// Which ops the norms, RoPE, softmax and SwiGLU run on.
+    ops: Ops,
+}
+
+/// The element-wise ops a [`Llama`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ops {
+    /// candle's fused kernels (they record no gradient).
+    Serving,
+    /// candle's composed ops, which back-propagate: the reference the fused ones are checked
+    /// against.
+    Autograd,
+    /// [`crate::train_ops`]: one parallel pass forward and one backward per op.
+    Fused,
 }
 
 /// One sequence's KV cache, one entry per layer.
@@ -208,16 +219,18 @@ impl Llama {
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let eps = self.config.rms_eps as f32;
-        Ok(if self.differentiable {
-            candle_nn::ops::rms_norm_slow(x, w, eps)?
-        } else {
-            candle_nn::ops::rms_norm(x, w, eps)?
+        Ok(match self.ops {
+            Ops::Serving => candle_nn::ops::rms_norm(x, w, eps)?,
+            Ops::Autograd => candle_nn::ops::rms_norm_slow(x, w, eps)?,
+            Ops::Fused => crate::train_ops::rms_norm(x, w, eps)?,
         })
     }
 
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        if !self.differentiable {
-            return Ok(candle_nn::rotary_emb::rope(x, cos, sin)?);
+        match self.ops {
+            Ops::Serving => return Ok(candle_nn::rotary_emb::rope(x, cos, sin)?),
+            Ops::Fused => return Ok(crate::train_ops::rope(x, cos, sin)?),
+            Ops::Autograd => {}
         }
         // x `[b, heads, t, hd]`, cos/sin `[b, t, hd/2]`: rotate-half RoPE from plain ops.
         let half = x.dim(D::Minus1)? / 2;
@@ -275,9 +288,13 @@ impl Llama {
         let o = attn.transpose(1, 2)?.reshape((b * t, nh * hd))?;
         let x = (x + proj(LoraModule::OProj, &o)?.reshape((b, t, hsz))?)?;
         let h = self.rms_norm(&x, &block.ffn_norm)?.reshape((b * t, hsz))?;
-        let gate = candle_nn::ops::silu(&proj(LoraModule::GateProj, &h)?)?;
+        let gate = proj(LoraModule::GateProj, &h)?;
         let up = proj(LoraModule::UpProj, &h)?;
-        let down = proj(LoraModule::DownProj, &(gate * up)?)?.reshape((b, t, hsz))?;
+        let act = match self.ops {
+            Ops::Fused => crate::train_ops::swiglu(&gate, &up)?,
+            _ => (candle_nn::ops::silu(&gate)? * up)?,
+        };
+        let down = proj(LoraModule::DownProj, &act)?.reshape((b, t, hsz))?;
         Ok((x + down)?)
     }
 
@@ -289,6 +306,11 @@ impl Llama {
         let nkv = cfg.num_kv_heads;
         let rep = nh / nkv;
         let len = k.dim(2)?;
+        if self.ops == Ops::Fused {
+            let scores = q.reshape((b, nkv, rep * t, hd))?.matmul(&k.t()?)?;
+            let probs = crate::train_ops::causal_softmax(&scores, 1.0 / (hd as f32).sqrt(), t, offset)?;
+            return Ok(probs.matmul(&v.contiguous()?)?.reshape((b, nh, t, hd))?);
+        }
         let q = (q.reshape((b, nkv, rep * t, hd))? * (1.0 / (hd as f64).sqrt()))?;
         let scores = q.matmul(&k.t()?)?;
         let scores = if t > 1 {
@@ -303,10 +325,9 @@ impl Llama {
         } else {
             scores
         };
-        let probs = if self.differentiable {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores)?
+        let probs = match self.ops {
+            Ops::Autograd => candle_nn::ops::softmax(&scores, D::Minus1)?,
+            _ => candle_nn::ops::softmax_last_dim(&scores)?,
         };
         Ok(probs.matmul(&v.contiguous()?)?.reshape((b, nh, t, hd))?)
     }
@@ -365,31 +386,31 @@ impl Llama {
     /// (candle's fused kernels for them do not); dense weights then get candle's matmul
     /// gradients, the reference the frozen training path is checked against.
     pub fn with_autograd(&self) -> Llama {
-        Llama { differentiable: true, ..self.clone() }
+        Llama { ops: Ops::Autograd, ..self.clone() }
     }
 
     /// The model for training LoRA on: every linear (and the head) becomes a
     /// [`crate::frozen::FrozenLinear`] that multiplies with the packed serving kernels (GGUF
     /// blocks stay as they are, so training sees exactly the weights that serving uses) and
-    /// back-propagates only to its input.
+    /// back-propagates only to its input, from the same packed weights; norms, RoPE, softmax
+    /// and SwiGLU run on [`crate::train_ops`].
     pub fn for_training(&self) -> Result<Llama> {
         fn frozen(w: &BaseWeight) -> Result<BaseWeight> {
-            let dense = w.to_dense()?.to_dtype(candle_core::DType::F32)?;
             let packed = match w {
                 BaseWeight::Quantized(q) => match q.as_ref() {
                     candle_core::quantized::QMatMul::QTensor(t) => QMatrix::from_qtensor(t)?,
-                    _ => dense_matrix(&dense)?,
+                    _ => dense_matrix(&w.to_dense()?)?,
                 },
                 BaseWeight::Frozen(f) => f.packed().clone(),
-                BaseWeight::Dense(_) => dense_matrix(&dense)?,
+                BaseWeight::Dense(t) => dense_matrix(t)?,
             };
-            Ok(BaseWeight::Frozen(FrozenLinear::new(packed, dense)?))
+            Ok(BaseWeight::Frozen(FrozenLinear::new(packed)))
         }
         fn dense_matrix(t: &Tensor) -> Result<QMatrix> {
             let (rows, cols) = t.dims2()?;
-            Ok(QMatrix::dense(t.flatten_all()?.to_vec1::<f32>()?, rows, cols))
+            Ok(QMatrix::dense(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?, rows, cols))
         }
-        let mut out = self.with_autograd();
+        let mut out = Llama { ops: Ops::Fused, ..self.clone() };
         out.lm_head = frozen(&self.lm_head)?;
         for block in out.blocks.iter_mut() {
             for p in block.proj.iter_mut() {
