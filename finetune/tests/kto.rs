@@ -48,19 +48,26 @@ fn kto_on_thumbs_only_feedback_moves_toward_the_desirable_answers() {
     let (base, candidate) = (row("base"), row("candidate"));
     let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k} missing in {r}"));
     eprintln!(
-        "held-out KTO: base ranked {:.3} margin {:+.4} loss {:.4}; adapter ranked {:.3} margin {:+.4} loss {:.4}",
+        "held-out KTO: base ranked {:.3} margin {:+.4} loss {:.4}; adapter ranked {:.3} margin {:+.4} loss {:.4}; \
+         greedy accuracy {}/{} -> {}/{}",
         f(&base, "reward_accuracy"),
         f(&base, "reward_margin"),
         f(&base, "val_loss"),
         f(&candidate, "reward_accuracy"),
         f(&candidate, "reward_margin"),
         f(&candidate, "val_loss"),
+        base["correct"],
+        base["total"],
+        candidate["correct"],
+        candidate["total"],
     );
-    // The base model is the reference: every reward is 0, every pair a tie.
-    assert_eq!(f(&base, "reward_accuracy"), 0.5, "{base}");
-    assert!(f(&base, "reward_margin").abs() < 1e-6, "{base}");
-    assert!(f(&candidate, "reward_accuracy") >= 0.8, "{candidate}\n{stderr}");
-    assert!(f(&candidate, "reward_margin") > 0.05, "{candidate}\n{stderr}");
+    // The base model is the reference: its rewards are 0 up to rounding (the reference was
+    // scored in other batches, whose padding changes the order of additions).
+    assert!(f(&base, "reward_margin").abs() < 1e-3, "{base}");
+    // Desirable answers now score above undesirable ones, across held-out tickets.
+    assert!(f(&candidate, "reward_margin") > 0.2, "{candidate}\n{stderr}");
+    assert!(f(&candidate, "reward_accuracy") >= 0.7, "{candidate}\n{stderr}");
+    assert!(f(&candidate, "reward_accuracy") >= f(&base, "reward_accuracy") + 0.15, "{candidate} vs {base}");
     assert!(f(&candidate, "val_loss") < f(&base, "val_loss"), "{candidate} vs {base}");
     let lineage: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("lineage.json")).unwrap()).unwrap();
     assert_eq!(lineage["stage"], "kto");

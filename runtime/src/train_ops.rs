@@ -416,7 +416,7 @@ mod tests {
                 }
             }
             let mask = Tensor::from_vec(mask, (rows, t), &Device::Cpu).unwrap();
-            candle_nn::ops::softmax((x * 0.5).unwrap().broadcast_add(&mask).unwrap(), D::Minus1).unwrap()
+            candle_nn::ops::softmax(&(x * 0.5).unwrap().broadcast_add(&mask).unwrap(), D::Minus1).unwrap()
         };
         check(|x| causal_softmax(x, 0.5, t, 0).unwrap(), reference, &[2, rows, t]);
     }
