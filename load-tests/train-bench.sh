@@ -51,7 +51,7 @@ ours() {
   local b=$1 name="ours-batch$1"
   rm -rf "$out/$name"
   /usr/bin/time -v "$bin" train --base "$model" --dataset "$out/tickets.jsonl" --out "$out/$name" \
-    --val-ratio 0.1 --epochs "$epochs" --save-steps 0 --batch-size "$b" 2> "$out/$name.log"
+    --val-ratio 0.1 --epochs "$epochs" --save-steps 0 --batch-size "$b" > "$out/$name.out" 2> "$out/$name.log"
   python3 - "$out/$name" "$out/$name.log" "$b" > "$out/$name.json" <<'PY'
 import json, re, sys
 d, log, b = sys.argv[1:4]
@@ -72,7 +72,7 @@ peft() {
     > "$out/$name.json" 2> "$out/$name.log"
 }
 
-echo "machine: $(lscpu | sed -n 's/^Model name: *//p') ($(nproc) cores; $(grep -o -m1 -E 'avx512f|avx2' /proc/cpuinfo | head -1))"
+echo "machine: $(lscpu | sed -n 's/^Model name: *//p') ($(nproc) cores, $(grep -q avx512f /proc/cpuinfo && echo AVX-512 || echo AVX2 only))"
 echo "model: $model; 240 rows (216 train after the 10% split, minus curation drops), $epochs epoch(s), rank 8 all-linear"
 for b in $batches; do
   ours "$b"
