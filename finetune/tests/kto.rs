@@ -22,7 +22,8 @@ fn thumbs_only(n: usize) -> String {
                 let others: Vec<&str> = LABELS.iter().copied().filter(|l| *l != label).collect();
                 others[pick.below(2)]
             };
-            let row = serde_json::json!({"instruction": INSTRUCTION, "input": text, "output": answer, "kto_tag": right});
+            let row =
+                serde_json::json!({"instruction": INSTRUCTION, "input": text, "output": answer, "kto_tag": right});
             format!("{row}\n")
         })
         .collect()

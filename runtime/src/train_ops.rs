@@ -175,13 +175,8 @@ impl CustomOp1 for Rope {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let back = Rope {
-            cos: self.cos.clone(),
-            sin: self.sin.clone(),
-            heads: self.heads,
-            t: self.t,
-            inverse: !self.inverse,
-        };
+        let back =
+            Rope { cos: self.cos.clone(), sin: self.sin.clone(), heads: self.heads, t: self.t, inverse: !self.inverse };
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&back)?))
     }
 }
@@ -311,7 +306,13 @@ impl CustomOp2 for SwiGlu {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let d_gate = gate.apply_op3_no_bwd(up, &grad, &SwiGluBack { gate: true })?;
         let d_up = gate.apply_op3_no_bwd(up, &grad, &SwiGluBack { gate: false })?;
@@ -338,7 +339,8 @@ impl CustomOp3 for SwiGluBack {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (a, u, g) = (f32s(s1, l1, "swiglu backward")?, f32s(s2, l2, "swiglu backward")?, f32s(s3, l3, "swiglu backward")?);
+        let (a, u, g) =
+            (f32s(s1, l1, "swiglu backward")?, f32s(s2, l2, "swiglu backward")?, f32s(s3, l3, "swiglu backward")?);
         if a.len() != u.len() || a.len() != g.len() {
             bail!("swiglu backward: inputs differ in size");
         }
@@ -360,7 +362,8 @@ mod tests {
     use candle_core::{Device, Var, D};
 
     fn close(a: &Tensor, b: &Tensor, tol: f32) {
-        let (a, b) = (a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let (a, b) =
+            (a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
         assert_eq!(a.len(), b.len());
         for (i, (x, y)) in a.iter().zip(&b).enumerate() {
             assert!((x - y).abs() <= tol * (1.0 + y.abs()), "element {i}: {x} vs {y}");
@@ -387,19 +390,29 @@ mod tests {
     #[test]
     fn rms_norm_matches_candle() {
         let w = Tensor::from_vec(crate::testing::values(48, 9, 1.0), 48, &Device::Cpu).unwrap();
-        check(|x| rms_norm(x, &w, 1e-5).unwrap(), |x| candle_nn::ops::rms_norm_slow(x, &w, 1e-5).unwrap(), &[3, 700, 48]);
+        check(
+            |x| rms_norm(x, &w, 1e-5).unwrap(),
+            |x| candle_nn::ops::rms_norm_slow(x, &w, 1e-5).unwrap(),
+            &[3, 700, 48],
+        );
     }
 
     #[test]
     fn rope_matches_candle() {
         let (b, h, t, hd) = (2, 3, 5, 8);
-        let cos = Tensor::from_vec(crate::testing::values(b * t * hd / 2, 7, 1.0), (b, t, hd / 2), &Device::Cpu).unwrap();
-        let sin = Tensor::from_vec(crate::testing::values(b * t * hd / 2, 8, 1.0), (b, t, hd / 2), &Device::Cpu).unwrap();
+        let cos =
+            Tensor::from_vec(crate::testing::values(b * t * hd / 2, 7, 1.0), (b, t, hd / 2), &Device::Cpu).unwrap();
+        let sin =
+            Tensor::from_vec(crate::testing::values(b * t * hd / 2, 8, 1.0), (b, t, hd / 2), &Device::Cpu).unwrap();
         let reference = |x: &Tensor| {
             let c = Tensor::cat(&[&cos, &cos], D::Minus1).unwrap().unsqueeze(1).unwrap();
             let s = Tensor::cat(&[&sin, &sin], D::Minus1).unwrap().unsqueeze(1).unwrap();
             let half = hd / 2;
-            let rot = Tensor::cat(&[&x.narrow(D::Minus1, half, half).unwrap().neg().unwrap(), &x.narrow(D::Minus1, 0, half).unwrap()], D::Minus1).unwrap();
+            let rot = Tensor::cat(
+                &[&x.narrow(D::Minus1, half, half).unwrap().neg().unwrap(), &x.narrow(D::Minus1, 0, half).unwrap()],
+                D::Minus1,
+            )
+            .unwrap();
             (x.broadcast_mul(&c).unwrap() + rot.broadcast_mul(&s).unwrap()).unwrap()
         };
         check(|x| rope(x, &cos, &sin).unwrap(), reference, &[b, h, t, hd]);

@@ -266,7 +266,11 @@ fn from_item(item: &FeedbackItem, kto: bool) -> Result<Vec<Result<Example, Dropp
         let original = if original.is_empty() {
             Err(Dropped::new(format!("{}:kto", f.id), DropReason::Empty, "the original answer is empty"))
         } else if original == correction {
-            Err(Dropped::new(format!("{}:kto", f.id), DropReason::NoSignal, "the correction equals the original answer"))
+            Err(Dropped::new(
+                format!("{}:kto", f.id),
+                DropReason::NoSignal,
+                "the correction equals the original answer",
+            ))
         } else {
             Ok(example(format!("{}:kto", f.id), Target::Kto { answer: original, desirable: false }))
         };

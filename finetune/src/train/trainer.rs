@@ -104,7 +104,13 @@ impl Scores {
         let mut above = 0.0;
         for g in &good {
             for b in &bad {
-                above += if g > b { 1.0 } else if g == b { 0.5 } else { 0.0 };
+                above += if g > b {
+                    1.0
+                } else if g == b {
+                    0.5
+                } else {
+                    0.0
+                };
             }
         }
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
@@ -247,9 +253,8 @@ impl Trainer<'_> {
         let batch = Batch::new(&seqs).map_err(msg)?;
         let lp = batch.sequence_logprobs(&batch.token_logprobs(self.model, adapter)?)?;
         let ratio = (lp - Tensor::from_vec(refs, k, &dev)?)?;
-        let rewards: Vec<(f32, bool)> = (ratio.to_vec1::<f32>()?.iter().map(|r| r * self.cfg.dpo_beta as f32))
-            .zip(flags)
-            .collect();
+        let rewards: Vec<(f32, bool)> =
+            (ratio.to_vec1::<f32>()?.iter().map(|r| r * self.cfg.dpo_beta as f32)).zip(flags).collect();
         // 1 − σ(x) = σ(−x) = exp(−(−log σ(−x))), from ops that back-propagate.
         let x = ((ratio - z)? * self.cfg.dpo_beta)?.mul(&Tensor::from_vec(signs, k, &dev)?)?;
         let loss = neg_log_sigmoid(&x.neg()?)?.neg()?.exp()?.mul(&Tensor::from_vec(weights, k, &dev)?)?;

@@ -78,7 +78,11 @@ pub fn ticket_rows(n: usize) -> Vec<(String, &'static str)> {
     (0..n)
         .map(|i| {
             let (label, cores) = TICKETS[i % 3];
-            let parts = [GREETINGS[pick.below(6)].to_owned(), format!("{}.", cores[pick.below(8)]), CLOSINGS[pick.below(6)].to_owned()];
+            let parts = [
+                GREETINGS[pick.below(6)].to_owned(),
+                format!("{}.", cores[pick.below(8)]),
+                CLOSINGS[pick.below(6)].to_owned(),
+            ];
             (parts.iter().filter(|p| !p.is_empty()).cloned().collect::<Vec<_>>().join(" "), label)
         })
         .collect()
