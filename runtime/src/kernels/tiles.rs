@@ -323,15 +323,22 @@ impl QMatrix {
                 )
             }
         };
+        self.with_dense_rows(r0, r1, run);
+    }
+
+    /// Runs `f` on rows `r0..r1` of the weight as dense f32: the stored rows of a dense matrix,
+    /// else those rows dequantized into this thread's scratch.
+    fn with_dense_rows(&self, r0: usize, r1: usize, f: impl FnOnce(&[f32])) {
+        let len = (r1 - r0) * self.cols;
         match &self.packed {
-            Packed::F32(v) => run(&v[r0 * cols..r1 * cols]),
+            Packed::F32(v) => f(&v[r0 * self.cols..r1 * self.cols]),
             _ => SCRATCH.with(|s| {
                 let mut s = s.borrow_mut();
-                if s.len() < width * cols {
-                    s.resize(width * cols, 0.0);
+                if s.len() < len {
+                    s.resize(len, 0.0);
                 }
                 self.rows_into(r0, r1, &mut s);
-                run(&s[..width * cols]);
+                f(&s[..len]);
             }),
         }
     }
@@ -386,17 +393,7 @@ impl QMatrix {
                         )
                     }
                 };
-                match &self.packed {
-                    Packed::F32(v) => run(&v[r0 * cols..r1 * cols]),
-                    _ => SCRATCH.with(|s| {
-                        let mut s = s.borrow_mut();
-                        if s.len() < (r1 - r0) * cols {
-                            s.resize((r1 - r0) * cols, 0.0);
-                        }
-                        self.rows_into(r0, r1, &mut s);
-                        run(&s[..(r1 - r0) * cols]);
-                    }),
-                }
+                self.with_dense_rows(r0, r1, run);
             }
         };
         let out = &mut gx[..n * cols];
