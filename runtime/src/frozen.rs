@@ -7,6 +7,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 use crate::kernels::QMatrix;
+use crate::train_ops::f32s;
 
 /// `y = x Wᵀ` with W frozen and packed (GGUF blocks as they are): the forward pass runs the
 /// serving kernels, the backward pass the input gradient `∂L/∂x = ∂L/∂y · W` from the same
@@ -54,13 +55,7 @@ impl CustomOp1 for MatmulOp {
         if inp != self.0.cols() {
             candle_core::bail!("frozen linear expects {} inputs, got {inp}", self.0.cols());
         }
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("frozen linear runs on f32 activations");
-        };
-        let x = match layout.contiguous_offsets() {
-            Some((start, end)) => &data[start..end],
-            None => candle_core::bail!("frozen linear needs a contiguous input"),
-        };
+        let x = f32s(storage, layout, "frozen linear")?;
         let rows = x.len() / inp.max(1);
         let out = self.0.rows();
         let mut y = vec![0f32; rows * out];
@@ -88,13 +83,7 @@ impl CustomOp1 for InputGradOp {
         if dims.last() != Some(&out) {
             candle_core::bail!("frozen linear's gradient has {dims:?}, expected {out} outputs");
         }
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("frozen linear runs on f32 gradients");
-        };
-        let g = match layout.contiguous_offsets() {
-            Some((start, end)) => &data[start..end],
-            None => candle_core::bail!("frozen linear needs a contiguous gradient"),
-        };
+        let g = f32s(storage, layout, "frozen linear's gradient")?;
         let rows = g.len() / out.max(1);
         let inp = self.0.cols();
         let mut gx = vec![0f32; rows * inp];

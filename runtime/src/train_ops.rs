@@ -11,7 +11,8 @@ use rayon::prelude::*;
 /// Rows a parallel task takes at least (below this, splitting costs more than it saves).
 const MIN_ELEMS_PER_TASK: usize = 16 * 1024;
 
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+/// A custom op's contiguous f32 input as a slice; `what` names the op in the error.
+pub(crate) fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(d) = s else {
         bail!("{what} runs on f32");
     };
